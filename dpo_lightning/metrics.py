@@ -1,0 +1,91 @@
+"""Preference metrics named as TRL logs them, exact across ranks and over a whole window.
+
+Every metric keeps a running sum and a weight in a torchmetrics ``MeanMetric``, so the value
+logged for a window of steps (or a whole validation epoch) is the mean over every pair (or
+token) in it, synced across ranks as sums, never a mean of per-batch or per-rank means.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+# TRL's metric names, in the order we log them.
+METRIC_NAMES = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+
+
+class PreferenceMetrics(nn.Module):
+    """Running means of the per-pair statistics of one stage (``train``, ``val`` or ``test``).
+
+    ``update`` takes ``(B,)`` tensors for one batch; ``compute`` returns ``{"{prefix}/{name}":
+    value}`` for all pairs seen since the last ``reset`` on all ranks.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        # ModuleDict keys may not contain "/" or "."; map TRL names to safe keys.
+        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
+
+    def update(
+        self,
+        *,
+        losses: Tensor,
+        chosen_rewards: Tensor,
+        rejected_rewards: Tensor,
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+        chosen_logits_sum: Tensor,
+        rejected_logits_sum: Tensor,
+        chosen_tokens: Tensor,
+        rejected_tokens: Tensor,
+    ) -> None:
+        """Add one batch of B pairs; every argument has shape ``(B,)``."""
+        per_pair = {
+            "loss": losses,
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            # A tie counts as wrong, as in TRL.
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": chosen_logps,
+            "logps/rejected": rejected_logps,
+        }
+        for name, value in per_pair.items():
+            self.means[_key(name)].update(value.detach().float())
+        # TRL's logits/* is the mean logit over every response token of the batch: a mean
+        # weighted by token counts, not a mean of per-sequence means.
+        for name, total, count in (
+            ("logits/chosen", chosen_logits_sum, chosen_tokens),
+            ("logits/rejected", rejected_logits_sum, rejected_tokens),
+        ):
+            count = count.detach().float()
+            keep = count > 0
+            if keep.any():
+                self.means[_key(name)].update(total.detach().float()[keep] / count[keep], count[keep])
+
+    def compute(self) -> dict[str, Tensor]:
+        """Means over everything since the last reset, synced across ranks."""
+        return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in METRIC_NAMES}
+
+    def reset(self) -> None:
+        for metric in self.means.values():
+            metric.reset()
+
+    @property
+    def has_updates(self) -> bool:
+        return bool(self.means[_key("loss")].update_count)
+
+
+def _key(name: str) -> str:
+    return name.replace("/", "__")

@@ -1,0 +1,284 @@
+"""DPOModule: the LightningModule that trains a policy against a frozen reference.
+
+The only file that knows about Lightning. Per step: one forward of the policy and one of the
+reference over the stacked ``2B`` rows (chosen first), sequence log-probs of the response
+tokens (``logprobs.py``), per-pair losses and rewards (``losses.py``), metrics (``metrics.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps
+from dpo_lightning.losses import LossOutput, PairLogps, compute_loss
+from dpo_lightning.metrics import PreferenceMetrics
+from dpo_lightning.models import disable_dropout as _disable_dropout
+from dpo_lightning.models import freeze, load_causal_lm
+from dpo_lightning.optim import Decay, warmup_decay_schedule
+
+log = logging.getLogger(__name__)
+
+REF_PREFIX = "ref_model."
+# The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+
+
+class DPOModule(L.LightningModule):
+    """Direct Preference Optimization (and relatives) of a Hugging Face causal LM.
+
+    Consumes the batch dict documented in ``docs/architecture.md``: ``input_ids``,
+    ``attention_mask`` and ``labels`` of shape ``(2B, T)``, chosen rows first.
+    """
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        model_config: dict[str, Any] | None = None,
+        ref_model: str | PreTrainedModel | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        max_length: int | None = None,
+        loss_type: str | list[str] = "sigmoid",
+        loss_weights: list[float] | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        loss_kwargs: dict[str, float] | None = None,
+        disable_dropout: bool = True,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_ratio: float = 0.1,
+        lr_decay: Decay = "cosine",
+        logprob_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    ) -> None:
+        """
+        Args:
+            model: Policy to train: a hub id or local path of any ``AutoModelForCausalLM``, or a model.
+            model_config: Instead of ``model``: a config dict with ``model_type`` to build a random-init policy.
+            ref_model: Reference: ``None`` for a frozen copy of the initial policy, or a hub id / path / model.
+            tokenizer: Hub id, path or tokenizer; sizes a config-built vocabulary and is saved with exports.
+            max_length: Longest sequence the data will feed; checked against the model's positions up front.
+            loss_type: Loss name from ``dpo_lightning.losses.LOSSES`` (TRL's names), or a list of them.
+            loss_weights: Weights of the losses when ``loss_type`` is a list (e.g. RPO: sigmoid + alpha * sft).
+            beta: Strength of the KL penalty towards the reference (inverse temperature of the reward).
+            label_smoothing: Assumed probability that a preference label is flipped (robust, cDPO, exo_pair).
+            loss_kwargs: Other loss hyper-parameters by name, e.g. ``{"discopop_tau": 0.05}``.
+            disable_dropout: Turn off dropout in the policy, as TRL does by default.
+            dtype: Weights dtype when loading: float32, bfloat16, float16 or auto; None keeps the default.
+            attn_implementation: Attention kernel for Hugging Face models (``sdpa``, ``eager``, ``flash_attention_2``).
+            trust_remote_code: Allow models whose code lives on the hub. Off unless you trust the source.
+            optimizer: Optimizer factory (LightningCLI ``OptimizerCallable``); None means AdamW(lr=1e-6).
+            scheduler: LR scheduler factory; None means linear warmup then ``lr_decay``, stepped per optimizer step.
+            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule.
+            lr_decay: Decay of the default schedule after warmup: cosine, linear or constant.
+            logprob_chunk_elements: Float32 elements per chunk when computing log-probs (bounds extra memory).
+        """
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for name, value in (("model", model), ("ref_model", ref_model), ("tokenizer", tokenizer)):
+            if value is not None and not isinstance(value, str):
+                self.hparams[name] = f"<{type(value).__name__} instance>"
+        if beta <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.loss_hparams = {"label_smoothing": label_smoothing, **(loss_kwargs or {})}
+
+        self.tokenizer = _resolve_tokenizer(tokenizer, trust_remote_code)
+        load_kwargs = {
+            "dtype": dtype,
+            "trust_remote_code": trust_remote_code,
+            "attn_implementation": attn_implementation,
+        }
+        vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        self.model = load_causal_lm(model, config=model_config, vocab_size=vocab_size, **load_kwargs)
+        _check_max_length(self.model, max_length)
+        if self.tokenizer is not None and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if disable_dropout:
+            _disable_dropout(self.model)
+        self.model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
+        # Checkpoints leave the reference out when it can be rebuilt from its source (a hub id
+        # or path, or the policy's own source): saving 7B frozen weights per checkpoint buys
+        # nothing. A reference that cannot be rebuilt (a random-init or in-memory policy) is
+        # stored, so a resumed run always gets back the same reference.
+        if ref_model is None:
+            self.ref_model = freeze(copy.deepcopy(self.model))
+            self._ref_rebuildable = isinstance(model, str)
+        else:
+            self.ref_model = freeze(load_causal_lm(ref_model, **load_kwargs))
+            self._ref_rebuildable = isinstance(ref_model, str)
+
+        self.train_metrics = PreferenceMetrics("train")
+        self.val_metrics = PreferenceMetrics("val")
+        self.test_metrics = PreferenceMetrics("test")
+
+    # ------------------------------------------------------------------ forward
+
+    def train(self, mode: bool = True) -> DPOModule:
+        """Lightning puts the whole module in train mode; the reference always stays in eval."""
+        super().train(mode)
+        self.ref_model.eval()
+        return self
+
+    def sequence_logps(self, model: torch.nn.Module, batch: Mapping[str, Tensor]) -> SequenceLogps:
+        """One forward over all ``2B`` rows -> per-sequence response log-probs ``(2B,)``."""
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "position_ids" in batch:
+            inputs["position_ids"] = batch["position_ids"]
+        logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
+        return sequence_logps(logits, batch["labels"], chunk_elements=self.hparams.logprob_chunk_elements)
+
+    def forward(self, batch: Mapping[str, Tensor]) -> tuple[LossOutput, SequenceLogps, SequenceLogps]:
+        """Losses and rewards of a batch: ``(LossOutput, policy SequenceLogps, reference SequenceLogps)``."""
+        policy = self.sequence_logps(self.model, batch)
+        with torch.no_grad():
+            ref = self.sequence_logps(self.ref_model, batch)
+        b = policy.logps.shape[0] // 2
+        pair = PairLogps(
+            chosen=policy.logps[:b],
+            rejected=policy.logps[b:],
+            ref_chosen=ref.logps[:b],
+            ref_rejected=ref.logps[b:],
+            chosen_tokens=policy.n_tokens[:b],
+            rejected_tokens=policy.n_tokens[b:],
+        )
+        out = compute_loss(
+            self.hparams.loss_type,
+            pair,
+            beta=self.hparams.beta,
+            loss_weights=self.hparams.loss_weights,
+            **self.loss_hparams,
+        )
+        return out, policy, ref
+
+    def _shared_step(self, batch: Mapping[str, Tensor], metrics: PreferenceMetrics) -> Tensor:
+        out, policy, _ = self(batch)
+        b = out.losses.shape[0]
+        metrics.update(
+            losses=out.losses,
+            chosen_rewards=out.chosen_rewards,
+            rejected_rewards=out.rejected_rewards,
+            chosen_logps=policy.logps[:b],
+            rejected_logps=policy.logps[b:],
+            chosen_logits_sum=policy.logits_sum[:b],
+            rejected_logits_sum=policy.logits_sum[b:],
+            chosen_tokens=policy.n_tokens[:b],
+            rejected_tokens=policy.n_tokens[b:],
+        )
+        return out.losses.mean()
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, self.train_metrics)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Log the window since the last log at exactly the steps Lightning writes logs, so each
+        # logged value covers every pair of the window on every rank.
+        if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
+            values = self.train_metrics.compute()
+            self.train_metrics.reset()
+            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+            self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_metrics)
+
+    def _log_epoch(self, metrics: PreferenceMetrics) -> None:
+        if not metrics.has_updates:
+            return
+        values = metrics.compute()  # already synced across ranks as sums
+        metrics.reset()
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        accuracy = f"{metrics.prefix}/rewards/accuracies"
+        self.log(f"{metrics.prefix}_acc", values[accuracy], prog_bar=True, logger=False)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(params)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=1e-6)
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("set max_steps or max_epochs so the LR schedule knows its length")
+            scheduler = warmup_decay_schedule(
+                optimizer,
+                total_steps=int(total),
+                warmup_ratio=self.hparams.warmup_ratio,
+                decay=self.hparams.lr_decay,
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._ref_rebuildable:
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(REF_PREFIX)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A reference left out of the checkpoint was rebuilt from its source in __init__.
+        state = checkpoint["state_dict"]
+        if not any(k.startswith(REF_PREFIX) for k in state):
+            for key, value in self.ref_model.state_dict().items():
+                state[REF_PREFIX + key] = value
+
+
+def _resolve_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    from dpo_lightning.data import load_tokenizer
+
+    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+
+
+def _check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's {positions} positions "
+            f"({type(config).__name__}); lower data.max_length or use a longer-context model"
+        )
+
+
+def _logs_this_step(trainer: L.Trainer) -> bool:
+    """True in ``on_train_batch_end`` when Lightning will write step logs after this batch."""
+    loop = trainer.fit_loop
+    if loop.epoch_loop._should_accumulate():  # mid accumulation: no optimizer step, no log
+        return False
+    return trainer._logger_connector.should_update_logs
+
+
+__all__ = ["DPOModule"]
