@@ -1,0 +1,222 @@
+"""`PreferenceDataModule`: a preference data source -> the padded batches `DPOModule` consumes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset, DatasetDict
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from .collate import COLLATORS, build_collator
+from .errors import DataError
+from .preprocess import preprocess_split
+from .sources import describe, load_source
+from .tokenize import TRUNCATION_MODES, TokenizeConfig
+from .tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PreferenceDataModule(LightningDataModule):
+    """Preference pairs from the Hub, local files or a built-in task, tokenized once, batched as
+    2B rows (chosen first) with ``input_ids`` / ``attention_mask`` / ``labels`` (docs/data.md)."""
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase,
+        dataset: str | Dataset | DatasetDict | list[dict[str, Any]],
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "validation",
+        val_fraction: float | None = None,
+        test_split: str | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = 512,
+        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        pad_to_multiple_of: int | None = None,
+        drop_identical: bool = True,
+        num_proc: int | None = None,
+        collator: str = "pad",
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Hub id or local path of the tokenizer, ``synthetic:<name>``, or a tokenizer object.
+            dataset: Hub dataset name, local file (.jsonl/.json/.parquet/.csv, optionally .gz) or folder
+                (``save_to_disk`` or data files), ``synthetic:<name>``, or a Dataset/DatasetDict/list of rows.
+            dataset_config: Configuration name of a Hub dataset.
+            train_split: Split to train on.
+            val_split: Split to validate on; skipped (with a log line) when the source has no such split.
+            val_fraction: Fraction of the train split held out for validation (seeded); overrides val_split.
+            test_split: Split for ``trainer.test``; None for no test data.
+            max_length: Longest prompt + response in tokens; longer responses lose their end.
+            max_prompt_length: Longest prompt in tokens, applied before max_length; None for no limit.
+            truncation_mode: Which end of a long prompt to keep: ``keep_end`` (next to the response) or
+                ``keep_start``.
+            batch_size: Pairs per training batch (the model sees 2 x batch_size rows).
+            eval_batch_size: Pairs per validation/test batch; batch_size when None.
+            num_workers: DataLoader worker processes.
+            seed: Seed for shuffling, the held-out split and synthetic data.
+            pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
+            drop_identical: Drop pairs whose chosen equals rejected (with a warning) instead of keeping them.
+            num_proc: Processes for the one-off tokenization pass (``datasets.map``).
+            collator: Batch collator by name (``pad``; packing collators join later).
+            trust_remote_code: Let the tokenizer run code from its repository.
+            cache_dir: Cache folder for ``datasets``; its default when None.
+        """
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
+        if truncation_mode not in TRUNCATION_MODES:
+            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if collator not in COLLATORS:
+            raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(COLLATORS)}")
+        # Objects are not hyperparameters: they neither serialise nor print well.
+        objects = [
+            name
+            for name, value in (("tokenizer", tokenizer), ("dataset", dataset))
+            if not isinstance(value, str)
+        ]
+        self.save_hyperparameters(ignore=objects)
+        self._tokenizer_spec = tokenizer
+        self._dataset_spec = dataset
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._splits: dict[str, Dataset | None] | None = None
+
+    # -- what the CLI links to the model --------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (with a pad token)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(
+                self._tokenizer_spec, trust_remote_code=self.hparams.trust_remote_code
+            )
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model must embed (added tokens included)."""
+        return len(self.tokenizer)
+
+    # -- preprocessing -------------------------------------------------------------------------
+
+    @property
+    def source_name(self) -> str:
+        return describe(self._dataset_spec)
+
+    def _build(self) -> dict[str, Dataset | None]:
+        hp = self.hparams
+        source = self.source_name
+        raw = load_source(
+            self._dataset_spec,
+            hp.dataset_config,
+            default_split=hp.train_split,
+            seed=hp.seed,
+            cache_dir=hp.cache_dir,
+        )
+        config = TokenizeConfig(hp.max_length, hp.max_prompt_length, hp.truncation_mode)
+
+        def prepare(split: str) -> Dataset:
+            if split not in raw:
+                raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
+            return preprocess_split(
+                raw[split],
+                self.tokenizer,
+                config,
+                source=source,
+                split=split,
+                drop_identical=hp.drop_identical,
+                num_proc=hp.num_proc,
+            )
+
+        train = prepare(hp.train_split)
+        val = None
+        if hp.val_fraction is not None:
+            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
+            train, val = parts["train"], parts["test"]
+        elif hp.val_split is not None and hp.val_split in raw:
+            val = prepare(hp.val_split)
+        elif hp.val_split is not None:
+            log.info(
+                "%s has no %r split; training without validation (val_fraction holds out part of train)",
+                source,
+                hp.val_split,
+            )
+        test = prepare(hp.test_split) if hp.test_split is not None else None
+        return {"train": train, "validation": val, "test": test}
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the datasets cache it fills makes setup() on the other ranks
+        # a cache hit; this process keeps the result so setup() does not redo in-memory work.
+        self._splits = self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is None:
+            self._splits = self._build()
+
+    @property
+    def splits(self) -> dict[str, Dataset | None]:
+        """The tokenized ``train`` / ``validation`` / ``test`` datasets (None where absent)."""
+        if self._splits is None:
+            self.setup()
+        return self._splits
+
+    # -- loaders ---------------------------------------------------------------------------------
+
+    @property
+    def collate_fn(self):
+        return build_collator(
+            self.hparams.collator,
+            pad_token_id=self.pad_token_id,
+            pad_to_multiple_of=self.hparams.pad_to_multiple_of,
+        )
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=self.collate_fn,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits["train"], self.hparams.batch_size, shuffle=True)
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        dataset = self.splits[split]
+        if dataset is None:
+            return []  # Lightning skips the loop
+        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")

@@ -1,0 +1,158 @@
+"""Padding-free packing: the 2B sequences of a batch concatenated into rows up to a token budget.
+
+Right padding wastes the compute of every pad token; preference data (HH: responses from a few
+tokens to hundreds) pads a lot. Packing puts several whole sequences in a row, restarts
+``position_ids`` at each sequence, and isolates the sequences' attention.
+
+Isolation. transformers 5.x on CPU does *not* isolate packed sequences from restarting
+``position_ids`` alone (sdpa and eager both let a sequence attend to the previous one), so this
+collator builds a 4D additive float mask ``(R, 1, L, L)``: 0 where query ``i`` may attend to key
+``j`` (same sequence, ``j <= i``), ``-inf`` elsewhere. transformers passes a 4D mask through
+unchanged, and with ``sdpa`` (or ``eager``) the result equals the padded path. The mask costs
+``4 * L * L`` bytes per row, hence the row budget. On GPU, ``attention="position_ids"`` leaves
+the mask out so that ``flash_attention_2``/``3`` take their varlen path, which finds the
+sequence boundaries where ``position_ids`` restart at 0 (what TRL's ``padding_free`` relies on);
+that path is not tested here (no GPU in CI), and with sdpa/eager it would leak attention.
+
+Log-probs. ``sequence_ids`` (which sequence each position belongs to, -1 on padding) and
+``num_sequences`` (= 2B) go to ``logprobs.sequence_logps``, which sums response tokens per
+sequence. Sequence ``k < B`` is the chosen side of pair ``k`` and ``B + k`` its rejected side,
+wherever they land in the rows, so ``DPOModule``'s split ``[:B]`` / ``[B:]`` still holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from dpo_lightning.logprobs import IGNORE_INDEX
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins whose sums stay <= ``capacity`` (longest first)."""
+    bins: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for b, room in enumerate(free):
+            if lengths[i] <= room:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(capacity - lengths[i])
+    return bins
+
+
+def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(R, L)`` sequence ids (-1 on padding) -> additive mask ``(R, 1, L, L)``: 0 allowed, -inf not.
+
+    Query ``i`` sees key ``j <= i`` of its own sequence. A padding position sees only itself: a
+    query row with no allowed key would make softmax return NaN, which backward spreads into the
+    weight gradients even though no loss depends on padding.
+    """
+    length = sequence_ids.shape[1]
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (R, L, L)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
+    allowed = (same & causal & (sequence_ids[:, :, None] >= 0)) | torch.eye(length, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+    return mask[:, None]  # (R, 1, L, L)
+
+
+@dataclass(frozen=True)
+class PackingCollator:
+    """Pack the 2B sequences of B pairs into rows of at most ``max_tokens_per_row`` tokens.
+
+    Reads the same per-example fields as ``PaddingCollator`` (``chosen_input_ids``,
+    ``chosen_response_start``, ``rejected_input_ids``, ``rejected_response_start``). Rows are
+    filled first-fit-decreasing; a row is never shorter than the longest sequence (sequences are
+    not split). ``max_tokens_per_row=None`` uses the longest sequence of the batch: rows no wider
+    than the padded batch, so attention never costs more than there.
+
+    ``labels`` are ``-100`` off the response and also at each sequence's first position: that
+    token is never predicted in the padded path (nothing precedes it in its row), and here the
+    position before it belongs to another sequence.
+
+    Worked example, ``pad_token_id=0``, B=2 (sequences 0, 1 chosen; 2, 3 rejected), budget 7::
+
+        features = [
+            {"chosen_input_ids": [5, 6, 7, 8], "chosen_response_start": 2,
+             "rejected_input_ids": [5, 6, 9], "rejected_response_start": 2},
+            {"chosen_input_ids": [3, 4], "chosen_response_start": 1,
+             "rejected_input_ids": [3, 4, 4, 2], "rejected_response_start": 1},
+        ]
+        PackingCollator(pad_token_id=0, max_tokens_per_row=7)(features) == {
+            "input_ids":    tensor([[5, 6, 7, 8, 5, 6, 9],       # seq 0 (chosen 0) + seq 2 (rejected 0)
+                                    [3, 4, 4, 2, 3, 4, 0]]),     # seq 3 (rejected 1) + seq 1 (chosen 1) + pad
+            "position_ids": tensor([[0, 1, 2, 3, 0, 1, 2],
+                                    [0, 1, 2, 3, 0, 1, 0]]),
+            "labels":       tensor([[-100, -100, 7, 8, -100, -100, 9],
+                                    [-100, 4, 4, 2, -100, 4, -100]]),
+            "sequence_ids": tensor([[0, 0, 0, 0, 2, 2, 2],
+                                    [3, 3, 3, 3, 1, 1, -1]]),
+            "attention_mask": (2, 1, 7, 7) float: block-diagonal causal, 0 / -inf,
+            "num_sequences": 4,
+        }
+
+    Args:
+        pad_token_id: Id written into the unused tail of a row.
+        pad_to_multiple_of: Round the row length up to a multiple of this.
+        max_tokens_per_row: Token budget per row; the dense mask grows with its square.
+        attention: ``"dense4d"`` (the 4D mask above; exact with sdpa/eager) or ``"position_ids"``
+            (no mask; only for flash-attention's varlen path, which reads boundaries from
+            ``position_ids``).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    max_tokens_per_row: int | None = None
+    attention: Literal["dense4d", "position_ids"] = "dense4d"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("dense4d", "position_ids"):
+            raise ValueError(f"attention must be 'dense4d' or 'position_ids', got {self.attention!r}")
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
+        starts = [f["chosen_response_start"] for f in features] + [f["rejected_response_start"] for f in features]
+        lengths = [len(s) for s in seqs]
+        capacity = max(max(lengths), self.max_tokens_per_row or 0)
+        rows = first_fit_decreasing(lengths, capacity)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
+        position_ids = torch.zeros(shape, dtype=torch.long)  # (R, L)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (R, L)
+        sequence_ids = torch.full(shape, -1, dtype=torch.long)  # (R, L)
+        for r, row in enumerate(rows):
+            offset = 0
+            for k in row:
+                n, span = lengths[k], slice(offset, offset + lengths[k])
+                ids = torch.as_tensor(seqs[k], dtype=torch.long)
+                input_ids[r, span] = ids
+                position_ids[r, span] = torch.arange(n)
+                sequence_ids[r, span] = k
+                # response tokens only, and never the sequence's first token (see the docstring)
+                first_label = offset + max(starts[k], 1)
+                labels[r, first_label : offset + n] = ids[max(starts[k], 1) :]
+                offset += n
+
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "sequence_ids": sequence_ids,
+            "num_sequences": len(seqs),
+        }
+        if self.attention == "dense4d":
+            batch["attention_mask"] = block_causal_mask(sequence_ids)  # (R, 1, L, L)
+        return batch

@@ -1,0 +1,140 @@
+"""Raw split -> tokenized split: formats, rendering and tokenization in one ``datasets.map`` pass.
+
+The pass is batched, can run with ``num_proc`` workers and is cached by the datasets
+fingerprint (the hash of the source, the tokenizer and these settings), so it runs once and not
+per epoch. Rows that cannot be used raise `DataError` naming the row; pairs that are dropped
+(identical sides, responses emptied by truncation) are counted and reported in one log line each.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from .errors import DataError, RowRef
+from .formats import LAYOUT_COLUMNS, Layout, detect_layout, to_example
+from .render import render
+from .tokenize import TokenizeConfig, tokenize_pairs
+
+log = logging.getLogger(__name__)
+
+# The per-example fields every collator can rely on (padding and, later, packing).
+TOKENIZED_FIELDS = (
+    "chosen_input_ids",
+    "chosen_response_start",
+    "rejected_input_ids",
+    "rejected_response_start",
+)
+
+
+class Drop(IntEnum):
+    """Why a pair leaves the dataset (0: it stays)."""
+
+    KEEP = 0
+    IDENTICAL = 1
+    EMPTY_RESPONSE = 2
+
+
+@dataclass(frozen=True)
+class PairPreprocessor:
+    """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` + a ``drop`` code.
+
+    A frozen dataclass (not a closure) so it pickles into ``num_proc`` workers and hashes into a
+    stable cache fingerprint.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    layout: Layout
+    config: TokenizeConfig
+    source: str
+    split: str
+    drop_identical: bool = True
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        columns = LAYOUT_COLUMNS[self.layout]
+        drop, rendered, kept = [], [], []
+        for offset, index in enumerate(indices):
+            ref = RowRef(self.source, self.split, index)
+            example = to_example({c: batch[c][offset] for c in columns}, self.layout, ref)
+            if self.drop_identical and example.identical:
+                drop.append(Drop.IDENTICAL)
+                continue
+            drop.append(Drop.KEEP)
+            rendered.append(render(example, self.tokenizer, ref))
+            kept.append(offset)
+        out: dict[str, list[Any]] = {
+            f: [[] if f.endswith("ids") else 0] * len(indices) for f in TOKENIZED_FIELDS
+        }
+        out["drop"] = [int(d) for d in drop]
+        for offset, (chosen, rejected) in zip(kept, tokenize_pairs(rendered, self.tokenizer, self.config)):
+            if chosen.response_length == 0 or rejected.response_length == 0:
+                out["drop"][offset] = int(Drop.EMPTY_RESPONSE)
+                continue
+            out["chosen_input_ids"][offset], out["chosen_response_start"][offset] = chosen
+            out["rejected_input_ids"][offset], out["rejected_response_start"][offset] = rejected
+        return out
+
+
+def _keep(drop: list[int]) -> list[bool]:
+    return [d == Drop.KEEP for d in drop]
+
+
+def preprocess_split(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TokenizeConfig,
+    *,
+    source: str,
+    split: str,
+    drop_identical: bool = True,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS`."""
+    layout = detect_layout(dataset.column_names, f"{source} (split {split!r})")
+    if len(dataset) == 0:
+        raise DataError(f"{source} (split {split!r}): the split has no rows")
+    if layout is Layout.UNPAIRED:
+        to_example(dataset[0], layout, RowRef(source, split, 0))  # raises the "not supported yet" error
+    function = PairPreprocessor(tokenizer, layout, config, source, split, drop_identical)
+    mapped = dataset.map(
+        function,
+        batched=True,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        desc=f"Tokenizing {split}",
+    )
+    counts = np.bincount(mapped.data.column("drop").to_numpy(), minlength=len(Drop))
+    if counts[Drop.IDENTICAL]:
+        log.warning(
+            "%s (split %r): dropped %d of %d pairs whose chosen equals rejected",
+            source,
+            split,
+            counts[Drop.IDENTICAL],
+            len(dataset),
+        )
+    if counts[Drop.EMPTY_RESPONSE]:
+        log.warning(
+            "%s (split %r): dropped %d of %d pairs whose response is empty after truncation "
+            "(max_length=%d, max_prompt_length=%s)",
+            source,
+            split,
+            counts[Drop.EMPTY_RESPONSE],
+            len(dataset),
+            config.max_length,
+            config.max_prompt_length,
+        )
+    kept = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None).remove_columns("drop")
+    if len(kept) == 0:
+        raise DataError(
+            f"{source} (split {split!r}): no pairs left after filtering {len(dataset)} rows "
+            f"({counts[Drop.IDENTICAL]} with chosen == rejected, {counts[Drop.EMPTY_RESPONSE]} with an empty "
+            f"response after truncation to max_length={config.max_length})"
+        )
+    return kept

@@ -1,0 +1,92 @@
+"""A seeded, epoch-aware, rank-sharded training sampler that can resume mid-epoch.
+
+Lightning restores weights, optimizer, scheduler and loop counters from a checkpoint, but a
+plain DataLoader restarts its epoch from the first batch. :class:`ResumableSampler` yields
+the same order as ``DistributedSampler`` (same seed -> same permutation per epoch, same
+shard per rank), and after :meth:`ResumableSampler.resume` skips the batches the
+interrupted run had already trained on. It subclasses ``DistributedSampler`` so Lightning
+leaves it in place instead of wrapping it (``use_distributed_sampler`` can stay on).
+
+:class:`ResumableTrainData` is the ``LightningDataModule`` mixin that saves the position in
+every checkpoint (``state_dict``) and hands it to the next sampler it builds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+from torch.utils.data import DistributedSampler
+
+
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` order, with an optional start ``(epoch, batches already done)``.
+
+    ``__len__`` stays the full shard length even when resuming, so Lightning's step count
+    (and the LR schedule built from it) is the same as in the uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
+        self.batch_size = batch_size
+        self._resume_epoch: int | None = None
+        self._resume_batches = 0
+
+    def resume(self, epoch: int, batches: int) -> None:
+        """In ``epoch`` (only), skip the first ``batches`` batches of this rank's shard."""
+        self._resume_epoch, self._resume_batches = epoch, batches
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())  # seeded by (seed, epoch): identical in every run
+        if self.epoch == self._resume_epoch:
+            indices = indices[self._resume_batches * self.batch_size :]
+        return iter(indices)
+
+
+class ResumableTrainData:
+    """Mixin for a ``LightningDataModule``: build the train sampler with :meth:`train_sampler`;
+    the checkpoint then records how far into which epoch training got, and a resumed fit
+    starts the sampler there.
+
+    The position comes from Lightning's own loop counters (batches *processed* in the current
+    epoch), not from the sampler: DataLoaders prefetch, so what a sampler has yielded runs
+    ahead of what the model has trained on.
+    """
+
+    _train_position: dict[str, int] | None = None
+
+    def train_sampler(self, dataset: Sized, batch_size: int, *, seed: int, shuffle: bool = True) -> ResumableSampler:
+        trainer = getattr(self, "trainer", None)
+        shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = ResumableSampler(
+            dataset,
+            batch_size,
+            num_replicas=shard.get("num_replicas", 1),
+            rank=shard.get("rank", 0),
+            shuffle=shuffle,
+            seed=seed,
+        )
+        if self._train_position is not None:
+            sampler.resume(**self._train_position)
+            self._train_position = None  # only the first loader after a restore starts mid-epoch
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"train_position": {"epoch": trainer.current_epoch, "batches": batches}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_position = state_dict.get("train_position")

@@ -1,0 +1,102 @@
+"""Export a trained policy in Hugging Face format (safetensors, config, tokenizer, generation config).
+
+At the end of ``fit`` the :class:`HFExport` callback writes ``<run dir>/hf_export``; any Lightning
+checkpoint can be exported later with ``python -m dpo_lightning export CKPT OUTPUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+
+def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path) -> Path:
+    """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir``, atomically.
+
+    Everything is written to a sibling temporary folder first and renamed into place, so a
+    crash mid-export never leaves a half-written model where a finished one is expected.
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        if tokenizer is not None:
+            _fill_special_token_ids(model, tokenizer)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").exists():
+            GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        tmp.rename(output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def _fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give a config-built model the tokenizer's special ids, so ``generate`` stops at EOS."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name)
+        if value is None:
+            continue
+        if getattr(model.config, name, None) is None:
+            setattr(model.config, name, value)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and getattr(gen, name, None) is None:
+            setattr(gen, name, value)
+
+
+class HFExport(L.Callback):
+    """At the end of ``fit``, export the policy to ``<run dir>/<dirname>`` on rank 0."""
+
+    def __init__(self, dirname: str = "hf_export") -> None:
+        """
+        Args:
+            dirname: Folder name of the export inside the run directory (the logger's log_dir).
+        """
+        self.dirname = dirname
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.interrupted:
+            return
+        if trainer.is_global_zero:
+            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+            out = export_hf(pl_module.model, getattr(pl_module, "tokenizer", None), run_dir / self.dirname)
+            rank_zero_info(f"Hugging Face export of the policy: {out}")
+            final = {k: f"{v.item():.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            if final:
+                rank_zero_info(f"Last validation: {final}")
+            if trainer.logger is not None:
+                rank_zero_info(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {run_dir})")
+        trainer.strategy.barrier("hf_export")
+
+
+def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
+    """Load a ``DPOModule`` Lightning checkpoint and export its policy in Hugging Face format."""
+    from dpo_lightning.module import DPOModule
+
+    module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return export_hf(module.model, module.tokenizer, output_dir)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m dpo_lightning export",
+        description="Export the policy of a DPOModule checkpoint in Hugging Face format (safetensors).",
+    )
+    parser.add_argument("ckpt_path", help="Lightning checkpoint written by `fit`")
+    parser.add_argument("output_dir", help="folder to write; loadable with AutoModelForCausalLM.from_pretrained")
+    args = parser.parse_args(argv)
+    print(f"Exported to {export_checkpoint(args.ckpt_path, args.output_dir)}")
