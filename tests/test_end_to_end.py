@@ -5,11 +5,12 @@ import math
 
 import lightning as L
 import torch
-from conftest import tiny_config
 
 from dpo_lightning import DPOModule
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.synthetic import generate_pairs
+
+from tiny import tiny_config
 
 
 def test_datamodule_and_module_fit_a_few_steps(tmp_path):

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from conftest import random_batch
 
 from dpo_lightning.logprobs import IGNORE_INDEX, sequence_logps, shift_labels
+
+from tiny import random_batch
 
 
 def naive_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:

@@ -5,11 +5,12 @@ import math
 import lightning as L
 import pytest
 import torch
-from conftest import VOCAB, random_batch, tiny_config
 from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
 from dpo_lightning.metrics import METRIC_NAMES
+
+from tiny import VOCAB, random_batch, tiny_config
 
 
 def make_module(arch="llama", **kw) -> DPOModule:

@@ -6,6 +6,7 @@ import logging
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .bpe import BPE_PREFIX, build_bpe_tokenizer
 from .sources import SYNTHETIC_PREFIX
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def load_tokenizer(
 
     Args:
         spec: a tokenizer object (used as is), ``synthetic:<name>`` (built by
-            `dpo_lightning.data.synthetic.build_tokenizer`), or a hub id / local path.
+            `dpo_lightning.data.synthetic.build_tokenizer`), ``bpe:<vocab size>:<dataset>`` (a
+            byte-level BPE trained on that dataset, `dpo_lightning.data.bpe`), or a hub id / local path.
         trust_remote_code: let ``AutoTokenizer`` run code shipped with the tokenizer.
     """
     if isinstance(spec, PreTrainedTokenizerBase):
@@ -42,6 +44,8 @@ def load_tokenizer(
         from . import synthetic  # lazy: only the synthetic task needs it
 
         tokenizer = synthetic.build_tokenizer(spec)
+    elif spec.startswith(BPE_PREFIX):
+        tokenizer = build_bpe_tokenizer(spec)
     else:
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     return ensure_pad_token(tokenizer)

@@ -1,0 +1,39 @@
+"""Test helpers: tiny random-init model configs and hand-made batches (nothing downloaded)."""
+
+import torch
+
+VOCAB = 64
+
+# Tiny random-init configs, one per architecture family the tests cover.
+TINY_CONFIGS = {
+    "llama": dict(
+        model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=128),
+    "qwen2": dict(
+        model_type="qwen2", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+}
+
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = VOCAB) -> dict:
+    return {**TINY_CONFIGS[arch], "vocab_size": vocab_size}
+
+
+def random_batch(b: int = 3, t: int = 10, vocab: int = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A right-padded batch of 2b rows following the batch contract, prompts of varying length."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, vocab, (2 * b, t), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    for row in range(2 * b):
+        prompt = 2 + row % 3
+        length = t - (row * 7) % 4
+        labels[row, :prompt] = -100
+        attention_mask[row, length:] = 0
+        labels[row, length:] = -100
+        input_ids[row, length:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
