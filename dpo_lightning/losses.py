@@ -16,8 +16,13 @@ Notation used in the docstrings (all tensors are ``(B,)``, one entry per prefere
 When ``ref_chosen``/``ref_rejected`` are ``None`` the losses below are reference-free: ``hc = c`` and
 ``hr = r`` (TRL 0.x's ``reference_free=True``, a reference that gives every response the same probability).
 
-Rewards are always ``beta * hc`` and ``beta * hr``, detached, with the raw (summed) log-ratios, as TRL 1.x
+Rewards are ``beta * hc`` and ``beta * hr``, detached, with the raw (summed) log-ratios, as TRL 1.x
 logs them for every ``loss_type`` (including ``ipo`` and ``sigmoid_norm``, whose *loss* is length-normalised).
+The reference-free losses of TRL's CPO/ORPO trainers (``simpo``, ``cpo``, ``orpo``; see ``REFERENCE_FREE``)
+ignore ``ref_*`` and return beta times the policy log-probs those trainers log (length-averaged for
+``simpo`` and ``orpo``). ``npo`` reads only the rejected side. KTO on unpaired data is not a pair loss: it
+has its own function, ``kto_loss``, with the helpers ``kto_kl_estimate``, ``kto_reference_point`` and
+``kto_weight_warning``.
 
 A few methods are defined on batch statistics (KTO's KL reference point, BCO's reward baseline, the token
 mean of the SFT term, AOT's sorting). Each takes that statistic as an optional keyword argument so the
@@ -35,10 +40,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "KTOOutput",
     "LOSSES",
     "LossFn",
     "LossOutput",
     "PairLogps",
+    "REFERENCE_FREE",
     "aot",
     "aot_unpaired",
     "apo_down",
@@ -46,20 +53,28 @@ __all__ = [
     "bco_batch_reward_mean",
     "bco_pair",
     "compute_loss",
+    "cpo",
     "discopop",
     "exo_pair",
     "get_loss_fn",
     "hinge",
     "hparam_names",
     "ipo",
+    "kto_kl_estimate",
+    "kto_loss",
     "kto_pair",
     "kto_pair_batch_kl",
+    "kto_reference_point",
+    "kto_weight_warning",
     "nca_pair",
+    "npo",
+    "orpo",
     "rank_matched",
     "robust",
     "sft",
     "sigmoid",
     "sigmoid_norm",
+    "simpo",
     "sppo_hard",
 ]
 
@@ -521,6 +536,256 @@ def kto_pair(
 
 
 # --------------------------------------------------------------------------------------------------------
+# reference-free losses (TRL's CPOTrainer / ORPOTrainer): ref_* are ignored, rewards are beta * policy log-probs
+
+
+def _chosen_nll(logps: PairLogps, sft_num_tokens: Tensor | float | None) -> Tensor:
+    """-sum(c) / N, N = sum(Lc) or ``sft_num_tokens``: the token-mean NLL of the batch's chosen responses, ()."""
+    chosen = logps.chosen
+    if sft_num_tokens is None:
+        num_tokens = logps.chosen_tokens.detach().to(chosen.dtype).sum()
+    else:
+        num_tokens = _as_tensor(sft_num_tokens, chosen)
+    return -chosen.sum() / num_tokens.clamp(min=1.0)
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (Maechler 2012; TRL's ORPO ``log1mexp``)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def simpo(
+    logps: PairLogps, *, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0
+) -> LossOutput:
+    """SimPO: the logistic loss on the length-averaged policy margin, minus a target margin gamma; no reference.
+
+        loss = -(1 - eps) * ls(beta * (c/Lc - r/Lr) - gamma) - eps * ls(-(beta * (c/Lc - r/Lr) - gamma))
+
+    TRL writes it as ``logits = (c/Lc - r/Lr) - gamma / beta`` and ``-ls(beta * logits)``: the same thing.
+    beta scales the average log-prob into a reward (the paper uses 2 to 10, far above DPO's 0.1); gamma =
+    ``simpo_gamma`` is the reward margin the chosen response must win by (TRL default 0.5; the paper tunes
+    gamma / beta in [0.3, 1.6]). Rewards are ``beta * c/Lc`` and ``beta * r/Lr``. ``ref_*`` are ignored.
+    TRL's ``CPOConfig(loss_type="simpo")`` adds ``cpo_alpha`` (default 1.0) times the chosen NLL; the SimPO
+    paper does not: that mix is ``compute_loss(["simpo", "sft"], ..., loss_weights=[1.0, cpo_alpha])``.
+    Paper: Meng, Xia, Chen (2024), "SimPO: Simple Preference Optimization with a Reference-Free Reward",
+    arXiv:2405.14734, Eq. 6. TRL: ``CPOTrainer`` with ``loss_type="simpo"``, ``simpo_gamma``.
+    """
+    _check_beta(beta)
+    _check_label_smoothing(label_smoothing, "simpo", 0.0, 0.5, closed_high=True)
+    _check_logps(logps)
+    chosen = _per_token(logps.chosen, logps.chosen_tokens)  # (B,) average log-prob per token
+    rejected = _per_token(logps.rejected, logps.rejected_tokens)  # (B,)
+    losses = _cdpo(beta * (chosen - rejected) - simpo_gamma, label_smoothing)
+    return _output(losses, beta, chosen, rejected)
+
+
+def cpo(
+    logps: PairLogps,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    cpo_alpha: float = 1.0,
+    sft_num_tokens: Tensor | float | None = None,
+) -> LossOutput:
+    """CPO: DPO's logistic loss without the reference (summed log-probs), plus alpha times the chosen NLL.
+
+        loss_j = -(1 - eps) * ls(beta * (c_j - r_j)) - eps * ls(-beta * (c_j - r_j)) + alpha * NLL
+        NLL    = -sum_i c_i / N,    N = sum_i Lc_i (or ``sft_num_tokens``, as for ``sft``)
+
+    The NLL is TRL's cross-entropy over all chosen response tokens of the batch, the same value for every
+    pair (so the mean over pairs is TRL's ``losses.mean() + cpo_alpha * nll_loss``). alpha = ``cpo_alpha``
+    (TRL default 1.0; 0 leaves the preference term alone). beta plays DPO's role with a uniform reference.
+    Rewards are ``beta * c`` and ``beta * r`` (summed log-probs). ``ref_*`` are ignored. Paper: Xu, Sharaf,
+    Chen, Tan, Shen, Van Durme, Murray, Kim (2024), "Contrastive Preference Optimization: Pushing the
+    Boundaries of LLM Performance in Machine Translation", arXiv:2401.08417, Eq. 3 and 6. TRL: ``CPOTrainer``
+    with ``loss_type="sigmoid"``, ``cpo_alpha``.
+    """
+    _check_beta(beta)
+    _check_label_smoothing(label_smoothing, "cpo", 0.0, 0.5, closed_high=True)
+    _check_logps(logps)
+    losses = _cdpo(beta * (logps.chosen - logps.rejected), label_smoothing)  # (B,)
+    if cpo_alpha:
+        losses = losses + cpo_alpha * _chosen_nll(logps, sft_num_tokens)
+    return _output(losses, beta, logps.chosen, logps.rejected)
+
+
+def orpo(logps: PairLogps, *, beta: float, sft_num_tokens: Tensor | float | None = None) -> LossOutput:
+    """ORPO: the chosen NLL plus lambda times the log-sigmoid of the log odds ratio; no reference.
+
+    With the length-averaged log-probs a = c/Lc, b = r/Lr (so exp(a) is a per-token probability):
+
+        log_odds = (a - b) - (log(1 - exp(a)) - log(1 - exp(b)))        (log odds(chosen) / odds(rejected))
+        loss_j   = NLL - beta * ls(log_odds_j),    NLL = -sum_i c_i / N  (N = sum_i Lc_i or ``sft_num_tokens``)
+
+    beta is the paper's lambda (TRL's ``ORPOConfig.beta``, default 0.1): the weight of the odds-ratio term
+    against the NLL. Rewards are ``beta * a`` and ``beta * b``, as TRL logs them. The mean over pairs is TRL's
+    ``nll_loss - losses.mean()``. One difference: TRL's ORPO NLL averages over the prompt *and* response
+    tokens of the chosen rows; here, as in the paper's L_SFT and in CPO, over response tokens only (the
+    log-probs here cover only the response). ``ref_*`` are ignored. Paper: Hong, Lee, Thorne (2024),
+    "ORPO: Monolithic Preference Optimization without Reference Model", arXiv:2403.07691, Eq. 4-7.
+    TRL: ``ORPOTrainer`` (``odds_ratio_loss``).
+    """
+    _check_beta(beta)
+    _check_logps(logps)
+    chosen = _per_token(logps.chosen, logps.chosen_tokens)  # (B,) average log-prob, < 0
+    rejected = _per_token(logps.rejected, logps.rejected_tokens)  # (B,)
+    log_odds = (chosen - rejected) - (_log1mexp(chosen) - _log1mexp(rejected))  # (B,)
+    losses = _chosen_nll(logps, sft_num_tokens) - beta * F.logsigmoid(log_odds)
+    return _output(losses, beta, chosen, rejected)
+
+
+def npo(logps: PairLogps, *, beta: float) -> LossOutput:
+    """NPO: push the likelihood of undesirable responses down, relative to the reference, with a bounded loss.
+
+    Uses only the rejected side: ``rejected``, ``ref_rejected`` (negative-only data has no chosen response,
+    so ``chosen``, ``ref_chosen`` and ``chosen_tokens`` may be None and are ignored):
+
+        loss = (2 / beta) * log(1 + (pi(y) / ref(y)) ** beta) = -(2 / beta) * ls(-beta * hr)
+
+    Why not simply "subtract the negative loss", i.e. minimise log pi(y) (gradient ascent on the NLL of the
+    undesirable response)? That objective is unbounded below: it is minimised by driving pi(y) to 0, and its
+    gradient never fades, so it keeps pulling the model away from everything near y and degrades it quickly
+    ("catastrophic collapse" in the paper). NPO is that loss seen through the reference: as beta -> 0 its
+    gradient tends to the gradient-ascent one, but the loss is bounded below by 0 and each response's
+    gradient is weighted by s(beta * hr), which vanishes once pi(y) is well below ref(y). beta sets how far
+    below the reference a response must fall before it stops being pushed (2 / beta keeps the gradient scale
+    of gradient ascent at the start, where hr = 0).
+
+    Rewards: ``rejected_rewards = beta * hr``; ``chosen_rewards = beta * hc`` when ``chosen`` is given (e.g.
+    paired data with ``["npo", "sft"]``, NPO plus a retain NLL), zeros otherwise. Paper: Zhang, Lin, Bai, Mei
+    (2024), "Negative Preference Optimization: From Catastrophic Collapse to Effective Unlearning",
+    arXiv:2404.05868, Eq. 3. TRL: none (TRL has no NPO trainer).
+    """
+    _check_beta(beta)
+    rejected = logps.rejected
+    if rejected.dim() != 1:
+        raise ValueError(f"log-probs must have shape (B,), got rejected of shape {tuple(rejected.shape)}")
+    for name in ("ref_rejected", "chosen", "ref_chosen"):
+        value = getattr(logps, name)
+        if value is not None and value.shape != rejected.shape:
+            raise ValueError(f"PairLogps.{name} has shape {tuple(value.shape)}, expected {tuple(rejected.shape)}")
+    hr = rejected if logps.ref_rejected is None else rejected - logps.ref_rejected.detach()  # (B,)
+    if logps.chosen is None:
+        hc = torch.zeros_like(hr)
+    else:
+        hc = logps.chosen if logps.ref_chosen is None else logps.chosen - logps.ref_chosen.detach()
+    return _output(-(2 / beta) * F.logsigmoid(-beta * hr), beta, hc, hr)
+
+
+# --------------------------------------------------------------------------------------------------------
+# KTO on unpaired data: one completion per example, labelled desirable or not (not in LOSSES: not pairs)
+
+
+class KTOOutput(NamedTuple):
+    """Per-example KTO losses (not reduced) and the detached implicit rewards."""
+
+    losses: Tensor  # (N,)
+    rewards: Tensor  # (N,) beta * (policy - reference), detached
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor | None,
+    desirable: Tensor,
+    kl_ref: Tensor | float,
+    *,
+    beta: float,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> KTOOutput:
+    """KTO: a prospect-theoretic value of each completion's implicit reward, relative to a KL reference point.
+
+    With ``h = policy_logps - ref_logps`` (N,) (summed over completion tokens) and z0 = ``kl_ref``:
+
+        desirable:    loss = w_D * (1 - s(beta * (h - z0)))
+        undesirable:  loss = w_U * (1 - s(beta * (z0 - h)))
+
+    z0 estimates KL(policy || reference) on *mismatched* prompt/completion pairs of the batch; it is a
+    constant here (detached, and clamped at 0 like TRL). The module gets it from ``kto_kl_estimate`` (local
+    sum and count), all-reduces both over ranks and calls ``kto_reference_point``. beta, as in DPO, is the
+    inverse temperature of the implicit reward (TRL default 0.1). w_D = ``desirable_weight``, w_U =
+    ``undesirable_weight`` rebalance imbalanced data (``kto_weight_warning`` checks the paper's range).
+    ``ref_logps=None`` makes h the policy log-prob (a uniform reference). Rewards are ``beta * h``.
+
+    The mean of ``losses`` is TRL's ``loss`` (TRL concatenates [desirable; undesirable] terms first: a
+    permutation). Paper: Ethayarajh, Xu, Muennighoff, Jurafsky, Kiela (2024), "KTO: Model Alignment as Prospect
+    Theoretic Optimization", arXiv:2402.01306, Eq. 7-8. TRL: ``KTOTrainer`` with ``loss_type="kto"``.
+    """
+    _check_beta(beta)
+    if policy_logps.dim() != 1:
+        raise ValueError(f"policy_logps must have shape (N,), got {tuple(policy_logps.shape)}")
+    for name, value in (("ref_logps", ref_logps), ("desirable", desirable)):
+        if value is not None and value.shape != policy_logps.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(policy_logps.shape)}")
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"desirable must be a bool tensor, got {desirable.dtype}")
+    h = policy_logps if ref_logps is None else policy_logps - ref_logps.detach()  # (N,)
+    z0 = _as_tensor(kl_ref, h).clamp(min=0)  # ()
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (h - z0))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (z0 - h))),
+    )  # (N,)
+    return KTOOutput(losses, (beta * h).detach())
+
+
+def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor | None) -> Tensor:
+    """Local statistics for KTO's reference point: ``tensor([sum(policy - ref), count])``, detached, (2,).
+
+    The inputs are the log-probs of the batch's mismatched rows (prompt i with completion (i + 1) mod N, the
+    ``kl_*`` keys of the KTO batch), (N,) each. Summing both entries over ranks (one all-reduce) and calling
+    ``kto_reference_point`` gives the global mean. TRL averages the per-rank means instead: the same value
+    when every rank has the same batch size.
+    """
+    if kl_policy_logps.dim() != 1 or (kl_ref_logps is not None and kl_ref_logps.shape != kl_policy_logps.shape):
+        ref_shape = None if kl_ref_logps is None else tuple(kl_ref_logps.shape)
+        raise ValueError(
+            f"KL log-probs must be (N,) of equal shape, got {tuple(kl_policy_logps.shape)} and {ref_shape}"
+        )
+    diff = kl_policy_logps if kl_ref_logps is None else kl_policy_logps - kl_ref_logps
+    diff = diff.detach()
+    return torch.stack((diff.sum(), torch.tensor(diff.numel(), dtype=diff.dtype, device=diff.device)))
+
+
+def kto_reference_point(kl_stats: Tensor) -> Tensor:
+    """z0 = max(0, sum / count) from (all-reduced) ``kto_kl_estimate`` statistics; 0-dim, detached.
+
+    Clamped at 0 because a KL divergence is never negative; a negative estimate is sampling noise.
+    """
+    total, count = kl_stats.detach().unbind()
+    return (total / count.clamp(min=1)).clamp(min=0)
+
+
+def kto_weight_warning(
+    n_desirable: int, n_undesirable: int, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> str | None:
+    """A warning when the weights are outside the KTO paper's range for this data; None when they are fine.
+
+    The paper (Eq. 8) recommends ``w_D * n_D / (w_U * n_U)`` in [1, 4/3]. TRL's KTOTrainer warns the same way
+    (with 1.33 and rounding) but only when n_D != n_U; here the range is checked for any counts. The message
+    gives, as TRL's does, the range for either weight that fixes it (change one, not both).
+    """
+    if n_desirable <= 0 or n_undesirable <= 0:
+        kind = "desirable" if n_undesirable <= 0 else "undesirable"
+        return (
+            f"KTO data has {n_desirable} desirable and {n_undesirable} undesirable examples: all are {kind}, "
+            "so the desirable/undesirable weights cannot balance them"
+        )
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    if 1.0 <= ratio <= 4 / 3 + 1e-9:
+        return None
+    d_low = n_undesirable * undesirable_weight / n_desirable
+    u_high = n_desirable * desirable_weight / n_undesirable
+    return (
+        f"KTO data has {n_desirable} desirable and {n_undesirable} undesirable examples; with "
+        f"desirable_weight={desirable_weight} and undesirable_weight={undesirable_weight}, "
+        f"desirable_weight * n_desirable / (undesirable_weight * n_undesirable) = {ratio:.3g}, outside the "
+        f"range [1, 4/3] the KTO paper recommends (Eq. 8). Set EITHER desirable_weight in "
+        f"[{d_low:.3g}, {d_low * 4 / 3:.3g}] OR undesirable_weight in [{u_high * 3 / 4:.3g}, {u_high:.3g}]"
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
 # selection by name
 
 
@@ -541,7 +806,14 @@ LOSSES: dict[str, LossFn] = {
     "sigmoid_norm": sigmoid_norm,
     "sft": sft,
     "kto_pair": kto_pair,
+    "simpo": simpo,
+    "cpo": cpo,
+    "orpo": orpo,
+    "npo": npo,
 }
+
+# Losses that never read ``ref_chosen``/``ref_rejected``: they need no reference model.
+REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "cpo", "orpo"})
 
 _RENAMED = {"aot_pair": "aot_unpaired"}
 
@@ -574,8 +846,8 @@ def compute_loss(
 
     ``loss_weights`` defaults to 1.0 for each loss. Each function receives only the ``hparams`` it accepts;
     a name that no registered loss accepts (a typo) raises ValueError. Rewards are those of the first loss in
-    the list (today every loss returns beta * summed log-ratios, so the choice only matters for losses that
-    define their own reward).
+    the list (the losses that use the reference all return beta * summed log-ratios; the choice matters for
+    the reference-free ones, which define their own reward).
     """
     names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     if not names:

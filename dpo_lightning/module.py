@@ -20,6 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
+from dpo_lightning.distributed import enable_activation_checkpointing, shard_dpo_models
+from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps
 from dpo_lightning.losses import LossOutput, PairLogps, compute_loss
 from dpo_lightning.metrics import PreferenceMetrics
@@ -62,6 +65,9 @@ class DPOModule(L.LightningModule):
         warmup_ratio: float = 0.1,
         lr_decay: Decay = "cosine",
         logprob_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+        lean_logprobs: bool = False,
+        activation_checkpointing: bool = False,
+        fsdp_mixed_precision: bool = True,
     ) -> None:
         """
         Args:
@@ -84,6 +90,9 @@ class DPOModule(L.LightningModule):
             warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule.
             lr_decay: Decay of the default schedule after warmup: cosine, linear or constant.
             logprob_chunk_elements: Float32 elements per chunk when computing log-probs (bounds extra memory).
+            lean_logprobs: Score response positions from the last hidden states; never builds (2B, T, V) logits.
+            activation_checkpointing: Recompute each policy decoder layer in backward to save activation memory.
+            fsdp_mixed_precision: Under ModelParallelStrategy (FSDP2): bf16 compute, fp32 gradient reduction.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -124,6 +133,7 @@ class DPOModule(L.LightningModule):
         self.train_metrics = PreferenceMetrics("train")
         self.val_metrics = PreferenceMetrics("val")
         self.test_metrics = PreferenceMetrics("test")
+        self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
 
     # ------------------------------------------------------------------ forward
 
@@ -134,12 +144,20 @@ class DPOModule(L.LightningModule):
         return self
 
     def sequence_logps(self, model: torch.nn.Module, batch: Mapping[str, Tensor]) -> SequenceLogps:
-        """One forward over all ``2B`` rows -> per-sequence response log-probs ``(2B,)``."""
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        if "position_ids" in batch:
-            inputs["position_ids"] = batch["position_ids"]
-        logits = model(**inputs, use_cache=False).logits  # (2B, T, V)
-        return sequence_logps(logits, batch["labels"], chunk_elements=self.hparams.logprob_chunk_elements)
+        """One forward over all ``2B`` rows (or the packed rows holding them) -> response log-probs ``(2B,)``."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # A packed batch (data/packing.py) says which sequence each position belongs to; its 4D
+        # additive mask must match the attention dtype (sdpa refuses a float32 mask on bf16 weights).
+        packed = {}
+        if "sequence_ids" in batch:
+            packed = {"sequence_ids": batch["sequence_ids"], "num_sequences": int(batch["num_sequences"])}
+            if "attention_mask" in inputs and inputs["attention_mask"].is_floating_point():
+                inputs["attention_mask"] = inputs["attention_mask"].to(model.dtype)
+        chunk = self.hparams.logprob_chunk_elements
+        if self.hparams.get("lean_logprobs", False):
+            return lean_sequence_logps(model, inputs, batch["labels"], chunk_elements=chunk, **packed)
+        logits = model(**inputs, use_cache=False).logits  # (2B, T, V), or (R, L, V) packed
+        return sequence_logps(logits, batch["labels"], chunk_elements=chunk, **packed)
 
     def forward(self, batch: Mapping[str, Tensor]) -> tuple[LossOutput, SequenceLogps, SequenceLogps]:
         """Losses and rewards of a batch: ``(LossOutput, policy SequenceLogps, reference SequenceLogps)``."""
@@ -181,6 +199,12 @@ class DPOModule(L.LightningModule):
         return out.losses.mean()
 
     # ------------------------------------------------------------------ steps
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # RNG restored here, not at load: Lightning draws from it in between (the loader's seed).
+        if self._resume_rng is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, self.train_metrics)
@@ -237,18 +261,35 @@ class DPOModule(L.LightningModule):
             )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    # ------------------------------------------------------------------ scale-out
+
+    def configure_model(self) -> None:
+        """Activation checkpointing if asked; FSDP2 sharding under ``ModelParallelStrategy`` only."""
+        if self.hparams.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if self.device_mesh is None:
+            return  # single device, DDP, FSDP1: nothing to shard here
+        # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
+        self._ref_rebuildable = False
+        param_dtype = torch.bfloat16 if self.hparams.fsdp_mixed_precision else None
+        shard_dpo_models(self.model, self.ref_model, self.device_mesh, param_dtype=param_dtype)
+
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook
         if self._ref_rebuildable:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(REF_PREFIX)]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RESUME_KEY in checkpoint:
+            self._resume_rng = restore_resume_state(self.global_rank, self.train_metrics, checkpoint[RESUME_KEY])
         # A reference left out of the checkpoint was rebuilt from its source in __init__.
-        state = checkpoint["state_dict"]
-        if not any(k.startswith(REF_PREFIX) for k in state):
+        # (ModelParallelStrategy loads weights itself and passes no state_dict here.)
+        state = checkpoint.get("state_dict")
+        if state is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
 

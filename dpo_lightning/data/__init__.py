@@ -6,8 +6,9 @@ See docs/data.md for the accepted formats, the boundary, truncation and the erro
 from .collate import COLLATORS, IGNORE_INDEX, PaddingCollator, build_collator
 from .datamodule import PreferenceDataModule
 from .errors import DataError
-from .formats import Layout, PreferenceExample, detect_layout, to_example
-from .preprocess import TOKENIZED_FIELDS, preprocess_split
+from .formats import Layout, PreferenceExample, UnpairedExample, detect_layout, to_example, unpair
+from .kto import KTOCollator
+from .preprocess import TOKENIZED_FIELDS, UNPAIRED_FIELDS, preprocess_split
 from .render import RenderedPair, render
 from .sources import load_source
 from .tokenize import TokenizeConfig, TokenizedSide, tokenize_pairs
@@ -17,7 +18,9 @@ __all__ = [
     "COLLATORS",
     "IGNORE_INDEX",
     "TOKENIZED_FIELDS",
+    "UNPAIRED_FIELDS",
     "DataError",
+    "KTOCollator",
     "Layout",
     "PaddingCollator",
     "PreferenceDataModule",
@@ -25,6 +28,7 @@ __all__ = [
     "RenderedPair",
     "TokenizeConfig",
     "TokenizedSide",
+    "UnpairedExample",
     "build_collator",
     "detect_layout",
     "load_source",
@@ -33,4 +37,5 @@ __all__ = [
     "render",
     "to_example",
     "tokenize_pairs",
+    "unpair",
 ]

@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from .collate import COLLATORS, build_collator
 from .errors import DataError
 from .preprocess import preprocess_split
+from .sampler import ResumableTrainData
 from .sources import describe, load_source
 from .tokenize import TRUNCATION_MODES, TokenizeConfig
 from .tokenizer import load_tokenizer
@@ -21,7 +22,7 @@ from .tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-class PreferenceDataModule(LightningDataModule):
+class PreferenceDataModule(ResumableTrainData, LightningDataModule):
     """Preference pairs from the Hub, local files or a built-in task, tokenized once, batched as
     2B rows (chosen first) with ``input_ids`` / ``attention_mask`` / ``labels`` (docs/data.md)."""
 
@@ -47,6 +48,7 @@ class PreferenceDataModule(LightningDataModule):
         collator: str = "pad",
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
+        unpaired: bool = False,
     ) -> None:
         """
         Args:
@@ -72,6 +74,9 @@ class PreferenceDataModule(LightningDataModule):
             collator: Batch collator by name (``pad``; packing collators join later).
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
+            unpaired: Produce unpaired examples for KTO (the CLI sets it from the loss): prompt/completion/label
+                rows as they are, pairs as chosen -> desirable and rejected -> undesirable; batch_size then
+                counts examples, and the default ``pad`` collator becomes ``kto`` (docs/data.md).
         """
         super().__init__()
         if max_length < 2:
@@ -84,6 +89,10 @@ class PreferenceDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         if collator not in COLLATORS:
             raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(COLLATORS)}")
+        if unpaired and collator not in ("pad", "kto"):
+            raise ValueError(f"unpaired (KTO) data is batched by the 'kto' collator, got collator={collator!r}")
+        if collator == "kto" and not unpaired:
+            raise ValueError("collator 'kto' batches unpaired examples; set unpaired=True (KTO)")
         # Objects are not hyperparameters: they neither serialise nor print well.
         objects = [
             name
@@ -149,6 +158,7 @@ class PreferenceDataModule(LightningDataModule):
                 split=split,
                 drop_identical=hp.drop_identical,
                 num_proc=hp.num_proc,
+                unpaired=hp.get("unpaired", False),
             )
 
         train = prepare(hp.train_split)
@@ -183,12 +193,22 @@ class PreferenceDataModule(LightningDataModule):
             self.setup()
         return self._splits
 
+    def label_counts(self, split: str = "train") -> tuple[int, int]:
+        """(desirable, undesirable) examples of an unpaired split, for ``losses.kto_weight_warning``."""
+        dataset = self.splits[split]
+        if dataset is None or "desirable" not in dataset.column_names:
+            raise ValueError(f"split {split!r} holds no unpaired examples (set unpaired=True)")
+        desirable = int(dataset.data.column("desirable").to_numpy(zero_copy_only=False).sum())
+        return desirable, len(dataset) - desirable
+
     # -- loaders ---------------------------------------------------------------------------------
 
     @property
     def collate_fn(self):
+        # Unpaired data has one batch layout, so the default collator name stands for it.
+        name = "kto" if self.hparams.get("unpaired", False) else self.hparams.collator
         return build_collator(
-            self.hparams.collator,
+            name,
             pad_token_id=self.pad_token_id,
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
         )
@@ -198,8 +218,8 @@ class PreferenceDataModule(LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            # Training order: seeded, sharded per rank, and resumable mid-epoch from a checkpoint.
+            sampler=self.train_sampler(dataset, batch_size, seed=self.hparams.seed) if shuffle else None,
             collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -214,6 +234,41 @@ class PreferenceDataModule(LightningDataModule):
         if dataset is None:
             return []  # Lightning skips the loop
         return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    # -- precomputed reference log-probs (DPOModule(reference="precomputed")) ----------------------
+
+    def reference_splits(self) -> dict[str, Dataset]:
+        """The splits whose reference log-probs training needs (train, and validation if any)."""
+        return {k: v for k, v in self.splits.items() if k in ("train", "validation") and v is not None}
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """An unshuffled loader over ``split`` whose batches carry ``index`` (positions in the split)."""
+        dataset = self.splits[split]
+        if "index" not in dataset.column_names:
+            dataset = dataset.add_column("index", list(range(len(dataset))))
+        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def tokenization_settings(self) -> dict[str, Any]:
+        """What, besides the data and the reference weights, decides the reference log-probs."""
+        hp = self.hparams
+        return {
+            "tokenizer": str(getattr(self.tokenizer, "name_or_path", "")),
+            "vocab": len(self.tokenizer),
+            "max_length": hp.max_length,
+            "max_prompt_length": hp.max_prompt_length,
+            "truncation_mode": hp.truncation_mode,
+        }
+
+    def set_reference_logps(self, split: str, table: torch.Tensor) -> None:
+        """Attach ``(N, 2)`` reference log-probs (chosen, rejected) to ``split``; batches then carry ``ref_logps``."""
+        dataset = self.splits[split]
+        if table.shape != (len(dataset), 2) or torch.isnan(table).any():
+            raise ValueError(f"reference log-probs for {split!r} must be ({len(dataset)}, 2) with no NaN")
+        for column in ("ref_chosen_logps", "ref_rejected_logps"):
+            if column in dataset.column_names:
+                dataset = dataset.remove_columns(column)
+        dataset = dataset.add_column("ref_chosen_logps", table[:, 0].tolist())
+        self._splits[split] = dataset.add_column("ref_rejected_logps", table[:, 1].tolist())
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("validation")

@@ -7,8 +7,8 @@ Accepted layouts (the column names decide the layout; the value types decide tex
 - implicit prompt: only ``chosen`` / ``rejected``, each the whole conversation (Anthropic HH
   strings ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` or message lists); the prompt is their
   common prefix;
-- unpaired: ``prompt``, ``completion``, ``label`` (KTO). Recognised so the error is clear; a
-  converter joins `ROW_CONVERTERS` when a loss that takes unpaired rows lands.
+- unpaired: ``prompt``, ``completion``, ``label`` (KTO): one completion and a bool (desirable or
+  not), strings or messages -> `UnpairedExample`. `unpair` turns a pair into two unpaired examples.
 
 Every check raises `DataError` naming the source, row and field.
 """
@@ -73,6 +73,26 @@ class PreferenceExample(NamedTuple):
     @property
     def identical(self) -> bool:
         return self.chosen == self.rejected
+
+
+class UnpairedExample(NamedTuple):
+    """One completion of a prompt, labelled desirable (True) or undesirable (False), for KTO."""
+
+    prompt: Text
+    completion: Text
+    desirable: bool
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.prompt, list)
+
+
+def unpair(example: PreferenceExample) -> tuple[UnpairedExample, UnpairedExample]:
+    """A pair as two unpaired examples: (prompt, chosen, desirable) and (prompt, rejected, undesirable)."""
+    return (
+        UnpairedExample(example.prompt, example.chosen, True),
+        UnpairedExample(example.prompt, example.rejected, False),
+    )
 
 
 def detect_layout(columns: Sequence[str], source: str) -> Layout:
@@ -221,21 +241,33 @@ def _implicit_pair(
     return PreferenceExample(prompt, chosen_response, rejected_response)
 
 
-def _unpaired(row: Mapping[str, Any], ref: RowRef) -> PreferenceExample:
-    raise DataError(
-        f"{ref.source}: unpaired prompt/completion/label rows (KTO format) are not supported yet by "
-        "this loss; pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
-    )
+def _unpaired(row: Mapping[str, Any], ref: RowRef) -> UnpairedExample:
+    prompt, completion = check_text(row["prompt"], "prompt", ref), check_text(row["completion"], "completion", ref)
+    label = row["label"]
+    # Only a real bool: 0/1 or "True" (CSV reads strings) are more likely a mistake than a label.
+    if not isinstance(label, bool):
+        raise ref.error("label", f"expected a bool (true: desirable, false: undesirable), got {label!r}")
+    conversational = isinstance(prompt, list)
+    if conversational and not prompt:
+        raise ref.error("prompt", "is an empty list of messages")
+    if isinstance(completion, list) != conversational:
+        kind = "a list of messages" if conversational else "a string"
+        raise ref.error("completion", f"expected {kind} like 'prompt', got {type(completion).__name__}")
+    if not completion:
+        raise ref.error("completion", "is empty")
+    if conversational:
+        check_role_order(prompt + completion, "completion", ref, response_from=len(prompt))
+    return UnpairedExample(prompt, completion, label)
 
 
-# Layout -> row converter. A KTO issue adds an unpaired converter with its own internal form.
-ROW_CONVERTERS: dict[Layout, Callable[[Mapping[str, Any], RowRef], PreferenceExample]] = {
+# Layout -> row converter: pairs for the pairwise layouts, one labelled completion for UNPAIRED.
+ROW_CONVERTERS: dict[Layout, Callable[[Mapping[str, Any], RowRef], PreferenceExample | UnpairedExample]] = {
     Layout.EXPLICIT_PROMPT: _explicit_pair,
     Layout.IMPLICIT_PROMPT: _implicit_pair,
     Layout.UNPAIRED: _unpaired,
 }
 
 
-def to_example(row: Mapping[str, Any], layout: Layout, ref: RowRef) -> PreferenceExample:
-    """Validate one row and convert it to a `PreferenceExample`."""
+def to_example(row: Mapping[str, Any], layout: Layout, ref: RowRef) -> PreferenceExample | UnpairedExample:
+    """Validate one row: a `PreferenceExample` for the paired layouts, an `UnpairedExample` for UNPAIRED."""
     return ROW_CONVERTERS[layout](row, ref)

@@ -4,6 +4,8 @@ The pass is batched, can run with ``num_proc`` workers and is cached by the data
 fingerprint (the hash of the source, the tokenizer and these settings), so it runs once and not
 per epoch. Rows that cannot be used raise `DataError` naming the row; pairs that are dropped
 (identical sides, responses emptied by truncation) are counted and reported in one log line each.
+With ``unpaired=True`` (KTO) the pass yields one example per labelled completion instead: unpaired
+rows as they are, each pair as two examples (chosen desirable, rejected undesirable).
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .errors import DataError, RowRef
-from .formats import LAYOUT_COLUMNS, Layout, detect_layout, to_example
-from .render import render
-from .tokenize import TokenizeConfig, tokenize_pairs
+from .formats import LAYOUT_COLUMNS, Layout, PreferenceExample, detect_layout, to_example, unpair
+from .render import render, render_unpaired
+from .tokenize import TokenizeConfig, tokenize_completions, tokenize_pairs
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,10 @@ TOKENIZED_FIELDS = (
     "rejected_input_ids",
     "rejected_response_start",
 )
+
+# The per-example fields of unpaired data (KTO): prompt + completion ids, where the completion
+# starts, and the label. The KTO collator slices prompt and completion apart to build its KL rows.
+UNPAIRED_FIELDS = ("input_ids", "response_start", "desirable")
 
 
 class Drop(IntEnum):
@@ -81,6 +87,50 @@ class PairPreprocessor:
         return out
 
 
+@dataclass(frozen=True)
+class UnpairedPreprocessor:
+    """The ``datasets.map`` function for unpaired data: raw rows -> `UNPAIRED_FIELDS` + ``drop``.
+
+    Unpaired rows give one example each; pairs give two (chosen desirable, rejected undesirable),
+    so the output may have more rows than the input. A dropped pair leaves one placeholder row.
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    layout: Layout
+    config: TokenizeConfig
+    source: str
+    split: str
+    drop_identical: bool = True
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        columns = LAYOUT_COLUMNS[self.layout]
+        drop, desirable, rendered, kept = [], [], [], []
+        for offset, index in enumerate(indices):
+            ref = RowRef(self.source, self.split, index)
+            example = to_example({c: batch[c][offset] for c in columns}, self.layout, ref)
+            if isinstance(example, PreferenceExample):
+                if self.drop_identical and example.identical:
+                    drop.append(Drop.IDENTICAL)
+                    desirable.append(False)
+                    continue
+                examples = unpair(example)
+            else:
+                examples = (example,)
+            for unpaired in examples:
+                kept.append(len(drop))
+                drop.append(Drop.KEEP)
+                desirable.append(unpaired.desirable)
+                rendered.append(render_unpaired(unpaired, self.tokenizer, ref))
+        out: dict[str, list[Any]] = {"input_ids": [[]] * len(drop), "response_start": [0] * len(drop)}
+        out["desirable"], out["drop"] = desirable, [int(d) for d in drop]
+        for row, side in zip(kept, tokenize_completions(rendered, self.tokenizer, self.config)):
+            if side.response_length == 0:
+                out["drop"][row] = int(Drop.EMPTY_RESPONSE)
+                continue
+            out["input_ids"][row], out["response_start"][row] = side
+        return out
+
+
 def _keep(drop: list[int]) -> list[bool]:
     return [d == Drop.KEEP for d in drop]
 
@@ -94,14 +144,20 @@ def preprocess_split(
     split: str,
     drop_identical: bool = True,
     num_proc: int | None = None,
+    unpaired: bool = False,
 ) -> Dataset:
-    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS`."""
+    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS`, or
+    `UNPAIRED_FIELDS` with ``unpaired=True`` (from unpaired rows, or from pairs split in two)."""
     layout = detect_layout(dataset.column_names, f"{source} (split {split!r})")
     if len(dataset) == 0:
         raise DataError(f"{source} (split {split!r}): the split has no rows")
-    if layout is Layout.UNPAIRED:
-        to_example(dataset[0], layout, RowRef(source, split, 0))  # raises the "not supported yet" error
-    function = PairPreprocessor(tokenizer, layout, config, source, split, drop_identical)
+    if layout is Layout.UNPAIRED and not unpaired:
+        raise DataError(
+            f"{source}: unpaired prompt/completion/label rows (KTO format) need an unpaired loss (KTO, "
+            "`unpaired=True`); pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
+        )
+    preprocessor = UnpairedPreprocessor if unpaired else PairPreprocessor
+    function = preprocessor(tokenizer, layout, config, source, split, drop_identical)
     mapped = dataset.map(
         function,
         batched=True,
@@ -121,19 +177,21 @@ def preprocess_split(
         )
     if counts[Drop.EMPTY_RESPONSE]:
         log.warning(
-            "%s (split %r): dropped %d of %d pairs whose response is empty after truncation "
+            "%s (split %r): dropped %d of %d %s whose response is empty after truncation "
             "(max_length=%d, max_prompt_length=%s)",
             source,
             split,
             counts[Drop.EMPTY_RESPONSE],
-            len(dataset),
+            len(mapped),
+            "examples" if unpaired else "pairs",
             config.max_length,
             config.max_prompt_length,
         )
     kept = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None).remove_columns("drop")
     if len(kept) == 0:
         raise DataError(
-            f"{source} (split {split!r}): no pairs left after filtering {len(dataset)} rows "
+            f"{source} (split {split!r}): no {'examples' if unpaired else 'pairs'} left after filtering "
+            f"{len(dataset)} rows "
             f"({counts[Drop.IDENTICAL]} with chosen == rejected, {counts[Drop.EMPTY_RESPONSE]} with an empty "
             f"response after truncation to max_length={config.max_length})"
         )

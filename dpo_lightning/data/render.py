@@ -13,7 +13,7 @@ from typing import NamedTuple
 from transformers import PreTrainedTokenizerBase
 
 from .errors import RowRef
-from .formats import Message, PreferenceExample
+from .formats import Message, PreferenceExample, UnpairedExample
 
 
 class RenderedPair(NamedTuple):
@@ -41,6 +41,23 @@ def _apply_template(
     return text
 
 
+class RenderedCompletion(NamedTuple):
+    """The texts of one unpaired example (KTO); `add_eos` as in `RenderedPair`."""
+
+    prompt: str
+    full: str  # the prompt followed by the completion
+    add_eos: bool
+
+
+def _check_chat_template(tokenizer: PreTrainedTokenizerBase, ref: RowRef) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ref.error(
+            "prompt",
+            "is a list of messages but the tokenizer has no chat_template; use a tokenizer with one "
+            "or set `tokenizer.chat_template`",
+        )
+
+
 def render(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase, ref: RowRef) -> RenderedPair:
     """The prompt text and the two full texts of one pair."""
     if not example.conversational:
@@ -48,15 +65,24 @@ def render(example: PreferenceExample, tokenizer: PreTrainedTokenizerBase, ref: 
         return RenderedPair(
             example.prompt, example.prompt + example.chosen, example.prompt + example.rejected, True
         )
-    if not getattr(tokenizer, "chat_template", None):
-        raise ref.error(
-            "prompt",
-            "is a list of messages but the tokenizer has no chat_template; use a tokenizer with one "
-            "or set `tokenizer.chat_template`",
-        )
+    _check_chat_template(tokenizer, ref)
     return RenderedPair(
         prompt=_apply_template(tokenizer, example.prompt, True, ref, "prompt"),
         chosen=_apply_template(tokenizer, example.prompt + example.chosen, False, ref, "chosen"),
         rejected=_apply_template(tokenizer, example.prompt + example.rejected, False, ref, "rejected"),
         add_eos=False,  # the template closes the assistant turn itself
+    )
+
+
+def render_unpaired(
+    example: UnpairedExample, tokenizer: PreTrainedTokenizerBase, ref: RowRef
+) -> RenderedCompletion:
+    """The prompt text and the full text of one unpaired example, rendered exactly as a pair's side."""
+    if not example.conversational:
+        return RenderedCompletion(example.prompt, example.prompt + example.completion, True)
+    _check_chat_template(tokenizer, ref)
+    return RenderedCompletion(
+        prompt=_apply_template(tokenizer, example.prompt, True, ref, "prompt"),
+        full=_apply_template(tokenizer, example.prompt + example.completion, False, ref, "completion"),
+        add_eos=False,
     )

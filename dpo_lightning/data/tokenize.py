@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple, TypeAlias
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from .render import RenderedPair
+from .render import RenderedCompletion, RenderedPair
 
 TruncationMode: TypeAlias = Literal["keep_end", "keep_start"]
 TRUNCATION_MODES: tuple[str, ...] = ("keep_end", "keep_start")
@@ -116,3 +116,14 @@ def tokenize_pairs(
         )
         for i, r in enumerate(rendered)
     ]
+
+
+def tokenize_completions(
+    rendered: Sequence[RenderedCompletion], tokenizer: PreTrainedTokenizerBase, cfg: TokenizeConfig
+) -> list[TokenizedSide]:
+    """One side per unpaired example (KTO), with the same boundary, special tokens and truncation as pairs."""
+    special = special_tokens(tokenizer)
+    n = len(rendered)
+    texts = [r.prompt for r in rendered] + [r.full for r in rendered]
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return [tokenize_side(ids[i], ids[n + i], r.add_eos, special, cfg) for i, r in enumerate(rendered)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_lightning.data import DataError, Layout, PreferenceExample, detect_layout, to_example
+from dpo_lightning.data import DataError, Layout, PreferenceExample, UnpairedExample, detect_layout, to_example
 from dpo_lightning.data.errors import RowRef
 from dpo_lightning.data.formats import split_implicit_messages, split_implicit_text
 
@@ -188,6 +188,7 @@ def test_bad_implicit_rows(row, field, problem):
         to_example(row, Layout.IMPLICIT_PROMPT, REF)
 
 
-def test_unpaired_rows_are_recognised_but_not_supported():
-    with pytest.raises(DataError, match=r"rows\.jsonl: unpaired prompt/completion/label.*not supported yet"):
-        to_example({"prompt": "p", "completion": " c", "label": True}, Layout.UNPAIRED, REF)
+def test_unpaired_rows_convert_to_unpaired_examples():
+    """More in tests/data/test_kto_data.py."""
+    example = to_example({"prompt": "p", "completion": " c", "label": True}, Layout.UNPAIRED, REF)
+    assert example == UnpairedExample("p", " c", True)

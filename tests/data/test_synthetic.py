@@ -102,12 +102,8 @@ def test_train_and_validation_prompts_are_disjoint_and_unique(dataset):
 
 def test_tokenizer_special_tokens_and_bos(tokenizer):
     assert len(tokenizer) == 16
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (
-        0,
-        1,
-        2,
-        3,
-    )
+    ids = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert ids == (0, 1, 2, 3)
     assert tokenizer("sort: 3 1 =").input_ids == [1, 4, 9, 7, 5]
     assert tokenizer("sort: 3 1 =", add_special_tokens=False).input_ids == [4, 9, 7, 5]
     assert tokenizer.unk_token_id not in tokenizer("sort: 0 1 2 3 4 5 6 7 8 9 =").input_ids
@@ -131,12 +127,8 @@ def test_tokenizer_save_and_load(tmp_path, tokenizer):
     text = "sort: 9 0 4 = 0 4 9"
     assert loaded(text).input_ids == tokenizer(text).input_ids
     assert loaded.get_vocab() == tokenizer.get_vocab()
-    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token) == (
-        "<s>",
-        "</s>",
-        "<pad>",
-        "<unk>",
-    )
+    specials = (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token)
+    assert specials == ("<s>", "</s>", "<pad>", "<unk>")
 
 
 @pytest.mark.parametrize("call", [build_tokenizer, load_dataset])

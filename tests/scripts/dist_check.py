@@ -1,0 +1,158 @@
+"""Train a tiny policy for a few steps under one strategy and save what a test compares.
+
+Run as a script (Lightning's ``ddp`` launcher re-executes ``sys.argv``, which pytest's is not):
+
+    python tests/scripts/dist_check.py --strategy {single,ddp,fsdp2} --out result.pt [options]
+
+Every run sees the same *global* batches of ``GLOBAL_PAIRS`` pairs per step; with 2 processes
+rank ``r`` gets pairs ``[r*half, (r+1)*half)`` of each, so per-rank content (lengths, token
+counts) is uneven while the global batch is identical. Rank 0 writes: the metrics Lightning
+logged per step (train/* synced as sums), the validation metrics, the full gradients of the
+first step and the full parameters after the last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ for the tiny.py helpers
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch.loggers import Logger  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from dpo_lightning import DPOModule  # noqa: E402
+from dpo_lightning.distributed import full_state_dict  # noqa: E402
+
+from tiny import random_batch, tiny_config  # noqa: E402
+
+GLOBAL_PAIRS = 4
+STEPS = 3
+
+
+def global_batches(n: int, seed0: int) -> list[dict[str, torch.Tensor]]:
+    # t varies per step; random_batch varies lengths and prompt sizes per row.
+    return [random_batch(b=GLOBAL_PAIRS, t=9 + i, seed=seed0 + i) for i in range(n)]
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Pairs ``[rank*h, (rank+1)*h)`` of a ``(2B, T)`` batch, chosen rows first."""
+    b = batch["input_ids"].shape[0] // 2
+    h = b // world
+    rows = list(range(rank * h, (rank + 1) * h)) + list(range(b + rank * h, b + (rank + 1) * h))
+    return {k: v[rows] for k, v in batch.items()}
+
+
+class Data(L.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.train, self.val = global_batches(STEPS, 0), global_batches(2, 100)
+
+    def _loader(self, batches):
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader([shard(b, rank, world) for b in batches], batch_size=None)
+
+    def train_dataloader(self):
+        return self._loader(self.train)
+
+    def val_dataloader(self):
+        return self._loader(self.val)
+
+
+class Capture(L.Callback):
+    """Full (unsharded) gradients of the first optimizer step."""
+
+    def __init__(self) -> None:
+        self.grads: dict[str, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 0:
+            self.grads = {n: _full(p.grad) for n, p in pl_module.model.named_parameters() if p.grad is not None}
+
+
+class ListLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    name = "list"
+    version = 0
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().clone()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", choices=["single", "ddp", "fsdp2"], required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--mixed-precision", action="store_true", help="FSDP2 bf16 compute (default: fp32)")
+    parser.add_argument("--save-dir", help="also save a sharded and a full checkpoint here (fsdp2)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    if args.strategy == "single":
+        strategy, devices = "auto", 1
+    elif args.strategy == "ddp":
+        strategy, devices = "ddp", 2
+    else:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+    module = DPOModule(
+        model_config=tiny_config("llama"),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        activation_checkpointing=args.activation_checkpointing,
+        fsdp_mixed_precision=args.mixed_precision,
+    )
+    capture, logger = Capture(), ListLogger()
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=logger, log_every_n_steps=1,
+        callbacks=[capture], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False,
+    )
+    trainer.fit(module, datamodule=Data())
+    params = {n: _full(p) for n, p in module.model.named_parameters()}  # collective under FSDP2
+    export_state = full_state_dict(module.model)  # collective under FSDP2; what an HF export would save
+    # The dtypes of what is stored (sharded parameters), not of a root left unsharded by validation.
+    policy_dtype = trainer.optimizers[0].param_groups[0]["params"][0].dtype
+    if hasattr(module.ref_model, "reshard"):
+        module.ref_model.reshard()
+    if args.save_dir:
+        # Both formats of ModelParallelStrategy from one run: sharded (a folder), then full (a file).
+        trainer.save_checkpoint(os.path.join(args.save_dir, "sharded.ckpt"))
+        trainer.strategy._save_distributed_checkpoint = False
+        trainer.save_checkpoint(os.path.join(args.save_dir, "full.ckpt"))
+    if trainer.is_global_zero:
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        train = [r for r in logger.rows if "train/loss" in r]
+        dtypes = {
+            "policy": str(policy_dtype),
+            "reference": str(next(module.ref_model.parameters()).dtype),
+        }
+        torch.save(
+            {
+                "train": train, "val": val, "grads": capture.grads, "params": params, "dtypes": dtypes,
+                "export_state": {k: v.float() for k, v in export_state.items()},
+                "gradient_checkpointing": module.model.is_gradient_checkpointing,
+            },
+            args.out,
+        )
+
+
+if __name__ == "__main__":
+    main()

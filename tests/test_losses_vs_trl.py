@@ -1,0 +1,204 @@
+"""Our losses and log-probs against TRL 1.x's own code (skipped when TRL is not installed).
+
+TRL computes every ``loss_type`` inline in ``DPOTrainer._compute_loss``. Rather than copy it, we call that
+method unbound on a small stand-in for the trainer (only the attributes it reads) with a stand-in model
+whose fused-head output carries per-token log-probs we choose. Both sides then see the same per-sequence
+log-probs; we compare TRL's scalar loss with the mean of our per-pair losses, the gradients with respect to
+the per-sequence log-probs (which pins every pair's term, not only the mean) and the logged metrics.
+
+The log-probs themselves are compared through TRL's real fused LM head on tiny random models.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+from trl.trainer.utils import add_fused_lm_head  # noqa: E402
+
+from dpo_lightning.logprobs import sequence_logps  # noqa: E402
+from dpo_lightning.losses import PairLogps, compute_loss  # noqa: E402
+from dpo_lightning.models import load_causal_lm  # noqa: E402
+
+from tiny import random_batch, tiny_config  # noqa: E402
+
+B, T, BETA = 5, 9, 0.1
+PROMPT = 3  # >= 1, so TRL's unshifted completion counts equal our shifted ones (see _inputs)
+
+# (loss_type list, loss_weights, label_smoothing): every loss both libraries implement, plus RPO.
+CASES = [
+    (["sigmoid"], None, 0.0),
+    (["hinge"], None, 0.0),
+    (["ipo"], None, 0.0),
+    (["exo_pair"], None, 1e-3),
+    (["nca_pair"], None, 0.0),
+    (["robust"], None, 0.0),
+    (["robust"], None, 0.2),
+    (["bco_pair"], None, 0.0),
+    (["sppo_hard"], None, 0.0),
+    (["aot"], None, 0.0),
+    (["aot"], None, 0.1),
+    (["aot_unpaired"], None, 0.0),
+    (["aot_unpaired"], None, 0.1),
+    (["apo_zero"], None, 0.0),
+    (["apo_down"], None, 0.0),
+    (["discopop"], None, 0.0),
+    (["sft"], None, 0.0),
+    (["sigmoid_norm"], None, 0.0),
+    (["sigmoid", "sft"], [1.0, 0.7], 0.0),  # RPO: sigmoid + alpha * NLL
+    (["sigmoid", "ipo", "bco_pair"], [0.5, 0.3, 0.2], 0.0),
+]
+
+
+class _FakeAccelerator:
+    device = torch.device("cpu")
+
+    @staticmethod
+    def gather_for_metrics(x):
+        return x
+
+    @staticmethod
+    def gather(x):
+        return x
+
+    @staticmethod
+    def unwrap_model(model):
+        return model
+
+
+class _FusedHeadStub(torch.nn.Module):
+    """Stands in for a model patched by ``add_fused_lm_head``: returns the per-token log-probs it is given."""
+
+    def __init__(self, per_token_logps: torch.Tensor) -> None:
+        super().__init__()
+        self.per_token_logps = per_token_logps  # (2B, T - 1)
+
+    def forward(self, *, labels, fused_lm_head, **_):
+        assert fused_lm_head
+        shape = self.per_token_logps.shape
+        return SimpleNamespace(
+            log_probs=self.per_token_logps,
+            entropy=torch.zeros(shape),
+            mean_logits=torch.zeros(shape),
+            is_top1=torch.zeros(shape, dtype=torch.bool),
+        )
+
+
+def _inputs(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A collated TRL batch (prompt of PROMPT tokens, responses of 1..T-PROMPT tokens) and its completion mask."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, T - PROMPT + 1, (2 * B,), generator=g)
+    completion = torch.zeros(2 * B, T, dtype=torch.long)
+    attention = torch.zeros(2 * B, T, dtype=torch.long)
+    for row, n in enumerate(lengths.tolist()):
+        completion[row, PROMPT : PROMPT + n] = 1
+        attention[row, : PROMPT + n] = 1
+    inputs = {
+        "input_ids": torch.randint(1, 50, (2 * B, T), generator=g) * attention,
+        "attention_mask": attention,
+        "completion_mask": completion,
+    }
+    return inputs, completion
+
+
+def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logps):
+    """TRL's ``_compute_loss`` on per-sequence log-probs ``logps`` (2B,) -> (loss, metrics)."""
+    shift_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1)
+    first = torch.zeros_like(shift_mask, dtype=logps.dtype)
+    first[torch.arange(2 * B), shift_mask.argmax(dim=1)] = 1.0  # put each sequence's log-prob on its first token
+    per_token = first * logps[:, None]  # (2B, T-1), sums to logps per row
+    model = _FusedHeadStub(per_token).train()
+    trainer = SimpleNamespace(
+        model=model,
+        ref_model=None,
+        accelerator=_FakeAccelerator(),
+        args=SimpleNamespace(discopop_tau=0.05, gradient_checkpointing_kwargs=None),
+        beta=BETA,
+        loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
+        label_smoothing=label_smoothing,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        use_weighting=False,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+    )
+    batch = {**inputs, "ref_chosen_logps": ref_logps[:B], "ref_rejected_logps": ref_logps[B:]}
+    loss = trl_dpo.DPOTrainer._compute_loss(trainer, model, batch, return_outputs=False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(("loss_types", "loss_weights", "label_smoothing"), CASES)
+def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, label_smoothing):
+    inputs, completion = _inputs(seed=len(loss_types) + int(label_smoothing * 100))
+    g = torch.Generator().manual_seed(1)
+    n_tokens = completion[:, 1:].sum(dim=1).double()  # (2B,) predicted response tokens, what logprobs.py counts
+    base = -n_tokens * (1.0 + torch.rand(2 * B, generator=g, dtype=torch.float64))
+    ref = base + torch.randn(2 * B, generator=g, dtype=torch.float64)
+    ours_in = base.clone().requires_grad_(True)
+    trl_in = base.clone().requires_grad_(True)
+
+    trl_loss, trl_metrics = _trl_loss(loss_types, loss_weights, label_smoothing, inputs, trl_in, ref)
+    out = compute_loss(
+        loss_types,
+        PairLogps(ours_in[:B], ours_in[B:], ref[:B], ref[B:], n_tokens[:B], n_tokens[B:]),
+        beta=BETA,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+    )
+    ours_loss = out.losses.mean()
+    torch.testing.assert_close(ours_loss, trl_loss, rtol=0, atol=1e-6)
+
+    (trl_grad,) = torch.autograd.grad(trl_loss, trl_in)
+    (ours_grad,) = torch.autograd.grad(ours_loss, ours_in)
+    torch.testing.assert_close(ours_grad, trl_grad, rtol=0, atol=1e-6)
+
+    ours_metrics = {
+        "rewards/chosen": out.chosen_rewards.mean(),
+        "rewards/rejected": out.rejected_rewards.mean(),
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).double().mean(),
+        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
+        "logps/chosen": base[:B].mean(),
+        "logps/rejected": base[B:].mean(),
+    }
+    for name, value in ours_metrics.items():
+        assert value.item() == pytest.approx(trl_metrics[name], abs=1e-6), name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_sequence_logps_match_trl_fused_head(arch):
+    """TRL 1.x scores response tokens with its own chunked LM head; the per-sequence sums must agree."""
+    model = load_causal_lm(None, config=tiny_config(arch)).eval()
+    batch = random_batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        ours = sequence_logps(logits, batch["labels"])
+        add_fused_lm_head(model)
+        fused = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            fused_lm_head=True,
+        )
+    torch.testing.assert_close(ours.logps, fused.log_probs.sum(dim=1), rtol=0, atol=1e-5)
+
+
+def test_sigmoid_label_smoothing_is_cdpo_where_trl_ignores_it():
+    """A known, documented difference: TRL 1.x ignores ``label_smoothing`` for ``sigmoid``; we apply cDPO."""
+    inputs, completion = _inputs(seed=3)
+    n_tokens = completion[:, 1:].sum(dim=1).double()
+    logps = -2.0 * n_tokens
+    ref = logps + torch.linspace(-1, 1, 2 * B, dtype=torch.float64)
+    pair = PairLogps(logps[:B], logps[B:], ref[:B], ref[B:], n_tokens[:B], n_tokens[B:])
+    trl_loss, _ = _trl_loss(["sigmoid"], None, 0.1, inputs, logps.clone(), ref)
+    plain = compute_loss("sigmoid", pair, beta=BETA).losses.mean()
+    cdpo = compute_loss("sigmoid", pair, beta=BETA, label_smoothing=0.1).losses.mean()
+    torch.testing.assert_close(plain, trl_loss, rtol=0, atol=1e-6)
+    assert not torch.allclose(cdpo, trl_loss)

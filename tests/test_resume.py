@@ -1,0 +1,151 @@
+"""Exact resume: interrupted after step k and resumed from its last checkpoint, a run ends with
+weights bitwise identical to the uninterrupted run, and logs the same metrics."""
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch.utils.data import DataLoader, DistributedSampler
+
+from dpo_lightning import DPOModule
+from dpo_lightning.data.sampler import ResumableSampler, ResumableTrainData
+
+from tiny import random_batch, tiny_config
+
+PAIRS, BATCH, STEPS, CRASH_AT = 10, 2, 7, 3  # 5 batches per epoch: the crash is mid-epoch 0, the run ends in epoch 1
+
+
+def pair(i: int) -> dict[str, torch.Tensor]:
+    return random_batch(b=1, t=10, seed=i)  # (2, T): chosen row, rejected row
+
+
+def collate(pairs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """B pairs -> the (2B, T) contract: all chosen rows, then all rejected rows."""
+    return {k: torch.cat([p[k][:1] for p in pairs] + [p[k][1:] for p in pairs]) for k in pairs[0]}
+
+
+class PairData(ResumableTrainData, L.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs = [pair(i) for i in range(PAIRS)]
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = self.train_sampler(self.pairs, BATCH, seed=7)
+        return DataLoader(self.pairs, batch_size=BATCH, sampler=sampler, collate_fn=collate)
+
+
+class PlainData(L.LightningDataModule):
+    """A seeded shuffling DataLoader without a resumable position: Lightning restarts its epoch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pairs = [pair(i) for i in range(PAIRS)]
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(7)
+        return DataLoader(self.pairs, batch_size=BATCH, shuffle=True, generator=g, collate_fn=collate)
+
+
+class ListLogger(Logger):
+    name, version = "list", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfterStep(L.Callback):
+    """Die at the start of the batch after step ``step``, once its checkpoint is on disk."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"injected crash after step {self.step}")
+
+
+def make_module() -> DPOModule:
+    L.seed_everything(0, verbose=False)
+    # Dropout on, so the result also depends on the RNG stream being restored.
+    config = {**tiny_config("gpt2"), "resid_pdrop": 0.1, "attn_pdrop": 0.1}
+    return DPOModule(model_config=config, disable_dropout=False, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+
+def make_trainer(logger: Logger, callbacks: list, **kw) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=STEPS, logger=logger, log_every_n_steps=2, callbacks=callbacks,
+        enable_progress_bar=False, enable_model_summary=False, **kw,
+    )
+
+
+def uninterrupted(data_cls) -> tuple[dict[str, torch.Tensor], ListLogger]:
+    module, logger = make_module(), ListLogger()
+    make_trainer(logger, [], enable_checkpointing=False).fit(module, datamodule=data_cls())
+    return module.state_dict(), logger
+
+
+def interrupted_then_resumed(data_cls, tmp_path) -> tuple[dict[str, torch.Tensor], ListLogger]:
+    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
+    with pytest.raises(Crash):
+        make_trainer(ListLogger(), [CrashAfterStep(CRASH_AT), saver]).fit(make_module(), datamodule=data_cls())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == CRASH_AT
+    module, logger = make_module(), ListLogger()
+    trainer = make_trainer(logger, [], enable_checkpointing=False)
+    trainer.fit(module, datamodule=data_cls(), ckpt_path=tmp_path / "last.ckpt")
+    assert trainer.global_step == STEPS
+    return module.state_dict(), logger
+
+
+def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path):
+    """Weights, and the metric window that straddles the crash (logged at step 4 over steps 3-4)."""
+    expected, logs = uninterrupted(PairData)
+    resumed, resumed_logs = interrupted_then_resumed(PairData, tmp_path / "a")
+    assert expected.keys() == resumed.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), name
+    after = [s for s in logs.rows if s >= CRASH_AT]  # Lightning logs step k+1 under step=k
+    assert after and sorted(resumed_logs.rows) == after
+    for step in after:
+        assert resumed_logs.rows[step] == logs.rows[step], step
+
+
+def test_without_a_resumable_position_the_run_differs(tmp_path):
+    """The check above can fail: a plain shuffling loader replays the epoch from its start."""
+    expected, _ = uninterrupted(PlainData)
+    resumed, _ = interrupted_then_resumed(PlainData, tmp_path)
+    assert any(not torch.equal(v, resumed[k]) for k, v in expected.items())
+
+
+# ---------------------------------------------------------------------------- the sampler itself
+
+
+@pytest.mark.parametrize("n", [10, 11])
+def test_sampler_shards_like_distributed_sampler_and_resumes_mid_epoch(n):
+    data = list(range(n))
+    for rank in range(2):
+        ours = ResumableSampler(data, 2, num_replicas=2, rank=rank, seed=3)
+        theirs = DistributedSampler(data, num_replicas=2, rank=rank, seed=3)
+        for epoch in range(2):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs) and len(ours) == len(theirs)
+        ours.resume(epoch=1, batches=2)
+        ours.set_epoch(1)
+        assert list(ours) == list(theirs)[4:] and len(ours) == len(theirs)  # len stays the full epoch's
+        ours.set_epoch(2)
+        theirs.set_epoch(2)
+        assert list(ours) == list(theirs)  # the skip applies to the resumed epoch only
+    halves = [set(ResumableSampler(data, 2, num_replicas=2, rank=r, seed=3)) for r in range(2)]
+    assert halves[0] | halves[1] == set(data)
