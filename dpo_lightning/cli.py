@@ -26,6 +26,8 @@ class DPOLightningCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.link_arguments("data.trust_remote_code", "model.trust_remote_code")
         parser.link_arguments("data.max_length", "model.max_length")
+        # KTO trains on unpaired examples: paired data is split into desirable/undesirable ones.
+        parser.link_arguments("model.loss_type", "data.unpaired", compute_fn=_is_kto)
 
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
@@ -42,6 +44,10 @@ class DPOLightningCLI(LightningCLI):
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
 
+def _is_kto(loss_type: str | list[str]) -> bool:
+    return loss_type == "kto" or loss_type == ["kto"]
+
+
 def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
@@ -51,6 +57,8 @@ def cli_main(
         PreferenceDataModule,
         seed_everything_default=42,
         trainer_defaults={
+            # Checkpoint files are written to a temporary name and renamed into place.
+            "plugins": [{"class_path": "dpo_lightning.checkpoint.AtomicCheckpointIO"}],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "runs", "name": "dpo"},

@@ -67,7 +67,7 @@ def is_sharded(model: nn.Module) -> bool:
 
 def shard_dpo_models(
     policy: nn.Module,
-    reference: nn.Module,
+    reference: nn.Module | None,
     mesh: DeviceMesh,
     *,
     param_dtype: torch.dtype | None = torch.bfloat16,
@@ -88,10 +88,10 @@ def shard_dpo_models(
 
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    if param_dtype is not None:
+    if param_dtype is not None and reference is not None:
         reference.to(param_dtype)
     for model in (policy, reference):
-        if is_sharded(model):
+        if model is None or is_sharded(model):  # no reference model (adapter, precomputed, none)
             continue  # configure_model runs once per trainer entry point (fit, validate, ...)
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
@@ -123,7 +123,7 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     if not (path / _METADATA_FILENAME).is_file():
         raise ValueError(f"{path} is neither a checkpoint file nor a sharded checkpoint folder ({_METADATA_FILENAME})")
     from torch.distributed.checkpoint import FileSystemReader
@@ -134,7 +134,7 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     # torch's dcp_to_torch_save and Lightning's consolidate_checkpoint do, without the extra file).
     tensors: dict[str, Any] = {}
     _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = tensors.pop("state_dict")
     optimizers = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
     checkpoint["optimizer_states"] = [tensors.pop(k) for k in optimizers]

@@ -11,16 +11,26 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 
-def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path) -> Path:
+def export_hf(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    output_dir: str | Path,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir``, atomically.
+
+    ``state_dict`` replaces the model's own weights, e.g. the full weights gathered from an
+    FSDP2-sharded model (:func:`dpo_lightning.distributed.full_state_dict`).
 
     Everything is written to a sibling temporary folder first and renamed into place, so a
     crash mid-export never leaves a half-written model where a finished one is expected.
@@ -31,7 +41,7 @@ def export_hf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
     try:
         if tokenizer is not None:
             _fill_special_token_ids(model, tokenizer)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists():
@@ -71,9 +81,13 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
+        from dpo_lightning.distributed import full_state_dict, is_sharded
+
+        # Under FSDP2 gathering the full weights is a collective: every rank takes part.
+        state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
         if trainer.is_global_zero:
             run_dir = Path(trainer.log_dir or trainer.default_root_dir)
-            out = export_hf(pl_module.model, getattr(pl_module, "tokenizer", None), run_dir / self.dirname)
+            out = export_hf(pl_module.model, getattr(pl_module, "tokenizer", None), run_dir / self.dirname, state)
             rank_zero_info(f"Hugging Face export of the policy: {out}")
             final = {k: f"{v.item():.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             if final:
@@ -84,9 +98,15 @@ class HFExport(L.Callback):
 
 
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path) -> Path:
-    """Load a ``DPOModule`` Lightning checkpoint and export its policy in Hugging Face format."""
+    """Export the policy of a ``DPOModule`` checkpoint (a file, or a sharded FSDP2 folder) in HF format."""
+    from dpo_lightning.distributed import consolidate_checkpoint
     from dpo_lightning.module import DPOModule
 
+    ckpt_path = Path(ckpt_path)
+    if ckpt_path.is_dir():  # sharded: gather the shards into one file first
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
+            return export_checkpoint(Path(tmp) / "full.ckpt", output_dir)
     module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     return export_hf(module.model, module.tokenizer, output_dir)
 

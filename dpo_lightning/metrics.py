@@ -7,6 +7,7 @@ token) in it, synced across ranks as sums, never a mean of per-batch or per-rank
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
@@ -89,3 +90,56 @@ class PreferenceMetrics(nn.Module):
 
 def _key(name: str) -> str:
     return name.replace("/", "__")
+
+
+# TRL KTOTrainer's metric names, in the order we log them.
+KTO_METRIC_NAMES = (
+    "loss",
+    "kl",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+class KTOMetrics(nn.Module):
+    """KTO's metrics: desirable examples count as ``chosen``, undesirable ones as ``rejected``.
+
+    ``rewards/chosen`` is the mean over every desirable example of the window on every rank (a
+    sum and a count, synced), not a mean of per-batch means; ``rewards/margins`` is the difference
+    of the two means; ``kl`` is the mean of the per-step reference points z0.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+
+    def update(self, *, losses: Tensor, rewards: Tensor, logps: Tensor, desirable: Tensor, kl: Tensor) -> None:
+        """One batch of N examples: ``losses``, ``rewards``, ``logps``, ``desirable`` (N,); ``kl`` scalar."""
+        self.means[_key("loss")].update(losses.detach().float())
+        self.means[_key("kl")].update(kl.detach().float().reshape(1))
+        for side, mask in (("chosen", desirable), ("rejected", ~desirable)):
+            if mask.any():
+                self.means[_key(f"rewards/{side}")].update(rewards.detach().float()[mask])
+                self.means[_key(f"logps/{side}")].update(logps.detach().float()[mask])
+
+    def compute(self) -> dict[str, Tensor]:
+        # Every rank computes every mean (each is a collective); a side that had no example
+        # anywhere in the window comes back NaN and is left out, the same on every rank.
+        values = {k.replace("__", "/"): metric.compute() for k, metric in self.means.items()}
+        values = {n: v for n, v in values.items() if not torch.isnan(v)}
+        if "rewards/chosen" in values and "rewards/rejected" in values:
+            values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
+        return {f"{self.prefix}/{n}": values[n] for n in KTO_METRIC_NAMES if n in values}
+
+    def reset(self) -> None:
+        for metric in self.means.values():
+            metric.reset()
+
+    @property
+    def has_updates(self) -> bool:
+        return bool(self.means[_key("loss")].update_count)

@@ -3,16 +3,21 @@
 The only file that knows about Lightning. Per step: one forward of the policy and one of the
 reference over the stacked ``2B`` rows (chosen first), sequence log-probs of the response
 tokens (``logprobs.py``), per-pair losses and rewards (``losses.py``), metrics (``metrics.py``).
+How the reference log-probs are obtained (a frozen copy, the policy with its LoRA adapters
+off, a precomputed table, or none at all) is ``reference.py``'s business; KTO's unpaired
+batches take their own path through :meth:`DPOModule.kto_forward`.
 """
 
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import math
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -24,15 +29,44 @@ from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_st
 from dpo_lightning.distributed import enable_activation_checkpointing, shard_dpo_models
 from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps
-from dpo_lightning.losses import LossOutput, PairLogps, compute_loss
-from dpo_lightning.metrics import PreferenceMetrics
+from dpo_lightning.losses import (
+    REFERENCE_FREE,
+    KTOOutput,
+    LossOutput,
+    PairLogps,
+    compute_loss,
+    kto_kl_estimate,
+    kto_loss,
+    kto_reference_point,
+)
+from dpo_lightning.metrics import KTOMetrics, PreferenceMetrics
 from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.models import freeze, load_causal_lm
 from dpo_lightning.optim import Decay, warmup_decay_schedule
+from dpo_lightning.reference import (
+    ReferenceKind,
+    cache_key,
+    compute_reference_logps,
+    default_cache_dir,
+    load_cached,
+    mix_into_reference_,
+    save_cached,
+    weights_fingerprint,
+    wrap_lora,
+)
 
 log = logging.getLogger(__name__)
 
 REF_PREFIX = "ref_model."
+REF_TABLES_KEY = "dpo_lightning_reference_logps"
+
+
+class StepOutput(NamedTuple):
+    """What :meth:`DPOModule.forward` returns for a batch of pairs."""
+
+    loss: LossOutput  # per-pair losses and rewards
+    policy: SequenceLogps  # (2B,) policy statistics, chosen first
+    ref_logps: Tensor | None  # (2B,) reference log-probs; None without a reference
 # The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
 
@@ -49,6 +83,7 @@ class DPOModule(L.LightningModule):
         model: str | PreTrainedModel | None = None,
         model_config: dict[str, Any] | None = None,
         ref_model: str | PreTrainedModel | None = None,
+        reference: ReferenceKind = "copy",
         tokenizer: str | PreTrainedTokenizerBase | None = None,
         max_length: int | None = None,
         loss_type: str | list[str] = "sigmoid",
@@ -68,12 +103,23 @@ class DPOModule(L.LightningModule):
         lean_logprobs: bool = False,
         activation_checkpointing: bool = False,
         fsdp_mixed_precision: bool = True,
+        lora_r: int = 16,
+        lora_alpha: int = 32,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | str | None = None,
+        reference_cache_dir: str | None = None,
+        ref_sync_steps: int | None = None,
+        ref_sync_alpha: float = 1.0,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
     ) -> None:
         """
         Args:
             model: Policy to train: a hub id or local path of any ``AutoModelForCausalLM``, or a model.
             model_config: Instead of ``model``: a config dict with ``model_type`` to build a random-init policy.
             ref_model: Reference: ``None`` for a frozen copy of the initial policy, or a hub id / path / model.
+            reference: How reference log-probs are obtained: copy (frozen model), adapter (LoRA policy with
+                adapters off), precomputed (one pass before training, cached, model freed) or none.
             tokenizer: Hub id, path or tokenizer; sizes a config-built vocabulary and is saved with exports.
             max_length: Longest sequence the data will feed; checked against the model's positions up front.
             loss_type: Loss name from ``dpo_lightning.losses.LOSSES`` (TRL's names), or a list of them.
@@ -93,6 +139,15 @@ class DPOModule(L.LightningModule):
             lean_logprobs: Score response positions from the last hidden states; never builds (2B, T, V) logits.
             activation_checkpointing: Recompute each policy decoder layer in backward to save activation memory.
             fsdp_mixed_precision: Under ModelParallelStrategy (FSDP2): bf16 compute, fp32 gradient reduction.
+            lora_r: LoRA rank when reference is ``adapter``.
+            lora_alpha: LoRA scaling numerator (the update is scaled by alpha / r).
+            lora_dropout: Dropout on the LoRA branch.
+            lora_target_modules: Module names to adapt (e.g. [q_proj, v_proj], or all-linear); None: PEFT's default.
+            reference_cache_dir: Where precomputed reference log-probs are cached; None: ~/.cache/dpo_lightning.
+            ref_sync_steps: TR-DPO: every this many optimizer steps move the reference towards the policy.
+            ref_sync_alpha: TR-DPO mix: ref <- alpha * policy + (1 - alpha) * ref (1 is a hard copy).
+            desirable_weight: KTO weight of desirable examples (lambda_D).
+            undesirable_weight: KTO weight of undesirable examples (lambda_U).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -123,16 +178,41 @@ class DPOModule(L.LightningModule):
         # or path, or the policy's own source): saving 7B frozen weights per checkpoint buys
         # nothing. A reference that cannot be rebuilt (a random-init or in-memory policy) is
         # stored, so a resumed run always gets back the same reference.
-        if ref_model is None:
-            self.ref_model = freeze(copy.deepcopy(self.model))
-            self._ref_rebuildable = isinstance(model, str)
-        else:
-            self.ref_model = freeze(load_causal_lm(ref_model, **load_kwargs))
-            self._ref_rebuildable = isinstance(ref_model, str)
+        names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+        self.is_kto = names == ["kto"]
+        if reference == "copy" and ref_model is None and all(n in REFERENCE_FREE for n in names):
+            log.info("loss_type %s needs no reference model: using reference='none'", names)
+            reference = "none"
+        if reference == "none" and not all(n in REFERENCE_FREE for n in names):
+            raise ValueError(f"reference='none' suits reference-free losses {sorted(REFERENCE_FREE)}, not {names}")
+        if reference not in ("copy", "adapter", "precomputed", "none"):
+            raise ValueError(f"unknown reference {reference!r}: use copy, adapter, precomputed or none")
+        if self.is_kto and reference == "precomputed":
+            raise ValueError("KTO's KL rows are built per batch, so their reference log-probs cannot be precomputed")
+        if ref_sync_steps is not None and reference != "copy":
+            raise ValueError("TR-DPO (ref_sync_steps) updates a reference model: use reference='copy'")
+        self.hparams["reference"] = reference
+        self.ref_model: PreTrainedModel | None = None
+        self._ref_rebuildable = True
+        if reference == "adapter":
+            # One set of base weights: the reference is the policy with its adapters switched off.
+            self.model = wrap_lora(
+                self.model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules
+            )
+        elif reference in ("copy", "precomputed"):
+            if ref_model is None:
+                self.ref_model = freeze(copy.deepcopy(self.model))
+                self._ref_rebuildable = isinstance(model, str)
+            else:
+                self.ref_model = freeze(load_causal_lm(ref_model, **load_kwargs))
+                self._ref_rebuildable = isinstance(ref_model, str)
+        self._ref_weights: str | None = None  # fingerprint for the precomputed cache
+        self._ref_tables: dict[str, Tensor] = {}  # precomputed (N, 2) log-probs per split
 
-        self.train_metrics = PreferenceMetrics("train")
-        self.val_metrics = PreferenceMetrics("val")
-        self.test_metrics = PreferenceMetrics("test")
+        metrics = KTOMetrics if self.is_kto else PreferenceMetrics
+        self.train_metrics = metrics("train")
+        self.val_metrics = metrics("val")
+        self.test_metrics = metrics("test")
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
 
     # ------------------------------------------------------------------ forward
@@ -140,7 +220,8 @@ class DPOModule(L.LightningModule):
     def train(self, mode: bool = True) -> DPOModule:
         """Lightning puts the whole module in train mode; the reference always stays in eval."""
         super().train(mode)
-        self.ref_model.eval()
+        if self.ref_model is not None:
+            self.ref_model.eval()
         return self
 
     def sequence_logps(self, model: torch.nn.Module, batch: Mapping[str, Tensor]) -> SequenceLogps:
@@ -159,17 +240,34 @@ class DPOModule(L.LightningModule):
         logits = model(**inputs, use_cache=False).logits  # (2B, T, V), or (R, L, V) packed
         return sequence_logps(logits, batch["labels"], chunk_elements=chunk, **packed)
 
-    def forward(self, batch: Mapping[str, Tensor]) -> tuple[LossOutput, SequenceLogps, SequenceLogps]:
-        """Losses and rewards of a batch: ``(LossOutput, policy SequenceLogps, reference SequenceLogps)``."""
+    @torch.no_grad()
+    def reference_logps(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """Reference log-probs of the batch's sequences, ``(2B,)`` (``(N,)`` for KTO), or None."""
+        if "ref_logps" in batch:  # precomputed, carried by the batch
+            return batch["ref_logps"]
+        kind = self.hparams.reference
+        if kind == "none":
+            return None
+        if kind == "adapter":
+            with self.model.disable_adapter():
+                return self.sequence_logps(self.model, batch).logps
+        if self.ref_model is None:
+            raise RuntimeError(
+                "reference='precomputed' but the batch carries no ref_logps: use PreferenceDataModule "
+                "(the log-probs are computed at fit start) or a loader whose batches carry them"
+            )
+        return self.sequence_logps(self.ref_model, batch).logps
+
+    def forward(self, batch: Mapping[str, Tensor]) -> StepOutput:
+        """Losses and rewards of a batch of pairs: ``StepOutput(loss, policy, ref_logps)``."""
         policy = self.sequence_logps(self.model, batch)
-        with torch.no_grad():
-            ref = self.sequence_logps(self.ref_model, batch)
+        ref = self.reference_logps(batch)
         b = policy.logps.shape[0] // 2
         pair = PairLogps(
             chosen=policy.logps[:b],
             rejected=policy.logps[b:],
-            ref_chosen=ref.logps[:b],
-            ref_rejected=ref.logps[b:],
+            ref_chosen=None if ref is None else ref[:b],
+            ref_rejected=None if ref is None else ref[b:],
             chosen_tokens=policy.n_tokens[:b],
             rejected_tokens=policy.n_tokens[b:],
         )
@@ -180,9 +278,43 @@ class DPOModule(L.LightningModule):
             loss_weights=self.hparams.loss_weights,
             **self.loss_hparams,
         )
-        return out, policy, ref
+        return StepOutput(out, policy, ref)
 
-    def _shared_step(self, batch: Mapping[str, Tensor], metrics: PreferenceMetrics) -> Tensor:
+    def kto_forward(self, batch: Mapping[str, Tensor]) -> tuple[KTOOutput, SequenceLogps, Tensor]:
+        """KTO on an unpaired batch (``data/kto.py``): ``(KTOOutput, policy SequenceLogps, z0)``.
+
+        z0, the KL reference point, is the mean policy-minus-reference log-ratio of the batch's
+        mismatched rows (prompt i with completion i+1), summed over every rank before dividing,
+        clamped at 0 and detached; the pure loss takes it as an argument.
+        """
+        policy = self.sequence_logps(self.model, batch)
+        ref = self.reference_logps(batch)
+        kl_batch = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
+                    "labels": batch["kl_labels"]}
+        with torch.no_grad():
+            kl_policy = self.sequence_logps(self.model, kl_batch).logps
+            kl_ref = None if ref is None else self.reference_logps(kl_batch)
+        stats = kto_kl_estimate(kl_policy, kl_ref)  # (2,): local sum and count
+        if self._trainer is not None and self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        z0 = kto_reference_point(stats)
+        out = kto_loss(
+            policy.logps,
+            ref,
+            batch["desirable"],
+            z0,
+            beta=self.hparams.beta,
+            desirable_weight=self.hparams.desirable_weight,
+            undesirable_weight=self.hparams.undesirable_weight,
+        )
+        return out, policy, z0
+
+    def _shared_step(self, batch: Mapping[str, Tensor], metrics: PreferenceMetrics | KTOMetrics) -> Tensor:
+        if self.is_kto:
+            kto, policy, z0 = self.kto_forward(batch)
+            metrics.update(losses=kto.losses, rewards=kto.rewards, logps=policy.logps, desirable=batch["desirable"],
+                           kl=z0)
+            return kto.losses.mean()
         out, policy, _ = self(batch)
         b = out.losses.shape[0]
         metrics.update(
@@ -210,6 +342,10 @@ class DPOModule(L.LightningModule):
         return self._shared_step(batch, self.train_metrics)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        steps = self.hparams.ref_sync_steps
+        if steps and not self.trainer.fit_loop.epoch_loop._should_accumulate() and (self.global_step % steps == 0):
+            # TR-DPO: global_step already counts this batch's optimizer step.
+            mix_into_reference_(self.ref_model, self.model, self.hparams.ref_sync_alpha)
         # Log the window since the last log at exactly the steps Lightning writes logs, so each
         # logged value covers every pair of the window on every rank.
         if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
@@ -234,10 +370,14 @@ class DPOModule(L.LightningModule):
         if not metrics.has_updates:
             return
         values = metrics.compute()  # already synced across ranks as sums
-        metrics.reset()
+        # Reset outside inference mode: states cloned under it could not be updated by a later
+        # validation inside fit (e.g. trainer.validate() before trainer.fit()).
+        with torch.inference_mode(False):
+            metrics.reset()
         self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
         accuracy = f"{metrics.prefix}/rewards/accuracies"
-        self.log(f"{metrics.prefix}_acc", values[accuracy], prog_bar=True, logger=False)
+        if accuracy in values:
+            self.log(f"{metrics.prefix}_acc", values[accuracy], prog_bar=True, logger=False)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -274,10 +414,55 @@ class DPOModule(L.LightningModule):
         param_dtype = torch.bfloat16 if self.hparams.fsdp_mixed_precision else None
         shard_dpo_models(self.model, self.ref_model, self.device_mesh, param_dtype=param_dtype)
 
+    # ------------------------------------------------------------------ precomputed reference
+
+    def setup(self, stage: str) -> None:
+        # Fingerprint the reference before configure_model may shard it.
+        if self.hparams.reference == "precomputed" and self.ref_model is not None and self._ref_weights is None:
+            self._ref_weights = weights_fingerprint(self.ref_model)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.reference == "precomputed":
+            self._precompute_reference()
+
+    def _precompute_reference(self) -> None:
+        """One pass of the reference over train and validation data, cached on disk; then free it.
+
+        The cache key covers the reference weights, the dataset's fingerprint and the tokenization
+        settings, so a change to any of them recomputes. Every rank runs the same pass (under FSDP
+        the sharded reference needs all ranks in step); rank 0 writes the cache.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "set_reference_logps"):
+            raise ValueError("reference='precomputed' needs PreferenceDataModule (or batches carrying ref_logps)")
+        cache_dir = Path(self.hparams.reference_cache_dir or default_cache_dir())
+        for split, dataset in dm.reference_splits().items():
+            table = self._ref_tables.get(split)
+            path = cache_dir / f"{cache_key(self._ref_weights, dataset._fingerprint, dm.tokenization_settings())}.pt"
+            if table is None:
+                table = load_cached(path)
+                if table is not None:
+                    log.info("precomputed reference log-probs for %s: cache hit %s", split, path)
+            if table is None:
+                log.info("precomputing reference log-probs for %s (%d pairs)", split, len(dataset))
+                batches = (self.trainer.strategy.batch_to_device(b) for b in dm.ordered_dataloader(split))
+                table = compute_reference_logps(
+                    batches, lambda b: self.sequence_logps(self.ref_model, b).logps, len(dataset)
+                )
+                if self.trainer.is_global_zero:
+                    save_cached(path, table)
+            self._ref_tables[split] = table
+            dm.set_reference_logps(split, table)
+        # Only the policy stays resident from here on.
+        self.ref_model = None
+        gc.collect()
+
     # ------------------------------------------------------------------ checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook
+        if self._ref_tables:  # small ((N, 2) floats) and needed to resume without the reference model
+            checkpoint[REF_TABLES_KEY] = dict(self._ref_tables)
         if self._ref_rebuildable:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith(REF_PREFIX)]:
@@ -286,10 +471,11 @@ class DPOModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RESUME_KEY in checkpoint:
             self._resume_rng = restore_resume_state(self.global_rank, self.train_metrics, checkpoint[RESUME_KEY])
+        self._ref_tables = dict(checkpoint.get(REF_TABLES_KEY, {}))
         # A reference left out of the checkpoint was rebuilt from its source in __init__.
         # (ModelParallelStrategy loads weights itself and passes no state_dict here.)
         state = checkpoint.get("state_dict")
-        if state is not None and not any(k.startswith(REF_PREFIX) for k in state):
+        if state is not None and self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
 

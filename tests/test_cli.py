@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dpo_lightning.cli import DPOLightningCLI, cli_main
+from dpo_lightning.cli import DPOLightningCLI, cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -98,3 +98,10 @@ def test_tiny_recipe_trains_logs_and_exports(tmp_path):
     ids = torch.tensor([[1, 4, 8, 9, 5]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, module.model(ids).logits)
+
+    # Any checkpoint exports later, through the same command a user runs.
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    main(["export", str(ckpt), str(tmp_path / "from_ckpt")])
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "from_ckpt").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, module.model(ids).logits)

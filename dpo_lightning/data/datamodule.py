@@ -198,7 +198,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         dataset = self.splits[split]
         if dataset is None or "desirable" not in dataset.column_names:
             raise ValueError(f"split {split!r} holds no unpaired examples (set unpaired=True)")
-        desirable = int(dataset.data.column("desirable").to_numpy(zero_copy_only=False).sum())
+        # Through the format, not `dataset.data`: a held-out split is an index mapping over the table.
+        desirable = int(dataset.with_format("numpy")["desirable"][:].sum())
         return desirable, len(dataset) - desirable
 
     # -- loaders ---------------------------------------------------------------------------------

@@ -92,6 +92,14 @@ def test_paired_rows_are_unpaired(bpe_tokenizer, standard_rows):
         assert rejected["response_start"] == pair["rejected_response_start"]
 
 
+def test_label_counts_of_a_held_out_split(bpe_tokenizer, standard_rows):
+    """val_fraction leaves index mappings over one table: the counts are those of each split, not the table."""
+    dm = make(bpe_tokenizer, standard_rows, val_fraction=0.25)
+    train, val = dm.splits["train"], dm.splits["validation"]
+    assert sum(dm.label_counts()) == len(train) == 12 and sum(dm.label_counts("validation")) == len(val) == 4
+    assert dm.label_counts() == (sum(train["desirable"]), len(train) - sum(train["desirable"]))
+
+
 def test_unpair_and_identical_pairs():
     example = PreferenceExample("p", " a", " b")
     assert unpair(example) == (UnpairedExample("p", " a", True), UnpairedExample("p", " b", False))

@@ -1,0 +1,189 @@
+"""Reference strategies (copy, adapter, precomputed, none), TR-DPO, and KTO through DPOModule."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from dpo_lightning import DPOModule
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data.synthetic import generate_pairs
+from dpo_lightning.losses import kto_loss
+from dpo_lightning.reference import mix_into_reference_
+
+from tiny import random_batch, tiny_config
+
+
+def trainer(**kw) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    return L.Trainer(**{**defaults, **kw})
+
+
+def test_adapter_reference_equals_a_separately_loaded_frozen_base(tmp_path):
+    base = DPOModule(model_config=tiny_config("llama")).model
+    base.save_pretrained(tmp_path / "base")
+    module = DPOModule(
+        model=str(tmp_path / "base"), reference="adapter", lora_r=4, lora_alpha=8,
+        lora_target_modules=["q_proj", "v_proj"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+    )
+    assert module.ref_model is None  # one set of base weights
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    trainer(max_steps=3).fit(module, DataLoader([random_batch(seed=i) for i in range(3)], batch_size=None))
+    batch = random_batch(seed=9)
+    frozen = DPOModule(model=str(tmp_path / "base")).model.eval()
+    with torch.no_grad():
+        expected = module.sequence_logps(frozen, batch).logps
+        policy = module.sequence_logps(module.model, batch).logps
+    torch.testing.assert_close(module.reference_logps(batch), expected, rtol=0, atol=1e-6)
+    assert (policy - expected).abs().max() > 1e-4  # the adapters did train
+
+
+def _datamodule(path, **kw) -> PreferenceDataModule:
+    return PreferenceDataModule(
+        tokenizer="synthetic:sort", dataset=str(path), val_fraction=0.25, max_length=32, batch_size=4, seed=1, **kw
+    )
+
+
+class CountForwards(torch.nn.Module):
+    calls = 0
+
+
+def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, monkeypatch):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(32, seed=5)))
+    cache = tmp_path / "cache"
+
+    def module(**kw):
+        torch.manual_seed(0)  # the same random-init policy (and so reference) each time
+        return DPOModule(
+            model_config=tiny_config("llama", vocab_size=16), reference="precomputed",
+            reference_cache_dir=str(cache), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **kw,
+        )
+
+    first, data = module(), _datamodule(path)
+    live_ref = first.ref_model
+    resident = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            resident.append(sum(p.numel() for p in pl_module.parameters()))
+            # precomputed == live reference log-probs on this very batch
+            with torch.no_grad():
+                live = pl_module.sequence_logps(live_ref, batch).logps
+            torch.testing.assert_close(batch["ref_logps"], live, rtol=0, atol=1e-5)
+
+    trainer(max_steps=3, callbacks=[Probe()]).fit(first, datamodule=data)
+    policy_params = sum(p.numel() for p in first.model.parameters())
+    assert first.ref_model is None and resident == [policy_params] * 3
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 2  # train and validation
+
+    # A second run reuses the cache: computing is never called.
+    import dpo_lightning.module as module_mod
+
+    def boom(*a, **k):
+        raise AssertionError("recomputed despite a valid cache")
+
+    monkeypatch.setattr(module_mod, "compute_reference_logps", boom)
+    trainer(max_steps=1).fit(module(), datamodule=_datamodule(path))
+    monkeypatch.undo()
+
+    # Changed tokenization, data or weights: new cache entries.
+    trainer(max_steps=1).fit(module(), datamodule=_datamodule(path, max_prompt_length=8))
+    assert len(list(cache.glob("*.pt"))) == 4
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(32, seed=6)))
+    trainer(max_steps=1).fit(module(), datamodule=_datamodule(path))
+    assert len(list(cache.glob("*.pt"))) == 6
+    torch.manual_seed(1)
+    other = DPOModule(
+        model_config=tiny_config("llama", vocab_size=16), reference="precomputed", reference_cache_dir=str(cache)
+    )
+    trainer(max_steps=1).fit(other, datamodule=_datamodule(path))
+    assert len(list(cache.glob("*.pt"))) == 8
+
+
+def test_reference_none_for_reference_free_losses():
+    module = DPOModule(model_config=tiny_config("llama"), loss_type="simpo")
+    assert module.hparams.reference == "none" and module.ref_model is None
+    out, _, ref = module(random_batch())
+    assert ref is None and torch.isfinite(out.losses).all()
+    with pytest.raises(ValueError, match="reference-free"):
+        DPOModule(model_config=tiny_config("llama"), loss_type="sigmoid", reference="none")
+
+
+def test_tr_dpo_sync_mixes_the_reference_by_hand():
+    """alpha = 0.25, sync every 2 steps: after step 2, ref = 0.25 * policy_2 + 0.75 * ref_0."""
+    module = DPOModule(
+        model_config=tiny_config("llama"), ref_sync_steps=2, ref_sync_alpha=0.25,
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.5), warmup_ratio=0.0, lr_decay="constant",
+    )
+    ref0 = {k: v.clone() for k, v in module.ref_model.named_parameters()}
+    trainer(max_steps=2).fit(module, DataLoader([random_batch(seed=i) for i in range(2)], batch_size=None))
+    for name, p in module.ref_model.named_parameters():
+        policy = dict(module.model.named_parameters())[name]
+        torch.testing.assert_close(p, 0.25 * policy + 0.75 * ref0[name])
+    with pytest.raises(ValueError):
+        mix_into_reference_(module.ref_model, module.model, 0.0)
+
+
+def kto_batch(n=4, t=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, t), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    kl_ids = torch.cat([ids[:, :4], ids.roll(-1, 0)[:, 4:]], 1)  # prompt i + completion i+1
+    kl_labels = kl_ids.clone()
+    kl_labels[:, :4] = -100
+    ones = torch.ones_like(ids)
+    return {"input_ids": ids, "attention_mask": ones, "labels": labels, "kl_input_ids": kl_ids,
+            "kl_attention_mask": ones, "kl_labels": kl_labels,
+            "desirable": torch.tensor([True, False, True, True][:n])}
+
+
+def test_kto_z0_and_loss_match_a_hand_computation():
+    module = DPOModule(model_config=tiny_config("llama"), loss_type="kto", beta=0.5, undesirable_weight=2.0)
+    with torch.no_grad():  # move the policy off the reference so z0 is not trivially 0
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = kto_batch()
+    kto, policy, z0 = module.kto_forward(batch)
+    kl = {"input_ids": batch["kl_input_ids"], "attention_mask": batch["kl_attention_mask"],
+          "labels": batch["kl_labels"]}
+    with torch.no_grad():
+        ratios = module.sequence_logps(module.model, kl).logps - module.sequence_logps(module.ref_model, kl).logps
+    assert z0.item() == pytest.approx(max(0.0, ratios.mean().item()), abs=1e-6)
+    r = (policy.logps - module.sequence_logps(module.ref_model, batch).logps).detach()
+    by_hand = [
+        (1 - 1 / (1 + math.exp(-0.5 * (r[i] - z0)))) if d else 2.0 * (1 - 1 / (1 + math.exp(-0.5 * (z0 - r[i]))))
+        for i, d in enumerate(batch["desirable"].tolist())
+    ]
+    torch.testing.assert_close(kto.losses, torch.tensor(by_hand, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+    ref_kto = kto_loss(policy.logps, r * 0 + (policy.logps - r), batch["desirable"], z0, beta=0.5,
+                       undesirable_weight=2.0)
+    torch.testing.assert_close(kto.losses, ref_kto.losses)
+
+
+def test_kto_trains_with_shuffling_through_the_data_module(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(48, seed=7)))
+    data = _datamodule(path, unpaired=True)
+    module = DPOModule(
+        model_config=tiny_config("llama", vocab_size=16), loss_type="kto", beta=1.0, tokenizer=data.tokenizer,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), warmup_ratio=0.0,
+    )
+    data.setup()
+    seen = data.ordered_dataloader("train")  # the (shuffled-in-training) examples, scored in order
+    before = trainer().validate(module, dataloaders=seen, verbose=False)[0]
+    trainer(max_steps=40).fit(module, datamodule=data)  # shuffled sampler, validation inside fit
+    after = trainer().validate(module, dataloaders=seen, verbose=False)[0]
+    assert {"val/kl", "val/rewards/chosen", "val/rewards/rejected", "val/rewards/margins"} <= set(after)
+    assert before["val/loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) at step 0
+    assert after["val/loss"] < before["val/loss"] - 0.05
+    assert after["val/rewards/margins"] > 0.5, after
