@@ -38,6 +38,7 @@ from dpo_lightning.losses import (
     kto_kl_estimate,
     kto_loss,
     kto_reference_point,
+    kto_weight_warning,
 )
 from dpo_lightning.metrics import KTOMetrics, PreferenceMetrics
 from dpo_lightning.models import disable_dropout as _disable_dropout
@@ -424,6 +425,14 @@ class DPOModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.reference == "precomputed":
             self._precompute_reference()
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.is_kto and hasattr(dm, "label_counts"):
+            # The KTO paper's range for the weights given the desirable/undesirable balance.
+            message = kto_weight_warning(
+                *dm.label_counts("train"), self.hparams.desirable_weight, self.hparams.undesirable_weight
+            )
+            if message:
+                warnings.warn(message, stacklevel=1)
 
     def _precompute_reference(self) -> None:
         """One pass of the reference over train and validation data, cached on disk; then free it.

@@ -44,6 +44,23 @@ def test_adapter_reference_equals_a_separately_loaded_frozen_base(tmp_path):
     torch.testing.assert_close(module.reference_logps(batch), expected, rtol=0, atol=1e-6)
     assert (policy - expected).abs().max() > 1e-4  # the adapters did train
 
+    # Export: merged into a plain model, or the adapter alone on top of the base.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dpo_lightning.export import export_hf
+
+    ids = batch["input_ids"][:2]
+    with torch.no_grad():
+        want = module.model(ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(export_hf(module.model, None, tmp_path / "merged")).eval()
+    export_hf(module.model, None, tmp_path / "adapter", adapter="adapter")
+    adapter = PeftModel.from_pretrained(frozen, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(adapter(ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert any("lora_" in n for n, _ in module.model.named_parameters())  # the module kept its adapters
+
 
 def _datamodule(path, **kw) -> PreferenceDataModule:
     return PreferenceDataModule(
@@ -187,3 +204,28 @@ def test_kto_trains_with_shuffling_through_the_data_module(tmp_path):
     assert before["val/loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) at step 0
     assert after["val/loss"] < before["val/loss"] - 0.05
     assert after["val/rewards/margins"] > 0.5, after
+
+
+def test_lora_recipe_combination_adapter_checkpointing_lean():
+    """recipes/llama7b_lora.yaml's switches together: ln 2 at step 0, gradients on LoRA weights only."""
+    module = DPOModule(
+        model_config=tiny_config("llama"), reference="adapter", lora_target_modules="all-linear",
+        activation_checkpointing=True, lean_logprobs=True,
+    )
+    module.configure_model()
+    module.train()
+    out = module(random_batch()).loss
+    torch.testing.assert_close(out.losses, torch.full_like(out.losses, math.log(2)))
+    out.losses.mean().backward()
+    grads = {n for n, p in module.model.named_parameters() if p.grad is not None}
+    assert grads and all("lora_" in n for n in grads)
+
+
+def test_kto_warns_when_weights_leave_the_papers_range(tmp_path):
+    """Balanced data, w_D = 1, w_U = 3: w_D n_D / (w_U n_U) = 1/3, outside [1, 4/3]."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=7)))
+    data = _datamodule(path, unpaired=True)
+    module = DPOModule(model_config=tiny_config("llama", vocab_size=16), loss_type="kto", undesirable_weight=3.0)
+    with pytest.warns(UserWarning, match="weight"):
+        trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
