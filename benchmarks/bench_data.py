@@ -110,3 +110,19 @@ def write_inputs(folder: Path, rows: list[dict[str, str]], tokenizer, config, se
     with open(folder / "pairs.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+
+
+def mixed_pairs(n: int, batch_size: int, long_length: int, vocab_size: int, short_length: int = 128,
+                seed: int = 0) -> list[dict[str, str]]:
+    """Pairs of ``short_length`` tokens, except the first chosen response of every batch, which makes
+    its sequence ``long_length`` tokens: padding to the longest row then costs ``2 B long_length``
+    token slots for about ``long_length + (2 B - 1) short_length`` real tokens."""
+    rng = random.Random(seed)
+    words = lambda k: "".join(f" t{rng.randrange(1, vocab_size)}" for _ in range(k))  # noqa: E731
+    prompt_len = 32
+    short, long = short_length - prompt_len - 1, long_length - prompt_len - 1  # room for EOS
+    return [
+        {"prompt": words(prompt_len).lstrip(), "chosen": words(long if i % batch_size == 0 else short),
+         "rejected": words(short)}
+        for i in range(n)
+    ]

@@ -55,6 +55,7 @@ def run_ours(spec: dict) -> dict:
         loss_type=spec["loss"],
         beta=spec["beta"],
         lean_logprobs=spec["lean"],
+        activation_checkpointing=spec.get("checkpointing", False),
         attn_implementation="sdpa",
         optimizer=lambda params: torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
@@ -141,6 +142,9 @@ def run_trl(spec: dict) -> dict:
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         bf16=False,  # TRL 1.x defaults to bf16 autocast (on CPU too); both sides run fp32 here
+        # TRL 1.x defaults to gradient checkpointing; both sides use the same setting.
+        gradient_checkpointing=spec.get("checkpointing", True),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         model_init_kwargs={"attn_implementation": "sdpa"},
     )
     ends: list[float] = []

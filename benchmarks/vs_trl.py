@@ -3,6 +3,7 @@
     python benchmarks/vs_trl.py                      # HH harmless-base, Llama 4x256, 4k BPE, T=512, 8 pairs
     python benchmarks/vs_trl.py --scenario memory    # 128k vocab, T=2048, 2 pairs: ours lean / ours plain / TRL
     python benchmarks/vs_trl.py --scenario sweep     # ours: time per pair vs length (256..2048) and vocab (4k..128k)
+    python benchmarks/vs_trl.py --scenario padsweep  # ours, pad vs pack: time follows real tokens, not padding
 
 Each side runs in its own child process (``bench_sides.py``), sides alternating, on the same saved
 random-init weights, the same strings, batch size, max_length, loss, optimizer (AdamW, constant LR,
@@ -112,7 +113,7 @@ def compare(args) -> None:
     base = {
         "batch_size": args.batch_size, "max_length": args.max_length, "loss": args.loss, "beta": args.beta,
         "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-        "pack_budget": args.pack_budget,
+        "pack_budget": args.pack_budget, "checkpointing": args.checkpointing == "on",
     }
     sides = {"ours": {**base, "side": "ours", "collator": args.collator, "lean": args.lean}}
     if args.scenario == "memory":
@@ -202,9 +203,37 @@ def sweep(args) -> None:
         print(f"{length:>10} {vocab:>6} {per_pair:>7.3f} {tokens:>17.0f} {1000 * per_pair / tokens:>16.3f}", flush=True)
 
 
+def padsweep(args) -> None:
+    """Ours only, padded vs packed: one long sequence per batch, the rest short (see bench_data.mixed_pairs).
+
+    Right padding pays for ``2 B x longest`` token slots; packing for the real tokens. Time per step
+    should follow the padded slots with ``pad`` and the real tokens with ``pack``.
+    """
+    print("longest  collator  s/step  real tokens/step  padded slots/step  ms per 1k real tokens", flush=True)
+    for length in (256, 512, 1024, 2048):
+        folder = Path(tempfile.mkdtemp(prefix="dpo_padsweep_"))
+        tokenizer = bench_data.word_tokenizer(args.vocab)
+        rows = bench_data.mixed_pairs(args.batch_size * (args.warmup + args.steps), args.batch_size, length, args.vocab)
+        config = bench_data.llama_config(len(tokenizer), length, args.layers, args.hidden)
+        bench_data.write_inputs(folder, rows, tokenizer, config, seed=args.seed)
+        for collator in ("pad", "pack"):
+            spec = {
+                "batch_size": args.batch_size, "max_length": length, "loss": args.loss, "beta": args.beta,
+                "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+                "side": "ours", "collator": collator, "lean": args.lean, "pack_budget": args.pack_budget,
+                "checkpointing": args.checkpointing == "on",
+            }
+            res = run_side(folder, spec, f"padsweep_{collator}")
+            per_step = (res["step_ends"][-1] - res["step_ends"][-1 - args.steps]) / args.steps
+            real = res["batch_tokens"][-1]
+            slots = 2 * args.batch_size * length
+            print(f"{length:>7} {collator:>9} {per_step:>7.3f} {real:>17} {slots:>18} {1e6 * per_step / real:>22.2f}",
+                  flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["hh", "memory", "sweep"], default="hh")
+    p.add_argument("--scenario", choices=["hh", "memory", "sweep", "padsweep"], default="hh")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="HH-style .jsonl.gz (chosen/rejected conversations)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (hh 8, memory 2, sweep 2)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (hh 512, memory 2048)")
@@ -221,16 +250,23 @@ def main() -> None:
     p.add_argument("--collator", choices=["pad", "pack"], default=None, help="ours: hh pack, others pad")
     p.add_argument("--pack-budget", type=int, default=None, help="tokens per packed row (default: longest sequence)")
     p.add_argument("--no-lean", dest="lean", action="store_false", help="ours: full-logits log-probs")
+    p.add_argument(
+        "--checkpointing", choices=["on", "off"], default="on",
+        help="activation checkpointing on both sides (on: TRL 1.x's default gradient_checkpointing=True)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    defaults = {"hh": (8, 512, 4096, "pack"), "memory": (2, 2048, 131072, "pad"), "sweep": (2, None, None, "pad")}
+    defaults = {
+        "hh": (8, 512, 4096, "pack"), "memory": (2, 2048, 131072, "pad"), "sweep": (2, None, None, "pad"),
+        "padsweep": (4, None, 4096, None),
+    }
     for field, value in zip(("batch_size", "max_length", "vocab", "collator"), defaults[args.scenario]):
         if getattr(args, field) is None:
             setattr(args, field, value)
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not timed)")
     print(f"{platform.processor() or platform.machine()}; torch {torch.__version__}; args {vars(args)}", flush=True)
-    sweep(args) if args.scenario == "sweep" else compare(args)
+    {"sweep": sweep, "padsweep": padsweep}.get(args.scenario, compare)(args)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,14 @@ class PreferenceMetrics(nn.Module):
         rejected_logits_sum: Tensor,
         chosen_tokens: Tensor,
         rejected_tokens: Tensor,
+        weight: Tensor | None = None,
     ) -> None:
-        """Add one batch of B pairs; every argument has shape ``(B,)``."""
+        """Add one batch of B pairs; every argument has shape ``(B,)``.
+
+        ``weight`` counts each pair (1) or leaves it out (0: the padding an uneven eval shard
+        repeats, see ``data/sampler.py``); every pair counts when None.
+        """
+        w = 1.0 if weight is None else weight.detach().float()
         per_pair = {
             "loss": losses,
             "rewards/chosen": chosen_rewards,
@@ -63,7 +69,7 @@ class PreferenceMetrics(nn.Module):
             "logps/rejected": rejected_logps,
         }
         for name, value in per_pair.items():
-            self.means[_key(name)].update(value.detach().float())
+            self.means[_key(name)].update(value.detach().float(), w)
         # TRL's logits/* is the mean logit over every response token of the batch: a mean
         # weighted by token counts, not a mean of per-sequence means.
         for name, total, count in (
@@ -73,7 +79,8 @@ class PreferenceMetrics(nn.Module):
             count = count.detach().float()
             keep = count > 0
             if keep.any():
-                self.means[_key(name)].update(total.detach().float()[keep] / count[keep], count[keep])
+                tokens = (count * w)[keep]  # a padded pair's tokens count 0
+                self.means[_key(name)].update(total.detach().float()[keep] / count[keep], tokens)
 
     def compute(self) -> dict[str, Tensor]:
         """Means over everything since the last reset, synced across ranks."""
@@ -118,14 +125,28 @@ class KTOMetrics(nn.Module):
         names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
         self.means = nn.ModuleDict({_key(n): MeanMetric() for n in names})
 
-    def update(self, *, losses: Tensor, rewards: Tensor, logps: Tensor, desirable: Tensor, kl: Tensor) -> None:
-        """One batch of N examples: ``losses``, ``rewards``, ``logps``, ``desirable`` (N,); ``kl`` scalar."""
-        self.means[_key("loss")].update(losses.detach().float())
+    def update(
+        self,
+        *,
+        losses: Tensor,
+        rewards: Tensor,
+        logps: Tensor,
+        desirable: Tensor,
+        kl: Tensor,
+        weight: Tensor | None = None,
+    ) -> None:
+        """One batch of N examples: ``losses``, ``rewards``, ``logps``, ``desirable`` (N,); ``kl`` scalar.
+
+        ``weight`` (N,): 1 counts an example, 0 leaves it out (an eval shard's padding); all count
+        when None. ``kl`` is the step's reference point, one value per step whatever the weights.
+        """
+        w = torch.ones_like(losses, dtype=torch.float32) if weight is None else weight.detach().float()
+        self.means[_key("loss")].update(losses.detach().float(), w)
         self.means[_key("kl")].update(kl.detach().float().reshape(1))
         for side, mask in (("chosen", desirable), ("rejected", ~desirable)):
             if mask.any():
-                self.means[_key(f"rewards/{side}")].update(rewards.detach().float()[mask])
-                self.means[_key(f"logps/{side}")].update(logps.detach().float()[mask])
+                self.means[_key(f"rewards/{side}")].update(rewards.detach().float()[mask], w[mask])
+                self.means[_key(f"logps/{side}")].update(logps.detach().float()[mask], w[mask])
 
     def compute(self) -> dict[str, Tensor]:
         # Every rank computes every mean (each is a collective); a side that had no example

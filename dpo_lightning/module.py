@@ -314,7 +314,7 @@ class DPOModule(L.LightningModule):
         if self.is_kto:
             kto, policy, z0 = self.kto_forward(batch)
             metrics.update(losses=kto.losses, rewards=kto.rewards, logps=policy.logps, desirable=batch["desirable"],
-                           kl=z0)
+                           kl=z0, weight=batch.get("weight"))
             return kto.losses.mean()
         out, policy, _ = self(batch)
         b = out.losses.shape[0]
@@ -328,6 +328,8 @@ class DPOModule(L.LightningModule):
             rejected_logits_sum=policy.logits_sum[b:],
             chosen_tokens=policy.n_tokens[:b],
             rejected_tokens=policy.n_tokens[b:],
+            # Only eval batches on several ranks carry it: 0 for the padding that evens out shards.
+            weight=batch.get("weight"),
         )
         return out.losses.mean()
 

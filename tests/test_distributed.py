@@ -76,6 +76,23 @@ def test_two_processes_match_one(runs, strategy):
     assert max_diff(one["params"], two["params"]) < 1e-4
 
 
+def test_two_process_validation_counts_every_pair_once(tmp_path):
+    """5 held-out pairs, eval batches of 2. On 2 ranks, rank 0 gets pairs 0, 2, 4 and rank 1 pairs
+    1, 3 and pair 0 again (DistributedSampler's padding, so both run 2 batches); weighted 0, the
+    repeat leaves val/* equal to one process's (measured: <= 2e-6 on logps ~ -20, else <= 4e-8).
+    Plain DistributedSampler padding counts pair 0 twice: measured errors of 0.26 on logps/rejected,
+    0.027 on rewards/chosen and 1/30 on accuracies (0.2 -> 1/6)."""
+    one = run_script(tmp_path, "single", "--strategy", "single", "--eval-odd")
+    two = run_script(tmp_path, "ddp", "--strategy", "ddp", "--eval-odd")
+    assert one["batches"] == [3] and two["batches"] == [2]
+    assert len(one["val"]) == 9 and one["val_plain"] == one["val"]  # one process: nothing changed
+    assert two["val"].keys() == one["val"].keys()
+    for key, value in one["val"].items():
+        assert two["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
+    plain_error = {k: abs(two["val_plain"][k] - v) for k, v in one["val"].items()}
+    assert plain_error["val/logps/rejected"] > 0.1 and plain_error["val/rewards/accuracies"] > 0.03
+
+
 def test_fsdp2_options_took_effect(runs):
     fsdp2 = runs["fsdp2"]
     assert fsdp2["gradient_checkpointing"] is True

@@ -2,7 +2,7 @@
 
 import torch
 
-from dpo_lightning.metrics import METRIC_NAMES, PreferenceMetrics
+from dpo_lightning.metrics import METRIC_NAMES, KTOMetrics, PreferenceMetrics
 
 
 def _update(m, chosen_r, rejected_r, losses, logits_sum=(0.0,), tokens=(1.0,)):
@@ -56,3 +56,36 @@ def test_logits_are_token_weighted():
     m = PreferenceMetrics("train")
     _update(m, [1.0, 1.0], [0.0, 0.0], [0.0, 0.0], logits_sum=(3.0, 5.0), tokens=(3.0, 1.0))
     assert m.compute()["train/logits/chosen"].item() == 2.0
+
+
+def test_weight_zero_leaves_a_pair_out():
+    """Pairs 0 and 1 real, pair 2 a padded repeat (weight 0): every mean is that of pairs 0 and 1.
+
+    loss (1 + 2) / 2 = 1.5; accuracies 1/2; logits/chosen (3 + 5) / (3 + 1) = 2, the padded pair's
+    10 tokens of logit 10 weigh nothing.
+    """
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    m = PreferenceMetrics("val")
+    m.update(
+        losses=t([1.0, 2.0, 100.0]), chosen_rewards=t([1.0, 0.0, 9.0]), rejected_rewards=t([0.0, 1.0, 0.0]),
+        chosen_logps=t([-1.0, -2.0, -50.0]), rejected_logps=t([-3.0, -4.0, -50.0]),
+        chosen_logits_sum=t([3.0, 5.0, 100.0]), rejected_logits_sum=t([0.0, 0.0, 0.0]),
+        chosen_tokens=t([3.0, 1.0, 10.0]), rejected_tokens=t([1.0, 1.0, 1.0]), weight=t([1.0, 1.0, 0.0]),
+    )
+    v = m.compute()
+    assert v["val/loss"].item() == 1.5 and v["val/rewards/accuracies"].item() == 0.5
+    assert v["val/rewards/chosen"].item() == 0.5 and v["val/logps/rejected"].item() == -3.5
+    assert v["val/logits/chosen"].item() == 2.0
+
+
+def test_kto_weight_zero_leaves_an_example_out():
+    """Examples 0 (desirable) and 1 (undesirable) real, example 2 (desirable) padding: loss (1 + 3) / 2,
+    rewards/chosen = example 0's 0.5; kl is the step's z0 whatever the weights."""
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    m = KTOMetrics("val")
+    m.update(losses=t([1.0, 3.0, 50.0]), rewards=t([0.5, -1.0, 9.0]), logps=t([-2.0, -3.0, -9.0]),
+             desirable=torch.tensor([True, False, True]), kl=torch.tensor(0.25), weight=t([1.0, 1.0, 0.0]))
+    v = m.compute()
+    assert v["val/loss"].item() == 2.0 and v["val/kl"].item() == 0.25
+    assert v["val/rewards/chosen"].item() == 0.5 and v["val/rewards/margins"].item() == 1.5
+    assert v["val/logps/chosen"].item() == -2.0

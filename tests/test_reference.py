@@ -229,3 +229,18 @@ def test_kto_warns_when_weights_leave_the_papers_range(tmp_path):
     module = DPOModule(model_config=tiny_config("llama", vocab_size=16), loss_type="kto", undesirable_weight=3.0)
     with pytest.warns(UserWarning, match="weight"):
         trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
+
+
+def test_precomputed_reference_with_packed_batches(tmp_path):
+    """The packing collator carries the precomputed ref_logps like the padding one (same values)."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=5)))
+    batches = {}
+    for collator in ("pad", "pack"):
+        torch.manual_seed(0)
+        module = DPOModule(model_config=tiny_config("llama", vocab_size=16), reference="precomputed",
+                           reference_cache_dir=str(tmp_path / "cache"))
+        data = _datamodule(path, collator=collator)
+        trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
+        batches[collator] = next(iter(data.ordered_dataloader("train")))
+    torch.testing.assert_close(batches["pack"]["ref_logps"], batches["pad"]["ref_logps"])

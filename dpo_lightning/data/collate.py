@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .extras import pair_extras
 from .kto import KTOCollator
 from .packing import PackingCollator
 
@@ -77,23 +78,6 @@ class PaddingCollator:
         labels = input_ids.masked_fill(~is_response, self.label_pad_token_id)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask.long(), "labels": labels}
         return {**batch, **pair_extras(features)}
-
-
-def pair_extras(features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-    """Optional per-pair fields every pair collator passes through.
-
-    ``index`` ``(B,)``: the pairs' positions in their split (for precomputing reference log-probs);
-    ``ref_logps`` ``(2B,)``: precomputed reference log-probs, chosen first like the rows.
-    """
-    extras: dict[str, Tensor] = {}
-    if "index" in features[0]:
-        extras["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
-    if "ref_chosen_logps" in features[0]:
-        extras["ref_logps"] = torch.tensor(
-            [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
-            dtype=torch.float32,
-        )
-    return extras
 
 
 # Collator name -> factory taking (pad_token_id, pad_to_multiple_of).

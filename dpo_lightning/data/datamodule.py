@@ -8,13 +8,13 @@ from typing import Any, Literal
 import torch
 from datasets import Dataset, DatasetDict
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from .collate import COLLATORS, build_collator
 from .errors import DataError
 from .preprocess import preprocess_split
-from .sampler import ResumableTrainData
+from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
 from .sources import describe, load_source
 from .tokenize import TRUNCATION_MODES, TokenizeConfig
 from .tokenizer import load_tokenizer
@@ -214,13 +214,15 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
         )
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | MarkPadding, batch_size: int, shuffle: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
             # Training order: seeded, sharded per rank, and resumable mid-epoch from a checkpoint.
-            sampler=self.train_sampler(dataset, batch_size, seed=self.hparams.seed) if shuffle else None,
+            sampler=self.train_sampler(dataset, batch_size, seed=self.hparams.seed) if shuffle else sampler,
             collate_fn=self.collate_fn,
             num_workers=workers,
             persistent_workers=workers > 0,
@@ -234,7 +236,16 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         dataset = self.splits[split]
         if dataset is None:
             return []  # Lightning skips the loop
-        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        trainer = getattr(self, "trainer", None)
+        shard = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not shard or shard["num_replicas"] <= 1:
+            return self._loader(dataset, batch_size, shuffle=False)
+        # Several ranks: each runs the same number of batches (under FSDP2 every forward is a
+        # collective), so shards are padded as DistributedSampler pads them; the padded pairs
+        # carry weight 0, so val/test metrics count every pair exactly once.
+        sampler = PaddedEvalSampler(dataset, num_replicas=shard["num_replicas"], rank=shard["rank"])
+        return self._loader(MarkPadding(dataset), batch_size, shuffle=False, sampler=sampler)
 
     # -- precomputed reference log-probs (DPOModule(reference="precomputed")) ----------------------
 

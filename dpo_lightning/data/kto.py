@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpo_lightning.data.sampler import padding_weights
 from dpo_lightning.logprobs import IGNORE_INDEX
 
 
@@ -79,7 +80,9 @@ class KTOCollator:
         }
 
     ``pad_to_multiple_of`` rounds both widths up. Examples carrying ``index`` or ``ref_logps``
-    (precomputed reference log-probs of the example rows) pass them through as (N,) tensors.
+    (precomputed reference log-probs of the example rows) pass them through as (N,) tensors;
+    examples carrying ``padding`` (an eval shard's padding, see ``sampler.MarkPadding``) give a
+    float ``weight`` (N,), 0 on padding, for the metrics.
     """
 
     pad_token_id: int
@@ -119,4 +122,6 @@ class KTOCollator:
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         if "ref_logps" in features[0]:
             batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
+        if "padding" in features[0]:  # an eval shard's padding: weight 0 in the metrics
+            batch["weight"] = padding_weights(features)  # (N,)
         return batch

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from dpo_lightning.data.extras import pair_extras
 from dpo_lightning.logprobs import IGNORE_INDEX
 
 
@@ -155,4 +156,5 @@ class PackingCollator:
         }
         if self.attention == "dense4d":
             batch["attention_mask"] = block_causal_mask(sequence_ids)  # (R, 1, L, L)
-        return batch
+        # index, precomputed ref_logps, and the metric weight of an eval shard's padding
+        return {**batch, **pair_extras(features)}

@@ -9,14 +9,22 @@ leaves it in place instead of wrapping it (``use_distributed_sampler`` can stay 
 
 :class:`ResumableTrainData` is the ``LightningDataModule`` mixin that saves the position in
 every checkpoint (``state_dict``) and hands it to the next sampler it builds.
+
+Evaluation on several ranks: :class:`PaddedEvalSampler` shards like ``DistributedSampler(shuffle=
+False)``, padding included (under FSDP2 every forward is a collective, so every rank must run the
+same number of batches), but marks the padded positions; :class:`MarkPadding` turns the marks into
+a ``padding`` field of each example, and the collators into a ``weight`` of 0 that keeps the
+repeated pairs out of the metrics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sequence, Sized
 from typing import Any
 
-from torch.utils.data import DistributedSampler
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
 
 
 class ResumableSampler(DistributedSampler):
@@ -90,3 +98,53 @@ class ResumableTrainData:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_position = state_dict.get("train_position")
+
+
+class PaddedEvalSampler(DistributedSampler):
+    """This rank's shard of an unshuffled evaluation set, as ``(index, is_padding)`` pairs.
+
+    The indices and their order are those of ``DistributedSampler(shuffle=False)``: position ``p``
+    of the padded list ``0 .. total_size - 1`` is example ``p % len(dataset)`` and goes to rank
+    ``p % num_replicas``, so every rank gets ``num_samples`` examples. Positions past the dataset
+    are the padding: repeats of the first examples, flagged True so they can be weighted 0.
+
+    Example, 5 examples on 2 ranks: rank 0 yields ``(0, False), (2, False), (4, False)``,
+    rank 1 ``(1, False), (3, False), (0, True)``. Read the dataset through :class:`MarkPadding`.
+    """
+
+    def __init__(self, dataset: Sized, *, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        n = len(self.dataset)
+        positions = range(self.rank, self.total_size, self.num_replicas)
+        return iter((p % n, p >= n) for p in positions)
+
+
+class MarkPadding(Dataset):
+    """A map-style view of ``dataset`` indexed by :class:`PaddedEvalSampler`'s ``(index, is_padding)``:
+    each example comes back with ``"padding": is_padding`` added (see :func:`padding_weights`)."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
+        index, padding = key
+        return {**self.dataset[index], "padding": padding}
+
+    def __getitems__(self, keys: Sequence[tuple[int, bool]]) -> list[dict[str, Any]]:
+        # The DataLoader fetches a whole batch at once when the dataset can (Hugging Face datasets do).
+        indices = [index for index, _ in keys]
+        if hasattr(self.dataset, "__getitems__"):
+            rows = self.dataset.__getitems__(indices)
+        else:
+            rows = [self.dataset[i] for i in indices]
+        return [{**row, "padding": padding} for row, (_, padding) in zip(rows, keys)]
+
+
+def padding_weights(features: Sequence[Mapping[str, Any]]) -> Tensor:
+    """``(B,)`` float32 metric weights of examples carrying ``padding``: 0 for padding, 1 otherwise."""
+    return torch.tensor([0.0 if f["padding"] else 1.0 for f in features], dtype=torch.float32)

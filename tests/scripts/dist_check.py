@@ -9,6 +9,10 @@ rank ``r`` gets pairs ``[r*half, (r+1)*half)`` of each, so per-rank content (len
 counts) is uneven while the global batch is identical. Rank 0 writes: the metrics Lightning
 logged per step (train/* synced as sums), the validation metrics, the full gradients of the
 first step and the full parameters after the last.
+
+With ``--eval-odd`` it only validates, through ``PreferenceDataModule``, a held-out split whose
+size (5 pairs, batches of 2) does not divide evenly over 2 ranks: once as the data module shards it
+(padding weighted 0) and once with Lightning's plain ``DistributedSampler`` padding.
 """
 
 from __future__ import annotations
@@ -23,16 +27,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/ for 
 
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
+from datasets import Dataset, DatasetDict  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dpo_lightning import DPOModule  # noqa: E402
+from dpo_lightning.data import PreferenceDataModule  # noqa: E402
+from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
 from dpo_lightning.distributed import full_state_dict  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
 
 GLOBAL_PAIRS = 4
 STEPS = 3
+EVAL_PAIRS, EVAL_BATCH = 5, 2  # odd: 2 ranks get 3 pairs each, one of them a repeat
 
 
 def global_batches(n: int, seed0: int) -> list[dict[str, torch.Tensor]]:
@@ -90,6 +98,35 @@ class ListLogger(Logger):
         self.rows.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
 
 
+class PlainEvalSharding(PreferenceDataModule):
+    """The eval loader as it was: Lightning injects ``DistributedSampler``, whose padding counts twice."""
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return self._loader(self.splits[split], EVAL_BATCH, shuffle=False)
+
+
+def validate_odd(strategy, devices: int, out: str) -> None:
+    """Validate the same perturbed tiny policy on ``EVAL_PAIRS`` held-out pairs, fixed and plain."""
+    rows = generate_pairs(8 + EVAL_PAIRS, seed=5)
+    splits = DatasetDict({"train": Dataset.from_list(rows[:8]), "validation": Dataset.from_list(rows[8:])})
+
+    def data(cls: type[PreferenceDataModule]) -> PreferenceDataModule:
+        return cls(tokenizer="synthetic:sort", dataset=splits, max_length=32, batch_size=EVAL_BATCH)
+
+    module = DPOModule(model_config=tiny_config("llama", vocab_size=data(PreferenceDataModule).vocab_size))
+    with torch.no_grad():  # policy != reference, so losses and rewards differ from pair to pair
+        for p in module.model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    trainer = L.Trainer(
+        accelerator="cpu", devices=devices, strategy=strategy, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    fixed = trainer.validate(module, datamodule=data(PreferenceDataModule), verbose=False)[0]
+    plain = trainer.validate(module, datamodule=data(PlainEvalSharding), verbose=False)[0]
+    if trainer.is_global_zero:
+        torch.save({"val": fixed, "val_plain": plain, "batches": trainer.num_val_batches}, out)
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().cpu().clone()
 
@@ -101,6 +138,7 @@ def main() -> None:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--mixed-precision", action="store_true", help="FSDP2 bf16 compute (default: fp32)")
     parser.add_argument("--save-dir", help="also save a sharded and a full checkpoint here (fsdp2)")
+    parser.add_argument("--eval-odd", action="store_true", help="only validate an odd-sized split (see above)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -113,6 +151,8 @@ def main() -> None:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strategy, devices = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), 2
+    if args.eval_odd:
+        return validate_odd(strategy, devices, args.out)
     module = DPOModule(
         model_config=tiny_config("llama"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
