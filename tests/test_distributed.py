@@ -118,8 +118,18 @@ def test_sharded_and_full_checkpoints_consolidate_to_the_trained_weights(runs, t
     assert len(sharded["optimizer_states"]) == 1 and sharded["optimizer_states"][0]["state"]
     # A consolidated checkpoint is an ordinary one: DPOModule (and the HF export) load it.
     torch.save(sharded, tmp_path / "one.ckpt")
-    module = DPOModule.load_from_checkpoint(tmp_path / "one.ckpt", weights_only=False)
+    module = DPOModule.load_from_checkpoint(tmp_path / "one.ckpt", weights_only=True)
     for name, value in module.model.state_dict().items():
+        if f"model.{name}" in trained:
+            assert torch.equal(value, trained[f"model.{name}"]), name
+    # `python -m dpo_lightning export SHARDED_DIR OUT`: straight from the sharded folder to HF format.
+    from transformers import AutoModelForCausalLM
+
+    from dpo_lightning.export import export_checkpoint
+
+    out = export_checkpoint(runs["ckpt_dir"] / "sharded.ckpt", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    for name, value in exported.state_dict().items():
         if f"model.{name}" in trained:
             assert torch.equal(value, trained[f"model.{name}"]), name
 
@@ -180,3 +190,40 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_the_pairs():
     # Guard against a vacuous pass: one micro-batch alone gives a different gradient.
     grads_half, _ = train_one_step(micro[:1], accumulate=1)
     assert max_diff(grads_half, grads_one) > 1e-4
+
+
+FSDP2_EXPORT_SCRIPT = """
+import sys, torch, lightning as L
+sys.path.insert(0, {tests!r})
+from tiny import random_batch, tiny_config
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
+from dpo_lightning import DPOModule
+from dpo_lightning.export import HFExport
+
+torch.manual_seed(0)
+module = DPOModule(model_config=tiny_config("llama"), fsdp_mixed_precision=False,
+                   optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(1, 1), max_steps=2,
+                    logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    default_root_dir={root!r}, callbacks=[HFExport()])
+trainer.fit(module, DataLoader([random_batch(seed=i) for i in range(2)], batch_size=None))
+from dpo_lightning.distributed import full_state_dict, is_sharded
+assert is_sharded(module.model)
+torch.save({{k: v.float() for k, v in full_state_dict(module.model).items()}}, {root!r} + "/trained.pt")
+"""
+
+
+def test_fsdp2_fit_ends_with_an_hf_export_of_the_full_weights(tmp_path):
+    """HFExport under FSDP2 gathers the sharded policy before saving (here 1 process, a real fully_shard)."""
+    from transformers import AutoModelForCausalLM
+
+    script = tmp_path / "fsdp2_export.py"
+    script.write_text(FSDP2_EXPORT_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trained = torch.load(tmp_path / "trained.pt", weights_only=True)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_export").state_dict()
+    assert trained.keys() <= exported.keys()
+    assert max(float((exported[k] - v).abs().max()) for k, v in trained.items()) == 0
