@@ -25,7 +25,25 @@ METRIC_NAMES = (
 )
 
 
-class PreferenceMetrics(nn.Module):
+class _RunningMeans(nn.Module):
+    """One ``MeanMetric`` per name for one stage (``train``, ``val`` or ``test``)."""
+
+    def __init__(self, prefix: str, names: tuple[str, ...]) -> None:
+        super().__init__()
+        self.prefix = prefix
+        # ModuleDict keys may not contain "/" or "."; map TRL names to safe keys.
+        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+
+    def reset(self) -> None:
+        for metric in self.means.values():
+            metric.reset()
+
+    @property
+    def has_updates(self) -> bool:
+        return bool(self.means[_key("loss")].update_count)
+
+
+class PreferenceMetrics(_RunningMeans):
     """Running means of the per-pair statistics of one stage (``train``, ``val`` or ``test``).
 
     ``update`` takes ``(B,)`` tensors for one batch; ``compute`` returns ``{"{prefix}/{name}":
@@ -33,10 +51,7 @@ class PreferenceMetrics(nn.Module):
     """
 
     def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        # ModuleDict keys may not contain "/" or "."; map TRL names to safe keys.
-        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in METRIC_NAMES})
+        super().__init__(prefix, METRIC_NAMES)
 
     def update(
         self,
@@ -86,13 +101,6 @@ class PreferenceMetrics(nn.Module):
         """Means over everything since the last reset, synced across ranks."""
         return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in METRIC_NAMES}
 
-    def reset(self) -> None:
-        for metric in self.means.values():
-            metric.reset()
-
-    @property
-    def has_updates(self) -> bool:
-        return bool(self.means[_key("loss")].update_count)
 
 
 def _key(name: str) -> str:
@@ -111,7 +119,7 @@ KTO_METRIC_NAMES = (
 )
 
 
-class KTOMetrics(nn.Module):
+class KTOMetrics(_RunningMeans):
     """KTO's metrics: desirable examples count as ``chosen``, undesirable ones as ``rejected``.
 
     ``rewards/chosen`` is the mean over every desirable example of the window on every rank (a
@@ -120,10 +128,8 @@ class KTOMetrics(nn.Module):
     """
 
     def __init__(self, prefix: str) -> None:
-        super().__init__()
-        self.prefix = prefix
-        names = ("loss", "kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+        # rewards/margins is derived in compute(), not accumulated.
+        super().__init__(prefix, tuple(n for n in KTO_METRIC_NAMES if n != "rewards/margins"))
 
     def update(
         self,
@@ -157,10 +163,3 @@ class KTOMetrics(nn.Module):
             values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
         return {f"{self.prefix}/{n}": values[n] for n in KTO_METRIC_NAMES if n in values}
 
-    def reset(self) -> None:
-        for metric in self.means.values():
-            metric.reset()
-
-    @property
-    def has_updates(self) -> bool:
-        return bool(self.means[_key("loss")].update_count)

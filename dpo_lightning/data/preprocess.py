@@ -11,6 +11,7 @@ rows as they are, each pair as two examples (chosen desirable, rejected undesira
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -48,12 +49,9 @@ class Drop(IntEnum):
 
 
 @dataclass(frozen=True)
-class PairPreprocessor:
-    """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` + a ``drop`` code.
-
-    A frozen dataclass (not a closure) so it pickles into ``num_proc`` workers and hashes into a
-    stable cache fingerprint.
-    """
+class _Preprocessor:
+    """What both ``datasets.map`` functions need. A frozen dataclass (not a closure) so it pickles
+    into ``num_proc`` workers and hashes into a stable cache fingerprint."""
 
     tokenizer: PreTrainedTokenizerBase
     layout: Layout
@@ -62,12 +60,21 @@ class PairPreprocessor:
     split: str
     drop_identical: bool = True
 
-    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+    def examples(self, batch: dict[str, list[Any]], indices: list[int]) -> Iterator[tuple[RowRef, Any]]:
+        """Each raw row of the batch, validated into its example, with its reference for errors."""
         columns = LAYOUT_COLUMNS[self.layout]
-        drop, rendered, kept = [], [], []
         for offset, index in enumerate(indices):
             ref = RowRef(self.source, self.split, index)
-            example = to_example({c: batch[c][offset] for c in columns}, self.layout, ref)
+            yield ref, to_example({c: batch[c][offset] for c in columns}, self.layout, ref)
+
+
+@dataclass(frozen=True)
+class PairPreprocessor(_Preprocessor):
+    """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` + a ``drop`` code."""
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        drop, rendered, kept = [], [], []
+        for offset, (ref, example) in enumerate(self.examples(batch, indices)):
             if self.drop_identical and example.identical:
                 drop.append(Drop.IDENTICAL)
                 continue
@@ -88,26 +95,16 @@ class PairPreprocessor:
 
 
 @dataclass(frozen=True)
-class UnpairedPreprocessor:
+class UnpairedPreprocessor(_Preprocessor):
     """The ``datasets.map`` function for unpaired data: raw rows -> `UNPAIRED_FIELDS` + ``drop``.
 
     Unpaired rows give one example each; pairs give two (chosen desirable, rejected undesirable),
     so the output may have more rows than the input. A dropped pair leaves one placeholder row.
     """
 
-    tokenizer: PreTrainedTokenizerBase
-    layout: Layout
-    config: TokenizeConfig
-    source: str
-    split: str
-    drop_identical: bool = True
-
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        columns = LAYOUT_COLUMNS[self.layout]
         drop, desirable, rendered, kept = [], [], [], []
-        for offset, index in enumerate(indices):
-            ref = RowRef(self.source, self.split, index)
-            example = to_example({c: batch[c][offset] for c in columns}, self.layout, ref)
+        for ref, example in self.examples(batch, indices):
             if isinstance(example, PreferenceExample):
                 if self.drop_identical and example.identical:
                     drop.append(Drop.IDENTICAL)
