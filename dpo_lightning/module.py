@@ -412,6 +412,10 @@ class DPOModule(L.LightningModule):
             enable_activation_checkpointing(self.model)
         if self.device_mesh is None:
             return  # single device, DDP, FSDP1: nothing to shard here
+        if self.hparams.get("lean_logprobs", False):
+            # The lean path calls the backbone and LM head directly, bypassing the root FSDP
+            # unit's unshard/reshard hooks; refuse rather than compute on shards.
+            raise ValueError("lean_logprobs is not supported under ModelParallelStrategy (FSDP2) yet; set it false")
         # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
         self._ref_rebuildable = False
         param_dtype = torch.bfloat16 if self.hparams.fsdp_mixed_precision else None
