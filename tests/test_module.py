@@ -179,3 +179,10 @@ def test_checkpoints_keep_a_reference_that_cannot_be_rebuilt(tmp_path):
     restored = DPOModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
     for a, b in zip(module.ref_model.state_dict().values(), restored.ref_model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_lean_logprobs_under_fsdp2_is_refused_clearly():
+    module = make_module(lean_logprobs=True)
+    module._device_mesh = object()  # what ModelParallelStrategy hands the module before configure_model
+    with pytest.raises(ValueError, match="lean_logprobs"):
+        module.configure_model()
