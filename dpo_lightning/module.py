@@ -175,17 +175,14 @@ class DPOModule(L.LightningModule):
         if disable_dropout:
             _disable_dropout(self.model)
         self.model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
-        # Checkpoints leave the reference out when it can be rebuilt from its source (a hub id
-        # or path, or the policy's own source): saving 7B frozen weights per checkpoint buys
-        # nothing. A reference that cannot be rebuilt (a random-init or in-memory policy) is
-        # stored, so a resumed run always gets back the same reference.
         names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
         self.is_kto = names == ["kto"]
-        if reference == "copy" and ref_model is None and all(n in REFERENCE_FREE for n in names):
+        no_reference = REFERENCE_FREE | {"sft"}  # losses that never read reference log-probs
+        if reference == "copy" and ref_model is None and all(n in no_reference for n in names):
             log.info("loss_type %s needs no reference model: using reference='none'", names)
             reference = "none"
-        if reference == "none" and not all(n in REFERENCE_FREE for n in names):
-            raise ValueError(f"reference='none' suits reference-free losses {sorted(REFERENCE_FREE)}, not {names}")
+        if reference == "none" and not all(n in no_reference for n in names):
+            raise ValueError(f"reference='none' suits reference-free losses {sorted(no_reference)}, not {names}")
         if reference not in ("copy", "adapter", "precomputed", "none"):
             raise ValueError(f"unknown reference {reference!r}: use copy, adapter, precomputed or none")
         if self.is_kto and reference == "precomputed":
@@ -201,6 +198,10 @@ class DPOModule(L.LightningModule):
                 self.model, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, target_modules=lora_target_modules
             )
         elif reference in ("copy", "precomputed"):
+            # Checkpoints leave the reference out when it can be rebuilt from its source (a hub id
+            # or path, or the policy's own source): saving 7B frozen weights per checkpoint buys
+            # nothing. A reference that cannot be rebuilt (a random-init or in-memory policy) is
+            # stored, so a resumed run always gets back the same reference.
             if ref_model is None:
                 self.ref_model = freeze(copy.deepcopy(self.model))
                 self._ref_rebuildable = isinstance(model, str)

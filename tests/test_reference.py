@@ -133,6 +133,9 @@ def test_reference_none_for_reference_free_losses():
     assert ref is None and torch.isfinite(out.losses).all()
     with pytest.raises(ValueError, match="reference-free"):
         DPOModule(model_config=tiny_config("llama"), loss_type="sigmoid", reference="none")
+    # TRL's SimPO (simpo + cpo_alpha * NLL) needs no reference either.
+    both = DPOModule(model_config=tiny_config("llama"), loss_type=["simpo", "sft"], loss_weights=[1.0, 1.0])
+    assert both.ref_model is None and torch.isfinite(both(random_batch()).loss.losses).all()
 
 
 def test_tr_dpo_sync_mixes_the_reference_by_hand():
