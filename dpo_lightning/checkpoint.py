@@ -76,20 +76,26 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def resume_state(metrics: PreferenceMetrics) -> dict[str, Any]:
-    """RNG states of every rank and ``metrics``' window, synced across ranks.
+    """RNG states and ``metrics``' window of every rank, and the window synced across ranks.
 
     Runs on every rank (``on_save_checkpoint`` does): it uses collectives.
     """
     rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
     # NumPy's key array would need weights_only=False to load: store it as a list of ints.
     rng["numpy"] = tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in rng["numpy"])
+    own = {"rng": rng, "metrics": {k: _local_states(m) for k, m in metrics.means.items()}}
     if _world_size() > 1:
         gathered: list[Any] = [None] * _world_size()
-        dist.all_gather_object(gathered, rng)
-        rng_per_rank = gathered
+        dist.all_gather_object(gathered, own)
+        per_rank = gathered
     else:
-        rng_per_rank = [rng]
-    return {"rng_per_rank": rng_per_rank, "metrics": {k: _synced_states(m) for k, m in metrics.means.items()}}
+        per_rank = [own]
+    return {
+        "rng_per_rank": [r["rng"] for r in per_rank],
+        "metrics_per_rank": [r["metrics"] for r in per_rank],
+        # For a resume on another number of ranks, which cannot split the window back per rank.
+        "metrics": {k: _synced_states(m) for k, m in metrics.means.items()},
+    }
 
 
 def restore_resume_state(rank: int, metrics: PreferenceMetrics, state: dict[str, Any]) -> dict[str, Any]:
@@ -99,11 +105,19 @@ def restore_resume_state(rank: int, metrics: PreferenceMetrics, state: dict[str,
     checkpoint and the first batch (the DataLoader's base seed), so the caller sets it at the
     first ``on_train_batch_start``, the same point in the stream the saving run was at.
     """
-    # The window was saved as sums over all ranks: rank 0 holds them, the others hold zeros,
-    # so the next cross-rank sum is exactly what the uninterrupted run would have logged.
-    for key, saved in state["metrics"].items():
-        _load_states(metrics.means[key], saved, keep=rank == 0)
     per_rank = state["rng_per_rank"]
+    window = state.get("metrics_per_rank")
+    if window is not None and len(window) == _world_size():
+        # Same ranks: each takes its own window back, so the next cross-rank sum adds the same
+        # numbers in the same order as the uninterrupted run's (bitwise equal logs).
+        for key, saved in window[rank].items():
+            _load_states(metrics.means[key], saved, keep=True)
+    else:
+        # Another number of ranks (or an older checkpoint): the window saved as sums over all
+        # ranks goes to rank 0, the others hold zeros; the next cross-rank sum is the same value
+        # up to float rounding of the changed summation order.
+        for key, saved in state["metrics"].items():
+            _load_states(metrics.means[key], saved, keep=rank == 0)
     return per_rank[rank] if rank < len(per_rank) else per_rank[0]
 
 
@@ -115,6 +129,11 @@ def set_rng_states(states: dict[str, Any]) -> None:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _local_states(metric: Metric) -> dict[str, Any]:
+    states = {name: getattr(metric, name).detach().clone().cpu() for name in metric._defaults}
+    return {"states": states, "update_count": metric._update_count}
 
 
 def _synced_states(metric: Metric) -> dict[str, Any]:
