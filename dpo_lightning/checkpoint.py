@@ -7,6 +7,8 @@
   and an exact resume needs: the RNG streams of every rank (dropout) and the training metrics'
   running window (sums since the last log), so a resumed run logs and trains as if never stopped.
   Data order is the sampler's job (``dpo_lightning/data/sampler.py``).
+* :class:`LatestModelCheckpoint` is ``ModelCheckpoint`` whose ``last.ckpt`` always holds the
+  latest state, also when that state did not make the top k.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics import Metric
 
@@ -57,6 +61,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)  # and the rename itself survives a power cut
+
+
+class LatestModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``save_last=True`` writes ``last.ckpt`` at every save point.
+
+    Lightning's own ``save_last=True`` rewrites ``last.ckpt`` only when a top-k checkpoint is
+    written at the same step, so once the monitored metric stops improving ``last.ckpt`` falls
+    behind the run: resuming from it silently repeats steps, and exporting it is not the final
+    policy. Here ``last.ckpt`` is also rewritten at each validation (or train-epoch end, where
+    Lightning saves there) that did not produce a top-k file, as its name promises.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        # Skipped when anything (top-k and last) was already saved at this step, or outside fit.
+        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dpo_lightning.checkpoint import LatestModelCheckpoint
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.export import HFExport
 from dpo_lightning.module import DPOModule
+
+ACCURACY = "val/rewards/accuracies"
+ACCURACY_FILENAME = "step{step}-acc{val/rewards/accuracies:.3f}"
 
 
 class DPOLightningCLI(LightningCLI):
@@ -29,19 +33,33 @@ class DPOLightningCLI(LightningCLI):
         # KTO trains on unpaired examples: paired data is split into desirable/undesirable ones.
         parser.link_arguments("model.loss_type", "data.unpaired", compute_fn=_is_kto)
 
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # last.ckpt is the latest state at every validation (Lightning's lags behind the top k).
+        parser.add_lightning_class_args(LatestModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/rewards/accuracies",
+                "checkpoint.monitor": ACCURACY,
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
-                "checkpoint.filename": "step{step}-acc{val/rewards/accuracies:.3f}",
+                "checkpoint.filename": ACCURACY_FILENAME,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
+
+    def before_instantiate_classes(self) -> None:
+        # KTO logs no pairwise accuracy (as in TRL): keep its best checkpoint by val/loss instead,
+        # unless the user chose what to monitor.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        checkpoint = config.get("checkpoint")
+        if checkpoint is None or not _is_kto(config.model.loss_type) or checkpoint.monitor != ACCURACY:
+            return
+        checkpoint.monitor = "val/loss"
+        if checkpoint.mode == "max":
+            checkpoint.mode = "min"
+        if checkpoint.filename == ACCURACY_FILENAME:
+            checkpoint.filename = "step{step}-loss{val/loss:.3f}"
 
 
 def _is_kto(loss_type: str | list[str]) -> bool:

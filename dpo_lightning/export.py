@@ -102,8 +102,9 @@ class HFExport(L.Callback):
 
         # Under FSDP2 gathering the full weights is a collective: every rank takes part.
         state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
+        # Trainer.log_dir broadcasts from rank 0, a collective too: read it on every rank.
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            run_dir = Path(trainer.log_dir or trainer.default_root_dir)
             tokenizer = getattr(pl_module, "tokenizer", None)
             out = export_hf(pl_module.model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter)
             rank_zero_info(f"Hugging Face export of the policy: {out}")

@@ -70,6 +70,8 @@ class StepOutput(NamedTuple):
     ref_logps: Tensor | None  # (2B,) reference log-probs; None without a reference
 # The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# The metrics are synced as sums before they are logged (metrics.py): sync_dist would re-average them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)(/|_acc')")
 
 
 class DPOModule(L.LightningModule):
