@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from dpo_lightning import DPOModule
 from dpo_lightning.data.sampler import ResumableSampler, ResumableTrainData
 
-from tiny import random_batch, tiny_config
+from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config
 
 PAIRS, BATCH, STEPS, CRASH_AT = 10, 2, 7, 3  # 5 batches per epoch: the crash is mid-epoch 0, the run ends in epoch 1
 
@@ -45,35 +45,6 @@ class PlainData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         g = torch.Generator().manual_seed(7)
         return DataLoader(self.pairs, batch_size=BATCH, shuffle=True, generator=g, collate_fn=collate)
-
-
-class ListLogger(Logger):
-    name, version = "list", 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[int, dict[str, float]] = {}
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAfterStep(L.Callback):
-    """Die at the start of the batch after step ``step``, once its checkpoint is on disk."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise Crash(f"injected crash after step {self.step}")
 
 
 def make_module() -> DPOModule:

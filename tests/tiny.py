@@ -1,6 +1,8 @@
 """Test helpers: tiny random-init model configs and hand-made batches (nothing downloaded)."""
 
+import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 
 VOCAB = 64
 
@@ -37,3 +39,34 @@ def random_batch(b: int = 3, t: int = 10, vocab: int = VOCAB, seed: int = 0) -> 
         labels[row, length:] = -100
         input_ids[row, length:] = 0
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ListLogger(Logger):
+    """Keeps the logged ``train/*`` metrics by step, to compare runs exactly."""
+
+    name, version = "list", 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAfterStep(L.Callback):
+    """Die at the start of the batch after step ``step``, once its checkpoint is on disk (every rank)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise Crash(f"injected crash after step {self.step}")

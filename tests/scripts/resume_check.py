@@ -41,7 +41,7 @@ from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data.sampler import ResumableTrainData  # noqa: E402
 from dpo_lightning.distributed import full_state_dict  # noqa: E402
 
-from tiny import random_batch, tiny_config  # noqa: E402
+from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config  # noqa: E402
 
 # 20 pairs on 2 ranks, batches of 2 per rank: 5 steps per epoch. The crash is mid-epoch 0, the run ends in epoch 1.
 PAIRS, BATCH, STEPS, CRASH_AT = 20, 2, 7, 3
@@ -60,35 +60,6 @@ class PairData(ResumableTrainData, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = self.train_sampler(self.pairs, BATCH, seed=7)  # sharded by rank
         return DataLoader(self.pairs, batch_size=BATCH, sampler=sampler, collate_fn=collate)
-
-
-class ListLogger(Logger):
-    name, version = "list", 0
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: dict[int, dict[str, float]] = {}
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAfterStep(L.Callback):
-    """Die at the start of the batch after step ``step``, once its checkpoint is on disk (every rank)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise Crash(f"injected crash after step {self.step}")
 
 
 class SeedPerRank(L.Callback):
