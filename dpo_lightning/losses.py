@@ -729,13 +729,14 @@ def kto_loss(
     return KTOOutput(losses, (beta * h).detach())
 
 
-def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor | None) -> Tensor:
+def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor | None, weight: Tensor | None = None) -> Tensor:
     """Local statistics for KTO's reference point: ``tensor([sum(policy - ref), count])``, detached, (2,).
 
     The inputs are the log-probs of the batch's mismatched rows (prompt i with completion (i + 1) mod N, the
     ``kl_*`` keys of the KTO batch), (N,) each. Summing both entries over ranks (one all-reduce) and calling
     ``kto_reference_point`` gives the global mean. TRL averages the per-rank means instead: the same value
-    when every rank has the same batch size.
+    when every rank has the same batch size. ``weight`` (N,) counts row i that many times (0 for the
+    padding rows of an uneven evaluation shard).
     """
     if kl_policy_logps.dim() != 1 or (kl_ref_logps is not None and kl_ref_logps.shape != kl_policy_logps.shape):
         ref_shape = None if kl_ref_logps is None else tuple(kl_ref_logps.shape)
@@ -744,7 +745,10 @@ def kto_kl_estimate(kl_policy_logps: Tensor, kl_ref_logps: Tensor | None) -> Ten
         )
     diff = kl_policy_logps if kl_ref_logps is None else kl_policy_logps - kl_ref_logps
     diff = diff.detach()
-    return torch.stack((diff.sum(), torch.tensor(diff.numel(), dtype=diff.dtype, device=diff.device)))
+    if weight is None:
+        return torch.stack((diff.sum(), torch.tensor(diff.numel(), dtype=diff.dtype, device=diff.device)))
+    weight = weight.to(diff.dtype)
+    return torch.stack(((diff * weight).sum(), weight.sum()))
 
 
 def kto_reference_point(kl_stats: Tensor) -> Tensor:

@@ -298,7 +298,7 @@ class DPOModule(L.LightningModule):
         with torch.no_grad():
             kl_policy = self.sequence_logps(self.model, kl_batch).logps
             kl_ref = None if ref is None else self.reference_logps(kl_batch)
-        stats = kto_kl_estimate(kl_policy, kl_ref)  # (2,): local sum and count
+        stats = kto_kl_estimate(kl_policy, kl_ref, batch.get("weight"))  # (2,): local sum and count
         if self._trainer is not None and self.trainer.world_size > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         z0 = kto_reference_point(stats)

@@ -164,6 +164,10 @@ def test_kto_reference_point_hand():
     assert stats.tolist() == pytest.approx([0.5, 4.0])
     assert kto_reference_point(stats).item() == pytest.approx(0.125)
     assert kto_reference_point(kto_kl_estimate(ref, policy)).item() == 0.0
+    # The last row is an eval shard's padding (weight 0): sum 1 - 0.5 - 1 = -0.5 over 3 -> clamped 0;
+    # weighting the third row out instead: (1 - 0.5 + 1) / 3 = 0.5.
+    assert kto_kl_estimate(policy, ref, t([1.0, 1.0, 1.0, 0.0])).tolist() == pytest.approx([-0.5, 3.0])
+    assert kto_reference_point(kto_kl_estimate(policy, ref, t([1.0, 1.0, 0.0, 1.0]))).item() == pytest.approx(0.5)
 
 
 def test_kto_reference_point_across_ranks():
