@@ -45,6 +45,7 @@ from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.models import freeze, load_causal_lm
 from dpo_lightning.optim import Decay, warmup_decay_schedule
 from dpo_lightning.reference import (
+    REFERENCE_KINDS,
     ReferenceKind,
     cache_key,
     compute_reference_logps,
@@ -185,8 +186,8 @@ class DPOModule(L.LightningModule):
             reference = "none"
         if reference == "none" and not all(n in no_reference for n in names):
             raise ValueError(f"reference='none' suits reference-free losses {sorted(no_reference)}, not {names}")
-        if reference not in ("copy", "adapter", "precomputed", "none"):
-            raise ValueError(f"unknown reference {reference!r}: use copy, adapter, precomputed or none")
+        if reference not in REFERENCE_KINDS:
+            raise ValueError(f"unknown reference {reference!r}: use one of {', '.join(REFERENCE_KINDS)}")
         if self.is_kto and reference == "precomputed":
             raise ValueError("KTO's KL rows are built per batch, so their reference log-probs cannot be precomputed")
         if ref_sync_steps is not None and reference != "copy":

@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 ReferenceKind = Literal["copy", "adapter", "precomputed", "none"]
-REFERENCE_KINDS = ("copy", "adapter", "precomputed", "none")
+REFERENCE_KINDS: tuple[str, ...] = get_args(ReferenceKind)
 
 
 # --------------------------------------------------------------------------- adapter
