@@ -3,27 +3,33 @@
 * :class:`AtomicCheckpointIO` writes each checkpoint file to a temporary file in the same
   folder, flushes it to disk and renames it over the final name, so a crash mid-save leaves
   either the old checkpoint or the new one under that name, never a truncated file.
+* :func:`check_checkpoint` tells a damaged checkpoint from a good one before anything loads it:
+  ``torch.load`` returns wrong weights from a file with flipped bytes without a word.
 * :func:`resume_state` / :func:`restore_resume_state` carry what Lightning does not save itself
   and an exact resume needs: the RNG streams of every rank (dropout) and the training metrics'
   running window (sums since the last log), so a resumed run logs and trains as if never stopped.
   Data order is the sampler's job (``dpo_lightning/data/sampler.py``).
-* :class:`LatestModelCheckpoint` is ``ModelCheckpoint`` whose ``last.ckpt`` always holds the
-  latest state, also when that state did not make the top k.
+* When checkpoints are written (``last.ckpt`` periodically, on preemption) is
+  ``dpo_lightning/callbacks.py``'s business.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
 import tempfile
+import time
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics import Metric
 
@@ -31,15 +37,27 @@ from dpo_lightning.metrics import PreferenceMetrics
 
 RESUME_KEY = "dpo_resume"
 
+log = logging.getLogger(__name__)
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose saves are all-or-nothing on local filesystems.
+    """``TorchCheckpointIO`` whose saves are all-or-nothing on local filesystems, and whose loads
+    check the file first (:func:`check_checkpoint`).
 
     Use it with ``Trainer(plugins=[AtomicCheckpointIO()])`` (or the YAML ``trainer.plugins``).
     Remote paths (``s3://`` ...) fall back to the parent's write: object stores already make
     an upload visible only once complete. Sharded checkpoints of ``ModelParallelStrategy``
     (folders) do not go through ``CheckpointIO`` at all.
+
+    A process killed mid-save leaves its temporary file (``.<name>.ckpt.<random>.tmp``) behind:
+    the first save into a folder removes those older than this process, with a warning.
+    Saved files get the permissions of any new file (``0o666`` less the umask), not the
+    ``0o600`` of ``mkstemp``, so a shared run folder stays as readable as the user set it up.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swept: set[Path] = set()  # folders already cleaned of orphaned temporary files
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -49,6 +67,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        folder = path.parent.resolve()
+        if folder not in self._swept:
+            self._swept.add(folder)
+            remove_orphaned_temporaries(folder)
         # Same folder as the target: os.replace is only atomic within one filesystem.
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
@@ -56,37 +78,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         _fsync_dir(path.parent)  # and the rename itself survives a power cut
 
-
-class LatestModelCheckpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``save_last=True`` writes ``last.ckpt`` at every save point.
-
-    Lightning's own ``save_last=True`` rewrites ``last.ckpt`` only when a top-k checkpoint is
-    written at the same step, so once the monitored metric stops improving ``last.ckpt`` falls
-    behind the run: resuming from it silently repeats steps, and exporting it is not the final
-    policy. Here ``last.ckpt`` is also rewritten at each validation (or train-epoch end, where
-    Lightning saves there) that did not produce a top-k file, as its name promises.
-    """
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_behind(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_behind(trainer)
-
-    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
-        # Skipped when anything (top-k and last) was already saved at this step, or outside fit.
-        if self.save_last is True and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        check_checkpoint(path)  # an error naming the file, not an unpickling traceback or wrong weights
+        if map_location is None:  # the parent's default keeps tensors where they were saved
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -100,6 +105,178 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere the only way to read it is to set it, briefly
+    os.umask(mask)
+    return mask
+
+
+# Lightning names checkpoints ``*.ckpt``; mkstemp adds 8 characters of [a-z0-9_].
+_ORPHAN = re.compile(r"^\..+\.ckpt\.[a-z0-9_]{8}\.tmp$")
+_IMPORTED_AT = time.time()
+
+
+def _process_start_time() -> float:
+    """When this process started (Linux: from ``/proc``), else when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, after "(comm)"
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+        # btime has whole seconds: a second early, so no file of this process is ever older.
+        return min(boot + ticks / os.sysconf("SC_CLK_TCK") - 1.0, _IMPORTED_AT)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return _IMPORTED_AT
+
+
+def remove_orphaned_temporaries(folder: str | Path) -> list[str]:
+    """Delete the temporary files :class:`AtomicCheckpointIO` left in ``folder`` when killed mid-save.
+
+    Only names of its own pattern (``.<name>.ckpt.<random>.tmp``) last modified before this
+    process started are removed: a save in progress in another process keeps writing, so its
+    file is newer. Returns the names removed, which are logged as a warning.
+    """
+    folder = Path(folder)
+    started = _process_start_time()
+    removed = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not _ORPHAN.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < started:
+                    os.unlink(entry.path)
+                    removed.append(entry.name)
+            except OSError:  # removed meanwhile, or not ours to delete: never fail the save for it
+                continue
+    if removed:
+        log.warning(
+            "Removed %d temporary file(s) left in %s by an interrupted checkpoint save: %s",
+            len(removed), folder, ", ".join(sorted(removed)),
+        )
+    return removed
+
+
+# ---------------------------------------------------------------------------- integrity
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the one-line message names the path and what is wrong."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """Nothing at the checkpoint path (also a ``FileNotFoundError``, what Lightning raises there)."""
+
+
+# Files of Lightning's sharded checkpoint folders: torch.distributed.checkpoint's own index,
+# and the non-tensor part Lightning saves last (``lightning.fabric.utilities.load``).
+DCP_METADATA = ".metadata"
+SHARDED_META = "meta.pt"
+
+
+def check_checkpoint(path: str | Path, *, verify_crc: bool = True) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a complete, uncorrupted Lightning checkpoint.
+
+    ``torch.load`` reads only the zip directory and the records it needs: a truncated file fails
+    with an unpickling error that names no file, and a flipped byte inside tensor data loads as
+    a silently wrong weight. ``torch.save`` stores a CRC32 for every record of its zip archive,
+    so one sequential read through ``zipfile`` verifies every byte (docs/reliability.md has the
+    measured speed). A folder is a sharded (FSDP2, distributed) checkpoint: its ``.metadata``
+    must exist, the shard files it names must be long enough, and Lightning's ``meta.pt`` is
+    checked as a file. Remote paths (``s3://`` ...) are not checked. ``verify_crc=False`` checks
+    the archive's structure only (its directory at the end), without reading the data.
+    """
+    if "://" in str(path):
+        return
+    path = Path(path)
+    what = f"checkpoint {path}"
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{what}: no such file or folder")
+    if path.is_dir():
+        _check_sharded(path, what, verify_crc)
+        return
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot be read: {e.strerror or e}") from None
+    if size == 0:
+        raise CheckpointError(f"{what}: empty: an interrupted save?")
+    if path.suffix == ".safetensors" or _is_safetensors(head, size):
+        raise CheckpointError(
+            f"{what}: a safetensors weights file, not a training checkpoint: "
+            "give it as the model, e.g. --model.model <folder>"
+        )
+    if not head.startswith(b"PK"):
+        raise CheckpointError(f"{what}: not a zip archive, so not a checkpoint torch.save wrote (or a pre-1.6 one)")
+    _check_zip(path, what, verify_crc)
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file opens with the length of its JSON header (u64, little-endian), then ``{``."""
+    if len(head) < 9:
+        return False
+    header_len = int.from_bytes(head[:8], "little")
+    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
+
+
+def _check_zip(path: Path, what: str, verify_crc: bool) -> None:
+    try:
+        with zipfile.ZipFile(path) as archive:  # parses the directory at the end: a cut-off file fails here
+            if not verify_crc:
+                return
+            records = [r for r in archive.infolist() if r.file_size]
+            if records and all(r.CRC == 0 for r in records):
+                # Saved under torch.serialization.set_crc32_options(False): nothing to verify against.
+                log.warning("%s was saved without CRC32 checksums: its data cannot be verified", what)
+                return
+            bad = archive.testzip()  # reads every record and compares its CRC32
+    except zipfile.BadZipFile as e:
+        raise CheckpointError(f"{what}: truncated or damaged, not a complete zip archive ({e})") from None
+    except (EOFError, zlib.error) as e:
+        raise CheckpointError(f"{what}: damaged zip archive ({e}): the file is corrupt") from None
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot be read: {e.strerror or e}") from None
+    if bad is not None:
+        raise CheckpointError(f"{what}: record {bad} fails its CRC check: the file is corrupt")
+
+
+def _check_sharded(path: Path, what: str, verify_crc: bool) -> None:
+    if (path / "config.json").is_file() or any(path.glob("*.safetensors")):
+        raise CheckpointError(
+            f"{what}: a Hugging Face model folder, not a training checkpoint: "
+            "give it as the model, e.g. --model.model <folder>"
+        )
+    if not (path / DCP_METADATA).is_file():
+        raise CheckpointError(f"{what}: a folder without {DCP_METADATA}: not a sharded checkpoint, or a broken save")
+    try:
+        with (path / DCP_METADATA).open("rb") as f:
+            metadata = pickle.load(f)  # as torch.distributed.checkpoint.FileSystemReader reads it
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as e:  # whatever fails to unpickle, the index is unusable
+        raise CheckpointError(f"{what}: {DCP_METADATA} cannot be read ({type(e).__name__}): it is corrupt") from None
+    for name, end in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise CheckpointError(f"{what}: shard {name} named in {DCP_METADATA} is missing")
+        if shard.stat().st_size < end:
+            raise CheckpointError(f"{what}: shard {name} is truncated ({shard.stat().st_size} of {end} bytes)")
+    if not (path / SHARDED_META).is_file():
+        raise CheckpointError(f"{what}: no {SHARDED_META}: the save was interrupted before its last file")
+    check_checkpoint(path / SHARDED_META, verify_crc=verify_crc)
 
 
 # ---------------------------------------------------------------------------- resume state

@@ -9,14 +9,26 @@ export at the end of ``fit``) are on unless a recipe says otherwise.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from dpo_lightning.checkpoint import LatestModelCheckpoint
+from dpo_lightning.callbacks import (
+    PREEMPTED_EXIT_CODE,
+    LatestModelCheckpoint,
+    NonFiniteError,
+    NonFiniteGuard,
+    Preempted,
+)
+from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
 from dpo_lightning.data import PreferenceDataModule
-from dpo_lightning.export import HFExport
+from dpo_lightning.data.errors import DataError
+from dpo_lightning.export import ExportError, HFExport
 from dpo_lightning.module import DPOModule
+from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
 
 ACCURACY = "val/rewards/accuracies"
 ACCURACY_FILENAME = "step{step}-acc{val/rewards/accuracies:.3f}"
@@ -44,14 +56,64 @@ class DPOLightningCLI(LightningCLI):
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
+        # A NaN or inf loss or gradient stops the run before the step is applied.
+        parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(HFExport, "export")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path`` (``last``: the newest run of the same name) and check it before anything loads.
+
+        Replaces LightningCLI's version, which loads the whole checkpoint to read its
+        hyper-parameters and then silently overrides the ones given now: here the configuration
+        given now is what runs, and every value that differs from the checkpoint's is listed.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
+            return
+        logger = _logger_init_args(config)
+        root = _run_root(logger)
+        if ckpt_path == "last":
+            found = find_last_checkpoint(root, config.get("checkpoint") and config.checkpoint.dirpath)
+            if found is None:
+                where = config.checkpoint.dirpath if config.get("checkpoint") and config.checkpoint.dirpath else root
+                rank_zero_warn(f"--ckpt_path last: no last.ckpt under {where}; starting a new run from step 0")
+                config.ckpt_path = None
+                return
+            config.ckpt_path = ckpt_path = str(found.path)
+            version = found.version
+        else:
+            version = version_of(ckpt_path)
+        check_checkpoint(ckpt_path)
+        # Continue in the resumed run's folder: its logs and checkpoints stay together.
+        if logger is not None and logger.get("version") is None and version is not None and root is not None:
+            if Path(ckpt_path).resolve().is_relative_to((root / f"version_{version}").resolve()):
+                logger.version = version
+        header = read_checkpoint_header(ckpt_path)
+        step = f" (optimizer step {header['global_step']}, epoch {header['epoch']})" if header else ""
+        rank_zero_info(f"Resuming from {ckpt_path}{step}")
+        changes = []
+        if "hyper_parameters" in header and config.get("model") is not None:
+            changes += changed_hparams(header["hyper_parameters"], config.model.as_dict(), "model")
+        if "datamodule_hyper_parameters" in header and config.get("data") is not None:
+            changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.as_dict(), "data")
+        if changes:
+            rank_zero_warn(
+                "resuming with settings that differ from the checkpoint's; the values given now apply:\n  "
+                + "\n  ".join(changes)
+            )
+
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            _claim_run_folder(config)
         # KTO logs no pairwise accuracy (as in TRL): keep its best checkpoint by val/loss instead,
         # unless the user chose what to monitor.
-        config = self.config[self.subcommand] if self.subcommand else self.config
         checkpoint = config.get("checkpoint")
         if checkpoint is None or not _is_kto(config.model.loss_type) or checkpoint.monitor != ACCURACY:
             return
@@ -60,6 +122,31 @@ class DPOLightningCLI(LightningCLI):
             checkpoint.mode = "min"
         if checkpoint.filename == ACCURACY_FILENAME:
             checkpoint.filename = "step{step}-loss{val/loss:.3f}"
+
+
+def _logger_init_args(config: Namespace) -> Namespace | None:
+    """The init args of a logger configured with ``save_dir`` (TensorBoard, CSV), else None."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    init_args = getattr(logger, "init_args", None) if isinstance(logger, Namespace) else None
+    return init_args if init_args is not None and init_args.get("save_dir") is not None else None
+
+
+def _run_root(logger: Namespace | None) -> Path | None:
+    """``<save_dir>/<name>``, the folder holding the ``version_N`` run folders."""
+    if logger is None:
+        return None
+    return Path(logger.save_dir) / (logger.get("name") or "")
+
+
+def _claim_run_folder(config: Namespace) -> None:
+    """Give a new run its own ``version_N`` folder, claimed atomically (rank 0 decides; the trainer
+    broadcasts its log_dir to the other ranks)."""
+    logger = _logger_init_args(config)
+    if logger is None or logger.get("version") is not None or rank_zero_only.rank != 0:
+        return
+    logger.version = claim_version(_run_root(logger))
 
 
 def _is_kto(loss_type: str | list[str]) -> bool:
@@ -89,11 +176,23 @@ def cli_main(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``dpo-lightning`` / ``python -m dpo_lightning``."""
-    words = sys.argv[1:] if argv is None else argv
-    if words[:1] == ["export"]:
-        from dpo_lightning.export import main as export_main
+    """Console entry point: ``dpo-lightning`` / ``python -m dpo_lightning``.
 
-        export_main(words[1:])
-        return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    Errors the user can act on (bad data, a bad checkpoint, a diverging run, preemption) end the
+    process with one line and a non-zero status instead of a traceback: 1 for errors, 143 when a
+    preempted run saved its checkpoint (a scheduler can tell that from success and from failure).
+    """
+    words = sys.argv[1:] if argv is None else argv
+    try:
+        if words[:1] == ["export"]:
+            from dpo_lightning.export import main as export_main
+
+            export_main(words[1:])
+            return
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    except Preempted as err:
+        print(f"dpo_lightning: preempted: {err}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (NonFiniteError, CheckpointError, DataError, ExportError) as err:
+        print(f"dpo_lightning: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -2,16 +2,26 @@
 
 At the end of ``fit`` the :class:`HFExport` callback writes ``<run dir>/hf_export``; any Lightning
 checkpoint can be exported later with ``python -m dpo_lightning export CKPT OUTPUT_DIR``.
+
+An export replaces its output folder as a whole, so it only goes where nothing else can be lost
+(:func:`check_export_destination`): a new or empty folder, or a previous export, recognised by the
+marker file :data:`EXPORT_MARKER` every export carries. Weights that are not finite are never
+exported.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
+import secrets
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
 from typing import Any, Literal
 
 import lightning as L
@@ -19,9 +29,19 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lightning.checkpoint import DCP_METADATA, CheckpointError, check_checkpoint, current_umask
+
 log = logging.getLogger(__name__)
 
 AdapterExport = Literal["merged", "adapter"]
+
+# A small JSON file in every export: what wrote it, when, from what. Its presence is what allows
+# a later export to replace the folder.
+EXPORT_MARKER = ".dpo_lightning_export"
+
+
+class ExportError(ValueError):
+    """An export refused, before it replaced anything; the one-line message says why."""
 
 
 def export_hf(
@@ -30,6 +50,9 @@ def export_hf(
     output_dir: str | Path,
     state_dict: dict[str, Any] | None = None,
     adapter: AdapterExport = "merged",
+    *,
+    source: str | None = None,
+    keep: Iterable[str | Path] = (),
 ) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir``, atomically.
 
@@ -42,8 +65,16 @@ def export_hf(
 
     Everything is written to a sibling temporary folder first and renamed into place, so a
     crash mid-export never leaves a half-written model where a finished one is expected.
+    ``output_dir`` must pass :func:`check_export_destination` (with ``keep``), before the work
+    and again just before the rename; ``source`` (what the weights come from) goes into the
+    marker file. Raises :class:`ExportError` if any weight is NaN or infinite.
     """
-    output_dir = Path(output_dir)
+    output_dir, keep = Path(output_dir), list(keep)
+    check_export_destination(output_dir, keep)
+    bad = _nonfinite(state_dict if state_dict is not None else model.state_dict())
+    if bad:
+        names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise ExportError(f"the policy has {len(bad)} non-finite tensor(s) ({names}): refusing to export NaN or inf")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
@@ -57,13 +88,124 @@ def export_hf(
             tokenizer.save_pretrained(tmp)
         if not (tmp / "generation_config.json").exists() and not _is_peft(model):
             GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        tmp.rename(output_dir)
+        _write_marker(tmp, source=source, adapter=adapter)
+        _honour_umask(tmp)
+        check_export_destination(output_dir, keep)  # the folder may have changed during the export
+        _move_into_place(tmp, output_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def check_export_destination(output_dir: str | Path, keep: Iterable[str | Path] = ()) -> None:
+    """Raise :class:`ExportError` unless an export may replace ``output_dir``.
+
+    An export deletes whatever was in its folder, so the folder must not exist, be empty, or be a
+    previous export (it holds :data:`EXPORT_MARKER`). It may never be the current folder or one of
+    its parents, a folder holding checkpoints (``*.ckpt``, sharded checkpoint folders), or a
+    folder that is or holds a path in ``keep`` (the checkpoint being exported, the run's
+    checkpoint folder), which need not exist yet.
+    """
+    out = Path(output_dir)
+    what = f"export folder {out}"
+    where = out.resolve()
+    cwd = Path.cwd().resolve()
+    if where == cwd or where in cwd.parents:
+        raise ExportError(f"{what}: the current folder or one of its parents, which the export would replace")
+    for path in keep:
+        if "://" in str(path):
+            continue
+        kept = Path(path).resolve()
+        if kept == where:
+            raise ExportError(f"{what}: is {path} itself (a checkpoint, or the run's checkpoint folder)")
+        if where in kept.parents:
+            raise ExportError(f"{what}: holds {path}, which the export would delete")
+    if out.is_symlink():
+        raise ExportError(f"{what}: a symbolic link; give the folder it points to")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"{what}: exists and is not a folder")
+    names = sorted(p.name for p in out.iterdir())
+    if not names:
+        return
+    if EXPORT_MARKER not in names:
+        # Top level only: this folder may be a home directory, too large to walk.
+        ckpts = [n for n in names if n.endswith(".ckpt") or (out / n / DCP_METADATA).is_file()]
+        shown = ckpts or names
+        held = ("checkpoints: " if ckpts else "") + ", ".join(shown[:3]) + (", ..." if shown[3:] else "")
+        raise ExportError(
+            f"{what}: not empty (holds {held}) and not a previous export (no {EXPORT_MARKER}): "
+            "refusing to replace it; give a new or empty folder"
+        )
+    found = _find_checkpoint(out)
+    if found is not None:
+        raise ExportError(f"{what}: holds a checkpoint ({found}); refusing to replace it")
+
+
+def _find_checkpoint(folder: Path) -> Path | None:
+    for root, dirs, files in os.walk(folder):
+        if DCP_METADATA in files:  # a sharded checkpoint folder
+            return Path(root)
+        for name in (*files, *dirs):
+            if name.endswith(".ckpt"):
+                return Path(root) / name
+    return None
+
+
+def _nonfinite(tensors: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [
+        name for name, t in tensors.items()
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+
+
+def _write_marker(folder: Path, *, source: str | None, adapter: AdapterExport) -> None:
+    from dpo_lightning import __version__
+
+    marker = {
+        "dpo_lightning": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "adapter": adapter,
+    }
+    (folder / EXPORT_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
+
+
+def _honour_umask(folder: Path) -> None:
+    """Give the export the permissions of any new folder and file (``0o777`` / ``0o666`` less the
+    umask): ``mkdtemp`` made the folder ``0o700``, and transformers writes safetensors ``0o600``."""
+    umask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished export ``tmp`` to ``out``.
+
+    A previous export there is renamed aside first and deleted last: a crash at any point leaves
+    the old export or the new one under a name (``out``, or ``.<name>.old.<random>`` beside it),
+    never neither.
+    """
+    if out.is_dir() and any(out.iterdir()):
+        aside = out.with_name(f".{out.name}.old.{secrets.token_hex(4)}")
+        out.rename(aside)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            aside.rename(out)
+            raise
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()  # empty: fails, keeping everything, if something appeared in it meanwhile
+    tmp.rename(out)
 
 
 def _is_peft(model: Any) -> bool:
@@ -83,17 +225,47 @@ def _fill_special_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
             setattr(gen, name, value)
 
 
+def _plain_dirname(dirname: str) -> str:
+    """``dirname`` if it names a folder inside the run directory; ``.``, ``..``, absolute paths refused."""
+    parts = PurePath(dirname).parts
+    if not parts or PurePath(dirname).is_absolute() or ".." in parts or dirname.startswith("~"):
+        raise ExportError(
+            f"export dirname {dirname!r}: must name a new folder inside the run directory, "
+            "not '.', '..', an absolute path or one leading out of it"
+        )
+    return dirname
+
+
 class HFExport(L.Callback):
-    """At the end of ``fit``, export the policy to ``<run dir>/<dirname>`` on rank 0."""
+    """At the end of ``fit``, export the policy to ``<run dir>/<dirname>`` on rank 0.
+
+    The destination is checked when ``fit`` starts (:func:`check_export_destination`, keeping the
+    run's checkpoint folders and the checkpoint resumed from), so a bad ``dirname`` fails before
+    any training, not after it.
+    """
 
     def __init__(self, dirname: str = "hf_export", adapter: AdapterExport = "merged") -> None:
         """
         Args:
-            dirname: Folder name of the export inside the run directory (the logger's log_dir).
+            dirname: Folder of the export inside the run directory (the logger's log_dir); a
+                previous export there is replaced, anything else there is refused.
             adapter: For a LoRA policy: export the merged model, or the adapter weights alone.
         """
-        self.dirname = dirname
+        self.dirname = _plain_dirname(dirname)
         self.adapter = adapter
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: on every rank
+        error = None
+        if trainer.is_global_zero:
+            try:
+                check_export_destination(run_dir / self.dirname, _kept(trainer))
+            except ExportError as e:
+                error = str(e)
+        # Every rank stops together (one raising alone would leave the others in a collective).
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            raise ExportError(f"{error} (HFExport dirname {self.dirname!r})")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
@@ -104,30 +276,62 @@ class HFExport(L.Callback):
         state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
         # Trainer.log_dir broadcasts from rank 0, a collective too: read it on every rank.
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        failure: BaseException | None = None
         if trainer.is_global_zero:
             tokenizer = getattr(pl_module, "tokenizer", None)
-            out = export_hf(pl_module.model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter)
-            rank_zero_info(f"Hugging Face export of the policy: {out}")
-            final = {k: f"{v.item():.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            if final:
-                rank_zero_info(f"Last validation: {final}")
-            if trainer.logger is not None:
-                rank_zero_info(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {run_dir})")
+            try:
+                out = export_hf(
+                    pl_module.model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter,
+                    source=f"end of fit, step {trainer.global_step}", keep=_kept(trainer),
+                )
+            except Exception as e:  # refused, non-finite weights, full disk ...
+                failure = e
+            else:
+                rank_zero_info(f"Hugging Face export of the policy: {out}")
+                final = {k: f"{v.item():.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+                if final:
+                    rank_zero_info(f"Last validation: {final}")
+                if trainer.logger is not None:
+                    rank_zero_info(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {run_dir})")
+        # Rank 0's failure reaches every rank, which would otherwise wait in the barrier forever.
+        error = trainer.strategy.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}", src=0)
+        if failure is not None:
+            raise failure
+        if error is not None:
+            raise ExportError(f"the export on rank 0 failed: {error}")
         trainer.strategy.barrier("hf_export")
 
 
+def _kept(trainer: L.Trainer) -> list[str | Path]:
+    """What an export must not replace: the checkpoint folders of this run, the checkpoint resumed from."""
+    kept: list[str | Path] = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    if trainer.ckpt_path:
+        kept.append(trainer.ckpt_path)
+    return kept
+
+
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: AdapterExport = "merged") -> Path:
-    """Export the policy of a ``DPOModule`` checkpoint (a file, or a sharded FSDP2 folder) in HF format."""
+    """Export the policy of a ``DPOModule`` checkpoint (a file, or a sharded FSDP2 folder) in HF format.
+
+    Raises :class:`~dpo_lightning.checkpoint.CheckpointError` for a missing, truncated or corrupt
+    checkpoint and :class:`ExportError` for a destination the export must not replace, both
+    before loading anything.
+    """
     from dpo_lightning.distributed import consolidate_checkpoint
     from dpo_lightning.module import DPOModule
 
     ckpt_path = Path(ckpt_path)
+    check_checkpoint(ckpt_path)
+    check_export_destination(output_dir, keep=[ckpt_path])
     if ckpt_path.is_dir():  # sharded: gather the shards into one file first
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
-            return export_checkpoint(Path(tmp) / "full.ckpt", output_dir, adapter)
-    module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return export_hf(module.model, module.tokenizer, output_dir, adapter=adapter)
+            module = DPOModule.load_from_checkpoint(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=True)
+    else:
+        module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return export_hf(
+        module.model, module.tokenizer, output_dir, adapter=adapter, source=str(ckpt_path.resolve()), keep=[ckpt_path]
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,10 +340,18 @@ def main(argv: list[str] | None = None) -> None:
         description="Export the policy of a DPOModule checkpoint in Hugging Face format (safetensors).",
     )
     parser.add_argument("ckpt_path", help="Lightning checkpoint written by `fit`")
-    parser.add_argument("output_dir", help="folder to write; loadable with AutoModelForCausalLM.from_pretrained")
+    parser.add_argument(
+        "output_dir",
+        help="folder to write: new, empty, or a previous export (replaced); "
+        "loadable with AutoModelForCausalLM.from_pretrained",
+    )
     parser.add_argument(
         "--adapter", choices=["merged", "adapter"], default="merged",
         help="for a LoRA policy: the merged model (default) or the adapter weights alone",
     )
     args = parser.parse_args(argv)
-    print(f"Exported to {export_checkpoint(args.ckpt_path, args.output_dir, args.adapter)}")
+    try:
+        out = export_checkpoint(args.ckpt_path, args.output_dir, args.adapter)
+    except (CheckpointError, ExportError) as e:
+        parser.exit(1, f"{parser.prog}: error: {e}\n")
+    print(f"Exported to {out}")

@@ -3,6 +3,10 @@
 Every function here is pure: no model calls, no reduction over the batch, no distributed code, no state.
 A loss is chosen by name through ``LOSSES`` (names and formulas follow TRL 1.x ``DPOConfig.loss_type``);
 ``compute_loss`` sums a weighted list of them, as TRL does for ``loss_type=[...]`` with ``loss_weights``.
+Each loss's user hyper-parameters (besides beta) are declared, with defaults and valid intervals, in
+``LOSS_HPARAMS``; ``check_loss_config`` validates a whole configuration against it before any model is
+loaded (unknown names, unused or misspelled hyper-parameters, out-of-range values) and returns the
+``LossConfig`` that ``compute_loss`` applies.
 
 Notation used in the docstrings (all tensors are ``(B,)``, one entry per preference pair):
 
@@ -25,14 +29,17 @@ has its own function, ``kto_loss``, with the helpers ``kto_kl_estimate``, ``kto_
 ``kto_weight_warning``.
 
 A few methods are defined on batch statistics (KTO's KL reference point, BCO's reward baseline, the token
-mean of the SFT term, AOT's sorting). Each takes that statistic as an optional keyword argument so the
-module can pass an exact cross-rank value; when it is omitted the local batch is used, as TRL does. The
-helpers ``kto_pair_batch_kl``, ``bco_batch_reward_mean`` and ``rank_matched`` compute those statistics.
+mean of the SFT term, AOT's sorting). Each takes that statistic as an optional keyword argument (named in
+``BATCH_STATISTICS``; these are not hyper-parameters and cannot be configured) so a module can pass an exact
+cross-rank value; when it is omitted the local batch is used, as TRL does (for ``bco_pair``: delta = 0, as
+TRL 1.16). The helpers ``kto_pair_batch_kl``, ``bco_batch_reward_mean`` and ``rank_matched`` compute them.
 """
 
+import difflib
+import functools
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -40,18 +47,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "BATCH_STATISTICS",
+    "HParam",
     "KTOOutput",
     "LOSSES",
+    "LOSS_HPARAMS",
+    "LossConfig",
     "LossFn",
     "LossOutput",
     "PairLogps",
     "REFERENCE_FREE",
+    "UNPAIRED_LOSSES",
     "aot",
     "aot_unpaired",
     "apo_down",
     "apo_zero",
     "bco_batch_reward_mean",
     "bco_pair",
+    "check_loss_config",
     "compute_loss",
     "cpo",
     "discopop",
@@ -76,6 +89,7 @@ __all__ = [
     "sigmoid_norm",
     "simpo",
     "sppo_hard",
+    "statistic_names",
 ]
 
 
@@ -110,15 +124,43 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-def _check_label_smoothing(
-    label_smoothing: float, loss: str, low: float, high: float, closed_high: bool
-) -> None:
-    ok = low <= label_smoothing <= high if closed_high else low <= label_smoothing < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(
-            f"loss {loss!r} needs label_smoothing in [{low}, {high}{bracket}, got {label_smoothing!r}"
-        )
+class HParam(NamedTuple):
+    """A user hyper-parameter of a loss (an entry of ``LOSS_HPARAMS``): its default and its valid interval.
+
+    A bound is excluded where ``low_open``/``high_open`` say so, and always when it is infinite, so a valid
+    value is finite. ``note`` is added to the error message (e.g. the value a paper recommends).
+    """
+
+    default: float
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def interval(self) -> str:
+        """The valid values in interval notation, e.g. ``[0.0, 0.5)``."""
+        left = "(" if self.low_open or math.isinf(self.low) else "["
+        right = ")" if self.high_open or math.isinf(self.high) else "]"
+        return f"{left}{self.low}, {self.high}{right}"
+
+    def check(self, loss: str, name: str, value: object) -> float:
+        """``value`` as a float if it lies in the interval; ValueError naming loss, hyper-parameter and interval."""
+        note = f" ({self.note})" if self.note else ""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"loss {loss!r} needs {name} to be a number in {self.interval()}{note}, got {value!r}")
+        x = float(value)
+        above = self.low < x if self.low_open or math.isinf(self.low) else self.low <= x
+        below = x < self.high if self.high_open or math.isinf(self.high) else x <= self.high
+        if not (above and below):  # NaN fails both
+            raise ValueError(f"loss {loss!r} needs {name} in {self.interval()}{note}, got {value!r}")
+        return x
+
+
+def _check_hparams(loss: str, **values: object) -> None:
+    """Check a loss function's hyper-parameters against its declaration in ``LOSS_HPARAMS``."""
+    for name, value in values.items():
+        LOSS_HPARAMS[loss][name].check(loss, name, value)
 
 
 def _check_logps(logps: PairLogps) -> None:
@@ -182,8 +224,9 @@ def kto_pair_batch_kl(logps: PairLogps) -> tuple[Tensor, Tensor]:
 def bco_batch_reward_mean(logps: PairLogps, *, beta: float) -> Tensor:
     """Mean implicit reward of the batch, mean(cat(beta * hc, beta * hr)), detached, 0-dim.
 
-    This is what TRL 0.x fed into its ``RunningMoments`` each step to get BCO's baseline ``delta``; a
-    module that wants that behaviour keeps the running mean itself and passes it as ``bco_delta``.
+    This is what TRL 0.x fed into its ``RunningMoments`` each step to get BCO's baseline ``delta``; a caller
+    that wants that behaviour keeps the running mean itself and passes it as ``bco_delta``. ``DPOModule``
+    does not: it passes no ``bco_delta``, so ``bco_pair`` trains with delta = 0, as TRL 1.16 does.
     """
     _check_beta(beta)
     chosen_logratios, rejected_logratios = _logratios(logps)
@@ -225,7 +268,7 @@ def sigmoid(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> L
     ``label_smoothing`` here; TRL 1.x ignores it for ``sigmoid`` (both agree at the default 0).
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "sigmoid", 0.0, 0.5, closed_high=True)
+    _check_hparams("sigmoid", label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     return _output(_cdpo(beta * (hc - hr), label_smoothing), beta, hc, hr)
 
@@ -270,7 +313,7 @@ def robust(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Lo
     Language Models with Noisy Feedback", arXiv:2403.00409. TRL name: ``robust``.
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "robust", 0.0, 0.5, closed_high=False)
+    _check_hparams("robust", label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     eps = label_smoothing
@@ -289,11 +332,7 @@ def exo_pair(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> 
     TRL name: ``exo_pair``.
     """
     _check_beta(beta)
-    if not 0.0 < label_smoothing < 1.0:
-        raise ValueError(
-            "loss 'exo_pair' needs label_smoothing in (0, 1) (the EXO paper recommends 1e-3), "
-            f"got {label_smoothing!r}"
-        )
+    _check_hparams("exo_pair", label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     eps = label_smoothing
@@ -322,10 +361,12 @@ def bco_pair(logps: PairLogps, *, beta: float, bco_delta: Tensor | float | None 
 
         loss = -ls(beta * hc - delta) - ls(-(beta * hr - delta))
 
-    ``bco_delta`` is the reward baseline (detached). Omitted, delta = 0, which is TRL 1.x (it dropped the
-    baseline). TRL 0.x and the paper use a running mean of the batch rewards: keep it in the module, update it
-    with ``bco_batch_reward_mean`` and pass it here. Paper: Jung, Park, Lee, Kim, Kim, Yoo (2024), "Binary
-    Classifier Optimization for Large Language Model Alignment", arXiv:2404.04656. TRL name: ``bco_pair``.
+    ``bco_delta`` is the reward baseline (a batch statistic, detached). Omitted, delta = 0, which is what
+    TRL 1.16's ``bco_pair`` computes (it has no baseline) and what ``DPOModule`` trains with: it passes no
+    ``bco_delta``. TRL 0.x and the paper use a running mean of the batch rewards; that is not implemented
+    here, but a caller can keep it, update it with ``bco_batch_reward_mean`` and pass it. Paper: Jung, Park,
+    Lee, Kim, Kim, Yoo (2024), "Binary Classifier Optimization for Large Language Model Alignment",
+    arXiv:2404.04656. TRL name: ``bco_pair``.
     """
     _check_beta(beta)
     hc, hr = _logratios(logps)
@@ -396,7 +437,7 @@ def aot(
     arXiv:2406.05882. TRL name: ``aot``.
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "aot", 0.0, 0.5, closed_high=True)
+    _check_hparams("aot", label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     policy_margin = logps.chosen - logps.rejected  # (B,)
     if aot_ref_matched is None:
@@ -431,7 +472,7 @@ def aot_unpaired(
     TRL name: ``aot_unpaired`` (``aot_pair`` in TRL 0.x).
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "aot_unpaired", 0.0, 0.5, closed_high=True)
+    _check_hparams("aot_unpaired", label_smoothing=label_smoothing)
     if (aot_chosen_matched is None) != (aot_rejected_matched is None):
         raise ValueError("aot_unpaired needs both aot_chosen_matched and aot_rejected_matched, or neither")
     hc, hr = _logratios(logps)
@@ -455,8 +496,7 @@ def discopop(logps: PairLogps, *, beta: float, discopop_tau: float = 0.05) -> Lo
     Models", arXiv:2406.08414, Eq. 5. TRL name: ``discopop``.
     """
     _check_beta(beta)
-    if not (isinstance(discopop_tau, int | float) and math.isfinite(discopop_tau) and discopop_tau > 0):
-        raise ValueError(f"loss 'discopop' needs discopop_tau > 0, got {discopop_tau!r}")
+    _check_hparams("discopop", discopop_tau=discopop_tau)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     weight = torch.sigmoid(margin / discopop_tau)
@@ -485,9 +525,11 @@ def sft(logps: PairLogps, *, beta: float, sft_num_tokens: Tensor | float | None 
         loss_j = -sum_i c_i / N    for every j,    N = sum_i Lc_i (or ``sft_num_tokens``)
 
     This is TRL's cross-entropy over all chosen response tokens of the batch, expanded to (B,).
-    ``sft_num_tokens`` (detached) replaces the local token count N; with DDP averaging gradients over W
-    ranks, passing (global chosen tokens) / W makes the mean over ranks the global token mean. beta only
-    scales the rewards. RPO is ``compute_loss(["sigmoid", "sft"], ..., loss_weights=[1.0, alpha])``.
+    ``sft_num_tokens`` (a batch statistic, detached) replaces the local token count N; with DDP averaging
+    gradients over W ranks, passing (global chosen tokens) / W makes the mean over ranks the global token
+    mean. ``DPOModule`` passes none: each rank (and each accumulated micro-batch) divides by its own chosen
+    token count, as TRL does per device. beta only scales the rewards. RPO is
+    ``compute_loss(["sigmoid", "sft"], ..., loss_weights=[1.0, alpha])``.
     Paper: Pang, Yuan, Cho, He, Sukhbaatar, Weston (2024), "Iterative Reasoning Preference Optimization",
     arXiv:2404.19733. TRL name: ``sft``.
     """
@@ -563,7 +605,7 @@ def simpo(
 
     TRL writes it as ``logits = (c/Lc - r/Lr) - gamma / beta`` and ``-ls(beta * logits)``: the same thing.
     beta scales the average log-prob into a reward (the paper uses 2 to 10, far above DPO's 0.1); gamma =
-    ``simpo_gamma`` is the reward margin the chosen response must win by (TRL default 0.5; the paper tunes
+    ``simpo_gamma`` >= 0 is the reward margin the chosen response must win by (TRL default 0.5; the paper tunes
     gamma / beta in [0.3, 1.6]). Rewards are ``beta * c/Lc`` and ``beta * r/Lr``. ``ref_*`` are ignored.
     TRL's ``CPOConfig(loss_type="simpo")`` adds ``cpo_alpha`` (default 1.0) times the chosen NLL; the SimPO
     paper does not: that mix is ``compute_loss(["simpo", "sft"], ..., loss_weights=[1.0, cpo_alpha])``.
@@ -571,7 +613,7 @@ def simpo(
     arXiv:2405.14734, Eq. 6. TRL: ``CPOTrainer`` with ``loss_type="simpo"``, ``simpo_gamma``.
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "simpo", 0.0, 0.5, closed_high=True)
+    _check_hparams("simpo", simpo_gamma=simpo_gamma, label_smoothing=label_smoothing)
     _check_logps(logps)
     chosen = _per_token(logps.chosen, logps.chosen_tokens)  # (B,) average log-prob per token
     rejected = _per_token(logps.rejected, logps.rejected_tokens)  # (B,)
@@ -594,14 +636,14 @@ def cpo(
 
     The NLL is TRL's cross-entropy over all chosen response tokens of the batch, the same value for every
     pair (so the mean over pairs is TRL's ``losses.mean() + cpo_alpha * nll_loss``). alpha = ``cpo_alpha``
-    (TRL default 1.0; 0 leaves the preference term alone). beta plays DPO's role with a uniform reference.
+    (>= 0; TRL default 1.0; 0 leaves the preference term alone). beta plays DPO's role with a uniform reference.
     Rewards are ``beta * c`` and ``beta * r`` (summed log-probs). ``ref_*`` are ignored. Paper: Xu, Sharaf,
     Chen, Tan, Shen, Van Durme, Murray, Kim (2024), "Contrastive Preference Optimization: Pushing the
     Boundaries of LLM Performance in Machine Translation", arXiv:2401.08417, Eq. 3 and 6. TRL: ``CPOTrainer``
     with ``loss_type="sigmoid"``, ``cpo_alpha``.
     """
     _check_beta(beta)
-    _check_label_smoothing(label_smoothing, "cpo", 0.0, 0.5, closed_high=True)
+    _check_hparams("cpo", label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
     _check_logps(logps)
     losses = _cdpo(beta * (logps.chosen - logps.rejected), label_smoothing)  # (B,)
     if cpo_alpha:
@@ -790,7 +832,7 @@ def kto_weight_warning(
 
 
 # --------------------------------------------------------------------------------------------------------
-# selection by name
+# selection by name, and the declaration of each loss's hyper-parameters
 
 
 LOSSES: dict[str, LossFn] = {
@@ -816,60 +858,259 @@ LOSSES: dict[str, LossFn] = {
     "npo": npo,
 }
 
+_CDPO_SMOOTHING = HParam(0.0, 0.0, 0.5)  # cDPO's flip probability eps; 0.5 makes the loss constant
+
+# The user hyper-parameters of each loss besides beta, with the function's default and the valid interval.
+# The one declaration: the functions check their arguments against it, ``check_loss_config`` validates a
+# configuration with it, docs/losses.md tabulates it, and tests check it against the signatures.
+LOSS_HPARAMS: dict[str, dict[str, HParam]] = {
+    "sigmoid": {"label_smoothing": _CDPO_SMOOTHING},
+    "hinge": {},
+    "ipo": {},
+    "robust": {"label_smoothing": HParam(0.0, 0.0, 0.5, high_open=True)},
+    "exo_pair": {
+        "label_smoothing": HParam(
+            0.0, 0.0, 1.0, low_open=True, high_open=True, note="required; the EXO paper recommends 1e-3"
+        )
+    },
+    "nca_pair": {},
+    "bco_pair": {},
+    "sppo_hard": {},
+    "apo_zero": {},
+    "apo_down": {},
+    "aot": {"label_smoothing": _CDPO_SMOOTHING},
+    "aot_unpaired": {"label_smoothing": _CDPO_SMOOTHING},
+    "discopop": {"discopop_tau": HParam(0.05, 0.0, math.inf, low_open=True)},
+    "sigmoid_norm": {},
+    "sft": {},
+    "kto_pair": {},
+    "simpo": {"simpo_gamma": HParam(0.5, 0.0), "label_smoothing": _CDPO_SMOOTHING},
+    "cpo": {"label_smoothing": _CDPO_SMOOTHING, "cpo_alpha": HParam(1.0, 0.0)},
+    "orpo": {},
+    "npo": {},
+}
+
+# Keyword arguments of the losses that are statistics of the batch, not settings: omitted, the loss computes
+# them from its inputs; a module may compute them (e.g. across ranks) and pass them to ``compute_loss``.
+BATCH_STATISTICS: dict[str, str] = {
+    "bco_delta": "bco_pair's reward baseline",
+    "sft_num_tokens": "the chosen-token count dividing the NLL of sft, cpo and orpo",
+    "chosen_kl": "kto_pair's KL estimate of the chosen responses",
+    "rejected_kl": "kto_pair's KL estimate of the rejected responses",
+    "aot_ref_matched": "aot's rank-matched reference margins",
+    "aot_chosen_matched": "aot_unpaired's rank-matched chosen log-ratios",
+    "aot_rejected_matched": "aot_unpaired's rank-matched rejected log-ratios",
+}
+
 # Losses that never read ``ref_chosen``/``ref_rejected``: they need no reference model.
 REFERENCE_FREE: frozenset[str] = frozenset({"simpo", "cpo", "orpo"})
 
+# loss_type names that are not pair losses: "kto" is KTO on unpaired data (``kto_loss``), used on its own.
+UNPAIRED_LOSSES: frozenset[str] = frozenset({"kto"})
+
 _RENAMED = {"aot_pair": "aot_unpaired"}
+
+
+def _unknown_loss(name: object) -> str:
+    hint = f" (TRL 1.x renamed {name!r} to {_RENAMED[name]!r})" if name in _RENAMED else ""
+    unpaired = ", ".join(sorted(UNPAIRED_LOSSES))
+    return (
+        f"Unknown loss_type {name!r}{hint}. Valid names: {', '.join(sorted(LOSSES))}; "
+        f"and, on its own for unpaired data, {unpaired}"
+    )
 
 
 def get_loss_fn(name: str) -> LossFn:
     """The loss function registered under ``name`` in ``LOSSES``; ValueError listing valid names otherwise."""
     if name in LOSSES:
         return LOSSES[name]
-    hint = f" (TRL 1.x renamed {name!r} to {_RENAMED[name]!r})" if name in _RENAMED else ""
-    raise ValueError(f"Unknown loss_type {name!r}{hint}. Valid names: {', '.join(sorted(LOSSES))}")
+    if name in UNPAIRED_LOSSES:
+        raise ValueError(f"loss_type {name!r} is KTO on unpaired data, not a pair loss: use kto_loss")
+    raise ValueError(_unknown_loss(name))
 
 
-def hparam_names(fn: LossFn) -> frozenset[str]:
-    """The hyper-parameters a loss function accepts: its keyword-only arguments other than ``beta``."""
+@functools.cache
+def _keyword_names(fn: LossFn) -> frozenset[str]:
     params = inspect.signature(fn).parameters.values()
     return frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "beta")
 
 
-def compute_loss(
+def hparam_names(fn: LossFn) -> frozenset[str]:
+    """The user hyper-parameters a loss function takes: keyword-only arguments other than ``beta`` that are
+    not ``BATCH_STATISTICS``. Read from the signature; tests check it equals the ``LOSS_HPARAMS`` entry."""
+    return _keyword_names(fn).difference(BATCH_STATISTICS)
+
+
+def statistic_names(fn: LossFn) -> frozenset[str]:
+    """The batch statistics (``BATCH_STATISTICS``) a loss function accepts as keyword arguments."""
+    return _keyword_names(fn).intersection(BATCH_STATISTICS)
+
+
+# --------------------------------------------------------------------------------------------------------
+# a checked configuration, and the weighted sum it selects
+
+
+class LossConfig(NamedTuple):
+    """A checked loss configuration: build it with ``check_loss_config``, apply it with ``compute_loss``."""
+
+    loss_type: tuple[str, ...]  # names in LOSSES, or ("kto",) for KTO on unpaired data
+    loss_weights: tuple[float, ...]  # one per name
+    beta: float
+    hparams: tuple[dict[str, float], ...]  # one per name: every hyper-parameter it declares, given or default
+
+
+def _not_used(key: str, value: object, names: Sequence[str]) -> str:
+    users = sorted(loss for loss, declared in LOSS_HPARAMS.items() if key in declared)
+    return f"`{key}`={value!r} is not used by loss_type {list(names)}; it is used by: {', '.join(users)}"
+
+
+def _check_loss_kwargs(names: Sequence[str], loss_kwargs: Mapping[str, object]) -> None:
+    """Refuse a loss_kwargs key that is no user hyper-parameter (a typo, a batch statistic, beta, ...)."""
+    all_keys = sorted({key for declared in LOSS_HPARAMS.values() for key in declared} - {"label_smoothing"})
+    selected = sorted({key for name in names for key in LOSS_HPARAMS.get(name, {})} - {"label_smoothing"})
+    for key in loss_kwargs:
+        if key in ("beta", "label_smoothing"):
+            raise ValueError(f"`{key}` is an argument of its own, not a loss_kwargs key")
+        if key in BATCH_STATISTICS:
+            raise ValueError(
+                f"`{key}` ({BATCH_STATISTICS[key]}) is a batch statistic: it is computed per batch (by the loss "
+                "from its inputs, or by the module and passed to compute_loss), not configured; "
+                "remove it from loss_kwargs"
+            )
+        if key not in all_keys:
+            close = difflib.get_close_matches(str(key), all_keys, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown loss hyper-parameter {key!r} in loss_kwargs.{hint} The loss_kwargs of loss_type "
+                f"{list(names)}: {', '.join(selected) or 'none'} (of all losses: {', '.join(all_keys)}; "
+                "beta and label_smoothing are arguments of their own)"
+            )
+
+
+def check_loss_config(
     loss_type: str | Sequence[str],
-    logps: PairLogps,
     *,
-    beta: float,
     loss_weights: Sequence[float] | None = None,
-    **hparams: object,
-) -> LossOutput:
-    """Weighted sum of the per-pair losses named in ``loss_type`` (TRL's ``loss_type`` + ``loss_weights``).
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_kwargs: Mapping[str, float] | None = None,
+) -> LossConfig:
+    """Validate a loss configuration as a module holds it, before any model is loaded; a ``LossConfig``.
 
-        losses = sum_k loss_weights[k] * LOSSES[loss_type[k]](logps, beta=beta, **its hparams).losses
-
-    ``loss_weights`` defaults to 1.0 for each loss. Each function receives only the ``hparams`` it accepts;
-    a name that no registered loss accepts (a typo) raises ValueError. Rewards are those of the first loss in
-    the list (the losses that use the reference all return beta * summed log-ratios; the choice matters for
-    the reference-free ones, which define their own reward).
+    ValueError, naming the offending value and the valid choices, for: an unknown or empty ``loss_type``
+    (``"kto"`` is valid only on its own); ``loss_weights`` of the wrong length, or non-finite, or given with
+    ``"kto"``; a beta that is not a finite number > 0; a ``loss_kwargs`` key that is not a user
+    hyper-parameter (a typo, ``beta``, ``label_smoothing``, or a ``BATCH_STATISTICS`` name); a hyper-parameter
+    that none of the selected losses uses (``label_smoothing`` counts as given when it is not 0.0); a value
+    outside its loss's interval in ``LOSS_HPARAMS`` (for every selected loss that uses it). The result holds,
+    per loss, each hyper-parameter it declares: the given value, or the declared default.
     """
-    names = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    if isinstance(loss_type, str):
+        names = [loss_type]
+    elif isinstance(loss_type, Sequence):
+        names = list(loss_type)
+    else:
+        raise ValueError(f"loss_type must be a loss name or a list of names, got {loss_type!r}")
     if not names:
         raise ValueError("loss_type must name at least one loss")
-    weights = [1.0] * len(names) if loss_weights is None else [float(w) for w in loss_weights]
-    if len(weights) != len(names):
-        raise ValueError(f"loss_weights has {len(weights)} entries but loss_type has {len(names)}: {names}")
-    fns = [get_loss_fn(name) for name in names]
-    known = frozenset().union(*(hparam_names(fn) for fn in LOSSES.values()))
-    unknown = sorted(set(hparams) - known)
-    if unknown:
-        raise ValueError(f"Unknown loss hyper-parameter(s) {unknown}. Known: {', '.join(sorted(known))}")
+    for name in names:
+        if name not in LOSSES and name not in UNPAIRED_LOSSES:
+            raise ValueError(_unknown_loss(name))
+    unpaired = sorted(set(names) & UNPAIRED_LOSSES)
+    if unpaired and len(names) > 1:
+        raise ValueError(f"loss_type {unpaired[0]!r} (unpaired data) must be used on its own, got {names}")
+
+    if loss_weights is None:
+        weights = (1.0,) * len(names)
+    elif unpaired:
+        raise ValueError(
+            f"loss_weights={list(loss_weights)!r} is not used by loss_type {names} "
+            "(KTO's weights are desirable_weight and undesirable_weight)"
+        )
+    else:
+        if len(loss_weights) != len(names):
+            raise ValueError(f"loss_weights has {len(loss_weights)} entries but loss_type has {len(names)}: {names}")
+        for w in loss_weights:
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w):
+                raise ValueError(f"loss_weights must be finite numbers, got {list(loss_weights)!r}")
+        weights = tuple(float(w) for w in loss_weights)
+    _check_beta(beta)
+
+    loss_kwargs = dict(loss_kwargs or {})
+    _check_loss_kwargs(names, loss_kwargs)
+    given = dict(loss_kwargs)
+    if label_smoothing != 0.0:  # 0.0, the default, counts as not set
+        given["label_smoothing"] = label_smoothing
+    for key, value in given.items():
+        if not any(key in LOSS_HPARAMS.get(name, {}) for name in names):
+            raise ValueError(_not_used(key, value, names))
+    hparams = tuple(
+        {key: spec.check(name, key, given.get(key, spec.default)) for key, spec in LOSS_HPARAMS.get(name, {}).items()}
+        for name in names
+    )
+    return LossConfig(tuple(names), weights, float(beta), hparams)
+
+
+def compute_loss(
+    loss: LossConfig | str | Sequence[str],
+    logps: PairLogps,
+    *,
+    beta: float | None = None,
+    loss_weights: Sequence[float] | None = None,
+    label_smoothing: float | None = None,
+    **kwargs: object,
+) -> LossOutput:
+    """Weighted sum of the per-pair losses of a configuration (TRL's ``loss_type`` + ``loss_weights``).
+
+        losses = sum_k loss_weights[k] * LOSSES[loss_type[k]](logps, beta=beta, **hparams[k], **statistics).losses
+
+    Two forms, one path. ``compute_loss(config, logps, **statistics)`` with ``config`` from
+    ``check_loss_config``: what a module does, validating once up front. ``compute_loss(names, logps,
+    beta=..., loss_weights=..., label_smoothing=..., **kwargs)``: builds the config with ``check_loss_config``
+    first (so the same errors), the ``kwargs`` that are not ``BATCH_STATISTICS`` being its ``loss_kwargs``.
+
+    ``statistics`` are ``BATCH_STATISTICS`` values for this batch (None = not given); each goes to the losses
+    that accept it, and one that no selected loss accepts is a ValueError. Rewards are those of the first loss
+    in the list (the losses that use the reference all return beta * summed log-ratios; the choice matters
+    for the reference-free ones, which define their own reward).
+    """
+    if isinstance(loss, LossConfig):
+        extra = [k for k, v in (("beta", beta), ("loss_weights", loss_weights)) if v is not None]
+        extra += ["label_smoothing"] if label_smoothing is not None else []
+        extra += sorted(k for k in kwargs if k not in BATCH_STATISTICS)
+        if extra:
+            raise ValueError(
+                f"compute_loss got a LossConfig and also {extra}: the config holds beta, loss_weights and the "
+                f"hyper-parameters; only batch statistics ({', '.join(BATCH_STATISTICS)}) go with it"
+            )
+        config = loss
+    else:
+        if beta is None:
+            raise TypeError("compute_loss() needs beta when the losses are given by name")
+        config = check_loss_config(
+            loss,
+            loss_weights=loss_weights,
+            beta=beta,
+            label_smoothing=0.0 if label_smoothing is None else label_smoothing,
+            loss_kwargs={k: v for k, v in kwargs.items() if k not in BATCH_STATISTICS},
+        )
+    statistics = {k: v for k, v in kwargs.items() if k in BATCH_STATISTICS and v is not None}
+
+    names = list(config.loss_type)
+    for name in names:
+        if name in UNPAIRED_LOSSES:
+            raise ValueError(f"loss_type {name!r} is KTO on unpaired data, not a pair loss: use kto_loss")
+    fns = [LOSSES[name] for name in names]
+    for key in statistics:
+        if not any(key in statistic_names(fn) for fn in fns):
+            users = sorted(name for name, fn in LOSSES.items() if key in statistic_names(fn))
+            raise ValueError(f"`{key}` is not used by loss_type {names}; it is used by: {', '.join(users)}")
 
     total: Tensor | None = None
     first: LossOutput | None = None
-    for fn, weight in zip(fns, weights):
-        accepted = hparam_names(fn)
-        out = fn(logps, beta=beta, **{k: v for k, v in hparams.items() if k in accepted})
+    for fn, weight, hparams in zip(fns, config.loss_weights, config.hparams):
+        accepted = statistic_names(fn)
+        out = fn(logps, beta=config.beta, **hparams, **{k: v for k, v in statistics.items() if k in accepted})
         first = out if first is None else first
         total = weight * out.losses if total is None else total + weight * out.losses  # (B,)
     assert total is not None and first is not None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +24,41 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+def looks_like_path(spec: str) -> bool:
+    """Whether ``spec`` names a local file or folder rather than a hub id (``org/name`` or ``name``)."""
+    return (
+        spec.startswith(("/", "./", "../", "~", ".\\"))
+        or spec.endswith(("/", os.sep))
+        or spec.count("/") > 1
+        or "\\" in spec
+        or Path(spec).exists()
+    )
+
+
+def check_local_source(spec: str, what: str) -> None:
+    """FileNotFoundError naming ``spec`` when it is a local path that does not exist.
+
+    Without this a mistyped path reaches the hub client, whose message is about repo id syntax.
+    """
+    if looks_like_path(spec) and not Path(spec).expanduser().exists():
+        raise FileNotFoundError(f"{what} {spec!r}: no such file or folder")
+
+
+def check_vocab(model: PreTrainedModel, tokenizer_size: int | None) -> None:
+    """ValueError when the tokenizer has ids the model's embedding table cannot look up.
+
+    Caught here, at build time, instead of as ``IndexError: index out of range`` at the first step.
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if tokenizer_size is not None and rows is not None and tokenizer_size > rows:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_size} tokens but the model's embedding table has {rows} rows "
+            f"({type(model.config).__name__}.vocab_size={getattr(model.config, 'vocab_size', None)}): ids >= {rows} "
+            "would index out of range; use the model's own tokenizer or a model built for this one"
+        )
 
 
 def load_causal_lm(
@@ -61,6 +98,7 @@ def load_causal_lm(
         return model
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    check_local_source(source, "model")
     return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
 
 

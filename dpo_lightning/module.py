@@ -34,6 +34,7 @@ from dpo_lightning.losses import (
     KTOOutput,
     LossOutput,
     PairLogps,
+    check_loss_config,
     compute_loss,
     kto_kl_estimate,
     kto_loss,
@@ -41,8 +42,8 @@ from dpo_lightning.losses import (
     kto_weight_warning,
 )
 from dpo_lightning.metrics import KTOMetrics, PreferenceMetrics
+from dpo_lightning.models import check_vocab, freeze, load_causal_lm
 from dpo_lightning.models import disable_dropout as _disable_dropout
-from dpo_lightning.models import freeze, load_causal_lm
 from dpo_lightning.optim import Decay, warmup_decay_schedule
 from dpo_lightning.reference import (
     REFERENCE_KINDS,
@@ -158,11 +159,12 @@ class DPOModule(L.LightningModule):
         for name, value in (("model", model), ("ref_model", ref_model), ("tokenizer", tokenizer)):
             if value is not None and not isinstance(value, str):
                 self.hparams[name] = f"<{type(value).__name__} instance>"
-        if beta <= 0:
-            raise ValueError(f"beta must be > 0, got {beta}")
+        # Every loss setting is checked before any weights load (names, keys, ranges, unused values).
+        self.loss_config = check_loss_config(
+            loss_type, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing, loss_kwargs=loss_kwargs
+        )
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
-        self.loss_hparams = {"label_smoothing": label_smoothing, **(loss_kwargs or {})}
 
         self.tokenizer = _resolve_tokenizer(tokenizer, trust_remote_code)
         load_kwargs = {
@@ -172,6 +174,7 @@ class DPOModule(L.LightningModule):
         }
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.model = load_causal_lm(model, config=model_config, vocab_size=vocab_size, **load_kwargs)
+        check_vocab(self.model, vocab_size)
         _check_max_length(self.model, max_length)
         if self.tokenizer is not None and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -188,6 +191,10 @@ class DPOModule(L.LightningModule):
             raise ValueError(f"reference='none' suits reference-free losses {sorted(no_reference)}, not {names}")
         if reference not in REFERENCE_KINDS:
             raise ValueError(f"unknown reference {reference!r}: use one of {', '.join(REFERENCE_KINDS)}")
+        if not self.is_kto and (desirable_weight != 1.0 or undesirable_weight != 1.0):
+            raise ValueError(
+                f"desirable_weight/undesirable_weight weight KTO's examples; loss_type {names} does not use them"
+            )
         if self.is_kto and reference == "precomputed":
             raise ValueError("KTO's KL rows are built per batch, so their reference log-probs cannot be precomputed")
         if ref_sync_steps is not None and reference != "copy":
@@ -276,13 +283,7 @@ class DPOModule(L.LightningModule):
             chosen_tokens=policy.n_tokens[:b],
             rejected_tokens=policy.n_tokens[b:],
         )
-        out = compute_loss(
-            self.hparams.loss_type,
-            pair,
-            beta=self.hparams.beta,
-            loss_weights=self.hparams.loss_weights,
-            **self.loss_hparams,
-        )
+        out = compute_loss(self.loss_config, pair)
         return StepOutput(out, policy, ref)
 
     def kto_forward(self, batch: Mapping[str, Tensor]) -> tuple[KTOOutput, SequenceLogps, Tensor]:

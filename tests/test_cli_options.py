@@ -78,7 +78,13 @@ def test_last_ckpt_is_the_final_state_when_it_is_not_the_best(tmp_path):
 
 def test_ddp_on_two_cpu_processes_finishes_and_exports(tmp_path):
     """HFExport read trainer.log_dir (a broadcast) on rank 0 only: every multi-process fit hung at its end."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Run from a temp folder: only PYTHONPATH makes the subprocess import this checkout, not an installed copy.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import importlib.util; print(importlib.util.find_spec('dpo_lightning').origin)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert Path(where.stdout.strip()) == ROOT / "dpo_lightning" / "__init__.py", where.stdout + where.stderr
     args = [
         "fit", "--config", str(ROOT / "recipes/tiny.yaml"), "--trainer.strategy", "ddp", "--trainer.devices", "2",
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--data.batch_size", "4",

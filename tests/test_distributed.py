@@ -193,14 +193,17 @@ def test_accumulating_k_micro_batches_equals_one_batch_of_k_times_the_pairs():
 
 
 FSDP2_EXPORT_SCRIPT = """
-import sys, torch, lightning as L
+import os, sys, torch, lightning as L
 sys.path.insert(0, {tests!r})
 from tiny import random_batch, tiny_config
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
+import dpo_lightning
 from dpo_lightning import DPOModule
 from dpo_lightning.export import HFExport
 
+# This checkout, not an installed copy.
+assert os.path.realpath(dpo_lightning.__file__) == {package!r}, dpo_lightning.__file__
 torch.manual_seed(0)
 module = DPOModule(model_config=tiny_config("llama"), fsdp_mixed_precision=False,
                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
@@ -219,8 +222,10 @@ def test_fsdp2_fit_ends_with_an_hf_export_of_the_full_weights(tmp_path):
     from transformers import AutoModelForCausalLM
 
     script = tmp_path / "fsdp2_export.py"
-    script.write_text(FSDP2_EXPORT_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    package = str((ROOT / "dpo_lightning" / "__init__.py").resolve())
+    script.write_text(FSDP2_EXPORT_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path), package=package))
+    # The script lives in a temp folder: without PYTHONPATH it would import an installed dpo_lightning.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     trained = torch.load(tmp_path / "trained.pt", weights_only=True)

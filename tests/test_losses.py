@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dpo_lightning.losses import (
+    LOSS_HPARAMS,
     LOSSES,
     REFERENCE_FREE,
     LossOutput,
@@ -31,6 +32,7 @@ from dpo_lightning.losses import (
     hparam_names,
     kto_pair_batch_kl,
     rank_matched,
+    statistic_names,
 )
 
 BETA = 0.1
@@ -64,6 +66,11 @@ def pair(c=-1.0, r=-2.0, rc=-1.5, rr=-1.5, lc=2, lr=4, requires_grad=False) -> P
 
 def value(out: LossOutput) -> list[float]:
     return out.losses.tolist()
+
+
+def used(name: str, **hparams: float) -> dict[str, float]:
+    """The ``hparams`` that loss ``name`` declares: passing one it does not use is an error."""
+    return {k: v for k, v in hparams.items() if k in LOSS_HPARAMS[name]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -234,7 +241,7 @@ def test_rewards_hand():
     """Rewards are beta * summed log-ratios for every loss that uses the reference (TRL 1.x), ipo and
     sigmoid_norm included: 0.1 * 0.5 = 0.05 and 0.1 * -0.5 = -0.05. (Reference-free losses: test_losses_ref_free.)"""
     for name in sorted(set(LOSSES) - REFERENCE_FREE):
-        out = compute_loss(name, pair(), beta=BETA, label_smoothing=1e-3)
+        out = compute_loss(name, pair(), beta=BETA, **used(name, label_smoothing=1e-3))
         assert out.chosen_rewards.tolist() == pytest.approx([0.05]), name
         assert out.rejected_rewards.tolist() == pytest.approx([-0.05]), name
 
@@ -327,7 +334,7 @@ def test_matches_trl_formula(name, seed):
     beta, tau = 0.3, 0.07
     ls = {"sigmoid": 0.0, "exo_pair": 1e-3}.get(name, 0.05)
     logps = random_logps(seed=seed)
-    ours = compute_loss(name, logps, beta=beta, label_smoothing=ls, discopop_tau=tau)
+    ours = compute_loss(name, logps, beta=beta, **used(name, label_smoothing=ls, discopop_tau=tau))
     theirs = trl_per_sequence_loss(
         name, logps.chosen, logps.rejected, logps.ref_chosen, logps.ref_rejected,
         logps.chosen_tokens.double(), logps.rejected_tokens.double(), beta, ls, tau,
@@ -455,7 +462,7 @@ def test_rewards_detached_and_grads_reach_policy_only(name):
         ref_chosen=logps.ref_chosen.clone().requires_grad_(True),
         ref_rejected=logps.ref_rejected.clone().requires_grad_(True),
     )
-    out = compute_loss(name, logps, beta=0.1, label_smoothing=1e-3)
+    out = compute_loss(name, logps, beta=0.1, **used(name, label_smoothing=1e-3))
     assert out.losses.shape == (8,)
     assert out.losses.requires_grad
     assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
@@ -473,7 +480,7 @@ def test_weighted_list_is_weighted_sum():
     kw = {"label_smoothing": 0.1, "discopop_tau": 0.1}
     names, weights = ["ipo", "robust", "discopop"], [0.8, 0.2, 1.5]
     out = compute_loss(names, logps, beta=0.2, loss_weights=weights, **kw)
-    parts = [compute_loss(n, logps, beta=0.2, **kw).losses for n in names]
+    parts = [compute_loss(n, logps, beta=0.2, **used(n, **kw)).losses for n in names]
     torch.testing.assert_close(out.losses, sum(w * p for w, p in zip(weights, parts)))
     # default weights are 1.0; rewards are those of the first loss
     torch.testing.assert_close(compute_loss(names, logps, beta=0.2, **kw).losses, sum(parts))
@@ -587,8 +594,11 @@ def test_unknown_loss_name_lists_valid_names():
 def test_typoed_hparam_is_reported():
     with pytest.raises(ValueError, match="label_smothing"):
         compute_loss("robust", pair(), beta=BETA, label_smothing=0.1)
-    # a known hparam of another loss is fine (the module passes all of them)
-    compute_loss("hinge", pair(), beta=BETA, discopop_tau=0.1, label_smoothing=0.1)
+    # a known hparam of another loss is an error too: nothing would read it (more in test_loss_config.py)
+    with pytest.raises(ValueError, match=r"discopop_tau.*not used by loss_type \['hinge'\]"):
+        compute_loss("hinge", pair(), beta=BETA, discopop_tau=0.1)
+    with pytest.raises(ValueError, match=r"label_smoothing.*not used by loss_type \['hinge'\]"):
+        compute_loss("hinge", pair(), beta=BETA, label_smoothing=0.1)
     # calling a function directly with a foreign hparam is a TypeError
     with pytest.raises(TypeError):
         get_loss_fn("hinge")(pair(), beta=BETA, label_smoothing=0.1)
@@ -597,7 +607,9 @@ def test_typoed_hparam_is_reported():
 def test_hparam_names():
     assert hparam_names(get_loss_fn("discopop")) == {"discopop_tau"}
     assert hparam_names(get_loss_fn("robust")) == {"label_smoothing"}
-    assert hparam_names(get_loss_fn("kto_pair")) == {"chosen_kl", "rejected_kl"}
+    # kto_pair's KL estimates are batch statistics the module may pass, not hyper-parameters
+    assert hparam_names(get_loss_fn("kto_pair")) == frozenset()
+    assert statistic_names(get_loss_fn("kto_pair")) == {"chosen_kl", "rejected_kl"}
 
 
 @pytest.mark.parametrize(

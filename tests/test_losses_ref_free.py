@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from dpo_lightning.losses import (
+    LOSS_HPARAMS,
     LOSSES,
     REFERENCE_FREE,
     PairLogps,
@@ -32,6 +33,7 @@ from dpo_lightning.losses import (
     kto_loss,
     kto_reference_point,
     kto_weight_warning,
+    statistic_names,
 )
 
 
@@ -232,9 +234,12 @@ def test_kto_gradients_reach_policy_only():
 
 def test_hparams_and_errors():
     assert hparam_names(LOSSES["simpo"]) == {"simpo_gamma", "label_smoothing"}
-    assert hparam_names(LOSSES["cpo"]) == {"label_smoothing", "cpo_alpha", "sft_num_tokens"}
-    assert hparam_names(LOSSES["orpo"]) == {"sft_num_tokens"}
+    assert hparam_names(LOSSES["cpo"]) == {"label_smoothing", "cpo_alpha"}
+    assert hparam_names(LOSSES["orpo"]) == frozenset()
     assert hparam_names(LOSSES["npo"]) == frozenset()
+    # the NLL's token count is a batch statistic, not a hyper-parameter
+    assert statistic_names(LOSSES["cpo"]) == statistic_names(LOSSES["orpo"]) == {"sft_num_tokens"}
+    assert statistic_names(LOSSES["npo"]) == frozenset()
     with pytest.raises(ValueError, match="simpo.*label_smoothing"):
         compute_loss("simpo", pair(), beta=2.0, label_smoothing=0.7)
     with pytest.raises(ValueError, match="bool"):
@@ -330,7 +335,9 @@ def test_cpo_and_simpo_match_trl(loss_type, cpo_alpha, eps, names, weights):
     trainer.cpo_loss = functools.partial(cpo_trainer.CPOTrainer.cpo_loss, trainer)
     trl_loss, trl_metrics = cpo_trainer.CPOTrainer.get_batch_loss_metrics(trainer, model, batch)
 
+    # only what our losses use: simpo has no cpo_alpha (it is the sft weight), cpo no simpo_gamma
     kw = {"simpo_gamma": gamma, "label_smoothing": eps, "cpo_alpha": cpo_alpha}
+    kw = {k: v for k, v in kw.items() if any(k in LOSS_HPARAMS[n] for n in names)}
     out = compute_loss(names, _our_pair_logps(ours_logits, labels), beta=beta, loss_weights=weights, **kw)
     torch.testing.assert_close(out.losses.mean(), trl_loss, rtol=0, atol=1e-10)
     (g_trl,) = torch.autograd.grad(trl_loss, trl_logits)

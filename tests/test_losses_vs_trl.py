@@ -4,9 +4,11 @@ TRL computes every ``loss_type`` inline in ``DPOTrainer._compute_loss``. Rather 
 method unbound on a small stand-in for the trainer (only the attributes it reads) with a stand-in model
 whose fused-head output carries per-token log-probs we choose. Both sides then see the same per-sequence
 log-probs; we compare TRL's scalar loss with the mean of our per-pair losses, the gradients with respect to
-the per-sequence log-probs (which pins every pair's term, not only the mean) and the logged metrics.
+the per-sequence log-probs (which pins every pair's term, not only the mean) and the logged metrics: ours
+go through the real ``PreferenceMetrics.update`` and ``compute``, fed as ``DPOModule`` feeds them.
 
-The log-probs themselves are compared through TRL's real fused LM head on tiny random models.
+The log-probs, response-token counts and logit sums themselves are compared through TRL's real fused LM
+head on tiny random models.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
 from dpo_lightning.logprobs import sequence_logps  # noqa: E402
 from dpo_lightning.losses import PairLogps, compute_loss  # noqa: E402
+from dpo_lightning.metrics import METRIC_NAMES, PreferenceMetrics  # noqa: E402
 from dpo_lightning.models import load_causal_lm  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
@@ -73,9 +76,10 @@ class _FakeAccelerator:
 class _FusedHeadStub(torch.nn.Module):
     """Stands in for a model patched by ``add_fused_lm_head``: returns the per-token log-probs it is given."""
 
-    def __init__(self, per_token_logps: torch.Tensor) -> None:
+    def __init__(self, per_token_logps: torch.Tensor, mean_logits: torch.Tensor | None = None) -> None:
         super().__init__()
         self.per_token_logps = per_token_logps  # (2B, T - 1)
+        self.mean_logits = torch.zeros_like(per_token_logps) if mean_logits is None else mean_logits  # (2B, T - 1)
 
     def forward(self, *, labels, fused_lm_head, **_):
         assert fused_lm_head
@@ -83,7 +87,7 @@ class _FusedHeadStub(torch.nn.Module):
         return SimpleNamespace(
             log_probs=self.per_token_logps,
             entropy=torch.zeros(shape),
-            mean_logits=torch.zeros(shape),
+            mean_logits=self.mean_logits,
             is_top1=torch.zeros(shape, dtype=torch.bool),
         )
 
@@ -105,13 +109,16 @@ def _inputs(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return inputs, completion
 
 
-def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logps):
-    """TRL's ``_compute_loss`` on per-sequence log-probs ``logps`` (2B,) -> (loss, metrics)."""
+def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logps, mean_logits=None):
+    """TRL's ``_compute_loss`` on per-sequence log-probs ``logps`` (2B,) -> (loss, metrics).
+
+    ``mean_logits`` (2B, T-1): the per-token mean logit the model reports (TRL's ``logits/*``); zeros if None.
+    """
     shift_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1)
     first = torch.zeros_like(shift_mask, dtype=logps.dtype)
     first[torch.arange(2 * B), shift_mask.argmax(dim=1)] = 1.0  # put each sequence's log-prob on its first token
     per_token = first * logps[:, None]  # (2B, T-1), sums to logps per row
-    model = _FusedHeadStub(per_token).train()
+    model = _FusedHeadStub(per_token, mean_logits).train()
     trainer = SimpleNamespace(
         model=model,
         ref_model=None,
@@ -144,8 +151,11 @@ def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, lab
     ref = base + torch.randn(2 * B, generator=g, dtype=torch.float64)
     ours_in = base.clone().requires_grad_(True)
     trl_in = base.clone().requires_grad_(True)
+    # Per-token mean logits, different on every token; TRL reads them only at response positions.
+    mean_logits = torch.randn(2 * B, T - 1, generator=g, dtype=torch.float64)  # (2B, T-1)
+    logits_sum = (mean_logits * completion[:, 1:]).sum(dim=1)  # (2B,) what logprobs.py reports per sequence
 
-    trl_loss, trl_metrics = _trl_loss(loss_types, loss_weights, label_smoothing, inputs, trl_in, ref)
+    trl_loss, trl_metrics = _trl_loss(loss_types, loss_weights, label_smoothing, inputs, trl_in, ref, mean_logits)
     out = compute_loss(
         loss_types,
         PairLogps(ours_in[:B], ours_in[B:], ref[:B], ref[B:], n_tokens[:B], n_tokens[B:]),
@@ -160,27 +170,39 @@ def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, lab
     (ours_grad,) = torch.autograd.grad(ours_loss, ours_in)
     torch.testing.assert_close(ours_grad, trl_grad, rtol=0, atol=1e-6)
 
-    ours_metrics = {
-        "rewards/chosen": out.chosen_rewards.mean(),
-        "rewards/rejected": out.rejected_rewards.mean(),
-        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).double().mean(),
-        "rewards/margins": (out.chosen_rewards - out.rejected_rewards).mean(),
-        "logps/chosen": base[:B].mean(),
-        "logps/rejected": base[B:].mean(),
-    }
-    for name, value in ours_metrics.items():
-        assert value.item() == pytest.approx(trl_metrics[name], abs=1e-6), name
+    # Our logged metrics through the real metric class, fed as DPOModule._shared_step feeds it.
+    metrics = PreferenceMetrics("train")
+    metrics.update(
+        losses=out.losses,
+        chosen_rewards=out.chosen_rewards,
+        rejected_rewards=out.rejected_rewards,
+        chosen_logps=ours_in[:B],
+        rejected_logps=ours_in[B:],
+        chosen_logits_sum=logits_sum[:B],
+        rejected_logits_sum=logits_sum[B:],
+        chosen_tokens=n_tokens[:B],
+        rejected_tokens=n_tokens[B:],
+    )
+    ours_metrics = {name.removeprefix("train/"): v.item() for name, v in metrics.compute().items()}
+    assert list(ours_metrics) == list(METRIC_NAMES)
+    # TRL's trainer logs the loss itself; every other name is in TRL's _metrics. float32 sums on our side.
+    expected = {"loss": trl_loss.item(), **{n: trl_metrics[n] for n in METRIC_NAMES if n != "loss"}}
+    assert ours_metrics == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    # Guard against a vacuous pass: the two sides of each statistic differ, so a swap would fail.
+    for side in ("rewards", "logps", "logits"):
+        assert abs(expected[f"{side}/chosen"] - expected[f"{side}/rejected"]) > 1e-3, side
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sequence_logps_match_trl_fused_head(arch):
-    """TRL 1.x scores response tokens with its own chunked LM head; the per-sequence sums must agree."""
+    """TRL 1.x scores response tokens with its own chunked LM head; the per-sequence sums must agree:
+    log-probs, response-token counts and the logit sums behind ``logits/*``."""
     model = load_causal_lm(None, config=tiny_config(arch)).eval()
     batch = random_batch()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         ours = sequence_logps(logits, batch["labels"])
-        add_fused_lm_head(model)
+        add_fused_lm_head(model, outputs=("log_probs", "mean_logits"))
         fused = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -188,6 +210,10 @@ def test_sequence_logps_match_trl_fused_head(arch):
             fused_lm_head=True,
         )
     torch.testing.assert_close(ours.logps, fused.log_probs.sum(dim=1), rtol=0, atol=1e-5)
+    # TRL reports 0 at non-response positions; the mask is what its trainer applies as well.
+    response = (batch["labels"][:, 1:] != -100).float()  # (2B, T-1)
+    torch.testing.assert_close(ours.n_tokens, response.sum(dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(ours.logits_sum, (fused.mean_logits * response).sum(dim=1), rtol=0, atol=1e-5)
 
 
 def test_sigmoid_label_smoothing_is_cdpo_where_trl_ignores_it():

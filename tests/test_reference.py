@@ -1,5 +1,6 @@
 """Reference strategies (copy, adapter, precomputed, none), TR-DPO, and KTO through DPOModule."""
 
+import copy
 import json
 import math
 
@@ -126,16 +127,48 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(list(cache.glob("*.pt"))) == 8
 
 
+def plain_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a ``(2B, T)`` batch, by plain ``log_softmax`` (not logprobs.py): (sum of log p(label), tokens)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]  # (2B, T-1): position t predicts token t+1
+    mask = labels != -100
+    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    return (token_logps * mask).sum(1), mask.sum(1).float()
+
+
 def test_reference_none_for_reference_free_losses():
+    """SimPO at DPOModule's defaults (beta 0.1, gamma 0.5), with c, r the policy's summed log-probs and
+    Lc, Lr the response lengths, computed here from the plain logits:
+
+        simpo_j = -log sigmoid(0.1 * (c_j / Lc_j - r_j / Lr_j) - 0.5),  rewards 0.1 * c_j / Lc_j, 0.1 * r_j / Lr_j
+        simpo + sft (weights 1, 1): simpo_j + (-sum_i c_i / sum_i Lc_i), the NLL over all chosen tokens
+    """
+    batch = random_batch()
     module = DPOModule(model_config=tiny_config("llama"), loss_type="simpo")
     assert module.hparams.reference == "none" and module.ref_model is None
-    out, _, ref = module(random_batch())
-    assert ref is None and torch.isfinite(out.losses).all()
+    out, policy, ref = module(batch)
+    assert ref is None
+    with torch.no_grad():
+        logps, tokens = plain_logps(module.model, batch)
+    b = logps.shape[0] // 2
+    torch.testing.assert_close(policy.logps.detach(), logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(policy.n_tokens, tokens, rtol=0, atol=0)
+    c, r = logps[:b] / tokens[:b], logps[b:] / tokens[b:]  # (B,) mean log-prob per token
+    simpo = -torch.nn.functional.logsigmoid(0.1 * (c - r) - 0.5)
+    torch.testing.assert_close(out.losses.detach(), simpo, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, 0.1 * c, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.rejected_rewards, 0.1 * r, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reference-free"):
         DPOModule(model_config=tiny_config("llama"), loss_type="sigmoid", reference="none")
     # TRL's SimPO (simpo + cpo_alpha * NLL) needs no reference either.
     both = DPOModule(model_config=tiny_config("llama"), loss_type=["simpo", "sft"], loss_weights=[1.0, 1.0])
-    assert both.ref_model is None and torch.isfinite(both(random_batch()).loss.losses).all()
+    assert both.ref_model is None
+    with torch.no_grad():
+        logps, tokens = plain_logps(both.model, batch)
+    c, r = logps[:b] / tokens[:b], logps[b:] / tokens[b:]
+    nll = -logps[:b].sum() / tokens[:b].sum()
+    by_hand = -torch.nn.functional.logsigmoid(0.1 * (c - r) - 0.5) + nll
+    torch.testing.assert_close(both(batch).loss.losses.detach(), by_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_tr_dpo_sync_mixes_the_reference_by_hand():
@@ -235,7 +268,8 @@ def test_kto_warns_when_weights_leave_the_papers_range(tmp_path):
 
 
 def test_precomputed_reference_with_packed_batches(tmp_path):
-    """The packing collator carries the precomputed ref_logps like the padding one (same values)."""
+    """The packing collator carries the precomputed ref_logps like the padding one (same values), and
+    they are the initial policy's log-probs of the padded batch, computed here from its plain logits."""
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=5)))
     batches = {}
@@ -243,7 +277,11 @@ def test_precomputed_reference_with_packed_batches(tmp_path):
         torch.manual_seed(0)
         module = DPOModule(model_config=tiny_config("llama", vocab_size=16), reference="precomputed",
                            reference_cache_dir=str(tmp_path / "cache"))
+        initial = copy.deepcopy(module.model).eval()  # the reference: the policy before training
         data = _datamodule(path, collator=collator)
         trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
         batches[collator] = next(iter(data.ordered_dataloader("train")))
     torch.testing.assert_close(batches["pack"]["ref_logps"], batches["pad"]["ref_logps"])
+    with torch.no_grad():
+        expected, _ = plain_logps(initial, batches["pad"])
+    torch.testing.assert_close(batches["pad"]["ref_logps"], expected, rtol=0, atol=1e-5)

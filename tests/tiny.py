@@ -70,3 +70,17 @@ class CrashAfterStep(L.Callback):
     def on_train_batch_start(self, trainer, *args) -> None:
         if trainer.global_step == self.step:
             raise Crash(f"injected crash after step {self.step}")
+
+
+class SignalAtBatch(L.Callback):
+    """Send this process ``signum`` at the start of training batch ``batch`` (a scheduler's preemption)."""
+
+    def __init__(self, batch: int, signum: int = 15) -> None:
+        self.batch = batch
+        self.signum = signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.fit_loop.total_batch_idx == self.batch:
+            import os
+
+            os.kill(os.getpid(), self.signum)

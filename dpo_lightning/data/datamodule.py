@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Literal
 
 import torch
@@ -12,14 +11,13 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from .collate import COLLATORS, build_collator
-from .errors import DataError
+from .errors import DataError, warn
+from .holdout import count_in, hold_out
 from .preprocess import preprocess_split
 from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
 from .sources import describe, load_source
 from .tokenize import TRUNCATION_MODES, TokenizeConfig
 from .tokenizer import load_tokenizer
-
-log = logging.getLogger(__name__)
 
 
 class PreferenceDataModule(ResumableTrainData, LightningDataModule):
@@ -57,8 +55,9 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
                 (``save_to_disk`` or data files), ``synthetic:<name>``, or a Dataset/DatasetDict/list of rows.
             dataset_config: Configuration name of a Hub dataset.
             train_split: Split to train on.
-            val_split: Split to validate on; skipped (with a log line) when the source has no such split.
+            val_split: Split to validate on; skipped (with a warning) when the source has no such split.
             val_fraction: Fraction of the train split held out for validation (seeded); overrides val_split.
+                Pairs of the held-out part that also occur in train (duplicated data) are counted in a warning.
             test_split: Split for ``trainer.test``; None for no test data.
             max_length: Longest prompt + response in tokens; longer responses lose their end.
             max_prompt_length: Longest prompt in tokens, applied before max_length; None for no limit.
@@ -91,8 +90,16 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(COLLATORS)}")
         if unpaired and collator not in ("pad", "kto"):
             raise ValueError(f"unpaired (KTO) data is batched by the 'kto' collator, got collator={collator!r}")
+        if unpaired and min(batch_size, eval_batch_size or batch_size) < 2:
+            # KTO's KL rows pair each prompt with another example's completion in the same batch.
+            raise ValueError(
+                f"KTO (unpaired data) needs batches of 2 or more examples for its KL estimate, got "
+                f"batch_size={batch_size}, eval_batch_size={eval_batch_size}"
+            )
         if collator == "kto" and not unpaired:
             raise ValueError("collator 'kto' batches unpaired examples; set unpaired=True (KTO)")
+        if max_prompt_length is None and truncation_mode != "keep_end":
+            warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
         # Objects are not hyperparameters: they neither serialise nor print well.
         objects = [
             name
@@ -164,18 +171,38 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         train = prepare(hp.train_split)
         val = None
         if hp.val_fraction is not None:
-            parts = train.train_test_split(test_size=hp.val_fraction, seed=hp.seed)
-            train, val = parts["train"], parts["test"]
+            train, val = self._hold_out(train, raw)
         elif hp.val_split is not None and hp.val_split in raw:
             val = prepare(hp.val_split)
         elif hp.val_split is not None:
-            log.info(
-                "%s has no %r split; training without validation (val_fraction holds out part of train)",
-                source,
-                hp.val_split,
+            warn(
+                f"{source} has no {hp.val_split!r} split (it has {sorted(raw)}): no validation data, so no "
+                "validation metrics; checkpoints come from the periodic checkpoint setting. Set val_fraction "
+                "to hold out part of the train split, or val_split to another split"
             )
         test = prepare(hp.test_split) if hp.test_split is not None else None
         return {"train": train, "validation": val, "test": test}
+
+    def _hold_out(self, train: Dataset, raw: DatasetDict) -> tuple[Dataset, Dataset]:
+        """Split the tokenized train split by val_fraction; say what that leaves unused or duplicated."""
+        hp, source = self.hparams, self.source_name
+        if hp.val_split is not None and hp.val_split in raw:
+            warn(
+                f"{source}: its {hp.val_split!r} split ({len(raw[hp.val_split])} rows) is not used: "
+                f"val_fraction={hp.val_fraction} holds out part of {hp.train_split!r} for validation instead"
+            )
+        train, val = hold_out(train, hp.val_fraction, hp.seed)
+        if leaked := count_in(val, train):
+            warn(
+                f"{source}: {leaked} of {len(val)} validation {self._unit} held out by val_fraction="
+                f"{hp.val_fraction} also occur in the train split (same token ids after truncation), so "
+                "their validation metrics measure memorisation; deduplicate the data to avoid it"
+            )
+        return train, val
+
+    @property
+    def _unit(self) -> str:
+        return "examples" if self.hparams.get("unpaired", False) else "pairs"
 
     def prepare_data(self) -> None:
         # Runs on one process per node: the datasets cache it fills makes setup() on the other ranks

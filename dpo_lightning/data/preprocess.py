@@ -3,15 +3,15 @@
 The pass is batched, can run with ``num_proc`` workers and is cached by the datasets
 fingerprint (the hash of the source, the tokenizer and these settings), so it runs once and not
 per epoch. Rows that cannot be used raise `DataError` naming the row; pairs that are dropped
-(identical sides, responses emptied by truncation) are counted and reported in one log line each.
+(identical sides, responses emptied by truncation, sides made identical by truncation) are counted
+and reported in one warning each, as are prompts and responses cut by truncation and ignored columns.
 With ``unpaired=True`` (KTO) the pass yields one example per labelled completion instead: unpaired
 rows as they are, each pair as two examples (chosen desirable, rejected undesirable).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -20,12 +20,10 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .errors import DataError, RowRef
+from .errors import DataError, RowRef, warn
 from .formats import LAYOUT_COLUMNS, Layout, PreferenceExample, detect_layout, to_example, unpair
 from .render import render, render_unpaired
-from .tokenize import TokenizeConfig, tokenize_completions, tokenize_pairs
-
-log = logging.getLogger(__name__)
+from .tokenize import TokenizeConfig, TokenizedSide, tokenize_completions, tokenize_pairs
 
 # The per-example fields every collator can rely on (padding and, later, packing).
 TOKENIZED_FIELDS = (
@@ -46,6 +44,28 @@ class Drop(IntEnum):
     KEEP = 0
     IDENTICAL = 1
     EMPTY_RESPONSE = 2
+    IDENTICAL_AFTER_TRUNCATION = 3  # the responses differ only past max_length: no training signal
+
+
+class Cut(IntEnum):
+    """Bits of the per-row ``cut`` column: what truncation shortened (counted, then removed)."""
+
+    PROMPT = 1
+    CHOSEN = 2  # the response of an unpaired example counts here too
+    REJECTED = 4
+
+
+# Bumped whenever the map output changes: it is part of the cache fingerprint, so a cache file
+# written by an older version (without today's columns) is never reused.
+OUTPUT_VERSION = 2
+
+
+def _cuts(*sides: TokenizedSide) -> int:
+    """`Cut` bits of one pair's sides (chosen, rejected) or of one unpaired example."""
+    bits = int(any(side.prompt_cut for side in sides)) * Cut.PROMPT
+    for bit, side in zip((Cut.CHOSEN, Cut.REJECTED), sides):
+        bits |= bit if side.response_cut else 0
+    return int(bits)
 
 
 @dataclass(frozen=True)
@@ -59,6 +79,7 @@ class _Preprocessor:
     source: str
     split: str
     drop_identical: bool = True
+    version: int = OUTPUT_VERSION
 
     def examples(self, batch: dict[str, list[Any]], indices: list[int]) -> Iterator[tuple[RowRef, Any]]:
         """Each raw row of the batch, validated into its example, with its reference for errors."""
@@ -81,16 +102,18 @@ class PairPreprocessor(_Preprocessor):
             drop.append(Drop.KEEP)
             rendered.append(render(example, self.tokenizer, ref))
             kept.append(offset)
-        out: dict[str, list[Any]] = {
-            f: [[] if f.endswith("ids") else 0] * len(indices) for f in TOKENIZED_FIELDS
-        }
-        out["drop"] = [int(d) for d in drop]
+        out: dict[str, list[Any]] = {f: [[] if f.endswith("ids") else 0] * len(indices) for f in TOKENIZED_FIELDS}
+        out["drop"], out["cut"] = [int(d) for d in drop], [0] * len(indices)
         for offset, (chosen, rejected) in zip(kept, tokenize_pairs(rendered, self.tokenizer, self.config)):
             if chosen.response_length == 0 or rejected.response_length == 0:
                 out["drop"][offset] = int(Drop.EMPTY_RESPONSE)
                 continue
-            out["chosen_input_ids"][offset], out["chosen_response_start"][offset] = chosen
-            out["rejected_input_ids"][offset], out["rejected_response_start"][offset] = rejected
+            if self.drop_identical and chosen.input_ids == rejected.input_ids:
+                out["drop"][offset] = int(Drop.IDENTICAL_AFTER_TRUNCATION)
+                continue
+            out["chosen_input_ids"][offset], out["chosen_response_start"][offset] = chosen[:2]
+            out["rejected_input_ids"][offset], out["rejected_response_start"][offset] = rejected[:2]
+            out["cut"][offset] = _cuts(chosen, rejected)
         return out
 
 
@@ -99,17 +122,19 @@ class UnpairedPreprocessor(_Preprocessor):
     """The ``datasets.map`` function for unpaired data: raw rows -> `UNPAIRED_FIELDS` + ``drop``.
 
     Unpaired rows give one example each; pairs give two (chosen desirable, rejected undesirable),
-    so the output may have more rows than the input. A dropped pair leaves one placeholder row.
+    so the output may have more rows than the input. A dropped pair leaves one placeholder row,
+    except one made identical by truncation: both its examples are dropped (and counted).
     """
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        drop, desirable, rendered, kept = [], [], [], []
+        drop, desirable, rendered, kept, pairs = [], [], [], [], []
         for ref, example in self.examples(batch, indices):
             if isinstance(example, PreferenceExample):
                 if self.drop_identical and example.identical:
                     drop.append(Drop.IDENTICAL)
                     desirable.append(False)
                     continue
+                pairs.append((len(drop), len(drop) + 1))
                 examples = unpair(example)
             else:
                 examples = (example,)
@@ -119,17 +144,58 @@ class UnpairedPreprocessor(_Preprocessor):
                 desirable.append(unpaired.desirable)
                 rendered.append(render_unpaired(unpaired, self.tokenizer, ref))
         out: dict[str, list[Any]] = {"input_ids": [[]] * len(drop), "response_start": [0] * len(drop)}
-        out["desirable"], out["drop"] = desirable, [int(d) for d in drop]
+        out["desirable"], out["drop"], out["cut"] = desirable, [int(d) for d in drop], [0] * len(drop)
         for row, side in zip(kept, tokenize_completions(rendered, self.tokenizer, self.config)):
             if side.response_length == 0:
                 out["drop"][row] = int(Drop.EMPTY_RESPONSE)
                 continue
-            out["input_ids"][row], out["response_start"][row] = side
+            out["input_ids"][row], out["response_start"][row] = side[:2]
+            out["cut"][row] = _cuts(side)
+        for chosen, rejected in pairs:
+            same = out["input_ids"][chosen] == out["input_ids"][rejected]
+            if self.drop_identical and same and out["drop"][chosen] == out["drop"][rejected] == Drop.KEEP:
+                out["drop"][chosen] = out["drop"][rejected] = int(Drop.IDENTICAL_AFTER_TRUNCATION)
         return out
 
 
 def _keep(drop: list[int]) -> list[bool]:
     return [d == Drop.KEEP for d in drop]
+
+
+def _report(mapped: Dataset, rows: int, config: TokenizeConfig, where: str, unit: str) -> tuple[np.ndarray, int]:
+    """Warn once per split about what was dropped and what truncation cut; (drop counts, kept)."""
+    drop = mapped.data.column("drop").to_numpy()
+    counts = np.bincount(drop, minlength=len(Drop))
+    total = len(mapped)
+    limits = f"max_length={config.max_length}, max_prompt_length={config.max_prompt_length}"
+    if n := counts[Drop.IDENTICAL]:
+        warn(f"{where}: dropped {n} of {rows} pairs whose chosen equals rejected")
+    if n := counts[Drop.EMPTY_RESPONSE]:
+        warn(f"{where}: dropped {n} of {total} {unit} whose response is empty after truncation ({limits})")
+    if n := counts[Drop.IDENTICAL_AFTER_TRUNCATION]:
+        warn(
+            f"{where}: dropped {n} of {total} {unit} whose chosen and rejected are the same tokens after "
+            f"truncation ({limits}): they differ only past the limits, so they carry no training signal"
+        )
+    kept = int(counts[Drop.KEEP])
+    cut = mapped.data.column("cut").to_numpy()[drop == Drop.KEEP]
+    prompts = int(np.count_nonzero(cut & Cut.PROMPT))
+    responses = int(np.count_nonzero(cut & Cut.CHOSEN) + np.count_nonzero(cut & Cut.REJECTED))
+    if prompts or responses:
+        sides = kept if unit == "examples" else 2 * kept
+        warn(
+            f"{where}: truncation cut the prompt of {prompts} of {kept} {unit} to max_prompt_length="
+            f"{config.max_prompt_length} tokens (truncation_mode={config.truncation_mode}) and {responses} "
+            f"of {sides} responses to fit max_length={config.max_length} tokens"
+        )
+    return counts, kept
+
+
+def _ignored_columns(columns: Sequence[str], layout: Layout, where: str) -> None:
+    """Name the columns the layout does not read: a ``system`` column, say, is not in the prompt."""
+    if extra := [c for c in columns if c not in LAYOUT_COLUMNS[layout]]:
+        read = ", ".join(LAYOUT_COLUMNS[layout])
+        warn(f"{where}: ignoring column(s) {extra}; the {layout.value} layout reads only {read}")
 
 
 def preprocess_split(
@@ -145,51 +211,37 @@ def preprocess_split(
 ) -> Dataset:
     """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS`, or
     `UNPAIRED_FIELDS` with ``unpaired=True`` (from unpaired rows, or from pairs split in two)."""
-    layout = detect_layout(dataset.column_names, f"{source} (split {split!r})")
+    where = f"{source} (split {split!r})"
+    layout = detect_layout(dataset.column_names, where)
     if len(dataset) == 0:
-        raise DataError(f"{source} (split {split!r}): the split has no rows")
+        raise DataError(f"{where}: the split has no rows")
     if layout is Layout.UNPAIRED and not unpaired:
         raise DataError(
             f"{source}: unpaired prompt/completion/label rows (KTO format) need an unpaired loss (KTO, "
             "`unpaired=True`); pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
         )
+    _ignored_columns(dataset.column_names, layout, where)
     preprocessor = UnpairedPreprocessor if unpaired else PairPreprocessor
     function = preprocessor(tokenizer, layout, config, source, split, drop_identical)
-    mapped = dataset.map(
-        function,
-        batched=True,
-        with_indices=True,
-        remove_columns=dataset.column_names,
-        num_proc=num_proc if num_proc and num_proc > 1 else None,
-        desc=f"Tokenizing {split}",
-    )
-    counts = np.bincount(mapped.data.column("drop").to_numpy(), minlength=len(Drop))
-    if counts[Drop.IDENTICAL]:
-        log.warning(
-            "%s (split %r): dropped %d of %d pairs whose chosen equals rejected",
-            source,
-            split,
-            counts[Drop.IDENTICAL],
-            len(dataset),
+    try:
+        mapped = dataset.map(
+            function,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            desc=f"Tokenizing {split}",
         )
-    if counts[Drop.EMPTY_RESPONSE]:
-        log.warning(
-            "%s (split %r): dropped %d of %d %s whose response is empty after truncation "
-            "(max_length=%d, max_prompt_length=%s)",
-            source,
-            split,
-            counts[Drop.EMPTY_RESPONSE],
-            len(mapped),
-            "examples" if unpaired else "pairs",
-            config.max_length,
-            config.max_prompt_length,
-        )
-    kept = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None).remove_columns("drop")
-    if len(kept) == 0:
+    except UnicodeDecodeError as err:  # bytes that are not UTF-8 in a source not checked on loading
+        raise DataError(f"{where}: text that is not UTF-8 ({err}); re-encode the data as UTF-8") from err
+    unit = "examples" if unpaired else "pairs"
+    counts, kept = _report(mapped, len(dataset), config, where, unit)
+    if kept == 0:
         raise DataError(
-            f"{source} (split {split!r}): no {'examples' if unpaired else 'pairs'} left after filtering "
-            f"{len(dataset)} rows "
+            f"{where}: no {unit} left after filtering {len(dataset)} rows "
             f"({counts[Drop.IDENTICAL]} with chosen == rejected, {counts[Drop.EMPTY_RESPONSE]} with an empty "
-            f"response after truncation to max_length={config.max_length})"
+            f"response after truncation to max_length={config.max_length}, "
+            f"{counts[Drop.IDENTICAL_AFTER_TRUNCATION]} with chosen == rejected after truncation)"
         )
-    return kept
+    keep = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None)
+    return keep.remove_columns(["drop", "cut"])

@@ -4,20 +4,33 @@ Specs: a `Dataset` / `DatasetDict` / list of row dicts (programmatic use); ``syn
 (the bundled offline task); a local ``.jsonl`` / ``.json`` / ``.parquet`` / ``.csv`` file, also
 gzip-compressed (``.jsonl.gz``); a folder written by ``save_to_disk`` or holding data files; or a
 Hugging Face Hub dataset name (with an optional config) through ``datasets.load_dataset``.
+
+Local files that ``datasets`` cannot read, or reads into something wrong, are named with the line
+(`diagnose`): not gzip, not UTF-8, malformed JSON, a column mixing strings with message lists.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 
-from .errors import DataError
+from .diagnose import (
+    decoded_kind,
+    diagnose_file,
+    diagnose_files,
+    diagnose_saved,
+    find_gzip_error,
+    find_mixed_kinds,
+    json_rows,
+    mixed_columns,
+    open_text,
+    table_error,
+)
+from .errors import DataError, warn
 
 DatasetSpec: TypeAlias = str | Dataset | DatasetDict | list[dict[str, Any]]
 
@@ -43,104 +56,102 @@ def _builder_for(path: Path) -> str | None:
     return BUILDERS.get(suffixes[-1]) if suffixes else None
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
-def find_json_error(path: Path) -> DataError | None:
-    """The first malformed JSON line of a JSON Lines file (or the error in a JSON document), if any."""
-    with _open_text(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("["):  # one JSON document
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as err:
-            return DataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg})")
-        return None
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                json.loads(line)
-            except json.JSONDecodeError as err:
-                return DataError(f"{path}, line {lineno}: malformed JSON line ({err.msg})")
-    return None
-
-
 def _csv_options(path: Path) -> dict[str, Any]:
     """CSV holds only text: keep " 6" a string (not the number 6) and "" an empty string (not null)."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         header = next(csv.reader(f), [])
     features = Features({name: Value("string") for name in header})
     return {"features": features, "keep_default_na": False}
 
 
-# Columns whose values must be text or message lists; a JSON column mixing types is checked here,
-# because datasets stores it as a `Json` feature that decodes values unreliably (" 6" -> 6).
-TEXT_COLUMNS = ("prompt", "chosen", "rejected", "completion")
-
-
-def _iter_json_rows(path: Path):
-    with _open_text(path) as f:
-        text = f.read()
-    if text.lstrip().startswith("["):
-        yield from ((None, row) for row in json.loads(text))
-    else:
-        yield from (
-            (n, json.loads(line)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()
-        )
-
-
-def check_json_types(path: Path, data: DatasetDict) -> None:
-    """Name the first row whose text column holds neither a string nor a list of messages."""
-    columns = {
-        name
-        for split in data.values()
-        for name, feature in split.features.items()
-        if name in TEXT_COLUMNS and type(feature).__name__ == "Json"
-    }
-    if not columns:
-        return
-    for index, (lineno, row) in enumerate(_iter_json_rows(path)):
-        for name in sorted(columns):
-            value = row.get(name) if isinstance(row, dict) else None
-            if value is not None and not isinstance(value, (str, list)):
-                where = f", line {lineno}" if lineno is not None else ""
-                raise DataError(
-                    f"{path}{where}, row {index}, field {name!r}: expected a string or a list of "
-                    f"{{'role', 'content'}} messages, got {type(value).__name__}"
-                )
+def _check_loaded(data: DatasetDict, where: str, files: list[tuple[Path, str]]) -> None:
+    """What loading let through: text that is not UTF-8 (the JSON reader accepts it; tokenization
+    would fail later naming no file) and text columns mixing strings with message lists."""
+    if invalid := table_error(data):
+        raise diagnose_files(files) or DataError(f"{where}: invalid data after loading ({invalid})")
+    if mixed := mixed_columns(data):
+        rows = (row for path, builder in files if builder == "json" for row in json_rows(path))
+        if error := find_mixed_kinds(rows, mixed):
+            raise error
 
 
 def _load_file(path: Path, split: str, cache_dir: str | None) -> DatasetDict:
     builder = _builder_for(path)
     if builder is None:
         raise DataError(f"{path}: unsupported file type; use one of {sorted(BUILDERS)} (optionally .gz)")
-    options = _csv_options(path) if builder == "csv" else {}
+    if error := find_gzip_error(path):
+        raise error
     try:
+        options = _csv_options(path) if builder == "csv" else {}
         data = datasets.load_dataset(builder, data_files={split: str(path)}, cache_dir=cache_dir, **options)
     except Exception as err:
-        located = find_json_error(path) if builder == "json" else None
-        if located is not None:
-            raise located from err
-        raise DataError(f"{path}: could not read the {builder} file: {err}") from err
-    if builder == "json":
-        check_json_types(path, data)
+        located = diagnose_file(path, builder)
+        raise located or DataError(f"{path}: could not read the {builder} file: {_reason(err)}") from err
+    _check_loaded(data, str(path), [(path, builder)])
     return data
+
+
+def _reason(err: BaseException) -> str:
+    """The error and its causes: ``datasets`` wraps the informative one ("An error occurred while
+    generating the dataset")."""
+    reasons = [str(err)]
+    while (err := err.__cause__ or err.__context__) is not None and len(reasons) < 4:
+        reasons.append(f"{type(err).__name__}: {err}")
+    return "; ".join(reasons)
+
+
+def _data_files(folder: Path) -> list[tuple[Path, str]]:
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("."))
+    return [(p, builder) for p in files if (builder := _builder_for(p)) is not None]
 
 
 def _load_folder(path: Path, split: str, cache_dir: str | None) -> DatasetDict:
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():  # save_to_disk
-        data = datasets.load_from_disk(str(path))
+        try:
+            data = datasets.load_from_disk(str(path))
+        except Exception as err:
+            located = diagnose_saved(path)
+            raise located or DataError(f"{path}: could not load the save_to_disk folder: {_reason(err)}") from err
         return data if isinstance(data, DatasetDict) else DatasetDict({split: data})
     # A folder of data files: datasets infers the splits from the file names (train.jsonl, ...).
     try:
-        return datasets.load_dataset(str(path), cache_dir=cache_dir)
+        data = datasets.load_dataset(str(path), cache_dir=cache_dir)
     except Exception as err:
-        raise DataError(f"{path}: could not load the folder as a dataset: {err}") from err
+        located = diagnose_files(_data_files(path))
+        raise located or DataError(f"{path}: could not load the folder as a dataset: {_reason(err)}") from err
+    _check_loaded(data, str(path), _data_files(path))
+    return data
+
+
+def _from_rows(spec: list[dict[str, Any]], split: str) -> DatasetDict:
+    try:
+        return DatasetDict({split: Dataset.from_list(spec)})
+    except Exception as err:  # arrow cannot build one column type from mixed values
+        rows = ((f"{describe(spec)}, row {i}", row) for i, row in enumerate(spec))
+        located = find_mixed_kinds(rows)
+        raise located or DataError(f"{describe(spec)}: cannot build a dataset from the rows: {err}") from err
+
+
+def _check_decoded(data: DatasetDict, source: str) -> DatasetDict:
+    """A Hub or in-memory dataset whose text column mixes kinds: its ``Json`` values are decoded
+    (lossily), so only list versus non-list can be told apart."""
+    for name, split in data.items():
+        if columns := mixed_columns(DatasetDict({name: split})):
+            where = f"{source} (split {name!r}), row"
+            rows = ((f"{where} {i}", row) for i, row in enumerate(split.select_columns(columns)))
+            if error := find_mixed_kinds(rows, columns, kind=decoded_kind):
+                raise error
+    return data
 
 
 def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or _builder_for(Path(spec)) is not None
+
+
+def _is_hub_name(spec: DatasetSpec) -> bool:
+    if not isinstance(spec, str) or spec.startswith(SYNTHETIC_PREFIX):
+        return False
+    return not Path(spec).expanduser().exists() and not _looks_local(spec)
 
 
 def load_source(
@@ -160,15 +171,14 @@ def load_source(
         seed: passed to ``synthetic`` sources.
         cache_dir: where ``datasets`` caches prepared files (its default when None).
     """
+    if config is not None and not _is_hub_name(spec):
+        warn("dataset_config=%r is ignored: it names a configuration of a Hub dataset, not %s", config, describe(spec))
     if isinstance(spec, DatasetDict):
-        return spec
+        return _check_decoded(spec, describe(spec))
     if isinstance(spec, Dataset):
-        return DatasetDict({default_split: spec})
+        return _check_decoded(DatasetDict({default_split: spec}), describe(spec))
     if isinstance(spec, list):
-        try:
-            return DatasetDict({default_split: Dataset.from_list(spec)})
-        except Exception as err:  # arrow cannot build one column type from mixed values
-            raise DataError(f"{describe(spec)}: cannot build a dataset from the rows: {err}") from err
+        return _from_rows(spec, default_split)
     if spec.startswith(SYNTHETIC_PREFIX):
         from . import synthetic  # lazy: only the synthetic task needs it
 
@@ -184,4 +194,4 @@ def load_source(
         data = datasets.load_dataset(spec, config, cache_dir=cache_dir)
     except Exception as err:
         raise DataError(f"{spec}: could not load the dataset from the Hugging Face Hub: {err}") from err
-    return data if isinstance(data, DatasetDict) else DatasetDict({default_split: data})
+    return _check_decoded(data if isinstance(data, DatasetDict) else DatasetDict({default_split: data}), spec)

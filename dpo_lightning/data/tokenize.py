@@ -15,7 +15,8 @@ EOS is appended to standard (non-template) responses when missing.
 Truncation: the prompt to ``max_prompt_length`` first (``keep_end`` keeps its end, the part next
 to the response; ``keep_start`` its start; a leading BOS always stays), then the whole sequence to
 ``max_length`` by cutting the end of the response. A side whose response ends up empty is
-reported by `TokenizedSide.response_length` == 0 and the pair is dropped by the caller.
+reported by `TokenizedSide.response_length` == 0 and the pair is dropped by the caller; the
+tokens cut are reported too (``prompt_cut``, ``response_cut``), for the caller to count.
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ class SpecialTokens(NamedTuple):
 
 class TokenizedSide(NamedTuple):
     """One side of a pair: the full ids and where the response starts (``input_ids[:response_start]``
-    is the prompt). Packing collators use exactly these two fields."""
+    is the prompt; the collators use exactly these two), and how many tokens truncation removed
+    from the prompt and from the response, so that cuts can be counted rather than silent."""
 
     input_ids: list[int]
     response_start: int
+    prompt_cut: int = 0
+    response_cut: int = 0
 
     @property
     def response_length(self) -> int:
@@ -81,8 +85,8 @@ def truncate(ids: list[int], start: int, cfg: TokenizeConfig, keep_first: int = 
         room = max(limit - keep_first, 0)
         body = body[len(body) - room :] if cfg.truncation_mode == "keep_end" else body[:room]
         prompt = head + body
-    response = response[: max(cfg.max_length - len(prompt), 0)]
-    return TokenizedSide(prompt + response, len(prompt))
+    kept = response[: max(cfg.max_length - len(prompt), 0)]
+    return TokenizedSide(prompt + kept, len(prompt), start - len(prompt), len(response) - len(kept))
 
 
 def tokenize_side(

@@ -33,16 +33,17 @@ def test_common_prefix_length():
 
 
 def test_truncate_hand_made():
-    ids, start = list(range(10)), 6  # prompt 0..5, response 6..9
+    """Prompt 0..5 (6 tokens), response 6..9 (4). max_prompt_length=4 cuts 2 prompt tokens; then
+    max_length=7 leaves room for 3 of the 4 response tokens: 1 cut. The last two fields count the cuts."""
+    ids, start = list(range(10)), 6
     keep_end = TokenizeConfig(max_length=7, max_prompt_length=4, truncation_mode="keep_end")
-    assert truncate(ids, start, keep_end) == ([2, 3, 4, 5, 6, 7, 8], 4)
-    assert truncate(ids, start, keep_end, keep_first=1) == ([0, 3, 4, 5, 6, 7, 8], 4)  # BOS stays first
+    assert truncate(ids, start, keep_end) == ([2, 3, 4, 5, 6, 7, 8], 4, 2, 1)
+    assert truncate(ids, start, keep_end, keep_first=1) == ([0, 3, 4, 5, 6, 7, 8], 4, 2, 1)  # BOS stays first
     keep_start = keep_end._replace(truncation_mode="keep_start")
-    assert truncate(ids, start, keep_start) == ([0, 1, 2, 3, 6, 7, 8], 4)
-    assert truncate(ids, start, TokenizeConfig(max_length=6, max_prompt_length=None)) == (
-        [0, 1, 2, 3, 4, 5],
-        6,
-    )
+    assert truncate(ids, start, keep_start) == ([0, 1, 2, 3, 6, 7, 8], 4, 2, 1)
+    # No prompt limit: max_length=6 is filled by the prompt and the whole response (4 tokens) goes.
+    assert truncate(ids, start, TokenizeConfig(max_length=6, max_prompt_length=None)) == ([0, 1, 2, 3, 4, 5], 6, 0, 4)
+    assert truncate(ids, start, TokenizeConfig(max_length=10, max_prompt_length=6)) == (ids, 6, 0, 0)
 
 
 def random_rows(words: list[str], n: int, seed: int = 0) -> list[dict[str, str]]:

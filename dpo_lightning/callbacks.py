@@ -1,0 +1,275 @@
+"""Callbacks that keep a run's work safe: when checkpoints are written, and when a run must stop.
+
+* :class:`LatestModelCheckpoint` is ``ModelCheckpoint`` whose ``last.ckpt`` always holds the
+  latest state: written at each validation, every N optimizer steps and every M minutes (with or
+  without validation data), at the end of training, and when the job is preempted (SIGTERM, or
+  SIGUSR1 outside SLURM's auto-requeue), after which ``fit`` raises :class:`Preempted`.
+* :class:`NonFiniteGuard` stops training at the first optimizer step whose loss or gradients
+  are not finite, before that step is applied: no NaN reaches the weights, a checkpoint or an
+  export, and the last checkpoint stays the last good state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
+
+
+class Preempted(RuntimeError):
+    """``fit`` stopped on a preemption signal after saving a resumable ``last.ckpt``."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: a loss or gradient was not finite. The step was not applied."""
+
+
+def _between_optimizer_steps(trainer: pl.Trainer) -> bool:
+    """True in ``on_train_batch_end`` when this batch completed an optimizer step (not mid-accumulation)."""
+    return not trainer.fit_loop.epoch_loop._should_accumulate()
+
+
+def _validates_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning runs validation right after this training batch."""
+    loop = trainer.fit_loop
+    if not trainer.enable_validation or loop._data_fetcher is None:
+        return False
+    return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+
+
+def _any_rank(trainer: pl.Trainer, flags: Tensor) -> Tensor:
+    """Element-wise max of ``flags`` over ranks: every rank takes the same decision."""
+    if trainer.world_size > 1:
+        flags = trainer.strategy.reduce(flags, reduce_op="max")
+    return flags
+
+
+class LatestModelCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``save_last=True`` keeps ``last.ckpt`` current, also without validation.
+
+    Lightning's own ``save_last=True`` rewrites ``last.ckpt`` only when a top-k checkpoint is
+    written at the same step, and defers saves that monitor a validation metric until a
+    validation runs: with no validation data a run was written once, at its end, so a kill lost
+    everything. Here ``last.ckpt`` is also written every ``save_every_n_steps`` optimizer steps,
+    every ``save_every_minutes`` minutes, at each validation, at the end of training, and on
+    preemption. Periodic saves happen between optimizer steps only (never mid-accumulation), so a
+    run resumed from any ``last.ckpt`` continues exactly.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        save_every_n_steps: int | None = None,
+        save_every_minutes: float | None = 10.0,
+        save_on_preemption: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            save_every_n_steps: Write ``last.ckpt`` every this many optimizer steps (None: off).
+            save_every_minutes: Write ``last.ckpt`` when this many minutes passed since the last write (None: off).
+            save_on_preemption: On SIGTERM (or SIGUSR1 outside SLURM auto-requeue) write ``last.ckpt``
+                at the next optimizer-step boundary, then stop with ``Preempted`` (CLI exit code 143).
+        """
+        super().__init__(*args, **kwargs)
+        if save_every_n_steps is not None and save_every_n_steps < 1:
+            raise ValueError(f"checkpoint.save_every_n_steps must be >= 1 or null, got {save_every_n_steps}")
+        if save_every_minutes is not None and not save_every_minutes > 0:
+            raise ValueError(f"checkpoint.save_every_minutes must be > 0 or null, got {save_every_minutes}")
+        self.save_every_n_steps = save_every_n_steps
+        self.save_every_minutes = save_every_minutes
+        self.save_on_preemption = save_on_preemption
+        self._last_write = time.monotonic()
+        self._signal: str | None = None  # name of the preemption signal received, if any
+        self._previous_handlers: dict[int, Any] = {}
+
+    # ------------------------------------------------------------------ last.ckpt at every save point
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The final state of a fit is in last.ckpt, whatever the validation schedule.
+        self._save_last_if_behind(trainer)
+        self._restore_signal_handlers()
+        super().on_train_end(trainer, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not _between_optimizer_steps(trainer):
+            return
+        step = trainer.global_step
+        by_steps = self.save_every_n_steps is not None and step % self.save_every_n_steps == 0
+        minutes = self.save_every_minutes
+        by_time = minutes is not None and time.monotonic() - self._last_write >= 60 * minutes
+        flags = torch.tensor([float(self._signal is not None), float(by_time)], device=pl_module.device)
+        preempted, by_time = (bool(v) for v in _any_rank(trainer, flags).tolist())
+        if preempted or ((by_steps or by_time) and not _validates_after_this_batch(trainer)):
+            # (a validation right after this batch writes last.ckpt itself, with its metrics)
+            self._save_last_if_behind(trainer)
+        if preempted:
+            signal_name = self._signal or "a preemption signal (on another rank)"
+            raise Preempted(
+                f"received {signal_name}: saved {self.last_model_path} at step {step}; "
+                "resume with --ckpt_path last (or the path)"
+            )
+
+    def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
+        """Write ``last.ckpt`` unless it already holds this step (or we are not fitting)."""
+        if self.save_last is not True or self._should_skip_saving_checkpoint(trainer):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # An update can turn finite gradients into inf weights (a huge learning rate): such a state
+        # is never written, so last.ckpt and the best checkpoint stay the last good ones.
+        if not finite_weights(trainer, trainer.lightning_module):
+            lr = trainer.optimizers[0].param_groups[0].get("lr", float("nan")) if trainer.optimizers else float("nan")
+            raise NonFiniteError(
+                f"the weights hold NaN or inf after optimizer step {trainer.global_step}: not saving {filepath}; "
+                f"the previous checkpoint is the last good state. {_likely_causes(trainer, lr)}"
+            )
+        super()._save_checkpoint(trainer, filepath)
+        self._last_write = time.monotonic()
+
+    # ------------------------------------------------------------------ preemption
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._signal = None
+        self._last_write = time.monotonic()
+        if self.save_on_preemption and threading.current_thread() is threading.main_thread():
+            # Replaces Lightning's SIGTERM handler for the training loop: Lightning's raises
+            # SIGTERMException after any batch (mid-accumulation too) and exits with status 0.
+            # SIGUSR1 stays Lightning's under SLURM auto-requeue (it saves and requeues itself).
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                current = signal.getsignal(sig)
+                if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                    continue
+                self._previous_handlers[sig] = current
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only set a flag: the checkpoint is written between optimizer steps, with every rank.
+        self._signal = signal.Signals(signum).name
+        log.warning("received %s: saving a checkpoint at the next optimizer step, then stopping", self._signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_signal_handlers()
+        super().on_exception(trainer, pl_module, exception)
+
+
+class NonFiniteGuard(Callback):
+    """Stop ``fit`` before an optimizer step whose loss or gradients hold NaN or inf.
+
+    Checked once per optimizer step, agreed across ranks (one tiny all-reduce): the losses of the
+    accumulated micro-batches and every local gradient. Under fp16 mixed precision the gradient
+    check is left to the gradient scaler, which skips overflowing steps by design. A non-finite
+    validation loss stops the run too, before a checkpoint can record it as the best.
+    """
+
+    def __init__(self, check_gradients: bool = True) -> None:
+        """
+        Args:
+            check_gradients: Also check the gradients (one pass over them per optimizer step).
+        """
+        self.check_gradients = check_gradients
+        self._bad_loss: Tensor | None = None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach()).all()  # stays on device: no sync per micro-batch
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        bad_loss = self._bad_loss if self._bad_loss is not None else torch.tensor(False, device=pl_module.device)
+        self._bad_loss = None
+        bad_grad = torch.tensor(False, device=bad_loss.device)
+        if self.check_gradients and not str(trainer.precision).startswith("16"):
+            bad_grad = ~_all_finite([p.grad for p in pl_module.parameters() if p.grad is not None], bad_loss.device)
+        flags = _any_rank(trainer, torch.stack([bad_loss, bad_grad]).float())
+        if flags.any():
+            what = "loss" if flags[0] else "gradients"
+            lr = optimizer.param_groups[0].get("lr", float("nan"))
+            raise NonFiniteError(
+                f"non-finite {what} at optimizer step {trainer.global_step + 1}: training stopped before the "
+                f"step was applied (the last checkpoint is the last good state; nothing is exported). "
+                f"{_likely_causes(trainer, lr)}"
+            )
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteError(
+                f"non-finite val/loss ({float(loss)}) at step {trainer.global_step}: stopped before a checkpoint "
+                f"could record it; check precision {trainer.precision!r} and the learning rate"
+            )
+
+
+def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
+    """Whether every element of ``tensors`` is finite, as a 0-d bool tensor (no host sync).
+
+    One fused norm per tensor: a NaN or inf anywhere makes that tensor's norm non-finite.
+    FSDP2 parameters and gradients are DTensors: their local shards are checked.
+    """
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+    local = [t for t in local if t.numel()]
+    if not local:
+        return torch.tensor(True, device=device)
+    norms = torch._foreach_norm([t.detach() for t in local])
+    return torch.isfinite(torch.stack([n.float().to(device) for n in norms])).all()
+
+
+def finite_weights(trainer: pl.Trainer, module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite on every rank (a collective under several ranks)."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    ok = _all_finite(list(module.parameters()), device)
+    return not bool(_any_rank(trainer, (~ok).float().reshape(1)).item())
+
+
+def _likely_causes(trainer: pl.Trainer, lr: float) -> str:
+    causes = f"Likely causes: a learning rate too high (lr={lr:.3g})"
+    if not str(trainer.precision).startswith("32"):
+        causes += f", or overflow at precision {trainer.precision!r} (try bf16-mixed or 32-true)"
+    return causes + "; gradient clipping (trainer.gradient_clip_val) can help"
+
+
+__all__ = [
+    "LatestModelCheckpoint",
+    "NonFiniteError",
+    "NonFiniteGuard",
+    "PREEMPTED_EXIT_CODE",
+    "Preempted",
+    "finite_weights",
+]
