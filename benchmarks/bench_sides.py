@@ -46,6 +46,7 @@ def run_ours(spec: dict) -> dict:
     from dpo_lightning import DPOModule
     from dpo_lightning.data import PreferenceExample, TokenizeConfig, build_collator, render, tokenize_pairs
     from dpo_lightning.data.packing import PackingCollator
+    from dpo_lightning.options import MemoryOptions
 
     model_dir = str(Path(spec["folder"]) / "model")
     module = DPOModule(
@@ -54,8 +55,7 @@ def run_ours(spec: dict) -> dict:
         max_length=spec["max_length"],
         loss_type=spec["loss"],
         beta=spec["beta"],
-        lean_logprobs=spec["lean"],
-        activation_checkpointing=spec.get("checkpointing", False),
+        memory=MemoryOptions(lean_logprobs=spec["lean"], activation_checkpointing=spec.get("checkpointing", False)),
         attn_implementation="sdpa",
         optimizer=lambda params: torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0),
         scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),

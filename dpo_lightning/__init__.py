@@ -1,8 +1,31 @@
 """dpo_lightning: Direct Preference Optimization and its relatives for PyTorch Lightning."""
 
-from dpo_lightning.losses import LOSSES, LossOutput, PairLogps, compute_loss, get_loss_fn
-from dpo_lightning.module import DPOModule
+from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.dpo import DPOModule
+from dpo_lightning.kto import KTOModule
+from dpo_lightning.losses import LOSSES, LossOutput, PairLogps, check_loss_config, compute_loss, get_loss_fn
+from dpo_lightning.options import LoraOptions, MemoryOptions
+from dpo_lightning.reference import AdapterReference, CopyReference, NoReference, PrecomputedReference, Reference
+from dpo_lightning.stage import CausalLMModule
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["DPOModule", "LOSSES", "LossOutput", "PairLogps", "compute_loss", "get_loss_fn"]
+__all__ = [
+    "AdapterReference",
+    "CausalLMModule",
+    "CopyReference",
+    "DPOModule",
+    "KTOModule",
+    "LOSSES",
+    "LoraOptions",
+    "LossOutput",
+    "MemoryOptions",
+    "NoReference",
+    "PairLogps",
+    "PrecomputedReference",
+    "PreferenceDataModule",
+    "Reference",
+    "check_loss_config",
+    "compute_loss",
+    "get_loss_fn",
+]

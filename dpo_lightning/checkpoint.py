@@ -33,7 +33,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics import Metric
 
-from dpo_lightning.metrics import PreferenceMetrics
+from dpo_lightning.metrics import RunningMeans
 
 RESUME_KEY = "dpo_resume"
 
@@ -282,7 +282,7 @@ def _check_sharded(path: Path, what: str, verify_crc: bool) -> None:
 # ---------------------------------------------------------------------------- resume state
 
 
-def resume_state(metrics: PreferenceMetrics) -> dict[str, Any]:
+def resume_state(metrics: RunningMeans) -> dict[str, Any]:
     """RNG states and ``metrics``' window of every rank, and the window synced across ranks.
 
     Runs on every rank (``on_save_checkpoint`` does): it uses collectives.
@@ -305,7 +305,7 @@ def resume_state(metrics: PreferenceMetrics) -> dict[str, Any]:
     }
 
 
-def restore_resume_state(rank: int, metrics: PreferenceMetrics, state: dict[str, Any]) -> dict[str, Any]:
+def restore_resume_state(rank: int, metrics: RunningMeans, state: dict[str, Any]) -> dict[str, Any]:
     """Put the metric window back; return the RNG states this rank must restore.
 
     The RNG is returned, not set: Lightning draws from the global RNG between loading the

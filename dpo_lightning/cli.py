@@ -1,9 +1,11 @@
-"""LightningCLI over DPOModule and PreferenceDataModule: ``python -m dpo_lightning fit --config ...``.
+"""LightningCLI over every training stage and PreferenceDataModule: ``python -m dpo_lightning fit --config ...``.
 
-Recipes (``recipes/*.yaml``) choose model, data, precision, strategy and devices; this file
-only wires them: shared values are given once and linked, and the defaults a user expects
-(TensorBoard, progress bar, LR monitor, checkpoints on a validation metric, seeding, an HF
-export at the end of ``fit``) are on unless a recipe says otherwise.
+Recipes (``recipes/*.yaml``) choose the stage (``model.class_path``; DPOModule when absent),
+model, data, precision, strategy and devices; this file only wires them: shared values are given
+once and linked, what a stage declares (the batch it consumes, the metric its best checkpoint is
+chosen by) configures the data module and the checkpoint, and the defaults a user expects
+(TensorBoard, progress bar, LR monitor, checkpoints, seeding, an HF export at the end of
+``fit``) are on unless a recipe says otherwise.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from dpo_lightning.callbacks import (
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.errors import DataError
+from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
-from dpo_lightning.module import DPOModule
 from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
+from dpo_lightning.stage import CausalLMModule
 
-ACCURACY = "val/rewards/accuracies"
-ACCURACY_FILENAME = "step{step}-acc{val/rewards/accuracies:.3f}"
+AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
 
 class DPOLightningCLI(LightningCLI):
@@ -39,20 +41,19 @@ class DPOLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The tokenizer and the length budget are given once, in `data`, and linked to the model.
-        parser.link_arguments("data.tokenizer", "model.tokenizer")
-        parser.link_arguments("data.trust_remote_code", "model.trust_remote_code")
-        parser.link_arguments("data.max_length", "model.max_length")
-        # KTO trains on unpaired examples: paired data is split into desirable/undesirable ones.
-        parser.link_arguments("model.loss_type", "data.unpaired", compute_fn=_is_kto)
+        parser.set_defaults({"model": {"class_path": f"{DPOModule.__module__}.{DPOModule.__name__}"}})
+        parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
+        parser.link_arguments("data.trust_remote_code", "model.init_args.trust_remote_code")
+        parser.link_arguments("data.max_length", "model.init_args.max_length")
 
-        # last.ckpt is the latest state at every validation (Lightning's lags behind the top k).
+        # last.ckpt is always the latest state (Lightning's lags behind the top k); the best
+        # checkpoint is chosen by the stage's declared metric unless the recipe names one.
         parser.add_lightning_class_args(LatestModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
-                "checkpoint.monitor": ACCURACY,
-                "checkpoint.mode": "max",
+                "checkpoint.monitor": AUTO,
                 "checkpoint.save_last": True,
-                "checkpoint.filename": ACCURACY_FILENAME,
+                "checkpoint.filename": AUTO,
                 "checkpoint.auto_insert_metric_name": False,
             }
         )
@@ -99,7 +100,7 @@ class DPOLightningCLI(LightningCLI):
         rank_zero_info(f"Resuming from {ckpt_path}{step}")
         changes = []
         if "hyper_parameters" in header and config.get("model") is not None:
-            changes += changed_hparams(header["hyper_parameters"], config.model.as_dict(), "model")
+            changes += changed_hparams(header["hyper_parameters"], config.model.init_args.as_dict(), "model")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
             changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.as_dict(), "data")
         if changes:
@@ -112,16 +113,26 @@ class DPOLightningCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand == "fit":
             _claim_run_folder(config)
-        # KTO logs no pairwise accuracy (as in TRL): keep its best checkpoint by val/loss instead,
-        # unless the user chose what to monitor.
+        stage = _stage_class(config)
+        # The data module produces the batch the stage consumes (KTO: unpaired examples).
+        if config.get("data") is not None and "unpaired" in config.data:
+            config.data.unpaired = stage.batch_format == "unpaired"
         checkpoint = config.get("checkpoint")
-        if checkpoint is None or not _is_kto(config.model.loss_type) or checkpoint.monitor != ACCURACY:
-            return
-        checkpoint.monitor = "val/loss"
-        if checkpoint.mode == "max":
-            checkpoint.mode = "min"
-        if checkpoint.filename == ACCURACY_FILENAME:
-            checkpoint.filename = "step{step}-loss{val/loss:.3f}"
+        if checkpoint is not None:
+            metric, mode = stage.checkpoint_monitor
+            if checkpoint.monitor == AUTO:
+                checkpoint.monitor, checkpoint.mode = metric, mode
+            if checkpoint.filename == AUTO:
+                name = checkpoint.monitor.rsplit("/", 1)[-1] if checkpoint.monitor else None
+                checkpoint.filename = f"step{{step}}-{name}{{{checkpoint.monitor}:.3f}}" if name else "step{step}"
+
+
+def _stage_class(config: Namespace) -> type[CausalLMModule]:
+    """The stage class a config chooses (``model.class_path``)."""
+    import importlib
+
+    module, _, name = config.model.class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
 
 def _logger_init_args(config: Namespace) -> Namespace | None:
@@ -149,17 +160,14 @@ def _claim_run_folder(config: Namespace) -> None:
     logger.version = claim_version(_run_root(logger))
 
 
-def _is_kto(loss_type: str | list[str]) -> bool:
-    return loss_type == "kto" or loss_type == ["kto"]
-
-
 def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
     """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
     return cli_class(
-        DPOModule,
+        CausalLMModule,
         PreferenceDataModule,
+        subclass_mode_model=True,
         seed_everything_default=42,
         trainer_defaults={
             # Checkpoint files are written to a temporary name and renamed into place.

@@ -2,8 +2,8 @@
 consolidation of sharded (distributed) checkpoints into one state dict.
 
 Nothing here launches processes or reduces tensors by hand: Lightning's strategies
-(``ddp``, ``ModelParallelStrategy``, ``FSDPStrategy``) do that. ``DPOModule.configure_model``
-calls :func:`shard_dpo_models` only when the strategy gives the module a device mesh
+(``ddp``, ``ModelParallelStrategy``, ``FSDPStrategy``) do that. ``CausalLMModule.configure_model``
+calls :func:`shard_models` only when the strategy gives the module a device mesh
 (``ModelParallelStrategy``); under every other strategy sharding is a no-op.
 """
 
@@ -65,14 +65,14 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_dpo_models(
+def shard_models(
     policy: nn.Module,
-    reference: nn.Module | None,
+    frozen: list[nn.Module | None],
     mesh: DeviceMesh,
     *,
     param_dtype: torch.dtype | None = torch.bfloat16,
 ) -> None:
-    """``fully_shard`` the policy and the reference over the mesh's data-parallel dimension.
+    """``fully_shard`` the policy and the frozen models a stage holds over the mesh's data-parallel dimension.
 
     Each decoder layer is its own FSDP unit (one all-gather per layer, freed after use) and
     the root picks up what is left (embeddings, final norm, LM head). ``param_dtype`` is the
@@ -80,19 +80,22 @@ def shard_dpo_models(
     and the sharded parameters and optimizer state keep the dtype the model was loaded in.
     ``None`` computes in that dtype too (exact comparisons on CPU).
 
-    The reference is sharded the same way: it is only ever evaluated (no gradients, no
-    optimizer state), so its shards are stored directly in ``param_dtype``: the all-gather
-    casts to that dtype anyway, so its outputs are unchanged and its memory halves.
+    Frozen models (a reference) are sharded the same way: they are only ever evaluated (no
+    gradients, no optimizer state), so their shards are stored directly in ``param_dtype``: the
+    all-gather casts to that dtype anyway, so their outputs are unchanged and their memory halves.
+    ``None`` entries (no reference model) are skipped.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    if param_dtype is not None and reference is not None:
-        reference.to(param_dtype)
-    for model in (policy, reference):
-        if model is None or is_sharded(model):  # no reference model (adapter, precomputed, none)
-            continue  # configure_model runs once per trainer entry point (fit, validate, ...)
+    frozen = [m for m in frozen if m is not None]
+    if param_dtype is not None:
+        for model in frozen:
+            model.to(param_dtype)
+    for model in (policy, *frozen):
+        if is_sharded(model):  # configure_model runs once per trainer entry point (fit, validate, ...)
+            continue
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
         fully_shard(model, mesh=dp_mesh, mp_policy=mp)

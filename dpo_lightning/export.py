@@ -311,24 +311,28 @@ def _kept(trainer: L.Trainer) -> list[str | Path]:
 
 
 def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: AdapterExport = "merged") -> Path:
-    """Export the policy of a ``DPOModule`` checkpoint (a file, or a sharded FSDP2 folder) in HF format.
+    """Export the policy of any stage's checkpoint (a file, or a sharded FSDP2 folder) in HF format.
 
     Raises :class:`~dpo_lightning.checkpoint.CheckpointError` for a missing, truncated or corrupt
     checkpoint and :class:`ExportError` for a destination the export must not replace, both
     before loading anything.
     """
     from dpo_lightning.distributed import consolidate_checkpoint
-    from dpo_lightning.module import DPOModule
+    from dpo_lightning.stage import stage_class_of
 
     ckpt_path = Path(ckpt_path)
     check_checkpoint(ckpt_path)
     check_export_destination(output_dir, keep=[ckpt_path])
     if ckpt_path.is_dir():  # sharded: gather the shards into one file first
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
-            module = DPOModule.load_from_checkpoint(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=True)
+            full = consolidate_checkpoint(ckpt_path)
+            torch.save(full, Path(tmp) / "full.ckpt")
+            module = stage_class_of(full).load_from_checkpoint(
+                Path(tmp) / "full.ckpt", map_location="cpu", weights_only=True
+            )
     else:
-        module = DPOModule.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+        header = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # no tensor is read
+        module = stage_class_of(header).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
     return export_hf(
         module.model, module.tokenizer, output_dir, adapter=adapter, source=str(ckpt_path.resolve()), keep=[ckpt_path]
     )
@@ -337,7 +341,7 @@ def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: Ad
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m dpo_lightning export",
-        description="Export the policy of a DPOModule checkpoint in Hugging Face format (safetensors).",
+        description="Export the policy of a training checkpoint (any stage) in Hugging Face format (safetensors).",
     )
     parser.add_argument("ckpt_path", help="Lightning checkpoint written by `fit`")
     parser.add_argument(

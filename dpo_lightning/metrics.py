@@ -25,8 +25,8 @@ METRIC_NAMES = (
 )
 
 
-class _RunningMeans(nn.Module):
-    """One ``MeanMetric`` per name for one stage (``train``, ``val`` or ``test``)."""
+class RunningMeans(nn.Module):
+    """One ``MeanMetric`` per name for one split (train, val or test); every stage's metrics derive from it."""
 
     def __init__(self, prefix: str, names: tuple[str, ...]) -> None:
         super().__init__()
@@ -43,7 +43,7 @@ class _RunningMeans(nn.Module):
         return bool(self.means[_key("loss")].update_count)
 
 
-class PreferenceMetrics(_RunningMeans):
+class PreferenceMetrics(RunningMeans):
     """Running means of the per-pair statistics of one stage (``train``, ``val`` or ``test``).
 
     ``update`` takes ``(B,)`` tensors for one batch; ``compute`` returns ``{"{prefix}/{name}":
@@ -119,7 +119,7 @@ KTO_METRIC_NAMES = (
 )
 
 
-class KTOMetrics(_RunningMeans):
+class KTOMetrics(RunningMeans):
     """KTO's metrics: desirable examples count as ``chosen``, undesirable ones as ``rejected``.
 
     ``rewards/chosen`` is the mean over every desirable example of the window on every rank (a

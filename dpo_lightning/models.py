@@ -120,3 +120,26 @@ def freeze(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def wrap_lora(
+    model: nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: list[str] | str | None = None,
+) -> nn.Module:
+    """Wrap ``model`` with trainable LoRA adapters (PEFT); base weights stay frozen.
+
+    ``target_modules=None`` lets PEFT pick the architecture's usual projections; ``"all-linear"``
+    targets every linear layer but the output head.
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError("LoRA needs PEFT: pip install 'dpo_lightning[peft]'") from err
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+    )
+    return get_peft_model(model, config)

@@ -1,63 +1,264 @@
-"""How the reference log-probs are obtained: ``DPOModule(reference=...)``.
+"""Reference strategies: how a stage obtains the reference log-probs its loss compares against.
 
-- ``copy``: a frozen copy of the initial policy, or a separate ``ref_model``; two models resident.
-- ``adapter``: the policy is a PEFT LoRA model; the reference is the same base weights with the
-  adapters disabled, so one set of base weights is in memory.
-- ``precomputed``: one pass over the train and validation data computes the reference log-probs
-  before training; they are cached on disk and the reference model is freed.
-- ``none``: no reference, for reference-free losses (SimPO, ORPO, CPO).
+One small class per kind behind one interface, chosen in YAML by a short name
+(``reference: copy``) or, with settings, by class (``reference: {class_path: CopyReference,
+init_args: {sync_steps: 64}}``):
 
-TR-DPO (Gorbatovski et al. 2024) moves a ``copy`` reference towards the policy every N steps:
-:func:`mix_into_reference_`.
+- :class:`CopyReference` (``copy``): a frozen copy of the initial policy, or a separate ``ref_model``;
+  optionally TR-DPO: every ``sync_steps`` optimizer steps ``ref <- alpha * policy + (1 - alpha) * ref``.
+- :class:`AdapterReference` (``adapter``): the policy is a LoRA model (``lora`` group); the reference
+  is the same base weights with the adapters off, so one set of base weights is in memory.
+- :class:`PrecomputedReference` (``precomputed``): one pass over the train and validation data before
+  training computes the log-probs, cached on disk (``precompute.py``); the reference model is freed.
+- :class:`NoReference` (``none``): reference-free losses (SimPO, ORPO, CPO).
+
+A new kind (e.g. the previous round's policy in iterative DPO) is one more subclass; the stage
+calls only the methods below.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
+import gc
 import logging
-import os
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from dpo_lightning.models import freeze
+from dpo_lightning.precompute import (
+    cache_key,
+    compute_reference_logps,
+    default_cache_dir,
+    load_cached,
+    save_cached,
+    weights_fingerprint,
+)
+
+if TYPE_CHECKING:
+    from dpo_lightning.stage import CausalLMModule
+
 log = logging.getLogger(__name__)
 
-ReferenceKind = Literal["copy", "adapter", "precomputed", "none"]
-REFERENCE_KINDS: tuple[str, ...] = get_args(ReferenceKind)
+REF_PREFIX = "ref_model."
+REF_TABLES_KEY = "dpo_lightning_reference_logps"
 
 
-# --------------------------------------------------------------------------- adapter
+class Reference:
+    """Interface of a reference strategy. Every hook is optional but :meth:`logps`."""
+
+    name: ClassVar[str] = ""
+
+    def build(self, stage: CausalLMModule, ref_model: str | nn.Module | None) -> None:
+        """Called once at the end of the stage's ``__init__`` (the policy, LoRA included, exists)."""
+
+    def logps(self, stage: CausalLMModule, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """Reference log-probs of the batch's sequences (``(rows,)``), or None without a reference."""
+        raise NotImplementedError
+
+    def keep_weights_in_checkpoint(self, stage: CausalLMModule) -> bool:
+        """Whether checkpoints must hold ``stage.ref_model``'s weights (it cannot be rebuilt from its source)."""
+        return False
+
+    def setup(self, stage: CausalLMModule) -> None:
+        """At the start of every trainer entry point, before ``configure_model`` may shard the models."""
+
+    def on_fit_start(self, stage: CausalLMModule) -> None:
+        """Before the first training step (after the model is on its device)."""
+
+    def after_optimizer_step(self, stage: CausalLMModule, step: int) -> None:
+        """After optimizer step ``step`` (1-based count of steps taken)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra state for checkpoints (small: no model weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def spec(self) -> str | dict[str, Any]:
+        """How this strategy is written in a config: the short name, or class path and settings."""
+        settings = {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        defaults = {k: v for k, v in vars(type(self)()).items() if not k.startswith("_")}
+        if settings == defaults and self.name:
+            return self.name
+        return {"class_path": f"{type(self).__module__}.{type(self).__qualname__}", "init_args": settings}
 
 
-def wrap_lora(
-    model: nn.Module,
-    *,
-    r: int = 16,
-    alpha: int = 32,
-    dropout: float = 0.0,
-    target_modules: list[str] | str | None = None,
-) -> nn.Module:
-    """Wrap ``model`` with trainable LoRA adapters (PEFT); base weights stay frozen.
+class NoReference(Reference):
+    """No reference model: for losses that never read reference log-probs (SimPO, CPO, ORPO, SFT)."""
 
-    ``target_modules=None`` lets PEFT pick the architecture's usual projections; ``"all-linear"``
-    targets every linear layer but the output head.
+    name = "none"
+
+    def logps(self, stage: CausalLMModule, batch: Mapping[str, Tensor]) -> Tensor | None:
+        return None
+
+
+class CopyReference(Reference):
+    """A frozen copy of the initial policy (or of ``ref_model``), evaluated every step.
+
+    With ``sync_steps`` it is TR-DPO's reference (Gorbatovski et al. 2024): every ``sync_steps``
+    optimizer steps it moves towards the policy, ``ref <- sync_alpha * policy + (1 - sync_alpha) * ref``
+    (``sync_alpha = 1`` copies the policy). A synced reference is kept in checkpoints.
     """
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("reference='adapter' needs PEFT: pip install 'dpo_lightning[peft]'") from err
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
-    )
-    return get_peft_model(model, config)
+
+    name = "copy"
+
+    def __init__(self, sync_steps: int | None = None, sync_alpha: float = 1.0) -> None:
+        """
+        Args:
+            sync_steps: TR-DPO: move the reference towards the policy every this many optimizer steps.
+            sync_alpha: TR-DPO mix: ref <- alpha * policy + (1 - alpha) * ref (1 is a hard copy).
+        """
+        if sync_steps is not None and sync_steps < 1:
+            raise ValueError(f"reference sync_steps must be >= 1 or None, got {sync_steps}")
+        if not 0.0 < sync_alpha <= 1.0:
+            raise ValueError(f"reference sync_alpha must be in (0, 1], got {sync_alpha}")
+        self.sync_steps = sync_steps
+        self.sync_alpha = sync_alpha
+        self._rebuildable = True
+
+    def build(self, stage: CausalLMModule, ref_model: str | nn.Module | None) -> None:
+        self._rebuildable = _attach_frozen_reference(stage, ref_model)
+
+    def logps(self, stage: CausalLMModule, batch: Mapping[str, Tensor]) -> Tensor | None:
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        return stage.sequence_logps(stage.ref_model, batch).logps
+
+    def keep_weights_in_checkpoint(self, stage: CausalLMModule) -> bool:
+        # A synced reference is no longer its source: resuming without it restarts TR-DPO from ref_0.
+        return not self._rebuildable or self.sync_steps is not None
+
+    def after_optimizer_step(self, stage: CausalLMModule, step: int) -> None:
+        if self.sync_steps and step % self.sync_steps == 0:
+            mix_into_reference_(stage.ref_model, stage.model, self.sync_alpha)
 
 
-# --------------------------------------------------------------------------- TR-DPO
+class AdapterReference(Reference):
+    """The LoRA policy with its adapters switched off: one set of base weights in memory."""
+
+    name = "adapter"
+
+    def build(self, stage: CausalLMModule, ref_model: str | nn.Module | None) -> None:
+        if stage.lora is None:
+            raise ValueError("reference 'adapter' is the policy with its LoRA adapters off: set the lora group")
+        if ref_model is not None:
+            raise ValueError("reference 'adapter' uses the policy's own base weights: leave ref_model unset")
+
+    def logps(self, stage: CausalLMModule, batch: Mapping[str, Tensor]) -> Tensor | None:
+        if "ref_logps" in batch:
+            return batch["ref_logps"]
+        with torch.no_grad(), stage.model.disable_adapter():
+            return stage.sequence_logps(stage.model, batch).logps
+
+
+class PrecomputedReference(Reference):
+    """Reference log-probs computed once before training, cached on disk; the model is then freed.
+
+    The cache key covers the reference weights, the dataset's fingerprint and the tokenization
+    settings, so a change to any of them recomputes. The tables (``(N, 2)`` floats per split) are
+    also kept in checkpoints, so a resume needs neither the reference model nor the cache.
+    """
+
+    name = "precomputed"
+
+    def __init__(self, cache_dir: str | None = None) -> None:
+        """
+        Args:
+            cache_dir: Where precomputed reference log-probs are cached; None: ~/.cache/dpo_lightning.
+        """
+        self.cache_dir = cache_dir
+        self._tables: dict[str, Tensor] = {}
+        self._fingerprint: str | None = None
+
+    def build(self, stage: CausalLMModule, ref_model: str | nn.Module | None) -> None:
+        _attach_frozen_reference(stage, ref_model)  # the model to run the pass with
+
+    def setup(self, stage: CausalLMModule) -> None:
+        if stage.ref_model is not None and self._fingerprint is None:  # before configure_model may shard it
+            self._fingerprint = weights_fingerprint(stage.ref_model)
+
+    def logps(self, stage: CausalLMModule, batch: Mapping[str, Tensor]) -> Tensor | None:
+        if "ref_logps" not in batch:
+            raise RuntimeError(
+                "reference 'precomputed' but the batch carries no ref_logps: use PreferenceDataModule "
+                "(the log-probs are computed at fit start) or a loader whose batches carry them"
+            )
+        return batch["ref_logps"]
+
+    def on_fit_start(self, stage: CausalLMModule) -> None:
+        dm = getattr(stage.trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "set_reference_logps"):
+            raise ValueError("reference 'precomputed' needs PreferenceDataModule (or batches carrying ref_logps)")
+        cache_dir = Path(self.cache_dir or default_cache_dir())
+        for split, dataset in dm.reference_splits().items():
+            table = self._tables.get(split)
+            path = cache_dir / f"{cache_key(self._fingerprint, dataset._fingerprint, dm.tokenization_settings())}.pt"
+            if table is None:
+                table = load_cached(path)
+                if table is not None:
+                    log.info("precomputed reference log-probs for %s: cache hit %s", split, path)
+            if table is None:
+                if stage.ref_model is None:
+                    raise RuntimeError(f"no reference log-probs for split {split!r} and no reference model left")
+                log.info("precomputing reference log-probs for %s (%d pairs)", split, len(dataset))
+                batches = (stage.trainer.strategy.batch_to_device(b) for b in dm.ordered_dataloader(split))
+                table = compute_reference_logps(
+                    batches, lambda b: stage.sequence_logps(stage.ref_model, b).logps, len(dataset)
+                )
+                if stage.trainer.is_global_zero:
+                    save_cached(path, table)
+            self._tables[split] = table
+            dm.set_reference_logps(split, table)
+        stage.ref_model = None  # only the policy stays resident from here on
+        gc.collect()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {REF_TABLES_KEY: dict(self._tables)} if self._tables else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._tables = dict(state.get(REF_TABLES_KEY, {}))
+
+
+def _attach_frozen_reference(stage: CausalLMModule, ref_model: str | nn.Module | None) -> bool:
+    """Set ``stage.ref_model`` to a frozen copy of the initial policy, or to ``ref_model`` loaded.
+
+    Returns whether it can be rebuilt from its source (a hub id or path): checkpoints then leave it
+    out, since saving 7B of frozen weights per checkpoint buys nothing. A random-init or in-memory
+    reference is stored, so a resumed run always gets back the same one.
+    """
+    if ref_model is not None:
+        stage.ref_model = freeze(stage.load_model(ref_model))
+        return isinstance(ref_model, str)
+    policy = stage.model  # a LoRA policy's reference is its base weights: adapters removed, not merged
+    stage.ref_model = freeze(copy.deepcopy(policy).unload() if hasattr(policy, "unload") else copy.deepcopy(policy))
+    return stage.policy_source is not None
+
+
+REFERENCES: dict[str, type[Reference]] = {
+    cls.name: cls for cls in (CopyReference, AdapterReference, PrecomputedReference, NoReference)
+}
+
+
+def resolve_reference(spec: str | Reference | Mapping[str, Any]) -> Reference:
+    """A strategy from its short name (``copy``), an instance, or ``{class_path, init_args}``."""
+    if isinstance(spec, Reference):
+        return spec
+    if isinstance(spec, Mapping):  # as stored in hyper-parameters (load_from_checkpoint)
+        import importlib
+
+        module, _, name = str(spec["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        if not (isinstance(cls, type) and issubclass(cls, Reference)):
+            raise ValueError(f"{spec['class_path']} is not a dpo_lightning.reference.Reference")
+        return cls(**dict(spec.get("init_args") or {}))
+    if spec not in REFERENCES:
+        raise ValueError(f"unknown reference {spec!r}: use one of {', '.join(REFERENCES)} or a Reference class")
+    return REFERENCES[spec]()
 
 
 @torch.no_grad()
@@ -77,66 +278,13 @@ def mix_into_reference_(reference: nn.Module, policy: nn.Module, alpha: float) -
         target.lerp_(p.detach().to(target.dtype), alpha)
 
 
-# --------------------------------------------------------------------------- precomputed
-
-
-def weights_fingerprint(model: nn.Module) -> str:
-    """A hash of every parameter and buffer (names, shapes, dtypes and bytes) of ``model``."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in sorted(model.state_dict().items()):
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def cache_key(weights: str, data: str, settings: Mapping[str, Any]) -> str:
-    """Key of a precomputed-log-probs cache: reference weights, dataset fingerprint, tokenization."""
-    blob = json.dumps({"weights": weights, "data": data, "settings": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("DPO_LIGHTNING_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dpo_lightning"
-    )
-    return Path(root) / "reference_logps"
-
-
-@torch.no_grad()
-def compute_reference_logps(
-    batches: Iterable[Mapping[str, Tensor]],
-    logps_fn: Callable[[Mapping[str, Tensor]], Tensor],
-    num_examples: int,
-) -> Tensor:
-    """Run ``logps_fn`` (a batch of 2B rows -> ``(2B,)`` log-probs) over ``batches`` in one pass.
-
-    Every batch carries ``index`` ``(B,)``: the examples' positions in their split. Returns
-    ``(num_examples, 2)`` float32: column 0 chosen, column 1 rejected; NaN where never visited.
-    """
-    table = torch.full((num_examples, 2), float("nan"), dtype=torch.float32)
-    for batch in batches:
-        logps = logps_fn(batch).float().cpu()  # (2B,)
-        b = logps.shape[0] // 2
-        index = batch["index"].cpu()
-        table[index, 0] = logps[:b]
-        table[index, 1] = logps[b:]
-    return table
-
-
-def load_cached(path: Path) -> Tensor | None:
-    if not path.exists():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def save_cached(path: Path, table: Tensor) -> None:
-    """Atomic write: a crash mid-save never leaves a truncated cache under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+__all__ = [
+    "AdapterReference",
+    "CopyReference",
+    "NoReference",
+    "PrecomputedReference",
+    "REFERENCES",
+    "Reference",
+    "mix_into_reference_",
+    "resolve_reference",
+]

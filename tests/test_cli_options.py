@@ -52,13 +52,13 @@ def test_losses_train_through_the_cli_with_finite_trl_named_metrics(tmp_path, op
 def test_kto_through_the_cli_keeps_its_best_checkpoint_by_val_loss(tmp_path):
     """KTO logs no pairwise accuracy (as TRL), so the default monitor val/rewards/accuracies used
     to stop the run at its first validation; with KTO the CLI monitors val/loss."""
-    cli = fit(tmp_path, "--model.loss_type", "kto")
+    cli = fit(tmp_path, "--model", "dpo_lightning.KTOModule")
     assert "val/rewards/accuracies" not in cli.trainer.callback_metrics
     saver = cli.trainer.checkpoint_callback
     assert saver.monitor == "val/loss" and saver.mode == "min"
     assert Path(saver.best_model_path).name.startswith("step") and "loss" in Path(saver.best_model_path).name
     # A monitor the user chose is kept.
-    cli = fit(tmp_path / "own", "--model.loss_type", "kto", "--checkpoint.monitor", "val/kl", steps=2)
+    cli = fit(tmp_path / "own", "--model", "dpo_lightning.KTOModule", "--checkpoint.monitor", "val/kl", steps=2)
     assert cli.trainer.checkpoint_callback.monitor == "val/kl"
 
 

@@ -205,7 +205,7 @@ from dpo_lightning.export import HFExport
 # This checkout, not an installed copy.
 assert os.path.realpath(dpo_lightning.__file__) == {package!r}, dpo_lightning.__file__
 torch.manual_seed(0)
-module = DPOModule(model_config=tiny_config("llama"), fsdp_mixed_precision=False,
+module = DPOModule(model_config=tiny_config("llama"), memory=dict(fsdp_mixed_precision=False),
                    optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
 trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(1, 1), max_steps=2,
                     logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -13,6 +13,7 @@ from dpo_lightning.lm_head import backbone_and_head, lean_sequence_logps, logit_
 from dpo_lightning.logprobs import sequence_logps, sequence_logps_from_hidden
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.module import DPOModule
+from dpo_lightning.options import MemoryOptions
 
 from tiny import random_batch, tiny_config
 
@@ -127,7 +128,7 @@ def test_module_lean_option_matches_plain():
     torch.manual_seed(0)
     plain_module = DPOModule(model_config=tiny_config("llama", vocab_size=V))
     torch.manual_seed(0)
-    lean_module = DPOModule(model_config=tiny_config("llama", vocab_size=V), lean_logprobs=True)
+    lean_module = DPOModule(model_config=tiny_config("llama", vocab_size=V), memory=MemoryOptions(lean_logprobs=True))
     lean_module.model.load_state_dict(plain_module.model.state_dict())
     lean_module.ref_model.load_state_dict(plain_module.ref_model.state_dict())
     (plain_out, plain_policy, _), (lean_out, lean_policy, _) = plain_module(batch), lean_module(batch)

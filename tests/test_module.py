@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
 from dpo_lightning.metrics import METRIC_NAMES
+from dpo_lightning.options import MemoryOptions
 
 from tiny import VOCAB, random_batch, tiny_config
 
@@ -182,7 +183,7 @@ def test_checkpoints_keep_a_reference_that_cannot_be_rebuilt(tmp_path):
 
 
 def test_lean_logprobs_under_fsdp2_is_refused_clearly():
-    module = make_module(lean_logprobs=True)
+    module = make_module(memory=MemoryOptions(lean_logprobs=True))
     module._device_mesh = object()  # what ModelParallelStrategy hands the module before configure_model
     with pytest.raises(ValueError, match="lean_logprobs"):
         module.configure_model()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dpo_lightning import DPOModule
+from dpo_lightning import CopyReference, DPOModule, KTOModule, LoraOptions, MemoryOptions, PrecomputedReference
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.synthetic import generate_pairs
 from dpo_lightning.losses import kto_loss
@@ -30,8 +30,9 @@ def test_adapter_reference_equals_a_separately_loaded_frozen_base(tmp_path):
     base = DPOModule(model_config=tiny_config("llama")).model
     base.save_pretrained(tmp_path / "base")
     module = DPOModule(
-        model=str(tmp_path / "base"), reference="adapter", lora_r=4, lora_alpha=8,
-        lora_target_modules=["q_proj", "v_proj"], optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
+        model=str(tmp_path / "base"), reference="adapter",
+        lora=LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
     assert module.ref_model is None  # one set of base weights
     trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
@@ -81,8 +82,8 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     def module(**kw):
         torch.manual_seed(0)  # the same random-init policy (and so reference) each time
         return DPOModule(
-            model_config=tiny_config("llama", vocab_size=16), reference="precomputed",
-            reference_cache_dir=str(cache), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **kw,
+            model_config=tiny_config("llama", vocab_size=16), reference=PrecomputedReference(cache_dir=str(cache)),
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **kw,
         )
 
     first, data = module(), _datamodule(path)
@@ -104,7 +105,7 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(files) == 2  # train and validation
 
     # A second run reuses the cache: computing is never called.
-    import dpo_lightning.module as module_mod
+    import dpo_lightning.reference as module_mod
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite a valid cache")
@@ -121,7 +122,7 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(list(cache.glob("*.pt"))) == 6
     torch.manual_seed(1)
     other = DPOModule(
-        model_config=tiny_config("llama", vocab_size=16), reference="precomputed", reference_cache_dir=str(cache)
+        model_config=tiny_config("llama", vocab_size=16), reference=PrecomputedReference(cache_dir=str(cache))
     )
     trainer(max_steps=1).fit(other, datamodule=_datamodule(path))
     assert len(list(cache.glob("*.pt"))) == 8
@@ -174,7 +175,7 @@ def test_reference_none_for_reference_free_losses():
 def test_tr_dpo_sync_mixes_the_reference_by_hand():
     """alpha = 0.25, sync every 2 steps: after step 2, ref = 0.25 * policy_2 + 0.75 * ref_0."""
     module = DPOModule(
-        model_config=tiny_config("llama"), ref_sync_steps=2, ref_sync_alpha=0.25,
+        model_config=tiny_config("llama"), reference=CopyReference(sync_steps=2, sync_alpha=0.25),
         optimizer=lambda p: torch.optim.SGD(p, lr=0.5), warmup_ratio=0.0, lr_decay="constant",
     )
     ref0 = {k: v.clone() for k, v in module.ref_model.named_parameters()}
@@ -201,7 +202,7 @@ def kto_batch(n=4, t=9, seed=0):
 
 
 def test_kto_z0_and_loss_match_a_hand_computation():
-    module = DPOModule(model_config=tiny_config("llama"), loss_type="kto", beta=0.5, undesirable_weight=2.0)
+    module = KTOModule(model_config=tiny_config("llama"), beta=0.5, undesirable_weight=2.0)
     with torch.no_grad():  # move the policy off the reference so z0 is not trivially 0
         for p in module.model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -227,8 +228,8 @@ def test_kto_trains_with_shuffling_through_the_data_module(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(48, seed=7)))
     data = _datamodule(path, unpaired=True)
-    module = DPOModule(
-        model_config=tiny_config("llama", vocab_size=16), loss_type="kto", beta=1.0, tokenizer=data.tokenizer,
+    module = KTOModule(
+        model_config=tiny_config("llama", vocab_size=16), beta=1.0, tokenizer=data.tokenizer,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), warmup_ratio=0.0,
     )
     data.setup()
@@ -245,8 +246,8 @@ def test_kto_trains_with_shuffling_through_the_data_module(tmp_path):
 def test_lora_recipe_combination_adapter_checkpointing_lean():
     """recipes/llama7b_lora.yaml's switches together: ln 2 at step 0, gradients on LoRA weights only."""
     module = DPOModule(
-        model_config=tiny_config("llama"), reference="adapter", lora_target_modules="all-linear",
-        activation_checkpointing=True, lean_logprobs=True,
+        model_config=tiny_config("llama"), reference="adapter", lora=LoraOptions(target_modules="all-linear"),
+        memory=MemoryOptions(activation_checkpointing=True, lean_logprobs=True),
     )
     module.configure_model()
     module.train()
@@ -262,7 +263,7 @@ def test_kto_warns_when_weights_leave_the_papers_range(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=7)))
     data = _datamodule(path, unpaired=True)
-    module = DPOModule(model_config=tiny_config("llama", vocab_size=16), loss_type="kto", undesirable_weight=3.0)
+    module = KTOModule(model_config=tiny_config("llama", vocab_size=16), undesirable_weight=3.0)
     with pytest.warns(UserWarning, match="weight"):
         trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)
 
@@ -275,8 +276,8 @@ def test_precomputed_reference_with_packed_batches(tmp_path):
     batches = {}
     for collator in ("pad", "pack"):
         torch.manual_seed(0)
-        module = DPOModule(model_config=tiny_config("llama", vocab_size=16), reference="precomputed",
-                           reference_cache_dir=str(tmp_path / "cache"))
+        module = DPOModule(model_config=tiny_config("llama", vocab_size=16),
+                           reference=PrecomputedReference(cache_dir=str(tmp_path / "cache")))
         initial = copy.deepcopy(module.model).eval()  # the reference: the policy before training
         data = _datamodule(path, collator=collator)
         trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)

@@ -16,6 +16,7 @@ from dpo_lightning.data import build_collator
 from dpo_lightning.data.collate import PaddingCollator
 from dpo_lightning.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing
 from dpo_lightning.module import DPOModule
+from dpo_lightning.options import MemoryOptions
 
 VOCAB = 64
 LLAMA = dict(
@@ -99,7 +100,7 @@ def test_first_fit_decreasing_and_mask_helpers():
 
 def _modules(config: dict, attn: str, lean: bool = False) -> DPOModule:
     torch.manual_seed(0)
-    module = DPOModule(model_config=config, attn_implementation=attn, lean_logprobs=lean)
+    module = DPOModule(model_config=config, attn_implementation=attn, memory=MemoryOptions(lean_logprobs=lean))
     with torch.no_grad():  # a policy different from the reference, so rewards are not all 0
         for p in module.model.parameters():
             p.add_(0.01 * torch.randn_like(p))

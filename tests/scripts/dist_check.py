@@ -35,6 +35,7 @@ from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data import PreferenceDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
 from dpo_lightning.distributed import full_state_dict  # noqa: E402
+from dpo_lightning.options import MemoryOptions  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
 
@@ -156,8 +157,9 @@ def main() -> None:
     module = DPOModule(
         model_config=tiny_config("llama"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
-        activation_checkpointing=args.activation_checkpointing,
-        fsdp_mixed_precision=args.mixed_precision,
+        memory=MemoryOptions(
+            activation_checkpointing=args.activation_checkpointing, fsdp_mixed_precision=args.mixed_precision
+        ),
     )
     capture, logger = Capture(), ListLogger()
     trainer = L.Trainer(

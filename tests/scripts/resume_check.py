@@ -36,10 +36,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import dpo_lightning.module as dpo_module  # noqa: E402
+import dpo_lightning.stage as dpo_module  # noqa: E402
 from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data.sampler import ResumableTrainData  # noqa: E402
 from dpo_lightning.distributed import full_state_dict  # noqa: E402
+from dpo_lightning.options import MemoryOptions
 
 from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config  # noqa: E402
 
@@ -74,7 +75,7 @@ def make_module() -> DPOModule:
     # Dropout on, so the result also depends on every rank's RNG stream being restored.
     config = {**tiny_config("gpt2"), "resid_pdrop": 0.1, "attn_pdrop": 0.1, "embd_pdrop": 0.1}
     return DPOModule(
-        model_config=config, disable_dropout=False, fsdp_mixed_precision=False,
+        model_config=config, disable_dropout=False, memory=MemoryOptions(fsdp_mixed_precision=False),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
     )
 

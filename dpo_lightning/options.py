@@ -1,0 +1,59 @@
+"""Typed groups of knobs that belong together, shared by every training stage.
+
+Each is a dataclass: jsonargparse documents its fields in ``--help`` and YAML nests them
+(``model.lora.r``, ``model.memory.lean_logprobs``); ``__post_init__`` refuses bad values when
+the config is parsed, before any weights load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """Train LoRA adapters (PEFT) instead of every weight; the base weights stay frozen.
+
+    Args:
+        r: Rank of the adapters.
+        alpha: Scaling numerator: the update is scaled by alpha / r.
+        dropout: Dropout on the adapter branch.
+        target_modules: Module names to adapt (e.g. [q_proj, v_proj], or all-linear); None: PEFT's default.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class MemoryOptions:
+    """How log-probs, activations and FSDP2 compute trade memory for time.
+
+    Args:
+        lean_logprobs: Score response positions from the last hidden states; never builds (2B, T, V) logits.
+        logprob_chunk_elements: Float32 elements per chunk when computing log-probs (bounds extra memory).
+        activation_checkpointing: Recompute each policy decoder layer in backward to save activation memory.
+        fsdp_mixed_precision: Under ModelParallelStrategy (FSDP2): bf16 compute, fp32 gradient reduction.
+    """
+
+    lean_logprobs: bool = False
+    logprob_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+    activation_checkpointing: bool = False
+    fsdp_mixed_precision: bool = True
+
+    def __post_init__(self) -> None:
+        if self.logprob_chunk_elements < 1:
+            raise ValueError(f"memory.logprob_chunk_elements must be >= 1, got {self.logprob_chunk_elements}")
+
+
+__all__ = ["LoraOptions", "MemoryOptions"]

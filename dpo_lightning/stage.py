@@ -1,0 +1,346 @@
+"""CausalLMModule: the LightningModule every training stage derives from.
+
+It owns what stages share: loading the policy (hub id, path, config or object) and tokenizer,
+dropout, LoRA, the optimizer/scheduler factories and default schedule, the memory knobs,
+activation checkpointing and FSDP2 sharding of the models it holds, a reference strategy if the
+stage has one (``reference.py``), exact metric windows, and resume state. An objective is a
+subclass that declares its metrics (``metrics_class``), its default checkpoint monitor, the batch
+it consumes (``batch_format``), and implements :meth:`CausalLMModule.step`: batch -> loss, with
+its metrics updated. Shared code has no branch on the objective.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
+from dpo_lightning.distributed import enable_activation_checkpointing, shard_models
+from dpo_lightning.lm_head import lean_sequence_logps
+from dpo_lightning.logprobs import SequenceLogps, sequence_logps
+from dpo_lightning.metrics import RunningMeans
+from dpo_lightning.models import check_vocab, freeze, load_causal_lm, wrap_lora
+from dpo_lightning.models import disable_dropout as _disable_dropout
+from dpo_lightning.optim import Decay, warmup_decay_schedule
+from dpo_lightning.options import LoraOptions, MemoryOptions
+from dpo_lightning.reference import REF_PREFIX, Reference, resolve_reference
+
+log = logging.getLogger(__name__)
+
+STAGE_KEY = "dpo_lightning_stage"  # checkpoint key: the module class, so `export` can load any stage
+
+# The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+# The metrics are synced as sums before they are logged (metrics.py): sync_dist would re-average them.
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)(/|_)")
+
+
+class CausalLMModule(L.LightningModule):
+    """Base of every training stage: a trainable Hugging Face causal LM and its plumbing."""
+
+    metrics_class: ClassVar[type[RunningMeans]]
+    checkpoint_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")  # metric, mode of the best checkpoint
+    batch_format: ClassVar[str] = "pairs"  # what the data module must produce: "pairs" or "unpaired"
+    progress_bar_metric: ClassVar[tuple[str, str] | None] = None  # (metric, short name) shown per validation
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        max_length: int | None = None,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        disable_dropout: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        warmup_ratio: float = 0.1,
+        lr_decay: Decay = "cosine",
+        lora: LoraOptions | None = None,
+        memory: MemoryOptions | None = None,
+    ) -> None:
+        """
+        Args:
+            model: Policy to train: a hub id or local path of any ``AutoModelForCausalLM``, or a model.
+            model_config: Instead of ``model``: a config dict with ``model_type`` to build a random-init policy.
+            tokenizer: Hub id, path or tokenizer; sizes a config-built vocabulary and is saved with exports.
+            max_length: Longest sequence the data will feed; checked against the model's positions up front.
+            dtype: Weights dtype when loading: float32, bfloat16, float16 or auto; None keeps the default.
+            attn_implementation: Attention kernel for Hugging Face models (``sdpa``, ``eager``, ``flash_attention_2``).
+            trust_remote_code: Allow models whose code lives on the hub. Off unless you trust the source.
+            disable_dropout: Turn off dropout in the policy, as TRL does by default.
+            optimizer: Optimizer factory (LightningCLI ``OptimizerCallable``); None means AdamW(lr=1e-6).
+            scheduler: LR scheduler factory; None means linear warmup then ``lr_decay``, stepped per optimizer step.
+            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule.
+            lr_decay: Decay of the default schedule after warmup: cosine, linear or constant.
+            lora: Train LoRA adapters instead of every weight (r, alpha, dropout, target_modules); None: full.
+            memory: Memory knobs: lean_logprobs, logprob_chunk_elements, activation_checkpointing,
+                fsdp_mixed_precision.
+        """
+        super().__init__()
+        self.lora = _options(lora, LoraOptions)
+        self.memory = _options(memory, MemoryOptions) or MemoryOptions()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        for name in ("model", "ref_model", "tokenizer"):  # objects neither serialise nor print well
+            value = self.hparams.get(name)
+            if value is not None and not isinstance(value, str):
+                # A tokenizer object is recorded by its source, so the module's and the data
+                # module's hyper-parameters agree (Lightning refuses to log conflicting ones).
+                source = getattr(value, "name_or_path", None)
+                self.hparams[name] = source if name == "tokenizer" and source else f"<{type(value).__name__} instance>"
+        if max_length is None:  # unset here: the data module's max_length is the one that applies
+            self.hparams.pop("max_length", None)
+        self.hparams["lora"] = None if self.lora is None else asdict(self.lora)
+        self.hparams["memory"] = asdict(self.memory)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+        self.tokenizer = _resolve_tokenizer(tokenizer, trust_remote_code)
+        self._load_kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
+                             "attn_implementation": attn_implementation}
+        vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
+        self.policy_source = model if isinstance(model, str) else None
+        self.model = load_causal_lm(model, config=model_config, vocab_size=vocab_size, **self._load_kwargs)
+        check_vocab(self.model, vocab_size)
+        _check_max_length(self.model, max_length)
+        if self.tokenizer is not None and self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if disable_dropout:
+            _disable_dropout(self.model)
+        if self.lora is not None:
+            self.model = wrap_lora(self.model, **asdict(self.lora))
+        self.model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
+        self.ref_model: nn.Module | None = None
+        self.reference: Reference | None = None
+        self._keep_reference_weights = False  # set under FSDP2, which loads checkpoints strictly
+
+        self.train_metrics = self.metrics_class("train")
+        self.val_metrics = self.metrics_class("val")
+        self.test_metrics = self.metrics_class("test")
+        self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
+
+    # ------------------------------------------------------------------ models
+
+    def load_model(self, source: str | PreTrainedModel) -> PreTrainedModel:
+        """A model loaded the way the policy was (dtype, attention kernel, remote-code setting)."""
+        return load_causal_lm(source, **self._load_kwargs)
+
+    def attach_reference(self, reference: str | Reference, ref_model: str | nn.Module | None = None) -> None:
+        """Give the stage a reference strategy (called by stages that compare against one)."""
+        self.reference = resolve_reference(reference)
+        self.reference.build(self, ref_model)
+        self.hparams["reference"] = self.reference.spec()
+
+    def train(self, mode: bool = True) -> CausalLMModule:
+        """Lightning puts the whole module in train mode; a reference model always stays in eval."""
+        super().train(mode)
+        if self.ref_model is not None:
+            freeze(self.ref_model)
+        return self
+
+    def sequence_logps(self, model: nn.Module, batch: Mapping[str, Tensor]) -> SequenceLogps:
+        """One forward over the batch's rows (or the packed rows holding them) -> response log-probs ``(rows,)``."""
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+        # A packed batch (data/packing.py) says which sequence each position belongs to; its 4D
+        # additive mask must match the attention dtype (sdpa refuses a float32 mask on bf16 weights).
+        packed = {}
+        if "sequence_ids" in batch:
+            packed = {"sequence_ids": batch["sequence_ids"], "num_sequences": int(batch["num_sequences"])}
+            if "attention_mask" in inputs and inputs["attention_mask"].is_floating_point():
+                inputs["attention_mask"] = inputs["attention_mask"].to(model.dtype)
+        chunk = self.memory.logprob_chunk_elements
+        if self.memory.lean_logprobs:
+            return lean_sequence_logps(model, inputs, batch["labels"], chunk_elements=chunk, **packed)
+        logits = model(**inputs, use_cache=False).logits  # (rows, T, V), or (R, L, V) packed
+        return sequence_logps(logits, batch["labels"], chunk_elements=chunk, **packed)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: Mapping[str, Tensor]) -> Tensor | None:
+        """Reference log-probs of the batch's sequences ``(rows,)``, or None without a reference."""
+        return None if self.reference is None else self.reference.logps(self, batch)
+
+    # ------------------------------------------------------------------ the objective's contract
+
+    def step(self, batch: Mapping[str, Tensor], metrics: RunningMeans) -> Tensor:
+        """The objective: the batch's loss (a scalar), with ``metrics`` updated. Subclasses implement it."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ steps and logging
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # RNG restored here, not at load: Lightning draws from it in between (the loader's seed).
+        if self._resume_rng is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self.step(batch, self.train_metrics)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.reference is not None:
+            # Lightning counts the step only once this hook returns: this is step global_step + 1.
+            self.reference.after_optimizer_step(self, self.global_step + 1)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # Log the window since the last log at exactly the steps Lightning writes logs, so each
+        # logged value covers every example of the window on every rank.
+        if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
+            values = self.train_metrics.compute()
+            self.train_metrics.reset()
+            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+            self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch(self.val_metrics)
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.step(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch(self.test_metrics)
+
+    def _log_epoch(self, metrics: RunningMeans) -> None:
+        if not metrics.has_updates:
+            return
+        values = metrics.compute()  # already synced across ranks as sums
+        # Reset outside inference mode: states cloned under it could not be updated by a later
+        # validation inside fit (e.g. trainer.validate() before trainer.fit()).
+        with torch.inference_mode(False):
+            metrics.reset()
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        if self.progress_bar_metric is not None:
+            name, short = self.progress_bar_metric
+            if f"{metrics.prefix}/{name}" in values:
+                self.log(f"{metrics.prefix}_{short}", values[f"{metrics.prefix}/{name}"], prog_bar=True, logger=False)
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params) if self.optimizer_factory else torch.optim.AdamW(params, lr=1e-6)
+        if self.scheduler_factory is not None:
+            scheduler = self.scheduler_factory(optimizer)
+        else:
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise ValueError("set max_steps or max_epochs so the LR schedule knows its length")
+            scheduler = warmup_decay_schedule(
+                optimizer, total_steps=int(total), warmup_ratio=self.hparams.warmup_ratio, decay=self.hparams.lr_decay
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ scale-out
+
+    def configure_model(self) -> None:
+        """Activation checkpointing if asked; FSDP2 sharding under ``ModelParallelStrategy`` only."""
+        if self.memory.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        if self.device_mesh is None:
+            return  # single device, DDP, FSDP1: nothing to shard here
+        if self.memory.lean_logprobs:
+            # The lean path calls the backbone and LM head directly, bypassing the root FSDP
+            # unit's unshard/reshard hooks; refuse rather than compute on shards.
+            raise ValueError("lean_logprobs is not supported under ModelParallelStrategy (FSDP2) yet; set it false")
+        # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
+        self._keep_reference_weights = True
+        param_dtype = torch.bfloat16 if self.memory.fsdp_mixed_precision else None
+        shard_models(self.model, [self.ref_model], self.device_mesh, param_dtype=param_dtype)
+
+    # ------------------------------------------------------------------ hooks for the reference
+
+    def setup(self, stage: str) -> None:
+        if self.reference is not None:
+            self.reference.setup(self)
+
+    def on_fit_start(self) -> None:
+        if self.reference is not None:
+            self.reference.on_fit_start(self)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook
+        checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        if self.reference is None:
+            return
+        checkpoint.update(self.reference.state_dict())
+        if not (self._keep_reference_weights or self.reference.keep_weights_in_checkpoint(self)):
+            state = checkpoint["state_dict"]
+            for key in [k for k in state if k.startswith(REF_PREFIX)]:
+                del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if RESUME_KEY in checkpoint:
+            self._resume_rng = restore_resume_state(self.global_rank, self.train_metrics, checkpoint[RESUME_KEY])
+        if self.reference is not None:
+            self.reference.load_state_dict(checkpoint)
+        # A reference left out of the checkpoint was rebuilt from its source in __init__.
+        # (ModelParallelStrategy loads weights itself and passes no state_dict here.)
+        state = checkpoint.get("state_dict")
+        if state is not None and self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
+            for key, value in self.ref_model.state_dict().items():
+                state[REF_PREFIX + key] = value
+
+
+def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
+    """The stage class that wrote ``checkpoint``: recorded at save, or the CLI's ``_class_path``; DPOModule
+    for checkpoints older than the stage base."""
+    import importlib
+
+    hparams = checkpoint.get("hyper_parameters") or {}
+    path = checkpoint.get(STAGE_KEY) or hparams.get("_class_path") or "dpo_lightning.dpo.DPOModule"
+    module, _, name = str(path).rpartition(".")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
+        raise ValueError(f"checkpoint names {path!r} as its module, which is not a dpo_lightning stage")
+    return cls
+
+
+def _options(value: Any, cls: type) -> Any:
+    """A typed group from itself, a dict (hyper-parameters of a saved checkpoint) or None."""
+    return cls(**value) if isinstance(value, Mapping) else value
+
+
+def _resolve_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    from dpo_lightning.data import load_tokenizer
+
+    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+
+
+def _check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's {positions} positions "
+            f"({type(config).__name__}); lower data.max_length or use a longer-context model"
+        )
+
+
+def _logs_this_step(trainer: L.Trainer) -> bool:
+    """True in ``on_train_batch_end`` when Lightning will write step logs after this batch."""
+    if trainer.fit_loop.epoch_loop._should_accumulate():  # mid accumulation: no optimizer step, no log
+        return False
+    return trainer._logger_connector.should_update_logs
+
+
+__all__ = ["CausalLMModule", "STAGE_KEY", "stage_class_of"]
