@@ -19,6 +19,7 @@ import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
 import time
 import zipfile
@@ -72,7 +73,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             self._swept.add(folder)
             remove_orphaned_temporaries(folder)
         # Same folder as the target: os.replace is only atomic within one filesystem.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # The writer's host and pid in the name: a later run can tell a dead writer's file at once.
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
@@ -121,8 +123,10 @@ def current_umask() -> int:
     return mask
 
 
-# Lightning names checkpoints ``*.ckpt``; mkstemp adds 8 characters of [a-z0-9_].
-_ORPHAN = re.compile(r"^\..+\.ckpt\.[a-z0-9_]{8}\.tmp$")
+# Lightning names checkpoints ``*.ckpt``; the writer (host-pid) follows; mkstemp adds 8 characters of [a-z0-9_].
+_ORPHAN = re.compile(r"^\..+\.ckpt\.(?:(?P<host>[^.]+)-(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+_WRITER = f"{_HOST}-{os.getpid()}"
 _IMPORTED_AT = time.time()
 
 
@@ -139,22 +143,39 @@ def _process_start_time() -> float:
         return _IMPORTED_AT
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def remove_orphaned_temporaries(folder: str | Path) -> list[str]:
     """Delete the temporary files :class:`AtomicCheckpointIO` left in ``folder`` when killed mid-save.
 
-    Only names of its own pattern (``.<name>.ckpt.<random>.tmp``) last modified before this
-    process started are removed: a save in progress in another process keeps writing, so its
-    file is newer. Returns the names removed, which are logged as a warning.
+    Only names of its own pattern (``.<name>.ckpt.<host>-<pid>.<random>.tmp``) are removed, and
+    only when their writer is gone: on this host, a writer pid that no longer runs; from another
+    host (a shared file system), or in the older unnamed pattern, a file last modified before this
+    process started (a save in progress keeps writing, so its file is newer). Returns the names
+    removed, which are logged as a warning.
     """
     folder = Path(folder)
     started = _process_start_time()
     removed = []
     with os.scandir(folder) as entries:
         for entry in entries:
-            if not _ORPHAN.match(entry.name) or not entry.is_file(follow_symlinks=False):
+            match = _ORPHAN.match(entry.name)
+            if not match or not entry.is_file(follow_symlinks=False):
                 continue
             try:
-                if entry.stat(follow_symlinks=False).st_mtime < started:
+                if match["host"] == _HOST:
+                    orphaned = int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+                else:
+                    orphaned = entry.stat(follow_symlinks=False).st_mtime < started
+                if orphaned:
                     os.unlink(entry.path)
                     removed.append(entry.name)
             except OSError:  # removed meanwhile, or not ours to delete: never fail the save for it

@@ -264,6 +264,8 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ hooks for the reference
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self._trainer is not None:
+            _check_validation_interval(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
 
@@ -333,6 +335,24 @@ def _check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
         raise ValueError(
             f"max_length={max_length} exceeds the model's {positions} positions "
             f"({type(config).__name__}); lower data.max_length or use a longer-context model"
+        )
+
+
+def _check_validation_interval(trainer: L.Trainer) -> None:
+    """Refuse validation (and so checkpoints) in the middle of a gradient accumulation.
+
+    ``val_check_interval`` counts training batches; one that is not a multiple of
+    ``accumulate_grad_batches`` validates and checkpoints between the micro-batches of one optimizer
+    step, and a resume from such a checkpoint is not exact (its partial gradients are not saved).
+    """
+    interval, accumulate = trainer.val_check_interval, trainer.accumulate_grad_batches
+    if isinstance(interval, int) and accumulate > 1 and interval % accumulate:
+        lower, upper = interval // accumulate * accumulate, -(-interval // accumulate) * accumulate
+        raise ValueError(
+            f"trainer.val_check_interval={interval} is not a multiple of trainer.accumulate_grad_batches="
+            f"{accumulate}: validation and checkpoints would fall mid-accumulation and a resume from them would "
+            f"not be exact. val_check_interval counts training batches (optimizer steps x {accumulate}): use "
+            f"{lower or upper} or {upper}"
         )
 
 

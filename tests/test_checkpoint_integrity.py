@@ -185,6 +185,22 @@ def test_first_save_into_a_folder_removes_orphans_of_killed_saves(tmp_path, capl
     assert remove_orphaned_temporaries(tmp_path) == [later.name]
 
 
+def test_a_dead_writers_temporary_is_removed_at_once_and_a_live_ones_kept(tmp_path):
+    """A resume that starts right after a kill (40 ms later in the kill -9 trials) removes the killed
+    save's file: its name says which process wrote it, and that process is gone. Age does not matter."""
+    import subprocess
+    import sys
+
+    from dpo_lightning.checkpoint import _HOST
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = make_orphan(tmp_path, f".last.ckpt.{_HOST}-{int(finished.stdout)}.abcdefgh.tmp", age_s=0)
+    live = make_orphan(tmp_path, f".last.ckpt.{_HOST}-{os.getppid()}.zzzzzzzz.tmp", age_s=3600)
+    AtomicCheckpointIO().save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
+    assert not dead.exists() and live.exists()
+    assert [p.name for p in tmp_path.glob(".last.ckpt.*.tmp")] == [live.name]  # the new save left none
+
+
 # ---------------------------------------------------------------------------- permissions
 
 

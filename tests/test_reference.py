@@ -286,3 +286,26 @@ def test_precomputed_reference_with_packed_batches(tmp_path):
     with torch.no_grad():
         expected, _ = plain_logps(initial, batches["pad"])
     torch.testing.assert_close(batches["pad"]["ref_logps"], expected, rtol=0, atol=1e-5)
+
+
+def test_precomputed_with_max_epochs(tmp_path):
+    """max_epochs (no max_steps) builds the train loader before fit starts, to size the LR schedule;
+    the precomputed column added at fit start must still reach its batches (it used to fail with
+    "the batch carries no ref_logps"), and they hold the initial policy's log-probs."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=5)))
+    torch.manual_seed(0)
+    module = DPOModule(model_config=tiny_config("llama", vocab_size=16),
+                       reference=PrecomputedReference(cache_dir=str(tmp_path / "cache")))
+    initial = copy.deepcopy(module.model).eval()
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            with torch.no_grad():
+                seen.append((batch["ref_logps"], pl_module.sequence_logps(initial, batch).logps))
+
+    trainer(max_epochs=1, limit_val_batches=0, callbacks=[Probe()]).fit(module, datamodule=_datamodule(path))
+    assert len(seen) == 3  # 12 training pairs in batches of 4
+    for carried, live in seen:
+        torch.testing.assert_close(carried, live, rtol=0, atol=1e-5)

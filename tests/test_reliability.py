@@ -156,6 +156,27 @@ def test_no_validation_checkpoints_periodically_and_ckpt_path_last_resumes_exact
     assert torch.load(last, weights_only=True)["global_step"] == 10
 
 
+def test_resume_at_an_epoch_boundary_with_dropout_is_exact(tmp_path):
+    """Dropout on, 5 batches per epoch, last.ckpt at step 5 (the last batch of epoch 0), crash in
+    epoch 1, resume: bitwise equal to the uninterrupted run. The training loader used to draw its
+    workers' seed from the global RNG when epoch 1 began, a draw the resume could not replay."""
+    dropout = tmp_path / "dropout.yaml"
+    dropout.write_text(
+        "model:\n  init_args:\n    disable_dropout: false\n    model_config:\n      model_type: llama\n"
+        "      hidden_size: 64\n      intermediate_size: 128\n      num_hidden_layers: 2\n"
+        "      num_attention_heads: 4\n      num_key_value_heads: 4\n      max_position_embeddings: 64\n"
+        "      attention_dropout: 0.1\n"
+    )
+    extra = ("--config", str(dropout), "--trainer.limit_train_batches", "5", "--checkpoint.save_every_n_steps", "5")
+    straight = cli_main(fit_args(tmp_path / "a", 8, *extra))
+    with pytest.raises(Crash):
+        cli_main(fit_args(tmp_path / "b", 8, *extra, "--trainer.callbacks+", "tiny.CrashAfterStep",
+                          "--trainer.callbacks.step", "6"))
+    assert torch.load(run_dir(tmp_path / "b") / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    resumed = cli_main(fit_args(tmp_path / "b", 8, *extra, "--ckpt_path", "last"))
+    assert_bitwise(weights(resumed.model), weights(straight.model))
+
+
 def test_ckpt_path_last_without_a_previous_run_warns_and_starts_fresh(tmp_path):
     with pytest.warns(UserWarning, match="no last.ckpt under .*starting a new run from step 0"):
         cli = cli_main(fit_args(tmp_path, 2, "--ckpt_path", "last"))

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dpo_lightning import DPOModule
+from dpo_lightning import CopyReference, DPOModule
 from dpo_lightning.data.sampler import ResumableSampler, ResumableTrainData
 
 from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config
@@ -61,18 +61,18 @@ def make_trainer(logger: Logger, callbacks: list, **kw) -> L.Trainer:
     )
 
 
-def uninterrupted(data_cls) -> tuple[dict[str, torch.Tensor], ListLogger]:
-    module, logger = make_module(), ListLogger()
+def uninterrupted(data_cls, build=make_module) -> tuple[dict[str, torch.Tensor], ListLogger]:
+    module, logger = build(), ListLogger()
     make_trainer(logger, [], enable_checkpointing=False).fit(module, datamodule=data_cls())
     return module.state_dict(), logger
 
 
-def interrupted_then_resumed(data_cls, tmp_path) -> tuple[dict[str, torch.Tensor], ListLogger]:
+def interrupted_then_resumed(data_cls, tmp_path, build=make_module) -> tuple[dict[str, torch.Tensor], ListLogger]:
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
     with pytest.raises(Crash):
-        make_trainer(ListLogger(), [CrashAfterStep(CRASH_AT), saver]).fit(make_module(), datamodule=data_cls())
+        make_trainer(ListLogger(), [CrashAfterStep(CRASH_AT), saver]).fit(build(), datamodule=data_cls())
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == CRASH_AT
-    module, logger = make_module(), ListLogger()
+    module, logger = build(), ListLogger()
     trainer = make_trainer(logger, [], enable_checkpointing=False)
     trainer.fit(module, datamodule=data_cls(), ckpt_path=tmp_path / "last.ckpt")
     assert trainer.global_step == STEPS
@@ -90,6 +90,43 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path):
     assert after and sorted(resumed_logs.rows) == after
     for step in after:
         assert resumed_logs.rows[step] == logs.rows[step], step
+
+
+def test_tr_dpo_resume_continues_from_the_synced_reference(tmp_path):
+    """TR-DPO from a saved model (a reference that could be rebuilt from its path): the reference
+    synced at step 2 is kept in the checkpoint, so the resumed run ends bitwise equal to the
+    uninterrupted one. It used to be left out and rebuilt from the path: the resumed run restarted
+    TR-DPO from the original reference and ended 1.9e-3 away."""
+    make_module().model.save_pretrained(tmp_path / "base")
+
+    def build() -> DPOModule:
+        L.seed_everything(0, verbose=False)
+        return DPOModule(model=str(tmp_path / "base"), disable_dropout=False,
+                         reference=CopyReference(sync_steps=2, sync_alpha=0.5),
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+    expected, _ = uninterrupted(PairData, build)
+    resumed, _ = interrupted_then_resumed(PairData, tmp_path / "run", build)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("ref_model.") for k in saved)
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+@pytest.mark.parametrize("interval, accumulate, ok", [(6, 3, True), (5, 2, False), (4, 1, True)])
+def test_validation_mid_accumulation_is_refused_before_training(interval, accumulate, ok):
+    """TRL's eval_steps maps to val_check_interval, which counts batches: 5 with accumulation 2
+    validated and checkpointed between two micro-batches, and resuming from there was inexact."""
+    trainer = make_trainer(ListLogger(), [], enable_checkpointing=False, check_val_every_n_epoch=None,
+                           val_check_interval=interval, accumulate_grad_batches=accumulate, limit_val_batches=1)
+    data = PairData()
+    data.val_dataloader = data.train_dataloader
+    if ok:
+        trainer.fit(make_module(), datamodule=data)
+    else:
+        with pytest.raises(ValueError, match="val_check_interval=5 is not a multiple of.*use 4 or 6"):
+            trainer.fit(make_module(), datamodule=data)
+        assert trainer.global_step == 0
 
 
 def test_without_a_resumable_position_the_run_differs(tmp_path):

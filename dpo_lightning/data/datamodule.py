@@ -8,9 +8,11 @@ import torch
 from datasets import Dataset, DatasetDict
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
 from .collate import COLLATORS, build_collator
+from .columns import check_column_options, select_columns
 from .errors import DataError, warn
 from .holdout import count_in, hold_out
 from .preprocess import preprocess_split
@@ -18,6 +20,22 @@ from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
 from .sources import describe, load_source
 from .tokenize import TRUNCATION_MODES, TokenizeConfig
 from .tokenizer import load_tokenizer
+
+
+class LiveSplit(TorchDataset):
+    """``splits[name]`` read at access time, so a split replaced later (new columns) is what loaders see."""
+
+    def __init__(self, splits: dict[str, Dataset | None], name: str) -> None:
+        self.splits, self.name = splits, name
+
+    def __len__(self) -> int:
+        return len(self.splits[self.name])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.splits[self.name][index]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
 
 
 class PreferenceDataModule(ResumableTrainData, LightningDataModule):
@@ -47,6 +65,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         unpaired: bool = False,
+        columns: dict[str, str] | None = None,
+        drop_columns: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -76,6 +96,8 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             unpaired: Produce unpaired examples for KTO (the CLI sets it from the loss): prompt/completion/label
                 rows as they are, pairs as chosen -> desirable and rejected -> undesirable; batch_size then
                 counts examples, and the default ``pad`` collator becomes ``kto`` (docs/data.md).
+            columns: Our field names -> the dataset's columns, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
+            drop_columns: Dataset columns to leave out without the warning that names unread columns.
         """
         super().__init__()
         if max_length < 2:
@@ -98,6 +120,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             )
         if collator == "kto" and not unpaired:
             raise ValueError("collator 'kto' batches unpaired examples; set unpaired=True (KTO)")
+        check_column_options(columns, drop_columns)
         if max_prompt_length is None and truncation_mode != "keep_end":
             warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
         # Objects are not hyperparameters: they neither serialise nor print well.
@@ -153,10 +176,15 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             cache_dir=hp.cache_dir,
         )
         config = TokenizeConfig(hp.max_length, hp.max_prompt_length, hp.truncation_mode)
+        for split in (hp.train_split, hp.test_split):
+            if split is not None and split not in raw:
+                raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
+        # The splits read below: renamed, cut to their layout's columns, the rest named once for all.
+        validation = hp.val_split if hp.val_fraction is None else None
+        used = [s for s in dict.fromkeys((hp.train_split, validation, hp.test_split)) if s is not None and s in raw]
+        raw = select_columns(raw, used, source, hp.get("columns"), hp.get("drop_columns"))
 
         def prepare(split: str) -> Dataset:
-            if split not in raw:
-                raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
             return preprocess_split(
                 raw[split],
                 self.tokenizer,
@@ -251,13 +279,24 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             # Training order: seeded, sharded per rank, and resumable mid-epoch from a checkpoint.
             sampler=self.train_sampler(dataset, batch_size, seed=self.hparams.seed) if shuffle else sampler,
             collate_fn=self.collate_fn,
+            # Its own generator: a loader without one draws its workers' base seed from the global
+            # RNG each time it is iterated, which a resume at an epoch boundary cannot replay
+            # (the restored RNG would be one draw behind: different dropout from there on).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.splits["train"], self.hparams.batch_size, shuffle=True)
+        # A live view, not the dataset itself: Lightning may build this loader before fit starts
+        # (to size the LR schedule under max_epochs), and the precomputed reference adds its
+        # columns to the split at fit start; the loader must see them.
+        return self._loader(LiveSplit(self._splits_or_build(), "train"), self.hparams.batch_size, shuffle=True)
+
+    def _splits_or_build(self) -> dict[str, Dataset | None]:
+        self.splits  # noqa: B018 - builds them on first use
+        return self._splits
 
     def _eval_loader(self, split: str) -> DataLoader | list:
         dataset = self.splits[split]

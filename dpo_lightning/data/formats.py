@@ -4,6 +4,9 @@ Accepted layouts (the column names decide the layout; the value types decide tex
 
 - explicit prompt: ``prompt``, ``chosen``, ``rejected``; strings (standard) or lists of
   ``{"role", "content"}`` messages (conversational, rendered later by the chat template);
+  ``chosen`` / ``rejected`` may also be whole conversations that repeat the prompt (UltraFeedback
+  binarized: a string ``prompt`` that is their user turn, or a message-list ``prompt`` they start
+  with); the repeat is checked against ``prompt`` and cut off, leaving the responses;
 - implicit prompt: only ``chosen`` / ``rejected``, each the whole conversation (Anthropic HH
   strings ``"\\n\\nHuman: ... \\n\\nAssistant: ..."`` or message lists); the prompt is their
   common prefix;
@@ -198,11 +201,83 @@ def split_implicit_messages(
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _difference(a: str, b: str) -> str:
+    """Where two texts first differ, with a little of each, for an error message."""
+    at = len(os.path.commonprefix([a, b]))
+    return f"first difference at character {at}: {a[at:at + 20]!r} versus {b[at:at + 20]!r}"
+
+
+def _brief(message: Message) -> str:
+    content = message["content"]
+    return f"{message['role']}: {content[:40]!r}{'...' if len(content) > 40 else ''}"
+
+
+def _unrepeat_text_prompt(
+    prompt: str, chosen: list[Message], rejected: list[Message], ref: RowRef
+) -> tuple[list[Message], list[Message], list[Message]]:
+    """A string ``prompt`` with whole conversations on each side (HuggingFaceH4/ultrafeedback_binarized):
+    the conversation prompt is the sides' common message prefix, whose first (or last) user turn must
+    be ``prompt`` as given; the rest of each side is its response."""
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value:
+            raise ref.error(field, "is empty")
+        if value[0]["role"] == "assistant":
+            raise ref.error(
+                field,
+                "expected a string like 'prompt', or the whole conversation repeating 'prompt' as its user "
+                "turn; got a list of messages that opens with the assistant",
+            )
+        check_role_order(value, field, ref, response_from=len(value))
+    shared, chosen_response, rejected_response = split_implicit_messages(chosen, rejected)
+    users = [m["content"] for m in shared if m["role"] == "user"]
+    if not users:  # the sides differ before their first user turn ends
+        for field, value in (("chosen", chosen), ("rejected", rejected)):
+            first = next((m["content"] for m in value if m["role"] == "user"), None)
+            if first is None:
+                raise ref.error(field, "has no user turn to repeat 'prompt'")
+            if first != prompt:
+                raise ref.error(field, f"its user turn differs from 'prompt' ({_difference(first, prompt)})")
+        raise ref.error("rejected", "does not start with the same conversation as 'chosen'")
+    if prompt not in (users[0], users[-1]):
+        raise ref.error(
+            "chosen",
+            f"the user turn it shares with 'rejected' differs from 'prompt' ({_difference(users[0], prompt)}); "
+            "a conversation that repeats the prompt must repeat it exactly",
+        )
+    if chosen != rejected:
+        for field, value in (("chosen", chosen_response), ("rejected", rejected_response)):
+            if not value:
+                raise ref.error(field, "the response after the repeated prompt is empty")
+            _check_response_start(value, field, ref)
+    return shared, chosen_response, rejected_response
+
+
+def _unrepeat_messages_prompt(prompt: list[Message], side: list[Message], field: str, ref: RowRef) -> list[Message]:
+    """A side that does not open with the assistant repeats the message-list ``prompt``: checked, cut off."""
+    if not side or side[0]["role"] == "assistant":
+        return side
+    for i, message in enumerate(prompt):
+        if i >= len(side) or side[i] != message:
+            found = f"message {i} is {_brief(side[i])}" if i < len(side) else f"it has only {len(side)} messages"
+            raise ref.error(
+                field,
+                f"opens with a {side[0]['role']} message, so it should repeat 'prompt' before the response, but "
+                f"{found} where 'prompt' has {_brief(message)}",
+            )
+    check_role_order(side, field, ref, response_from=len(prompt))
+    if len(side) == len(prompt):
+        raise ref.error(field, "the response after the repeated prompt is empty")
+    return side[len(prompt):]
+
+
 def _explicit_pair(row: Mapping[str, Any], ref: RowRef) -> PreferenceExample:
     prompt, chosen, rejected = (check_text(row[f], f, ref) for f in ("prompt", "chosen", "rejected"))
+    if isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list):
+        return PreferenceExample(*_unrepeat_text_prompt(prompt, chosen, rejected, ref))
     conversational = isinstance(prompt, list)
     if conversational and not prompt:
         raise ref.error("prompt", "is an empty list of messages")
+    sides = {}
     for field, value in (("chosen", chosen), ("rejected", rejected)):
         if isinstance(value, list) != conversational:
             kind = "a list of messages" if conversational else "a string"
@@ -210,8 +285,10 @@ def _explicit_pair(row: Mapping[str, Any], ref: RowRef) -> PreferenceExample:
         if not value:
             raise ref.error(field, "is empty")
         if conversational:
+            value = _unrepeat_messages_prompt(prompt, value, field, ref)
             check_role_order(prompt + value, field, ref, response_from=len(prompt))
-    return PreferenceExample(prompt, chosen, rejected)
+        sides[field] = value
+    return PreferenceExample(prompt, sides["chosen"], sides["rejected"])
 
 
 def _implicit_pair(

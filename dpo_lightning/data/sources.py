@@ -132,7 +132,7 @@ def _from_rows(spec: list[dict[str, Any]], split: str) -> DatasetDict:
         raise located or DataError(f"{describe(spec)}: cannot build a dataset from the rows: {err}") from err
 
 
-def _check_decoded(data: DatasetDict, source: str) -> DatasetDict:
+def check_decoded(data: DatasetDict, source: str) -> DatasetDict:
     """A Hub or in-memory dataset whose text column mixes kinds: its ``Json`` values are decoded
     (lossily), so only list versus non-list can be told apart."""
     for name, split in data.items():
@@ -174,9 +174,9 @@ def load_source(
     if config is not None and not _is_hub_name(spec):
         warn("dataset_config=%r is ignored: it names a configuration of a Hub dataset, not %s", config, describe(spec))
     if isinstance(spec, DatasetDict):
-        return _check_decoded(spec, describe(spec))
+        return check_decoded(spec, describe(spec))
     if isinstance(spec, Dataset):
-        return _check_decoded(DatasetDict({default_split: spec}), describe(spec))
+        return check_decoded(DatasetDict({default_split: spec}), describe(spec))
     if isinstance(spec, list):
         return _from_rows(spec, default_split)
     if spec.startswith(SYNTHETIC_PREFIX):
@@ -194,4 +194,4 @@ def load_source(
         data = datasets.load_dataset(spec, config, cache_dir=cache_dir)
     except Exception as err:
         raise DataError(f"{spec}: could not load the dataset from the Hugging Face Hub: {err}") from err
-    return _check_decoded(data if isinstance(data, DatasetDict) else DatasetDict({default_split: data}), spec)
+    return check_decoded(data if isinstance(data, DatasetDict) else DatasetDict({default_split: data}), spec)

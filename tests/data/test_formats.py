@@ -147,7 +147,8 @@ WHERE = r"rows\.jsonl \(split 'train'\), row 7, field "
         (
             {"prompt": [user("p")], "chosen": [user("c")], "rejected": [bot("r")]},
             "chosen",
-            "roles out of order",
+            "opens with a user message, so it should repeat 'prompt' before the response, but message 0 is "
+            "user: 'c' where 'prompt' has user: 'p'",
         ),
         (
             {
@@ -186,6 +187,100 @@ def test_bad_explicit_rows(row, field, problem):
 def test_bad_implicit_rows(row, field, problem):
     with pytest.raises(DataError, match=WHERE + f"'{field}'.*{problem}"):
         to_example(row, Layout.IMPLICIT_PROMPT, REF)
+
+
+# -- chosen / rejected that repeat the prompt (UltraFeedback binarized) --------------------------------
+
+
+def test_string_prompt_repeated_as_user_turn():
+    """HuggingFaceH4/ultrafeedback_binarized: the string prompt is the user turn both sides open with."""
+    row = {"prompt": "what is two plus four?", "chosen": [user("what is two plus four?"), bot("six")],
+           "rejected": [user("what is two plus four?"), bot("nine")]}  # fmt: skip
+    example = to_example(row, Layout.EXPLICIT_PROMPT, REF)
+    assert example == PreferenceExample([user("what is two plus four?")], [bot("six")], [bot("nine")])
+    assert example.conversational
+
+
+def test_string_prompt_multi_turn_and_system():
+    """The prompt is the sides' shared conversation; `prompt` may be its first user turn or its last."""
+    shared = [{"role": "system", "content": "be brief"}, user("hi"), bot("hello"), user("joke?")]
+    for prompt in ("hi", "joke?"):
+        row = {"prompt": prompt, "chosen": [*shared, bot("knock knock")], "rejected": [*shared, bot("no")]}
+        assert to_example(row, Layout.EXPLICIT_PROMPT, REF) == PreferenceExample(
+            shared, [bot("knock knock")], [bot("no")]
+        )
+
+
+def test_string_prompt_identical_sides_are_flagged():
+    side = [user("p"), bot("same")]
+    example = to_example({"prompt": "p", "chosen": side, "rejected": list(side)}, Layout.EXPLICIT_PROMPT, REF)
+    assert example.identical and example.prompt == [user("p")]
+
+
+def test_message_prompt_repeated_by_the_sides():
+    prompt = [{"role": "system", "content": "be brief"}, user("hi")]
+    row = {"prompt": prompt, "chosen": [*prompt, bot("hello")], "rejected": [*prompt, bot("go away")]}
+    assert to_example(row, Layout.EXPLICIT_PROMPT, REF) == PreferenceExample(prompt, [bot("hello")], [bot("go away")])
+    # Arrow's absent struct keys (None) do not make the repeat differ.
+    row["chosen"] = [{**m, "name": None} for m in row["chosen"]]
+    assert to_example(row, Layout.EXPLICIT_PROMPT, REF).chosen == [bot("hello")]
+
+
+@pytest.mark.parametrize(
+    ("row", "field", "problem"),
+    [
+        (
+            {"prompt": "two plus four?", "chosen": [user("two plus four?"), bot("6")],
+             "rejected": [user("two plus five?"), bot("9")]},
+            "rejected",
+            r"its user turn differs from 'prompt' \(first difference at character 10: 'ive\?' versus 'our\?'\)",
+        ),
+        (
+            {"prompt": "two plus four?", "chosen": [user("two plus 4?"), bot("6")],
+             "rejected": [user("two plus 4?"), bot("9")]},
+            "chosen",
+            "the user turn it shares with 'rejected' differs from 'prompt'.*repeat it exactly",
+        ),
+        (
+            {"prompt": "p", "chosen": [bot("6")], "rejected": [bot("9")]},
+            "chosen",
+            "expected a string like 'prompt', or the whole conversation repeating 'prompt'.*opens with the assistant",
+        ),
+        (
+            {"prompt": "p", "chosen": [{"role": "system", "content": "a"}, user("p"), bot("6")],
+             "rejected": [{"role": "system", "content": "b"}, user("p"), bot("9")]},
+            "rejected",
+            "does not start with the same conversation as 'chosen'",
+        ),
+        ({"prompt": "p", "chosen": [user("p")], "rejected": [user("p"), bot("9")]}, "chosen", "the response .* empty"),
+        (
+            {"prompt": "p", "chosen": [user("p"), user("p")], "rejected": [user("p"), bot("9")]},
+            "chosen",
+            "roles out of order",
+        ),
+        ({"prompt": "p", "chosen": [], "rejected": [user("p"), bot("9")]}, "chosen", "is empty"),
+        (
+            {"prompt": [user("p")], "chosen": [user("p")], "rejected": [user("p"), bot("9")]},
+            "chosen",
+            "the response after the repeated prompt is empty",
+        ),
+        (
+            {"prompt": [user("p"), bot("a"), user("q")], "chosen": [user("p"), bot("a")],
+             "rejected": [bot("9")]},
+            "chosen",
+            "opens with a user message, so it should repeat 'prompt'.*"
+            "it has only 2 messages where 'prompt' has user: 'q'",
+        ),
+        (
+            {"prompt": [user("p")], "chosen": [user("p"), bot("6"), bot("7")], "rejected": [bot("9")]},
+            "chosen",
+            "roles out of order: message 2 has role 'assistant' after 'assistant'",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_repeated_prompts(row, field, problem):
+    with pytest.raises(DataError, match=WHERE + f"'{field}': {problem}"):
+        to_example(row, Layout.EXPLICIT_PROMPT, REF)
 
 
 def test_unpaired_rows_convert_to_unpaired_examples():

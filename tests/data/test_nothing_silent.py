@@ -135,9 +135,13 @@ def test_ignored_columns_are_named(bpe_tokenizer, standard_rows, caplog):
     with caplog.at_level(logging.WARNING):
         make(bpe_tokenizer, rows)
     assert warnings_with(caplog, "ignoring column") == [
-        "<list of 8 rows> (split 'train'): ignoring column(s) ['system', 'score']; the explicit_prompt layout "
-        "reads only prompt, chosen, rejected"
+        "<list of 8 rows>: ignoring column(s) ['system', 'score'] of split 'train'; the explicit_prompt layout "
+        "reads only prompt, chosen, rejected (list them in drop_columns to drop them without this warning)"
     ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make(bpe_tokenizer, rows, drop_columns=["system", "score"])
+    assert not warnings_with(caplog, "ignoring column")  # asked for: nothing to say
 
 
 def test_val_split_unused_with_val_fraction(bpe_tokenizer, standard_rows, caplog):
