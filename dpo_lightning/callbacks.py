@@ -265,11 +265,30 @@ def _likely_causes(trainer: pl.Trainer, lr: float) -> str:
     return causes + "; gradient clipping (trainer.gradient_clip_val) can help"
 
 
+def check_validation_interval(trainer: pl.Trainer) -> None:
+    """Refuse validation (and so checkpoints) in the middle of a gradient accumulation.
+
+    ``val_check_interval`` counts training batches; one that is not a multiple of
+    ``accumulate_grad_batches`` validates and checkpoints between the micro-batches of one optimizer
+    step, and a resume from such a checkpoint is not exact (its partial gradients are not saved).
+    """
+    interval, accumulate = trainer.val_check_interval, trainer.accumulate_grad_batches
+    if isinstance(interval, int) and accumulate > 1 and interval % accumulate:
+        lower, upper = interval // accumulate * accumulate, -(-interval // accumulate) * accumulate
+        raise ValueError(
+            f"trainer.val_check_interval={interval} is not a multiple of trainer.accumulate_grad_batches="
+            f"{accumulate}: validation and checkpoints would fall mid-accumulation and a resume from them would "
+            f"not be exact. val_check_interval counts training batches (optimizer steps x {accumulate}): use "
+            f"{lower or upper} or {upper}"
+        )
+
+
 __all__ = [
     "LatestModelCheckpoint",
     "NonFiniteError",
     "NonFiniteGuard",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "check_validation_interval",
     "finite_weights",
 ]

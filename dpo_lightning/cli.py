@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
@@ -60,8 +59,6 @@ class DPOLightningCLI(LightningCLI):
         # A NaN or inf loss or gradient stops the run before the step is applied.
         parser.add_lightning_class_args(NonFiniteGuard, "nonfinite")
         parser.add_lightning_class_args(HFExport, "export")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
-        parser.set_defaults({"lr_monitor.logging_interval": "step"})
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` (``last``: the newest run of the same name) and check it before anything loads.
@@ -169,12 +166,24 @@ def cli_main(
         PreferenceDataModule,
         subclass_mode_model=True,
         seed_everything_default=42,
+        # One optimizer knob: the stage's `model.optimizer`/`model.scheduler` (LightningCLI's top-level
+        # --optimizer/--lr_scheduler would silently replace them and drop the warmup/decay schedule).
+        auto_configure_optimizers=False,
+        parser_kwargs={
+            "prog": "python -m dpo_lightning",
+            "description": "Preference tuning (DPO and relatives) on PyTorch Lightning. Subcommands: fit, validate, "
+            "test, predict (below), and `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "
+            "(python -m dpo_lightning export --help).",
+        },
         trainer_defaults={
+            # TRL's habits: gradient-norm clipping at 1.0, a log line every 10 optimizer steps.
+            "gradient_clip_val": 1.0,
+            "log_every_n_steps": 10,
             # Checkpoint files are written to a temporary name and renamed into place.
             "plugins": [{"class_path": "dpo_lightning.checkpoint.AtomicCheckpointIO"}],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": "runs", "name": "dpo"},
+                "init_args": {"save_dir": "runs", "name": "dpo", "default_hp_metric": False},
             },
         },
         save_config_kwargs={"overwrite": True},

@@ -11,13 +11,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from dpo_lightning.logprobs import SequenceLogps
 from dpo_lightning.losses import REFERENCE_FREE, LossOutput, PairLogps, check_loss_config, compute_loss
 from dpo_lightning.metrics import PreferenceMetrics
-from dpo_lightning.reference import NoReference, Reference, resolve_reference
+from dpo_lightning.reference import AdapterReference, CopyReference, NoReference, Reference, resolve_reference
 from dpo_lightning.stage import CausalLMModule
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class DPOModule(CausalLMModule):
         super().__init__(model=model, **kwargs)
         self.loss_config = config
         self.attach_reference(strategy, ref_model)
+        self._reference_is_own_copy = ref_model is None and isinstance(strategy, CopyReference | AdapterReference)
 
     def forward(self, batch: Mapping[str, Tensor]) -> StepOutput:
         """Losses and rewards of a batch of pairs: ``StepOutput(loss, policy, ref_logps)``."""
@@ -97,6 +99,17 @@ class DPOModule(CausalLMModule):
             rejected_tokens=policy.n_tokens[b:],
         )
         return StepOutput(compute_loss(self.loss_config, pair), policy, ref)
+
+    def on_validation_start(self) -> None:
+        # `validate`/`test` of a model on its own: the default reference is a copy of that very
+        # model, so every reward is 0 by construction. Say so rather than report accuracy 0.0.
+        if not self.trainer.training and self.global_step == 0 and self._reference_is_own_copy:
+            rank_zero_warn(
+                "the reference is a copy of the policy being evaluated, so rewards, margins and accuracies are 0 "
+                "by construction; to compare against the model training started from, set model.ref_model"
+            )
+
+    on_test_start = on_validation_start
 
     def step(self, batch: Mapping[str, Tensor], metrics: PreferenceMetrics) -> Tensor:
         out, policy, _ = self(batch)

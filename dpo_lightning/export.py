@@ -292,7 +292,9 @@ class HFExport(L.Callback):
                 if final:
                     rank_zero_info(f"Last validation: {final}")
                 if trainer.logger is not None:
-                    rank_zero_info(f"TensorBoard logs: {trainer.logger.log_dir}  (tensorboard --logdir {run_dir})")
+                    logger = trainer.logger
+                    hint = f"  (tensorboard --logdir {run_dir})" if type(logger).__name__ == "TensorBoardLogger" else ""
+                    rank_zero_info(f"{type(logger).__name__} logs: {logger.log_dir}{hint}")
         # Rank 0's failure reaches every rank, which would otherwise wait in the barrier forever.
         error = trainer.strategy.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}", src=0)
         if failure is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,23 @@ def wrap_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
     )
     return get_peft_model(model, config)
+
+
+def resolve_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    from dpo_lightning.data import load_tokenizer
+
+    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+
+
+def check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(
+            f"max_length={max_length} exceeds the model's {positions} positions "
+            f"({type(config).__name__}); lower data.max_length or use a longer-context model"
+        )

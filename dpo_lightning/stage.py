@@ -24,12 +24,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lightning.callbacks import check_validation_interval
 from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
 from dpo_lightning.distributed import enable_activation_checkpointing, shard_models
 from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.metrics import RunningMeans
-from dpo_lightning.models import check_vocab, freeze, load_causal_lm, wrap_lora
+from dpo_lightning.models import check_max_length, check_vocab, freeze, load_causal_lm, resolve_tokenizer, wrap_lora
 from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.optim import Decay, warmup_decay_schedule
 from dpo_lightning.options import LoraOptions, MemoryOptions
@@ -106,14 +107,14 @@ class CausalLMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
-        self.tokenizer = _resolve_tokenizer(tokenizer, trust_remote_code)
+        self.tokenizer = resolve_tokenizer(tokenizer, trust_remote_code)
         self._load_kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code,
                              "attn_implementation": attn_implementation}
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.policy_source = model if isinstance(model, str) else None
         self.model = load_causal_lm(model, config=model_config, vocab_size=vocab_size, **self._load_kwargs)
         check_vocab(self.model, vocab_size)
-        _check_max_length(self.model, max_length)
+        check_max_length(self.model, max_length)
         if self.tokenizer is not None and self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if disable_dropout:
@@ -129,6 +130,7 @@ class CausalLMModule(L.LightningModule):
         self.val_metrics = self.metrics_class("val")
         self.test_metrics = self.metrics_class("test")
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
+        self._grad_norm: Tensor | None = None  # of the last optimizer step, logged as train/grad_norm
 
     # ------------------------------------------------------------------ models
 
@@ -193,12 +195,22 @@ class CausalLMModule(L.LightningModule):
             # Lightning counts the step only once this hook returns: this is step global_step + 1.
             self.reference.after_optimizer_step(self, self.global_step + 1)
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The gradient norm before clipping, as TRL logs it (gradients are already synced across ranks).
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else None
+        self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Log the window since the last log at exactly the steps Lightning writes logs, so each
         # logged value covers every example of the window on every rank.
         if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
             values = self.train_metrics.compute()
             self.train_metrics.reset()
+            # TRL's companions of the window: the learning rate and gradient norm of this step.
+            values["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+            if self._grad_norm is not None:
+                values["train/grad_norm"] = self._grad_norm
             self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
             self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
@@ -265,7 +277,7 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self._trainer is not None:
-            _check_validation_interval(self.trainer)
+            check_validation_interval(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
 
@@ -316,44 +328,6 @@ def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
 def _options(value: Any, cls: type) -> Any:
     """A typed group from itself, a dict (hyper-parameters of a saved checkpoint) or None."""
     return cls(**value) if isinstance(value, Mapping) else value
-
-
-def _resolve_tokenizer(
-    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
-) -> PreTrainedTokenizerBase | None:
-    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    from dpo_lightning.data import load_tokenizer
-
-    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-
-
-def _check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if max_length is not None and positions is not None and max_length > positions:
-        raise ValueError(
-            f"max_length={max_length} exceeds the model's {positions} positions "
-            f"({type(config).__name__}); lower data.max_length or use a longer-context model"
-        )
-
-
-def _check_validation_interval(trainer: L.Trainer) -> None:
-    """Refuse validation (and so checkpoints) in the middle of a gradient accumulation.
-
-    ``val_check_interval`` counts training batches; one that is not a multiple of
-    ``accumulate_grad_batches`` validates and checkpoints between the micro-batches of one optimizer
-    step, and a resume from such a checkpoint is not exact (its partial gradients are not saved).
-    """
-    interval, accumulate = trainer.val_check_interval, trainer.accumulate_grad_batches
-    if isinstance(interval, int) and accumulate > 1 and interval % accumulate:
-        lower, upper = interval // accumulate * accumulate, -(-interval // accumulate) * accumulate
-        raise ValueError(
-            f"trainer.val_check_interval={interval} is not a multiple of trainer.accumulate_grad_batches="
-            f"{accumulate}: validation and checkpoints would fall mid-accumulation and a resume from them would "
-            f"not be exact. val_check_interval counts training batches (optimizer steps x {accumulate}): use "
-            f"{lower or upper} or {upper}"
-        )
 
 
 def _logs_this_step(trainer: L.Trainer) -> bool:

@@ -166,6 +166,10 @@ def test_one_sgd_step_moves_each_policy_weight_by_minus_lr_times_its_gradient(tm
         torch.testing.assert_close(p, dict(initial.named_parameters())[name], rtol=0, atol=0)
 
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
+    # The step's learning rate and pre-clipping gradient norm ride along with the metric window.
+    assert logged.pop("train/lr") == pytest.approx(lr)
+    grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+    assert logged.pop("train/grad_norm") == pytest.approx(grad_norm.item(), rel=1e-5)
     assert logged == pytest.approx(dpo_metrics(initial, initial, [batch], "train"), rel=1e-5, abs=1e-6)
     assert logged["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logged["train/rewards/margins"] == logged["train/rewards/accuracies"] == 0.0

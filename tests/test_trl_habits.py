@@ -1,0 +1,84 @@
+"""What a TRL user expects of the CLI (issue #15): clipping at 1.0, logs in a short run with the
+learning rate and gradient norm, one optimizer knob, no logger needed, an honest `validate`, a
+top-level help that lists `export`, and a TRL-shaped recipe."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpo_lightning.cli import cli_main
+
+from tiny import ListLogger
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--config", str(ROOT / "recipes/tiny.yaml"),
+        "--trainer.max_steps", "20", "--trainer.log_every_n_steps", "10",
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+        "--data.batch_size", "8", "--data.val_split", "null", *extra,
+    ]
+
+
+class StepLogger(ListLogger):
+    """ListLogger that keeps every logged key (not only train/*), by step."""
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items()})
+
+
+def test_cli_defaults_clip_at_one_and_log_every_ten_steps(tmp_path):
+    cli = cli_main(args(tmp_path)[:2] + ["--trainer.default_root_dir", str(tmp_path)], run=False)
+    assert cli.trainer.gradient_clip_val == 1.0  # TRL's max_grad_norm
+    assert cli.trainer.log_every_n_steps == 10  # TRL's logging_steps (Lightning's default is 50)
+    assert cli.trainer.logger._default_hp_metric is False  # no stray hp_metric in TensorBoard
+
+
+def test_a_short_run_logs_lr_and_grad_norm_once_per_logged_step(tmp_path):
+    """20 optimizer steps, a log every 10: two rows, each with train/lr (the scheduler's value after
+    the step) and train/grad_norm (finite, > 0), besides the metric window; no lr-AdamW, no hp_metric."""
+    logger = StepLogger()
+    cli = cli_main(args(tmp_path), run=False)
+    cli.trainer.loggers = [cli.trainer.logger, logger]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rows = {step: row for step, row in logger.rows.items() if "train/loss" in row}
+    assert sorted(rows) == [9, 19]  # Lightning's step index of the 10th and 20th optimizer step
+    for step, row in rows.items():
+        lr = cli.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] if step == 19 else None
+        assert row["train/grad_norm"] > 0 and math.isfinite(row["train/grad_norm"])
+        if lr is not None:
+            assert row["train/lr"] == pytest.approx(lr)
+    assert not any(k.startswith("lr-") or k == "hp_metric" for row in logger.rows.values() for k in row)
+
+
+def test_runs_without_a_logger(tmp_path):
+    cli = cli_main(["fit", *args(tmp_path, "--trainer.logger", "false", "--trainer.max_steps", "2")])
+    assert cli.trainer.global_step == 2
+
+
+def test_the_top_level_optimizer_flag_is_gone(tmp_path):
+    """LightningCLI's --optimizer replaced model.optimizer and dropped the warmup/decay schedule."""
+    with pytest.raises(SystemExit):
+        cli_main(args(tmp_path, "--optimizer", "torch.optim.SGD"), run=False)
+
+
+def test_validate_of_a_model_on_its_own_says_why_rewards_are_zero(tmp_path):
+    cli = cli_main(args(tmp_path, "--data.val_split", "validation"), run=False)
+    with pytest.warns(UserWarning, match="reference is a copy of the policy being evaluated"):
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+
+
+def test_top_level_help_names_the_program_and_lists_export():
+    out = subprocess.run([sys.executable, "-m", "dpo_lightning", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m dpo_lightning") and "export CKPT OUT_DIR" in out.stdout
+    for subcommand in ("fit", "validate", "test"):
+        assert subcommand in out.stdout
