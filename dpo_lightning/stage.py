@@ -11,6 +11,7 @@ its metrics updated. Shared code has no branch on the objective.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
@@ -104,6 +105,7 @@ class CausalLMModule(L.LightningModule):
             self.hparams.pop("max_length", None)
         self.hparams["lora"] = None if self.lora is None else asdict(self.lora)
         self.hparams["memory"] = asdict(self.memory)
+        self._hparams_initial = copy.deepcopy(self._hparams)  # what loggers record: the same plain values
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
 
@@ -142,7 +144,7 @@ class CausalLMModule(L.LightningModule):
         """Give the stage a reference strategy (called by stages that compare against one)."""
         self.reference = resolve_reference(reference)
         self.reference.build(self, ref_model)
-        self.hparams["reference"] = self.reference.spec()
+        self.hparams["reference"] = self._hparams_initial["reference"] = self.reference.spec()
 
     def train(self, mode: bool = True) -> CausalLMModule:
         """Lightning puts the whole module in train mode; a reference model always stays in eval."""

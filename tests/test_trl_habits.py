@@ -82,3 +82,35 @@ def test_top_level_help_names_the_program_and_lists_export():
     assert out.stdout.startswith("usage: python -m dpo_lightning") and "export CKPT OUT_DIR" in out.stdout
     for subcommand in ("fit", "validate", "test"):
         assert subcommand in out.stdout
+
+
+def test_the_readme_datamodule_example_runs_as_written_on_a_local_model(tmp_path, monkeypatch):
+    """README's second example with local paths for the hub ids: it failed with "Error while merging
+    hparams: the keys ['tokenizer', 'max_length'] are present in both ..." once a logger was on."""
+    import gzip
+    import json
+    import re
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from dpo_lightning.data.synthetic import build_tokenizer, generate_pairs
+
+    tokenizer = build_tokenizer("synthetic:sort")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = AutoConfig.for_model("llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    with gzip.open(tmp_path / "prefs.jsonl.gz", "wt") as f:
+        f.write("\n".join(json.dumps(row) for row in generate_pairs(40, seed=0)))
+    monkeypatch.chdir(tmp_path)
+
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (first,) = [b for b in blocks if "train_dataloaders=my_loader" in b]
+    (second,) = [b for b in blocks if "PreferenceDataModule(" in b]
+    namespace = {}
+    exec(first.split("module = DPOModule(")[0], namespace)  # its imports (the rest needs `my_loader`)
+    code = second.replace('"meta-llama/Llama-2-7b-hf"', repr(str(tmp_path / "model")))
+    code = code.replace("L.Trainer(max_epochs=1)", "L.Trainer(max_epochs=1, enable_progress_bar=False)")
+    exec(code, namespace)
+    assert namespace["module"].global_step > 0
