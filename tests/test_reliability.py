@@ -277,6 +277,10 @@ def test_missing_local_model_path_says_no_such_file(tmp_path):
         load_causal_lm(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_causal_lm("./checkpoints/my-sft-model")
+    from dpo_lightning.data import load_tokenizer
+
+    with pytest.raises(FileNotFoundError, match="tokenizer './my-tokenizer': no such file or folder"):
+        load_tokenizer("./my-tokenizer")
 
 
 def test_tokenizer_larger_than_the_embedding_table_is_refused_at_init():

@@ -47,5 +47,8 @@ def load_tokenizer(
     elif spec.startswith(BPE_PREFIX):
         tokenizer = build_bpe_tokenizer(spec)
     else:
+        from dpo_lightning.models import check_local_source  # a mistyped path: "no such file or folder"
+
+        check_local_source(spec, "tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     return ensure_pad_token(tokenizer)
