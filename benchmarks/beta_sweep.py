@@ -376,30 +376,34 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         fig.tight_layout()
         written.append(_save(fig, out / "beta_sweep.png"))
 
-        # training curves of one seed per beta, from the TensorBoard events
+        # training curves of one seed per beta, from the TensorBoard events: a row per learning rate
         seed0 = min(r["seed"] for r in beta_rows)
-        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-        for r in sorted((r for r in beta_rows if r["seed"] == seed0), key=lambda r: r["beta"]):
-            s = _scalars(r["log_dir"])
-            b = r["beta"]
-            line = axes[0].plot(*s["train/loss"], label=f"beta {b}")[0]
-            axes[1].plot(*s["train/rewards/accuracies"], color=line.get_color())
-            steps, chosen = s["train/rewards/chosen"]
-            axes[2].plot(steps, [v / b for v in chosen], color=line.get_color())
-            steps, rejected = s["train/rewards/rejected"]
-            axes[2].plot(steps, [v / b for v in rejected], color=line.get_color(), ls="--")
-            axes[3].plot(*s["train/logps/chosen"], color=line.get_color())
-            axes[3].plot(*s["train/logps/rejected"], color=line.get_color(), ls="--")
-        axes[0].axhline(math.log(2), color="black", lw=0.8, ls=":")
-        axes[0].set_yscale("log")
-        titles = ["train/loss (dotted: ln 2)", "train/rewards/accuracies",
-                  "log-ratio = rewards/beta: chosen —, rejected --", "logps/chosen —, logps/rejected --"]
-        for ax, title in zip(axes, titles):
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("optimizer step")
-            ax.grid(alpha=0.3)
-        axes[2].set_yscale("symlog")
-        axes[0].legend(fontsize=8)
+        groups = [(f"lr {LOW_LR:g}", [r for r in low_rows if r["seed"] == seed0])] if low_rows else []
+        groups.append(("lr 1e-3 (the recipe's)", [r for r in beta_rows if r["seed"] == seed0]))
+        fig, grid = plt.subplots(len(groups), 4, figsize=(16, 3.6 * len(groups)), squeeze=False)
+        for axes, (label, rows) in zip(grid, groups):
+            for r in sorted(rows, key=lambda r: r["beta"]):
+                s = _scalars(r["log_dir"])
+                b = r["beta"]
+                line = axes[0].plot(*s["train/loss"], label=f"beta {b}")[0]
+                axes[1].plot(*s["train/rewards/accuracies"], color=line.get_color())
+                steps, chosen = s["train/rewards/chosen"]
+                axes[2].plot(steps, [v / b for v in chosen], color=line.get_color())
+                steps, rejected = s["train/rewards/rejected"]
+                axes[2].plot(steps, [v / b for v in rejected], color=line.get_color(), ls="--")
+                axes[3].plot(*s["train/logps/chosen"], color=line.get_color())
+                axes[3].plot(*s["train/logps/rejected"], color=line.get_color(), ls="--")
+            axes[0].axhline(math.log(2), color="black", lw=0.8, ls=":")
+            axes[0].set_yscale("log")
+            titles = ["train/loss (dotted: ln 2)", "train/rewards/accuracies",
+                      "rewards/beta (log-ratio): chosen —, rejected --", "logps/chosen —, logps/rejected --"]
+            for ax, title in zip(axes, titles):
+                ax.set_title(title, fontsize=10)
+                ax.set_xlabel("optimizer step")
+                ax.grid(alpha=0.3)
+            axes[0].set_ylabel(label, fontsize=11)
+            axes[2].set_yscale("symlog")
+            axes[0].legend(fontsize=8)
         fig.suptitle(f"training curves per beta (seed {seed0}) — {caption}", fontsize=10)
         fig.tight_layout()
         written.append(_save(fig, out / "beta_curves.png"))
