@@ -374,7 +374,9 @@ def _synced_states(metric: Metric) -> dict[str, Any]:
 def _load_states(metric: Metric, saved: dict[str, Any], *, keep: bool) -> None:
     for name, value in saved["states"].items():
         current = getattr(metric, name)
-        setattr(metric, name, (value if keep else torch.zeros_like(value)).to(current.device, current.dtype))
+        # Ranks that do not keep the window start empty: the metric's default (0 for sums, inf for a min).
+        value = value if keep else torch.as_tensor(metric._defaults[name]).expand_as(value).clone()
+        setattr(metric, name, value.to(current.device, current.dtype))
     # Same count on every rank: ``has_updates`` decides whether all ranks enter the synced compute.
     metric._update_count = saved["update_count"]
     metric._computed = None

@@ -1,6 +1,7 @@
-"""LightningCLI over every training stage and PreferenceDataModule: ``python -m dpo_lightning fit --config ...``.
+"""LightningCLI over every training stage and data module: ``python -m dpo_lightning fit --config ...``.
 
-Recipes (``recipes/*.yaml``) choose the stage (``model.class_path``; DPOModule when absent),
+Recipes (``recipes/*.yaml``) choose the stage (``model.class_path``; DPOModule when absent), the
+data module (``data.class_path``; PreferenceDataModule when absent, SFTDataModule for SFT), the
 model, data, precision, strategy and devices; this file only wires them: shared values are given
 once and linked, what a stage declares (the batch it consumes, the metric its best checkpoint is
 chosen by) configures the data module and the checkpoint, and the defaults a user expects
@@ -26,6 +27,7 @@ from dpo_lightning.callbacks import (
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
 from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
@@ -40,10 +42,11 @@ class DPOLightningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The tokenizer and the length budget are given once, in `data`, and linked to the model.
-        parser.set_defaults({"model": {"class_path": f"{DPOModule.__module__}.{DPOModule.__name__}"}})
-        parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
-        parser.link_arguments("data.trust_remote_code", "model.init_args.trust_remote_code")
-        parser.link_arguments("data.max_length", "model.init_args.max_length")
+        defaults = {"model": {"class_path": _path(DPOModule)}, "data": {"class_path": _path(PreferenceDataModule)}}
+        parser.set_defaults(defaults)
+        parser.link_arguments("data.init_args.tokenizer", "model.init_args.tokenizer")
+        parser.link_arguments("data.init_args.trust_remote_code", "model.init_args.trust_remote_code")
+        parser.link_arguments("data.init_args.max_length", "model.init_args.max_length")
 
         # last.ckpt is always the latest state (Lightning's lags behind the top k); the best
         # checkpoint is chosen by the stage's declared metric unless the recipe names one.
@@ -99,7 +102,7 @@ class DPOLightningCLI(LightningCLI):
         if "hyper_parameters" in header and config.get("model") is not None:
             changes += changed_hparams(header["hyper_parameters"], config.model.init_args.as_dict(), "model")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
-            changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.as_dict(), "data")
+            changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.init_args.as_dict(), "data")
         if changes:
             rank_zero_warn(
                 "resuming with settings that differ from the checkpoint's; the values given now apply:\n  "
@@ -111,9 +114,12 @@ class DPOLightningCLI(LightningCLI):
         if self.subcommand == "fit":
             _claim_run_folder(config)
         stage = _stage_class(config)
-        # The data module produces the batch the stage consumes (KTO: unpaired examples).
-        if config.get("data") is not None and "unpaired" in config.data:
-            config.data.unpaired = stage.batch_format == "unpaired"
+        data = config.get("data")
+        if data is not None:
+            # The data module produces the batch the stage consumes (KTO: unpaired examples).
+            _check_data_for_stage(stage, data.class_path)
+            if "unpaired" in data.init_args:
+                data.init_args.unpaired = stage.batch_format == "unpaired"
         checkpoint = config.get("checkpoint")
         if checkpoint is not None:
             metric, mode = stage.checkpoint_monitor
@@ -124,12 +130,39 @@ class DPOLightningCLI(LightningCLI):
                 checkpoint.filename = f"step{{step}}-{name}{{{checkpoint.monitor}:.3f}}" if name else "step{step}"
 
 
-def _stage_class(config: Namespace) -> type[CausalLMModule]:
-    """The stage class a config chooses (``model.class_path``)."""
+def _path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__name__}"
+
+
+def _import(class_path: str) -> type:
     import importlib
 
-    module, _, name = config.model.class_path.rpartition(".")
+    module, _, name = class_path.rpartition(".")
     return getattr(importlib.import_module(module), name)
+
+
+def _stage_class(config: Namespace) -> type[CausalLMModule]:
+    """The stage class a config chooses (``model.class_path``)."""
+    return _import(config.model.class_path)
+
+
+def _check_data_for_stage(stage: type[CausalLMModule], data_class_path: str) -> None:
+    """ValueError before anything is built when the data module cannot make the stage's batches."""
+    data = _import(data_class_path)
+    makes = getattr(data, "batch_formats", None)
+    if makes is None or stage.batch_format in makes:
+        return
+    fits = [_path(c) for c in (PreferenceDataModule, _sft_data()) if stage.batch_format in c.batch_formats]
+    raise ValueError(
+        f"{stage.__name__} trains on {stage.batch_format!r} batches, which {data.__name__} does not make (it makes "
+        f"{', '.join(repr(m) for m in makes)}); set data.class_path to {' or '.join(fits) or 'a data module for it'}"
+    )
+
+
+def _sft_data() -> type:
+    from dpo_lightning.data import SFTDataModule
+
+    return SFTDataModule
 
 
 def _logger_init_args(config: Namespace) -> Namespace | None:
@@ -163,8 +196,9 @@ def cli_main(
     """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
     return cli_class(
         CausalLMModule,
-        PreferenceDataModule,
+        TokenizedDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         seed_everything_default=42,
         # One optimizer knob: the stage's `model.optimizer`/`model.scheduler` (LightningCLI's top-level
         # --optimizer/--lr_scheduler would silently replace them and drop the warmup/decay schedule).

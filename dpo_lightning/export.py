@@ -86,7 +86,8 @@ def export_hf(
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if not (tmp / "generation_config.json").exists() and not _is_peft(model):
+        generative = getattr(model, "can_generate", lambda: True)()  # not a reward model's score head
+        if not (tmp / "generation_config.json").exists() and not _is_peft(model) and generative:
             GenerationConfig.from_model_config(model.config).save_pretrained(tmp)
         _write_marker(tmp, source=source, adapter=adapter)
         _honour_umask(tmp)

@@ -35,6 +35,7 @@ class SequenceLogps(NamedTuple):
     logps: Tensor  # sum of log p(label) over response tokens (differentiable)
     n_tokens: Tensor  # number of response tokens
     logits_sum: Tensor  # sum over response tokens of the mean logit over the vocabulary (detached)
+    n_correct: Tensor | None = None  # response tokens whose label is the argmax of its logits (detached)
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -51,7 +52,8 @@ class _LabelLogProb(torch.autograd.Function):
     """``log_softmax(logits)[label]`` at selected rows of a flat ``(M, V)`` logits tensor.
 
     Forward returns the label log-probs ``(K,)`` in float32 and, non-differentiable, the mean
-    logit of each selected row ``(K,)``. Neither pass holds more than one chunk of float32
+    logit of each selected row ``(K,)`` and whether its label is the row's argmax ``(K,)``
+    (1.0 or 0.0). Neither pass holds more than one chunk of float32
     ``(chunk, V)`` values; backward writes the gradient into a tensor of the logits' dtype.
     """
 
@@ -61,19 +63,21 @@ class _LabelLogProb(torch.autograd.Function):
         acc = torch.promote_types(flat_logits.dtype, torch.float32)  # float32, or float64 for gradcheck
         token_logps = torch.empty(rows.numel(), dtype=acc, device=flat_logits.device)
         mean_logits = torch.empty_like(token_logps)
+        correct = torch.empty_like(token_logps)
         for start in range(0, rows.numel(), chunk):
             sl = slice(start, start + chunk)
             x = flat_logits.index_select(0, rows[sl]).to(acc)  # (c, V)
             lse = torch.logsumexp(x, dim=-1)  # (c,)
             token_logps[sl] = x.gather(1, targets[sl, None]).squeeze(1) - lse
             mean_logits[sl] = x.mean(dim=-1)
+            correct[sl] = x.argmax(dim=-1) == targets[sl]
         ctx.save_for_backward(flat_logits, rows, targets)
         ctx.chunk, ctx.acc = chunk, acc
-        ctx.mark_non_differentiable(mean_logits)
-        return token_logps, mean_logits
+        ctx.mark_non_differentiable(mean_logits, correct)
+        return token_logps, mean_logits, correct
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor, _grad_mean: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logps: Tensor, _grad_mean: Tensor, _grad_correct: Tensor):  # type: ignore[override]
         flat_logits, rows, targets = ctx.saved_tensors
         grad = torch.zeros_like(flat_logits)  # (M, V), logits dtype
         for start in range(0, rows.numel(), ctx.chunk):
@@ -111,8 +115,9 @@ def sequence_logps(
     n, t, v = logits.shape
     positions, targets, seq, num_sequences = _response_positions(labels, sequence_ids, num_sequences)
     chunk = max(1, chunk_elements // v)
-    token_logps, mean_logits = _LabelLogProb.apply(logits.reshape(n * t, v), positions, targets, chunk)  # (K,), (K,)
-    return _per_sequence(token_logps, mean_logits, seq, num_sequences)
+    flat = logits.reshape(n * t, v)  # (N*T, V)
+    token_logps, mean_logits, correct = _LabelLogProb.apply(flat, positions, targets, chunk)  # (K,) x3
+    return _per_sequence(token_logps, mean_logits, correct, seq, num_sequences)
 
 
 def _response_positions(
@@ -136,13 +141,16 @@ def _response_positions(
     return positions, flat_targets[positions], sequence_ids.reshape(-1)[positions], int(num_sequences)
 
 
-def _per_sequence(token_logps: Tensor, mean_logits: Tensor, seq: Tensor, num_sequences: int) -> SequenceLogps:
+def _per_sequence(
+    token_logps: Tensor, mean_logits: Tensor, correct: Tensor, seq: Tensor, num_sequences: int
+) -> SequenceLogps:
     """Sum per-token values ``(K,)`` into their sequences ``(S,)``."""
     zeros = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
     return SequenceLogps(
         logps=zeros.index_add(0, seq, token_logps),
         n_tokens=zeros.index_add(0, seq, torch.ones_like(token_logps)),
         logits_sum=zeros.index_add(0, seq, mean_logits),
+        n_correct=zeros.index_add(0, seq, correct),
     )
 
 
@@ -165,19 +173,21 @@ class _HiddenLabelLogProb(torch.autograd.Function):
         acc = torch.promote_types(hidden.dtype, torch.float32)
         token_logps = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
         mean_logits = torch.empty_like(token_logps)
+        correct = torch.empty_like(token_logps)
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             z = _project(hidden[sl], weight, bias, acc, scale, softcap)  # (c, V)
             lse = torch.logsumexp(z, dim=-1)  # (c,)
             token_logps[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
             mean_logits[sl] = z.mean(dim=-1)
+            correct[sl] = z.argmax(dim=-1) == targets[sl]
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.acc, ctx.scale, ctx.softcap = chunk, acc, scale, softcap
-        ctx.mark_non_differentiable(mean_logits)
-        return token_logps, mean_logits
+        ctx.mark_non_differentiable(mean_logits, correct)
+        return token_logps, mean_logits, correct
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_mean):  # type: ignore[override]
+    def backward(ctx, grad_logps, _grad_mean, _grad_correct):  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
         acc, scale, softcap = ctx.acc, ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -258,7 +268,7 @@ def sequence_logps_from_hidden(
     positions, targets, seq, num_sequences = _response_positions(labels, sequence_ids, num_sequences)
     response_hidden = hidden.reshape(n * t, h).index_select(0, positions)  # (K, H)
     chunk = max(1, chunk_elements // v)
-    token_logps, mean_logits = _HiddenLabelLogProb.apply(
+    token_logps, mean_logits, correct = _HiddenLabelLogProb.apply(
         response_hidden, lm_head_weight, lm_head_bias, targets, chunk, float(logit_scale), logit_softcap
-    )  # (K,), (K,)
-    return _per_sequence(token_logps, mean_logits, seq, num_sequences)
+    )  # (K,) x3
+    return _per_sequence(token_logps, mean_logits, correct, seq, num_sequences)

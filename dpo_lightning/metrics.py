@@ -1,4 +1,4 @@
-"""Preference metrics named as TRL logs them, exact across ranks and over a whole window.
+"""Every stage's metrics, named as TRL logs them, exact across ranks and over a whole window.
 
 Every metric keeps a running sum and a weight in a torchmetrics ``MeanMetric``, so the value
 logged for a window of steps (or a whole validation epoch) is the mean over every pair (or
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.aggregation import MeanMetric
+from torchmetrics.aggregation import MaxMetric, MeanMetric, MinMetric
 
 # TRL's metric names, in the order we log them.
 METRIC_NAMES = (
@@ -28,11 +28,15 @@ METRIC_NAMES = (
 class RunningMeans(nn.Module):
     """One ``MeanMetric`` per name for one split (train, val or test); every stage's metrics derive from it."""
 
-    def __init__(self, prefix: str, names: tuple[str, ...]) -> None:
+    def __init__(self, prefix: str, names: tuple[str, ...], extremes: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.prefix = prefix
-        # ModuleDict keys may not contain "/" or "."; map TRL names to safe keys.
-        self.means = nn.ModuleDict({_key(n): MeanMetric() for n in names})
+        # ModuleDict keys may not contain "/" or "."; map TRL names to safe keys. Names starting
+        # with min_/max_ in `extremes` keep a minimum / maximum instead of a mean.
+        metrics = {_key(n): MeanMetric() for n in names}
+        for name in extremes:
+            metrics[_key(name)] = MinMetric() if name.startswith("min_") else MaxMetric()
+        self.means = nn.ModuleDict(metrics)
 
     def reset(self) -> None:
         for metric in self.means.values():
@@ -163,3 +167,86 @@ class KTOMetrics(RunningMeans):
             values["rewards/margins"] = values["rewards/chosen"] - values["rewards/rejected"]
         return {f"{self.prefix}/{n}": values[n] for n in KTO_METRIC_NAMES if n in values}
 
+
+
+# TRL RewardTrainer's metric names (loss, accuracy, margin, min/mean/max_reward) and the mean
+# reward of each side, in the order we log them.
+REWARD_METRIC_NAMES = (
+    "loss",
+    "accuracy",
+    "margin",
+    "rewards/chosen",
+    "rewards/rejected",
+    "mean_reward",
+    "min_reward",
+    "max_reward",
+)
+
+
+class RewardMetrics(RunningMeans):
+    """A Bradley-Terry reward model's metrics over every pair of the window on every rank.
+
+    ``accuracy``: chosen scored strictly above rejected (a tie is wrong, as in TRL); ``margin``:
+    mean of ``r_chosen - r_rejected``; ``mean_reward``/``min_reward``/``max_reward`` over both sides.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix, REWARD_METRIC_NAMES[:6], extremes=("min_reward", "max_reward"))
+
+    def update(
+        self, *, losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor, weight: Tensor | None = None
+    ) -> None:
+        """One batch of B pairs, every argument ``(B,)``; ``weight`` 0 leaves a pair out (eval padding)."""
+        w = torch.ones_like(losses, dtype=torch.float32) if weight is None else weight.detach().float()
+        chosen, rejected = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+        per_pair = {
+            "loss": losses.detach().float(),
+            "accuracy": (chosen > rejected).float(),
+            "margin": chosen - rejected,
+            "rewards/chosen": chosen,
+            "rewards/rejected": rejected,
+        }
+        for name, value in per_pair.items():
+            self.means[_key(name)].update(value, w)
+        both, both_w = torch.cat([chosen, rejected]), torch.cat([w, w])
+        self.means[_key("mean_reward")].update(both, both_w)
+        counted = both[both_w > 0]
+        if counted.numel():
+            self.means[_key("min_reward")].update(counted.min())
+            self.means[_key("max_reward")].update(counted.max())
+
+    def compute(self) -> dict[str, Tensor]:
+        return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in REWARD_METRIC_NAMES}
+
+
+# What SFT logs: the loss and token accuracy are means over every loss token of the window
+# (TRL: loss, mean_token_accuracy); perplexity is exp(loss).
+SFT_METRIC_NAMES = ("loss", "token_accuracy", "perplexity")
+
+
+class SFTMetrics(RunningMeans):
+    """SFT's metrics: token-weighted over every loss token of the window on every rank.
+
+    ``loss`` is the summed NLL of the loss tokens divided by their number (not a mean of
+    per-batch or per-sequence means); ``token_accuracy`` the share of loss tokens whose label is
+    the argmax of the logits; ``perplexity`` is ``exp(loss)``.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(prefix, SFT_METRIC_NAMES[:2])
+
+    def update(self, *, nll: Tensor, n_tokens: Tensor, n_correct: Tensor, weight: Tensor | None = None) -> None:
+        """Per-sequence sums ``(N,)``: NLL of the loss tokens, their number, the argmax hits; ``weight`` (N,)."""
+        n = n_tokens.detach().float()
+        w = n if weight is None else n * weight.detach().float()  # a sequence counts by its tokens
+        n_safe = n.clamp_min(1.0)  # a sequence without loss tokens has weight 0 anyway
+        self.means[_key("loss")].update(nll.detach().float() / n_safe, w)
+        self.means[_key("token_accuracy")].update(n_correct.detach().float() / n_safe, w)
+
+    def compute(self) -> dict[str, Tensor]:
+        loss = self.means[_key("loss")].compute()
+        return {
+            f"{self.prefix}/loss": loss,
+            f"{self.prefix}/token_accuracy": self.means[_key("token_accuracy")].compute(),
+            f"{self.prefix}/perplexity": torch.exp(loss),
+        }

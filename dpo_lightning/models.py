@@ -1,4 +1,9 @@
-"""Loading the policy and reference causal LMs: from a hub id, a local path, or a config."""
+"""Loading the models a stage trains or compares against: from a hub id, a local path, or a config.
+
+A causal LM (policy, reference) by default; a stage may ask for another ``AutoModelFor...`` class
+(the reward model: ``AutoModelForSequenceClassification`` with one label, whose score head a
+causal-LM checkpoint or config gets new, as transformers gives it).
+"""
 
 from __future__ import annotations
 
@@ -61,20 +66,32 @@ def check_vocab(model: PreTrainedModel, tokenizer_size: int | None) -> None:
         )
 
 
-def load_causal_lm(
+def load_causal_lm(source: str | PreTrainedModel | None = None, **kwargs: Any) -> PreTrainedModel:
+    """Build a causal LM from exactly one of ``source`` (hub id, path or model) and ``config``.
+
+    ``config`` is a dict with ``model_type`` (e.g. ``"llama"``) plus that config class's fields;
+    the model is randomly initialised from it (tests, the offline tiny recipe). ``vocab_size``
+    fills in the config's when it does not give one (usually ``len(tokenizer)``). The other
+    keywords (``dtype``, ``trust_remote_code``, ``attn_implementation``) are :func:`load_model`'s.
+    """
+    return load_model(source, auto_class=AutoModelForCausalLM, **kwargs)
+
+
+def load_model(
     source: str | PreTrainedModel | None = None,
     *,
+    auto_class: type = AutoModelForCausalLM,
     config: dict[str, Any] | None = None,
     vocab_size: int | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    **config_overrides: Any,
 ) -> PreTrainedModel:
-    """Build a causal LM from exactly one of ``source`` (hub id, path or model) and ``config``.
+    """:func:`load_causal_lm` for any ``auto_class`` (``AutoModelForSequenceClassification``...).
 
-    ``config`` is a dict with ``model_type`` (e.g. ``"llama"``) plus that config class's fields;
-    the model is randomly initialised from it (tests, the offline tiny recipe). ``vocab_size``
-    fills in the config's when it does not give one (usually ``len(tokenizer)``).
+    ``config_overrides`` set config fields on loading or building (``num_labels=1``); a model
+    object is returned as it is.
     """
     if (source is None) == (config is None):
         raise ValueError("give exactly one of a model (hub id, path or instance) and model_config")
@@ -85,21 +102,21 @@ def load_causal_lm(
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if config is not None:
-        fields = dict(config)
+        fields = {**dict(config), **config_overrides}
         model_type = fields.pop("model_type", None)
         if model_type is None:
             raise ValueError("model_config needs a 'model_type' such as 'llama' or 'gpt2'")
         if vocab_size is not None:
             fields.setdefault("vocab_size", vocab_size)
         cfg = AutoConfig.for_model(model_type, **fields)
-        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code, **kwargs)
+        model = auto_class.from_config(cfg, trust_remote_code=trust_remote_code, **kwargs)
         if isinstance(torch_dtype, torch.dtype):
             model = model.to(torch_dtype)
         return model
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     check_local_source(source, "model")
-    return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    return auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs, **config_overrides)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -129,18 +146,20 @@ def wrap_lora(
     alpha: int = 32,
     dropout: float = 0.0,
     target_modules: list[str] | str | None = None,
+    task_type: str = "CAUSAL_LM",
 ) -> nn.Module:
     """Wrap ``model`` with trainable LoRA adapters (PEFT); base weights stay frozen.
 
     ``target_modules=None`` lets PEFT pick the architecture's usual projections; ``"all-linear"``
-    targets every linear layer but the output head.
+    targets every linear layer but the output head. ``task_type="SEQ_CLS"`` (reward model) also
+    trains the new score head in full, as PEFT does for that task.
     """
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:  # pragma: no cover - exercised only without the extra
         raise ImportError("LoRA needs PEFT: pip install 'dpo_lightning[peft]'") from err
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )
     return get_peft_model(model, config)
 

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lightning.callbacks import check_validation_interval
 from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
@@ -31,7 +31,7 @@ from dpo_lightning.distributed import enable_activation_checkpointing, shard_mod
 from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.metrics import RunningMeans
-from dpo_lightning.models import check_max_length, check_vocab, freeze, load_causal_lm, resolve_tokenizer, wrap_lora
+from dpo_lightning.models import check_max_length, check_vocab, freeze, load_model, resolve_tokenizer, wrap_lora
 from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.optim import Decay, warmup_decay_schedule
 from dpo_lightning.options import LoraOptions, MemoryOptions
@@ -54,6 +54,11 @@ class CausalLMModule(L.LightningModule):
     checkpoint_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")  # metric, mode of the best checkpoint
     batch_format: ClassVar[str] = "pairs"  # what the data module must produce: "pairs" or "unpaired"
     progress_bar_metric: ClassVar[tuple[str, str] | None] = None  # (metric, short name) shown per validation
+    # The trained model's class and the config fields it is loaded with (the reward model:
+    # AutoModelForSequenceClassification, num_labels=1), and PEFT's task type for LoRA.
+    auto_model_class: ClassVar[type] = AutoModelForCausalLM
+    model_overrides: ClassVar[dict[str, Any]] = {}
+    lora_task_type: ClassVar[str] = "CAUSAL_LM"
 
     def __init__(
         self,
@@ -114,7 +119,10 @@ class CausalLMModule(L.LightningModule):
                              "attn_implementation": attn_implementation}
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.policy_source = model if isinstance(model, str) else None
-        self.model = load_causal_lm(model, config=model_config, vocab_size=vocab_size, **self._load_kwargs)
+        self.model = load_model(
+            model, auto_class=self.auto_model_class, config=model_config, vocab_size=vocab_size,
+            **self._load_kwargs, **self.model_overrides,
+        )
         check_vocab(self.model, vocab_size)
         check_max_length(self.model, max_length)
         if self.tokenizer is not None and self.model.config.pad_token_id is None:
@@ -122,7 +130,7 @@ class CausalLMModule(L.LightningModule):
         if disable_dropout:
             _disable_dropout(self.model)
         if self.lora is not None:
-            self.model = wrap_lora(self.model, **asdict(self.lora))
+            self.model = wrap_lora(self.model, **asdict(self.lora), task_type=self.lora_task_type)
         self.model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
         self.ref_model: nn.Module | None = None
         self.reference: Reference | None = None
@@ -137,8 +145,8 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ models
 
     def load_model(self, source: str | PreTrainedModel) -> PreTrainedModel:
-        """A model loaded the way the policy was (dtype, attention kernel, remote-code setting)."""
-        return load_causal_lm(source, **self._load_kwargs)
+        """A causal LM loaded the way the policy was (dtype, attention kernel, remote-code setting)."""
+        return load_model(source, **self._load_kwargs)
 
     def attach_reference(self, reference: str | Reference, ref_model: str | nn.Module | None = None) -> None:
         """Give the stage a reference strategy (called by stages that compare against one)."""
@@ -278,10 +286,24 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ hooks for the reference
 
     def setup(self, stage: str) -> None:
+        if self._trainer is not None:
+            self._check_datamodule(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
             check_validation_interval(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
+
+    def _check_datamodule(self, datamodule: Any) -> None:
+        """ValueError before the first step when the data module makes batches of another kind (a pair
+        batch would otherwise train an SFT model on both sides, and fail nowhere)."""
+        made = getattr(datamodule, "batch_format", None)
+        if made is None or made == self.batch_format:
+            return
+        raise ValueError(
+            f"{type(self).__name__} trains on {self.batch_format!r} batches but {type(datamodule).__name__} makes "
+            f"{made!r} batches: use the data module for this stage (SFTModule: SFTDataModule; DPOModule, "
+            "RewardModule: PreferenceDataModule; KTOModule: PreferenceDataModule(unpaired=True))"
+        )
 
     def on_fit_start(self) -> None:
         if self.reference is not None:

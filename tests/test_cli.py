@@ -37,9 +37,9 @@ def test_every_recipe_parses_through_the_real_cli(recipe):
     assert first.startswith("#"), "a recipe opens with a comment: launch command, hardware, memory"
     assert "python -m dpo_lightning fit --config" in recipe.read_text()
     config = parse("--config", str(recipe))
-    model = config["model"]["init_args"]
-    assert config["data"]["tokenizer"] == model["tokenizer"]  # linked, given once
-    assert config["data"]["max_length"] == model["max_length"]
+    model, data = config["model"]["init_args"], config["data"]["init_args"]
+    assert data["tokenizer"] == model["tokenizer"]  # linked, given once
+    assert data["max_length"] == model["max_length"]
 
 
 def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -52,15 +52,25 @@ def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_help_lists_options_with_their_docstrings():
     out = _run("fit", "--help")
     assert out.returncode == 0, out.stderr
-    assert "--model.help" in out.stdout and "--data.max_prompt_length" in out.stdout
+    assert "--model.help" in out.stdout and "--data.help" in out.stdout
     # The stage's own options (the recipe's model.class_path chooses the stage; DPOModule by default).
     for stage, option, doc in [
         ("DPOModule", "--model.beta", "Strength of the KL penalty"),
         ("KTOModule", "--model.desirable_weight", "Weight of desirable examples"),
+        ("SFTModule", "--model.memory", "Memory knobs"),
+        ("RewardModule", "--model.center_rewards_coefficient", "keeps rewards centred"),
     ]:
         out = _run("fit", "--model.help", stage)
         assert out.returncode == 0, out.stderr
         assert option in out.stdout and doc in out.stdout and "--model.lora" in out.stdout
+    # The data module's options (data.class_path chooses it; PreferenceDataModule by default).
+    for data, option, doc in [
+        ("PreferenceDataModule", "--data.max_prompt_length", "Longest prompt in tokens"),
+        ("SFTDataModule", "--data.completion_only_loss", "Train on the completion"),
+    ]:
+        out = _run("fit", "--data.help", data)
+        assert out.returncode == 0, out.stderr
+        assert option in out.stdout and doc in out.stdout
     assert _run("--help").returncode == 0
 
 
@@ -68,11 +78,12 @@ def test_print_config_is_complete_and_rerunnable(tmp_path):
     out = _run("fit", "--config", "recipes/tiny.yaml", "--print_config")
     assert out.returncode == 0, out.stderr
     config = yaml.safe_load(out.stdout)
-    assert config["model"]["init_args"]["beta"] is not None and config["data"]["tokenizer"] == "synthetic:sort"
+    assert config["model"]["init_args"]["beta"] is not None
+    assert config["data"]["init_args"]["tokenizer"] == "synthetic:sort"
     (tmp_path / "printed.yaml").write_text(out.stdout)
     reparsed = parse("--config", str(tmp_path / "printed.yaml"))
     assert reparsed["model"]["init_args"]["beta"] == config["model"]["init_args"]["beta"]
-    assert reparsed["data"]["dataset"] == "synthetic:sort"
+    assert reparsed["data"]["init_args"]["dataset"] == "synthetic:sort"
 
 
 def test_tiny_recipe_trains_logs_and_exports(tmp_path):

@@ -110,7 +110,7 @@ def no_weights(*args, **kwargs):
          "none-needs-free-loss", "kto-precomputed", "lora-rank"],
 )
 def test_config_mistakes_are_refused_before_weights_load(monkeypatch, build, match):
-    monkeypatch.setattr("dpo_lightning.stage.load_causal_lm", no_weights)
+    monkeypatch.setattr("dpo_lightning.stage.load_model", no_weights)
     with pytest.raises(ValueError, match=match):
         build()
 

@@ -20,6 +20,22 @@ from .packing import PackingCollator
 IGNORE_INDEX = -100
 
 
+def right_pad(rows: Sequence[Sequence[int]], value: int, width: int) -> Tensor:
+    """``(R, width)`` long tensor: row i holds ``rows[i]``, then `value` to the right."""
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def padded_width(lengths: Sequence[int], pad_to_multiple_of: int | None) -> int:
+    """The longest length, rounded up to a multiple of `pad_to_multiple_of` when set."""
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return width
+
+
 @dataclass(frozen=True)
 class PaddingCollator:
     """Stack chosen and rejected into 2B right-padded rows (chosen first) with response-only labels.
@@ -66,12 +82,8 @@ class PaddingCollator:
             f["rejected_response_start"] for f in features
         ]
         lengths = torch.tensor([len(r) for r in rows])  # (2B,)
-        width = int(lengths.max())
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)  # (2B, T)
-        for i, row in enumerate(rows):
-            input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        width = padded_width(lengths.tolist(), self.pad_to_multiple_of)
+        input_ids = right_pad(rows, self.pad_token_id, width)  # (2B, T)
         positions = torch.arange(width)  # (T,)
         attention_mask = positions < lengths[:, None]  # (2B, T)
         is_response = attention_mask & (positions >= torch.tensor(starts)[:, None])  # (2B, T)

@@ -6,41 +6,23 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset, DatasetDict
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Sampler
-from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from .base import LiveSplit, TokenizedDataModule, check_settings, object_arguments
 from .collate import COLLATORS, build_collator
-from .columns import check_column_options, select_columns
-from .errors import DataError, warn
-from .holdout import count_in, hold_out
+from .columns import PAIR_LAYOUTS, UNPAIRED_LAYOUTS, Layouts
 from .preprocess import preprocess_split
-from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
-from .sources import describe, load_source
-from .tokenize import TRUNCATION_MODES, TokenizeConfig
-from .tokenizer import load_tokenizer
+
+__all__ = ["LiveSplit", "PreferenceDataModule"]
 
 
-class LiveSplit(TorchDataset):
-    """``splits[name]`` read at access time, so a split replaced later (new columns) is what loaders see."""
-
-    def __init__(self, splits: dict[str, Dataset | None], name: str) -> None:
-        self.splits, self.name = splits, name
-
-    def __len__(self) -> int:
-        return len(self.splits[self.name])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.splits[self.name][index]
-
-    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
-
-
-class PreferenceDataModule(ResumableTrainData, LightningDataModule):
+class PreferenceDataModule(TokenizedDataModule):
     """Preference pairs from the Hub, local files or a built-in task, tokenized once, batched as
     2B rows (chosen first) with ``input_ids`` / ``attention_mask`` / ``labels`` (docs/data.md)."""
+
+    collators = COLLATORS
+    batch_formats = ("pairs", "unpaired")
 
     def __init__(
         self,
@@ -90,7 +72,7 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
             drop_identical: Drop pairs whose chosen equals rejected (with a warning) instead of keeping them.
             num_proc: Processes for the one-off tokenization pass (``datasets.map``).
-            collator: Batch collator by name (``pad``; packing collators join later).
+            collator: Batch collator by name: ``pad`` (right-padded rows) or ``pack`` (sequences packed into rows).
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
             unpaired: Produce unpaired examples for KTO (the CLI sets it from the loss): prompt/completion/label
@@ -99,17 +81,18 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             columns: Our field names -> the dataset's columns, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
             drop_columns: Dataset columns to leave out without the warning that names unread columns.
         """
-        super().__init__()
-        if max_length < 2:
-            raise ValueError(f"max_length must be at least 2, got {max_length}")
-        if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
-        if truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-        if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-        if collator not in COLLATORS:
-            raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(COLLATORS)}")
+        super().__init__(tokenizer, dataset)
+        check_settings(
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            val_fraction=val_fraction,
+            collator=collator,
+            collators=COLLATORS,
+            columns=columns,
+            drop_columns=drop_columns,
+            fields=PAIR_LAYOUTS.fields,
+        )
         if unpaired and collator not in ("pad", "kto"):
             raise ValueError(f"unpaired (KTO) data is batched by the 'kto' collator, got collator={collator!r}")
         if unpaired and min(batch_size, eval_batch_size or batch_size) < 2:
@@ -120,144 +103,35 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             )
         if collator == "kto" and not unpaired:
             raise ValueError("collator 'kto' batches unpaired examples; set unpaired=True (KTO)")
-        check_column_options(columns, drop_columns)
-        if max_prompt_length is None and truncation_mode != "keep_end":
-            warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
-        # Objects are not hyperparameters: they neither serialise nor print well.
-        objects = [
-            name
-            for name, value in (("tokenizer", tokenizer), ("dataset", dataset))
-            if not isinstance(value, str)
-        ]
-        self.save_hyperparameters(ignore=objects)
-        self._tokenizer_spec = tokenizer
-        self._dataset_spec = dataset
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._splits: dict[str, Dataset | None] | None = None
-
-    # -- what the CLI links to the model --------------------------------------------------------
+        self.save_hyperparameters(ignore=object_arguments(tokenizer, dataset))
 
     @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer, loaded on first use (with a pad token)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(
-                self._tokenizer_spec, trust_remote_code=self.hparams.trust_remote_code
-            )
-        return self._tokenizer
+    def batch_format(self) -> str:
+        return "unpaired" if self.hparams.get("unpaired", False) else "pairs"
+
+    # -- the hooks of TokenizedDataModule -------------------------------------------------------
 
     @property
-    def pad_token_id(self) -> int:
-        return self.tokenizer.pad_token_id
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.tokenizer.eos_token_id
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of token ids the model must embed (added tokens included)."""
-        return len(self.tokenizer)
-
-    # -- preprocessing -------------------------------------------------------------------------
-
-    @property
-    def source_name(self) -> str:
-        return describe(self._dataset_spec)
-
-    def _build(self) -> dict[str, Dataset | None]:
-        hp = self.hparams
-        source = self.source_name
-        raw = load_source(
-            self._dataset_spec,
-            hp.dataset_config,
-            default_split=hp.train_split,
-            seed=hp.seed,
-            cache_dir=hp.cache_dir,
-        )
-        config = TokenizeConfig(hp.max_length, hp.max_prompt_length, hp.truncation_mode)
-        for split in (hp.train_split, hp.test_split):
-            if split is not None and split not in raw:
-                raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
-        # The splits read below: renamed, cut to their layout's columns, the rest named once for all.
-        validation = hp.val_split if hp.val_fraction is None else None
-        used = [s for s in dict.fromkeys((hp.train_split, validation, hp.test_split)) if s is not None and s in raw]
-        raw = select_columns(raw, used, source, hp.get("columns"), hp.get("drop_columns"))
-
-        def prepare(split: str) -> Dataset:
-            return preprocess_split(
-                raw[split],
-                self.tokenizer,
-                config,
-                source=source,
-                split=split,
-                drop_identical=hp.drop_identical,
-                num_proc=hp.num_proc,
-                unpaired=hp.get("unpaired", False),
-            )
-
-        train = prepare(hp.train_split)
-        val = None
-        if hp.val_fraction is not None:
-            train, val = self._hold_out(train, raw)
-        elif hp.val_split is not None and hp.val_split in raw:
-            val = prepare(hp.val_split)
-        elif hp.val_split is not None:
-            warn(
-                f"{source} has no {hp.val_split!r} split (it has {sorted(raw)}): no validation data, so no "
-                "validation metrics; checkpoints come from the periodic checkpoint setting. Set val_fraction "
-                "to hold out part of the train split, or val_split to another split"
-            )
-        test = prepare(hp.test_split) if hp.test_split is not None else None
-        return {"train": train, "validation": val, "test": test}
-
-    def _hold_out(self, train: Dataset, raw: DatasetDict) -> tuple[Dataset, Dataset]:
-        """Split the tokenized train split by val_fraction; say what that leaves unused or duplicated."""
-        hp, source = self.hparams, self.source_name
-        if hp.val_split is not None and hp.val_split in raw:
-            warn(
-                f"{source}: its {hp.val_split!r} split ({len(raw[hp.val_split])} rows) is not used: "
-                f"val_fraction={hp.val_fraction} holds out part of {hp.train_split!r} for validation instead"
-            )
-        train, val = hold_out(train, hp.val_fraction, hp.seed)
-        if leaked := count_in(val, train):
-            warn(
-                f"{source}: {leaked} of {len(val)} validation {self._unit} held out by val_fraction="
-                f"{hp.val_fraction} also occur in the train split (same token ids after truncation), so "
-                "their validation metrics measure memorisation; deduplicate the data to avoid it"
-            )
-        return train, val
+    def _layouts(self) -> Layouts:
+        # KTO reads no margin: a margin column is then named among the ignored columns.
+        return UNPAIRED_LAYOUTS if self.hparams.get("unpaired", False) else PAIR_LAYOUTS
 
     @property
     def _unit(self) -> str:
         return "examples" if self.hparams.get("unpaired", False) else "pairs"
 
-    def prepare_data(self) -> None:
-        # Runs on one process per node: the datasets cache it fills makes setup() on the other ranks
-        # a cache hit; this process keeps the result so setup() does not redo in-memory work.
-        self._splits = self._build()
-
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits is None:
-            self._splits = self._build()
-
-    @property
-    def splits(self) -> dict[str, Dataset | None]:
-        """The tokenized ``train`` / ``validation`` / ``test`` datasets (None where absent)."""
-        if self._splits is None:
-            self.setup()
-        return self._splits
-
-    def label_counts(self, split: str = "train") -> tuple[int, int]:
-        """(desirable, undesirable) examples of an unpaired split, for ``losses.kto_weight_warning``."""
-        dataset = self.splits[split]
-        if dataset is None or "desirable" not in dataset.column_names:
-            raise ValueError(f"split {split!r} holds no unpaired examples (set unpaired=True)")
-        # Through the format, not `dataset.data`: a held-out split is an index mapping over the table.
-        desirable = int(dataset.with_format("numpy")["desirable"][:].sum())
-        return desirable, len(dataset) - desirable
-
-    # -- loaders ---------------------------------------------------------------------------------
+    def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
+        hp = self.hparams
+        return preprocess_split(
+            dataset,
+            self.tokenizer,
+            self.tokenize_config,
+            source=self.source_name,
+            split=split,
+            drop_identical=hp.drop_identical,
+            num_proc=hp.num_proc,
+            unpaired=hp.get("unpaired", False),
+        )
 
     @property
     def collate_fn(self):
@@ -269,49 +143,14 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
         )
 
-    def _loader(
-        self, dataset: Dataset | MarkPadding, batch_size: int, shuffle: bool, sampler: Sampler | None = None
-    ) -> DataLoader:
-        workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            # Training order: seeded, sharded per rank, and resumable mid-epoch from a checkpoint.
-            sampler=self.train_sampler(dataset, batch_size, seed=self.hparams.seed) if shuffle else sampler,
-            collate_fn=self.collate_fn,
-            # Its own generator: a loader without one draws its workers' base seed from the global
-            # RNG each time it is iterated, which a resume at an epoch boundary cannot replay
-            # (the restored RNG would be one draw behind: different dropout from there on).
-            generator=torch.Generator().manual_seed(self.hparams.seed),
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        # A live view, not the dataset itself: Lightning may build this loader before fit starts
-        # (to size the LR schedule under max_epochs), and the precomputed reference adds its
-        # columns to the split at fit start; the loader must see them.
-        return self._loader(LiveSplit(self._splits_or_build(), "train"), self.hparams.batch_size, shuffle=True)
-
-    def _splits_or_build(self) -> dict[str, Dataset | None]:
-        self.splits  # noqa: B018 - builds them on first use
-        return self._splits
-
-    def _eval_loader(self, split: str) -> DataLoader | list:
+    def label_counts(self, split: str = "train") -> tuple[int, int]:
+        """(desirable, undesirable) examples of an unpaired split, for ``losses.kto_weight_warning``."""
         dataset = self.splits[split]
-        if dataset is None:
-            return []  # Lightning skips the loop
-        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
-        trainer = getattr(self, "trainer", None)
-        shard = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if not shard or shard["num_replicas"] <= 1:
-            return self._loader(dataset, batch_size, shuffle=False)
-        # Several ranks: each runs the same number of batches (under FSDP2 every forward is a
-        # collective), so shards are padded as DistributedSampler pads them; the padded pairs
-        # carry weight 0, so val/test metrics count every pair exactly once.
-        sampler = PaddedEvalSampler(dataset, num_replicas=shard["num_replicas"], rank=shard["rank"])
-        return self._loader(MarkPadding(dataset), batch_size, shuffle=False, sampler=sampler)
+        if dataset is None or "desirable" not in dataset.column_names:
+            raise ValueError(f"split {split!r} holds no unpaired examples (set unpaired=True)")
+        # Through the format, not `dataset.data`: a held-out split is an index mapping over the table.
+        desirable = int(dataset.with_format("numpy")["desirable"][:].sum())
+        return desirable, len(dataset) - desirable
 
     # -- precomputed reference log-probs (DPOModule(reference="precomputed")) ----------------------
 
@@ -347,9 +186,3 @@ class PreferenceDataModule(ResumableTrainData, LightningDataModule):
                 dataset = dataset.remove_columns(column)
         dataset = dataset.add_column("ref_chosen_logps", table[:, 0].tolist())
         self._splits[split] = dataset.add_column("ref_rejected_logps", table[:, 1].tolist())
-
-    def val_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("validation")
-
-    def test_dataloader(self) -> DataLoader | list:
-        return self._eval_loader("test")

@@ -17,7 +17,8 @@ def pair_extras(features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
     ``index`` ``(B,)``: the pairs' positions in their split (for precomputing reference log-probs);
     ``ref_logps`` ``(2B,)``: precomputed reference log-probs, chosen first like the rows;
     ``weight`` ``(B,)`` float: the pairs' metric weights, 0 for the padding of an uneven eval shard
-    (examples carry ``padding`` only when read through ``sampler.MarkPadding``).
+    (examples carry ``padding`` only when read through ``sampler.MarkPadding``);
+    ``margin`` ``(B,)`` float32: the pairs' reward margins, when the data has a ``margin`` column.
     """
     extras: dict[str, Tensor] = {}
     if "padding" in features[0]:
@@ -29,4 +30,6 @@ def pair_extras(features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
             [f["ref_chosen_logps"] for f in features] + [f["ref_rejected_logps"] for f in features],
             dtype=torch.float32,
         )
+    if "margin" in features[0]:
+        extras["margin"] = torch.tensor([f["margin"] for f in features], dtype=torch.float32)
     return extras

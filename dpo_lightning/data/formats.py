@@ -13,11 +13,15 @@ Accepted layouts (the column names decide the layout; the value types decide tex
 - unpaired: ``prompt``, ``completion``, ``label`` (KTO): one completion and a bool (desirable or
   not), strings or messages -> `UnpairedExample`. `unpair` turns a pair into two unpaired examples.
 
+The pair layouts also read an optional numeric ``margin`` column (`OPTIONAL_COLUMNS`, checked by
+`check_margin`), the per-pair margin a reward model is trained with (TRL's RewardTrainer).
+
 Every check raises `DataError` naming the source, row and field.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
@@ -55,6 +59,13 @@ LAYOUT_COLUMNS: dict[Layout, tuple[str, ...]] = {
     Layout.EXPLICIT_PROMPT: ("prompt", "chosen", "rejected"),
     Layout.IMPLICIT_PROMPT: ("chosen", "rejected"),
     Layout.UNPAIRED: ("prompt", "completion", "label"),
+}
+
+# Columns a layout reads when the data has them: the pairs' reward margin. Unpaired (KTO) data never
+# reads it (`columns.UNPAIRED_LAYOUTS`), so there it is named among the ignored columns.
+OPTIONAL_COLUMNS: dict[Layout, tuple[str, ...]] = {
+    Layout.EXPLICIT_PROMPT: ("margin",),
+    Layout.IMPLICIT_PROMPT: ("margin",),
 }
 
 
@@ -201,7 +212,7 @@ def split_implicit_messages(
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _difference(a: str, b: str) -> str:
+def first_difference(a: str, b: str) -> str:
     """Where two texts first differ, with a little of each, for an error message."""
     at = len(os.path.commonprefix([a, b]))
     return f"first difference at character {at}: {a[at:at + 20]!r} versus {b[at:at + 20]!r}"
@@ -236,12 +247,12 @@ def _unrepeat_text_prompt(
             if first is None:
                 raise ref.error(field, "has no user turn to repeat 'prompt'")
             if first != prompt:
-                raise ref.error(field, f"its user turn differs from 'prompt' ({_difference(first, prompt)})")
+                raise ref.error(field, f"its user turn differs from 'prompt' ({first_difference(first, prompt)})")
         raise ref.error("rejected", "does not start with the same conversation as 'chosen'")
     if prompt not in (users[0], users[-1]):
         raise ref.error(
             "chosen",
-            f"the user turn it shares with 'rejected' differs from 'prompt' ({_difference(users[0], prompt)}); "
+            f"the user turn it shares with 'rejected' differs from 'prompt' ({first_difference(users[0], prompt)}); "
             "a conversation that repeats the prompt must repeat it exactly",
         )
     if chosen != rejected:
@@ -318,12 +329,21 @@ def _implicit_pair(
     return PreferenceExample(prompt, chosen_response, rejected_response)
 
 
-def _unpaired(row: Mapping[str, Any], ref: RowRef) -> UnpairedExample:
+def check_margin(value: Any, ref: RowRef) -> float:
+    """A pair's ``margin``: a finite number (a bool, a string such as CSV's ``"0.5"``, or null is a `DataError`)."""
+    if value is None:
+        raise ref.error("margin", "value is missing (null); give every pair a margin, or drop the column")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ref.error("margin", f"expected a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ref.error("margin", f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def check_prompt_completion(row: Mapping[str, Any], ref: RowRef) -> tuple[Text, Text]:
+    """``prompt`` and ``completion``: both strings, or both message lists whose roles follow on (the
+    completion opening with the assistant); the completion not empty."""
     prompt, completion = check_text(row["prompt"], "prompt", ref), check_text(row["completion"], "completion", ref)
-    label = row["label"]
-    # Only a real bool: 0/1 or "True" (CSV reads strings) are more likely a mistake than a label.
-    if not isinstance(label, bool):
-        raise ref.error("label", f"expected a bool (true: desirable, false: undesirable), got {label!r}")
     conversational = isinstance(prompt, list)
     if conversational and not prompt:
         raise ref.error("prompt", "is an empty list of messages")
@@ -334,6 +354,15 @@ def _unpaired(row: Mapping[str, Any], ref: RowRef) -> UnpairedExample:
         raise ref.error("completion", "is empty")
     if conversational:
         check_role_order(prompt + completion, "completion", ref, response_from=len(prompt))
+    return prompt, completion
+
+
+def _unpaired(row: Mapping[str, Any], ref: RowRef) -> UnpairedExample:
+    prompt, completion = check_prompt_completion(row, ref)
+    label = row["label"]
+    # Only a real bool: 0/1 or "True" (CSV reads strings) are more likely a mistake than a label.
+    if not isinstance(label, bool):
+        raise ref.error("label", f"expected a bool (true: desirable, false: undesirable), got {label!r}")
     return UnpairedExample(prompt, completion, label)
 
 

@@ -18,6 +18,9 @@ Log-probs. ``sequence_ids`` (which sequence each position belongs to, -1 on padd
 ``num_sequences`` (= 2B) go to ``logprobs.sequence_logps``, which sums response tokens per
 sequence. Sequence ``k < B`` is the chosen side of pair ``k`` and ``B + k`` its rejected side,
 wherever they land in the rows, so ``DPOModule``'s split ``[:B]`` / ``[B:]`` still holds.
+
+`Packer` is the packing itself, for any list of sequences with their labels; `PackingCollator`
+(pairs) and ``sft_collate.SFTPackingCollator`` (SFT rows) are its two users.
 """
 
 from __future__ import annotations
@@ -65,7 +68,75 @@ def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.float32) 
 
 
 @dataclass(frozen=True)
-class PackingCollator:
+class Packer:
+    """Sequences with their labels -> rows of at most ``max_tokens_per_row`` tokens (first-fit-decreasing).
+
+    A row is never shorter than the longest sequence (sequences are not split);
+    ``max_tokens_per_row=None`` uses the longest sequence of the batch: rows no wider than the padded
+    batch, so attention never costs more than there. ``labels`` come back ``-100`` also at each
+    sequence's first position: that token is never predicted in the padded path (nothing precedes it
+    in its row), and here the position before it belongs to another sequence.
+
+    Args:
+        pad_token_id: Id written into the unused tail of a row.
+        pad_to_multiple_of: Round the row length up to a multiple of this.
+        max_tokens_per_row: Token budget per row; the dense mask grows with its square.
+        attention: ``"dense4d"`` (a 4D block-causal mask; exact with sdpa/eager) or ``"position_ids"``
+            (no mask; only for flash-attention's varlen path, which reads boundaries from
+            ``position_ids``).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+    max_tokens_per_row: int | None = None
+    attention: Literal["dense4d", "position_ids"] = "dense4d"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("dense4d", "position_ids"):
+            raise ValueError(f"attention must be 'dense4d' or 'position_ids', got {self.attention!r}")
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
+            raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
+
+    def pack(self, seqs: Sequence[Sequence[int]], seq_labels: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """``input_ids``, ``position_ids``, ``labels``, ``sequence_ids`` (R, L), ``num_sequences`` and,
+        with ``attention="dense4d"``, ``attention_mask`` (R, 1, L, L); sequence k keeps id k."""
+        lengths = [len(s) for s in seqs]
+        capacity = max(max(lengths), self.max_tokens_per_row or 0)
+        rows = first_fit_decreasing(lengths, capacity)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        shape = (len(rows), width)
+        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
+        position_ids = torch.zeros(shape, dtype=torch.long)  # (R, L)
+        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (R, L)
+        sequence_ids = torch.full(shape, -1, dtype=torch.long)  # (R, L)
+        for r, row in enumerate(rows):
+            offset = 0
+            for k in row:
+                n, span = lengths[k], slice(offset, offset + lengths[k])
+                input_ids[r, span] = torch.as_tensor(seqs[k], dtype=torch.long)
+                position_ids[r, span] = torch.arange(n)
+                sequence_ids[r, span] = k
+                # never the sequence's first token (see the docstring)
+                labels[r, offset + 1 : offset + n] = torch.as_tensor(seq_labels[k][1:], dtype=torch.long)
+                offset += n
+
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "sequence_ids": sequence_ids,
+            "num_sequences": len(seqs),
+        }
+        if self.attention == "dense4d":
+            batch["attention_mask"] = block_causal_mask(sequence_ids)  # (R, 1, L, L)
+        return batch
+
+
+@dataclass(frozen=True)
+class PackingCollator(Packer):
     """Pack the 2B sequences of B pairs into rows of at most ``max_tokens_per_row`` tokens.
 
     Reads the same per-example fields as ``PaddingCollator`` (``chosen_input_ids``,
@@ -99,62 +170,15 @@ class PackingCollator:
             "num_sequences": 4,
         }
 
-    Args:
-        pad_token_id: Id written into the unused tail of a row.
-        pad_to_multiple_of: Round the row length up to a multiple of this.
-        max_tokens_per_row: Token budget per row; the dense mask grows with its square.
-        attention: ``"dense4d"`` (the 4D mask above; exact with sdpa/eager) or ``"position_ids"``
-            (no mask; only for flash-attention's varlen path, which reads boundaries from
-            ``position_ids``).
+    Args: those of `Packer` (``pad_token_id``, ``pad_to_multiple_of``, ``max_tokens_per_row``,
+    ``attention``).
     """
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    max_tokens_per_row: int | None = None
-    attention: Literal["dense4d", "position_ids"] = "dense4d"
-
-    def __post_init__(self) -> None:
-        if self.attention not in ("dense4d", "position_ids"):
-            raise ValueError(f"attention must be 'dense4d' or 'position_ids', got {self.attention!r}")
-        if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
-            raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         seqs = [f["chosen_input_ids"] for f in features] + [f["rejected_input_ids"] for f in features]
         starts = [f["chosen_response_start"] for f in features] + [f["rejected_response_start"] for f in features]
-        lengths = [len(s) for s in seqs]
-        capacity = max(max(lengths), self.max_tokens_per_row or 0)
-        rows = first_fit_decreasing(lengths, capacity)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-
-        shape = (len(rows), width)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
-        position_ids = torch.zeros(shape, dtype=torch.long)  # (R, L)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)  # (R, L)
-        sequence_ids = torch.full(shape, -1, dtype=torch.long)  # (R, L)
-        for r, row in enumerate(rows):
-            offset = 0
-            for k in row:
-                n, span = lengths[k], slice(offset, offset + lengths[k])
-                ids = torch.as_tensor(seqs[k], dtype=torch.long)
-                input_ids[r, span] = ids
-                position_ids[r, span] = torch.arange(n)
-                sequence_ids[r, span] = k
-                # response tokens only, and never the sequence's first token (see the docstring)
-                first_label = offset + max(starts[k], 1)
-                labels[r, first_label : offset + n] = ids[max(starts[k], 1) :]
-                offset += n
-
-        batch: dict[str, Any] = {
-            "input_ids": input_ids,
-            "position_ids": position_ids,
-            "labels": labels,
-            "sequence_ids": sequence_ids,
-            "num_sequences": len(seqs),
-        }
-        if self.attention == "dense4d":
-            batch["attention_mask"] = block_causal_mask(sequence_ids)  # (R, 1, L, L)
-        # index, precomputed ref_logps, and the metric weight of an eval shard's padding
+        # response tokens only
+        seq_labels = [[IGNORE_INDEX] * start + list(seq[start:]) for seq, start in zip(seqs, starts)]
+        batch = self.pack(seqs, seq_labels)
+        # index, precomputed ref_logps, margin, and the metric weight of an eval shard's padding
         return {**batch, **pair_extras(features)}

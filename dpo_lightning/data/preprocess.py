@@ -6,14 +6,17 @@ per epoch. Rows that cannot be used raise `DataError` naming the row; pairs that
 (identical sides, responses emptied by truncation, sides made identical by truncation) are counted
 and reported in one warning each, as are prompts and responses cut by truncation and ignored columns.
 With ``unpaired=True`` (KTO) the pass yields one example per labelled completion instead: unpaired
-rows as they are, each pair as two examples (chosen desirable, rejected undesirable).
+rows as they are, each pair as two examples (chosen desirable, rejected undesirable). Pairs with a
+``margin`` column keep it (checked, as a float), for reward-model training; KTO does not read it.
+
+`map_rows` and `kept_rows` are the map and filter every kind of data (pairs, SFT rows) goes through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,16 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .errors import DataError, RowRef, warn
-from .formats import LAYOUT_COLUMNS, Layout, PreferenceExample, detect_layout, to_example, unpair
+from .formats import (
+    LAYOUT_COLUMNS,
+    OPTIONAL_COLUMNS,
+    Layout,
+    PreferenceExample,
+    check_margin,
+    detect_layout,
+    to_example,
+    unpair,
+)
 from .render import render, render_unpaired
 from .tokenize import TokenizeConfig, TokenizedSide, tokenize_completions, tokenize_pairs
 
@@ -32,6 +44,8 @@ TOKENIZED_FIELDS = (
     "rejected_input_ids",
     "rejected_response_start",
 )
+# Kept next to them when the raw pairs have it (not for unpaired data): a float per pair.
+MARGIN = "margin"
 
 # The per-example fields of unpaired data (KTO): prompt + completion ids, where the completion
 # starts, and the label. The KTO collator slices prompt and completion apart to build its KL rows.
@@ -57,7 +71,7 @@ class Cut(IntEnum):
 
 # Bumped whenever the map output changes: it is part of the cache fingerprint, so a cache file
 # written by an older version (without today's columns) is never reused.
-OUTPUT_VERSION = 2
+OUTPUT_VERSION = 3
 
 
 def _cuts(*sides: TokenizedSide) -> int:
@@ -91,11 +105,16 @@ class _Preprocessor:
 
 @dataclass(frozen=True)
 class PairPreprocessor(_Preprocessor):
-    """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` + a ``drop`` code."""
+    """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` (+ ``margin`` when the
+    rows have one) + a ``drop`` code."""
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         drop, rendered, kept = [], [], []
+        raw_margins = batch[MARGIN] if MARGIN in batch else None
+        margins = []
         for offset, (ref, example) in enumerate(self.examples(batch, indices)):
+            if raw_margins is not None:  # every row's, dropped or not: a bad value is bad data
+                margins.append(check_margin(raw_margins[offset], ref))
             if self.drop_identical and example.identical:
                 drop.append(Drop.IDENTICAL)
                 continue
@@ -104,6 +123,8 @@ class PairPreprocessor(_Preprocessor):
             kept.append(offset)
         out: dict[str, list[Any]] = {f: [[] if f.endswith("ids") else 0] * len(indices) for f in TOKENIZED_FIELDS}
         out["drop"], out["cut"] = [int(d) for d in drop], [0] * len(indices)
+        if raw_margins is not None:
+            out[MARGIN] = margins
         for offset, (chosen, rejected) in zip(kept, tokenize_pairs(rendered, self.tokenizer, self.config)):
             if chosen.response_length == 0 or rejected.response_length == 0:
                 out["drop"][offset] = int(Drop.EMPTY_RESPONSE)
@@ -191,11 +212,36 @@ def _report(mapped: Dataset, rows: int, config: TokenizeConfig, where: str, unit
     return counts, kept
 
 
-def _ignored_columns(columns: Sequence[str], layout: Layout, where: str) -> None:
-    """Name the columns the layout does not read: a ``system`` column, say, is not in the prompt."""
-    if extra := [c for c in columns if c not in LAYOUT_COLUMNS[layout]]:
-        read = ", ".join(LAYOUT_COLUMNS[layout])
-        warn(f"{where}: ignoring column(s) {extra}; the {layout.value} layout reads only {read}")
+def warn_ignored_columns(
+    columns: Sequence[str], layout: Enum, needed: Sequence[str], reads: Sequence[str], where: str
+) -> None:
+    """Name the columns the layout does not read (`reads`: `needed` and the optional ones present): a
+    ``system`` column, say, is not in the prompt."""
+    if extra := [c for c in columns if c not in reads]:
+        warn(f"{where}: ignoring column(s) {extra}; the {layout.value} layout reads only {', '.join(needed)}")
+
+
+def map_rows(
+    dataset: Dataset, function: Callable[..., dict[str, list[Any]]], where: str, split: str, num_proc: int | None
+) -> Dataset:
+    """The one cached ``datasets.map(batched=True, with_indices=True)`` pass over a raw split."""
+    try:
+        return dataset.map(
+            function,
+            batched=True,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            num_proc=num_proc if num_proc and num_proc > 1 else None,
+            desc=f"Tokenizing {split}",
+        )
+    except UnicodeDecodeError as err:  # bytes that are not UTF-8 in a source not checked on loading
+        raise DataError(f"{where}: text that is not UTF-8 ({err}); re-encode the data as UTF-8") from err
+
+
+def kept_rows(mapped: Dataset) -> Dataset:
+    """The mapped rows whose ``drop`` code is 0, without the bookkeeping columns ``drop`` and ``cut``."""
+    keep = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None)
+    return keep.remove_columns(["drop", "cut"])
 
 
 def preprocess_split(
@@ -209,8 +255,9 @@ def preprocess_split(
     num_proc: int | None = None,
     unpaired: bool = False,
 ) -> Dataset:
-    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS`, or
-    `UNPAIRED_FIELDS` with ``unpaired=True`` (from unpaired rows, or from pairs split in two)."""
+    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS` (and ``margin``
+    when the pairs have one), or `UNPAIRED_FIELDS` with ``unpaired=True`` (from unpaired rows, or from
+    pairs split in two)."""
     where = f"{source} (split {split!r})"
     layout = detect_layout(dataset.column_names, where)
     if len(dataset) == 0:
@@ -220,20 +267,13 @@ def preprocess_split(
             f"{source}: unpaired prompt/completion/label rows (KTO format) need an unpaired loss (KTO, "
             "`unpaired=True`); pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
         )
-    _ignored_columns(dataset.column_names, layout, where)
+    needed = LAYOUT_COLUMNS[layout]
+    optional = () if unpaired else OPTIONAL_COLUMNS.get(layout, ())
+    reads = [*needed, *(c for c in optional if c in dataset.column_names)]
+    warn_ignored_columns(dataset.column_names, layout, needed, reads, where)
     preprocessor = UnpairedPreprocessor if unpaired else PairPreprocessor
-    function = preprocessor(tokenizer, layout, config, source, split, drop_identical)
-    try:
-        mapped = dataset.map(
-            function,
-            batched=True,
-            with_indices=True,
-            remove_columns=dataset.column_names,
-            num_proc=num_proc if num_proc and num_proc > 1 else None,
-            desc=f"Tokenizing {split}",
-        )
-    except UnicodeDecodeError as err:  # bytes that are not UTF-8 in a source not checked on loading
-        raise DataError(f"{where}: text that is not UTF-8 ({err}); re-encode the data as UTF-8") from err
+    function = preprocessor(tokenizer, layout, config, source, split, drop_identical)  # reads a margin if any
+    mapped = map_rows(dataset, function, where, split, num_proc)
     unit = "examples" if unpaired else "pairs"
     counts, kept = _report(mapped, len(dataset), config, where, unit)
     if kept == 0:
@@ -243,5 +283,7 @@ def preprocess_split(
             f"response after truncation to max_length={config.max_length}, "
             f"{counts[Drop.IDENTICAL_AFTER_TRUNCATION]} with chosen == rejected after truncation)"
         )
-    keep = mapped.filter(_keep, input_columns="drop", batched=True, num_proc=None)
-    return keep.remove_columns(["drop", "cut"])
+    tokenized = kept_rows(mapped)
+    if MARGIN in tokenized.column_names:  # the map keeps an overwritten column in its place: put it last
+        tokenized = tokenized.select_columns([*TOKENIZED_FIELDS, MARGIN])
+    return tokenized

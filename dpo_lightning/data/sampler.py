@@ -14,13 +14,14 @@ Evaluation on several ranks: :class:`PaddedEvalSampler` shards like ``Distribute
 False)``, padding included (under FSDP2 every forward is a collective, so every rank must run the
 same number of batches), but marks the padded positions; :class:`MarkPadding` turns the marks into
 a ``padding`` field of each example, and the collators into a ``weight`` of 0 that keeps the
-repeated pairs out of the metrics.
+repeated pairs out of the metrics. `WithField` is that mechanism for any per-position value a
+sampler yields next to the index (``window.WindowSampler`` uses it too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence, Sized
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -54,11 +55,18 @@ class ResumableSampler(DistributedSampler):
         """In ``epoch`` (only), skip the first ``batches`` batches of this rank's shard."""
         self._resume_epoch, self._resume_batches = epoch, batches
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())  # seeded by (seed, epoch): identical in every run
+    def epoch_order(self) -> list[int]:
+        """This rank's indices for the current epoch, in order, none skipped."""
+        return list(super().__iter__())  # seeded by (seed, epoch): identical in every run
+
+    def skip_done(self, items: list[Any]) -> list[Any]:
+        """`items` (one per position of `epoch_order`) without those of the batches already trained on."""
         if self.epoch == self._resume_epoch:
-            indices = indices[self._resume_batches * self.batch_size :]
-        return iter(indices)
+            return items[self._resume_batches * self.batch_size :]
+        return items
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.skip_done(self.epoch_order()))
 
 
 class ResumableTrainData:
@@ -73,16 +81,28 @@ class ResumableTrainData:
 
     _train_position: dict[str, int] | None = None
 
-    def train_sampler(self, dataset: Sized, batch_size: int, *, seed: int, shuffle: bool = True) -> ResumableSampler:
+    def train_sampler(
+        self,
+        dataset: Sized,
+        batch_size: int,
+        *,
+        seed: int,
+        shuffle: bool = True,
+        kind: type[ResumableSampler] = ResumableSampler,
+        **options: Any,
+    ) -> ResumableSampler:
+        """A `kind` sampler (a `ResumableSampler` subclass, built with `options`) sharded for this rank,
+        starting where a restored checkpoint left off."""
         trainer = getattr(self, "trainer", None)
         shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-        sampler = ResumableSampler(
+        sampler = kind(
             dataset,
             batch_size,
             num_replicas=shard.get("num_replicas", 1),
             rank=shard.get("rank", 0),
             shuffle=shuffle,
             seed=seed,
+            **options,
         )
         if self._train_position is not None:
             sampler.resume(**self._train_position)
@@ -121,9 +141,11 @@ class PaddedEvalSampler(DistributedSampler):
         return iter((p % n, p >= n) for p in positions)
 
 
-class MarkPadding(Dataset):
-    """A map-style view of ``dataset`` indexed by :class:`PaddedEvalSampler`'s ``(index, is_padding)``:
-    each example comes back with ``"padding": is_padding`` added (see :func:`padding_weights`)."""
+class WithField(Dataset):
+    """A map-style view of ``dataset`` indexed by ``(index, value)`` keys, as a sampler yields them:
+    each example comes back with ``{field: value}`` added. Subclasses name the field."""
+
+    field: ClassVar[str]
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
@@ -131,18 +153,25 @@ class MarkPadding(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, bool]) -> dict[str, Any]:
-        index, padding = key
-        return {**self.dataset[index], "padding": padding}
+    def __getitem__(self, key: tuple[int, Any]) -> dict[str, Any]:
+        index, value = key
+        return {**self.dataset[index], self.field: value}
 
-    def __getitems__(self, keys: Sequence[tuple[int, bool]]) -> list[dict[str, Any]]:
+    def __getitems__(self, keys: Sequence[tuple[int, Any]]) -> list[dict[str, Any]]:
         # The DataLoader fetches a whole batch at once when the dataset can (Hugging Face datasets do).
         indices = [index for index, _ in keys]
         if hasattr(self.dataset, "__getitems__"):
             rows = self.dataset.__getitems__(indices)
         else:
             rows = [self.dataset[i] for i in indices]
-        return [{**row, "padding": padding} for row, (_, padding) in zip(rows, keys)]
+        return [{**row, self.field: value} for row, (_, value) in zip(rows, keys)]
+
+
+class MarkPadding(WithField):
+    """A map-style view of ``dataset`` indexed by :class:`PaddedEvalSampler`'s ``(index, is_padding)``:
+    each example comes back with ``"padding": is_padding`` added (see :func:`padding_weights`)."""
+
+    field = "padding"
 
 
 def padding_weights(features: Sequence[Mapping[str, Any]]) -> Tensor:

@@ -75,6 +75,13 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     return int(np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))[0])
 
 
+def with_bos(ids: list[int], special: SpecialTokens) -> list[int]:
+    """``ids`` with BOS in front when the tokenizer adds one and they do not already start with it."""
+    if special.add_bos and ids[:1] != [special.bos]:
+        return [special.bos, *ids]
+    return ids
+
+
 def truncate(ids: list[int], start: int, cfg: TokenizeConfig, keep_first: int = 0) -> TokenizedSide:
     """Cut the prompt to ``cfg.max_prompt_length`` (never its first `keep_first` ids, i.e. BOS),
     then the response so that the whole fits ``cfg.max_length``."""
@@ -93,11 +100,7 @@ def tokenize_side(
     prompt_ids: list[int], full_ids: list[int], add_eos: bool, special: SpecialTokens, cfg: TokenizeConfig
 ) -> TokenizedSide:
     """Boundary, special tokens and truncation for one side (ids from ``add_special_tokens=False``)."""
-    if special.add_bos:
-        if prompt_ids[:1] != [special.bos]:
-            prompt_ids = [special.bos, *prompt_ids]
-        if full_ids[:1] != [special.bos]:
-            full_ids = [special.bos, *full_ids]
+    prompt_ids, full_ids = with_bos(prompt_ids, special), with_bos(full_ids, special)
     start = common_prefix_length(prompt_ids, full_ids)
     if add_eos and special.eos is not None and len(full_ids) > start and full_ids[-1] != special.eos:
         full_ids = [*full_ids, special.eos]

@@ -1,0 +1,291 @@
+"""`TokenizedDataModule`: what every stage's data module shares (sources, column selection, splits,
+hold-out, loaders, resumable sampling); `PreferenceDataModule` and `SFTDataModule` fill its hooks.
+
+The hooks, each small:
+
+- ``_layouts``: which layouts and fields column selection knows (`columns.Layouts`);
+- ``_preprocess(dataset, split)``: one raw split (columns selected) -> its tokenized split;
+- ``collators``: the collator table (name -> factory), and ``collate_fn`` when the choice depends on more;
+- ``_unit``: what a row of the tokenized data is called in messages ("pairs", "examples", "rows");
+- ``_train_data(dataset, batch_size)``: the training dataset view and its sampler (the default is the
+  resumable seeded sampler over the dataset itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from datasets import Dataset, DatasetDict
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Dataset as TorchDataset
+from transformers import PreTrainedTokenizerBase
+
+from .columns import Layouts, check_column_options, select_columns
+from .errors import DataError, warn
+from .holdout import count_in, hold_out
+from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
+from .sources import DatasetSpec, describe, load_source
+from .tokenize import TRUNCATION_MODES, TokenizeConfig
+from .tokenizer import load_tokenizer
+
+
+class LiveSplit(TorchDataset):
+    """``splits[name]`` read at access time, so a split replaced later (new columns) is what loaders see."""
+
+    def __init__(self, splits: dict[str, Dataset | None], name: str) -> None:
+        self.splits, self.name = splits, name
+
+    def __len__(self) -> int:
+        return len(self.splits[self.name])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.splits[self.name][index]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
+
+
+def check_settings(
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+    val_fraction: float | None,
+    collator: str,
+    collators: Mapping[str, Any],
+    columns: Mapping[str, str] | None,
+    drop_columns: Sequence[str] | None,
+    fields: Sequence[str],
+) -> None:
+    """The settings every data module has: those that cannot work raise `ValueError`; a
+    ``truncation_mode`` that nothing reads is named in a warning."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if collator not in collators:
+        raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(collators)}")
+    check_column_options(columns, drop_columns, fields)
+    if max_prompt_length is None and truncation_mode != "keep_end":
+        warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
+
+
+def object_arguments(tokenizer: Any, dataset: Any) -> list[str]:
+    """The arguments given as objects: not hyperparameters (they neither serialise nor print well)."""
+    return [name for name, value in (("tokenizer", tokenizer), ("dataset", dataset)) if not isinstance(value, str)]
+
+
+class TokenizedDataModule(ResumableTrainData, LightningDataModule):
+    """A data source tokenized once into ``train`` / ``validation`` / ``test`` splits, with seeded,
+    resumable training loaders and evaluation loaders sharded evenly over ranks (docs/data.md).
+
+    Subclasses call ``save_hyperparameters`` in their ``__init__`` (the signature is the config
+    surface), with at least ``train_split``, ``val_split``, ``val_fraction``, ``test_split``,
+    ``dataset_config``, ``max_length``, ``max_prompt_length``, ``truncation_mode``, ``batch_size``,
+    ``eval_batch_size``, ``num_workers``, ``seed``, ``pad_to_multiple_of``, ``num_proc``, ``collator``,
+    ``trust_remote_code``, ``cache_dir``, ``columns`` and ``drop_columns``; and fill the hooks.
+    """
+
+    collators: ClassVar[Mapping[str, Callable[..., Callable]]]  # name -> factory(pad_token_id=, pad_to_multiple_of=)
+    # The batches this class can make (a stage's ``batch_format`` must be one; the CLI checks it).
+    batch_formats: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def batch_format(self) -> str:
+        """The batches this instance makes: ``pairs``, ``unpaired`` or ``sft``."""
+        return self.batch_formats[0]
+
+    def __init__(self, tokenizer: str | PreTrainedTokenizerBase, dataset: DatasetSpec) -> None:
+        super().__init__()
+        self._tokenizer_spec = tokenizer
+        self._dataset_spec = dataset
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._splits: dict[str, Dataset | None] | None = None
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    @property
+    def _layouts(self) -> Layouts:
+        """The layouts column selection knows, and the columns each reads."""
+        raise NotImplementedError
+
+    @property
+    def _unit(self) -> str:
+        """What one row of the tokenized data is called in messages."""
+        raise NotImplementedError
+
+    def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
+        """One raw split, its columns selected -> the tokenized split."""
+        raise NotImplementedError
+
+    @property
+    def collate_fn(self) -> Callable:
+        return self.collators[self.hparams.collator](
+            pad_token_id=self.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
+        )
+
+    def _train_data(self, dataset: TorchDataset, batch_size: int) -> tuple[TorchDataset, Sampler]:
+        """The training loader's dataset and sampler: seeded, sharded per rank, resumable mid-epoch."""
+        return dataset, self.train_sampler(dataset, batch_size, seed=self.hparams.seed)
+
+    # -- what the CLI links to the model --------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (with a pad token)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(
+                self._tokenizer_spec, trust_remote_code=self.hparams.trust_remote_code
+            )
+        return self._tokenizer
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids the model must embed (added tokens included)."""
+        return len(self.tokenizer)
+
+    # -- preprocessing -------------------------------------------------------------------------
+
+    @property
+    def source_name(self) -> str:
+        return describe(self._dataset_spec)
+
+    @property
+    def tokenize_config(self) -> TokenizeConfig:
+        hp = self.hparams
+        return TokenizeConfig(hp.max_length, hp.max_prompt_length, hp.truncation_mode)
+
+    def _build(self) -> dict[str, Dataset | None]:
+        hp = self.hparams
+        source = self.source_name
+        raw = load_source(
+            self._dataset_spec,
+            hp.dataset_config,
+            default_split=hp.train_split,
+            seed=hp.seed,
+            cache_dir=hp.cache_dir,
+        )
+        for split in (hp.train_split, hp.test_split):
+            if split is not None and split not in raw:
+                raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
+        # The splits read below: renamed, cut to their layout's columns, the rest named once for all.
+        validation = hp.val_split if hp.val_fraction is None else None
+        used = [s for s in dict.fromkeys((hp.train_split, validation, hp.test_split)) if s is not None and s in raw]
+        raw = select_columns(raw, used, source, hp.get("columns"), hp.get("drop_columns"), self._layouts)
+
+        train = self._preprocess(raw[hp.train_split], hp.train_split)
+        val = None
+        if hp.val_fraction is not None:
+            train, val = self._hold_out(train, raw)
+        elif hp.val_split is not None and hp.val_split in raw:
+            val = self._preprocess(raw[hp.val_split], hp.val_split)
+        elif hp.val_split is not None:
+            warn(
+                f"{source} has no {hp.val_split!r} split (it has {sorted(raw)}): no validation data, so no "
+                "validation metrics; checkpoints come from the periodic checkpoint setting. Set val_fraction "
+                "to hold out part of the train split, or val_split to another split"
+            )
+        test = self._preprocess(raw[hp.test_split], hp.test_split) if hp.test_split is not None else None
+        return {"train": train, "validation": val, "test": test}
+
+    def _hold_out(self, train: Dataset, raw: DatasetDict) -> tuple[Dataset, Dataset]:
+        """Split the tokenized train split by val_fraction; say what that leaves unused or duplicated."""
+        hp, source = self.hparams, self.source_name
+        if hp.val_split is not None and hp.val_split in raw:
+            warn(
+                f"{source}: its {hp.val_split!r} split ({len(raw[hp.val_split])} rows) is not used: "
+                f"val_fraction={hp.val_fraction} holds out part of {hp.train_split!r} for validation instead"
+            )
+        train, val = hold_out(train, hp.val_fraction, hp.seed)
+        if leaked := count_in(val, train):
+            warn(
+                f"{source}: {leaked} of {len(val)} validation {self._unit} held out by val_fraction="
+                f"{hp.val_fraction} also occur in the train split (same token ids after truncation), so "
+                "their validation metrics measure memorisation; deduplicate the data to avoid it"
+            )
+        return train, val
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the datasets cache it fills makes setup() on the other ranks
+        # a cache hit; this process keeps the result so setup() does not redo in-memory work.
+        self._splits = self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is None:
+            self._splits = self._build()
+
+    @property
+    def splits(self) -> dict[str, Dataset | None]:
+        """The tokenized ``train`` / ``validation`` / ``test`` datasets (None where absent)."""
+        if self._splits is None:
+            self.setup()
+        return self._splits
+
+    def _splits_or_build(self) -> dict[str, Dataset | None]:
+        self.splits  # noqa: B018 - builds them on first use
+        return self._splits
+
+    # -- loaders ---------------------------------------------------------------------------------
+
+    def _loader(
+        self, dataset: TorchDataset, batch_size: int, shuffle: bool, sampler: Sampler | None = None
+    ) -> DataLoader:
+        """A loader over `dataset`; ``shuffle=True`` means the training sampler (and view) of `_train_data`."""
+        workers = self.hparams.num_workers
+        if shuffle:
+            dataset, sampler = self._train_data(dataset, batch_size)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            # Its own generator: a loader without one draws its workers' base seed from the global
+            # RNG each time it is iterated, which a resume at an epoch boundary cannot replay
+            # (the restored RNG would be one draw behind: different dropout from there on).
+            generator=torch.Generator().manual_seed(self.hparams.seed),
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        # A live view, not the dataset itself: Lightning may build this loader before fit starts
+        # (to size the LR schedule under max_epochs), and the precomputed reference adds its
+        # columns to the split at fit start; the loader must see them.
+        return self._loader(LiveSplit(self._splits_or_build(), "train"), self.hparams.batch_size, shuffle=True)
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        dataset = self.splits[split]
+        if dataset is None:
+            return []  # Lightning skips the loop
+        batch_size = self.hparams.eval_batch_size or self.hparams.batch_size
+        trainer = getattr(self, "trainer", None)
+        shard = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not shard or shard["num_replicas"] <= 1:
+            return self._loader(dataset, batch_size, shuffle=False)
+        # Several ranks: each runs the same number of batches (under FSDP2 every forward is a
+        # collective), so shards are padded as DistributedSampler pads them; the padded rows
+        # carry weight 0, so val/test metrics count every row exactly once.
+        sampler = PaddedEvalSampler(dataset, num_replicas=shard["num_replicas"], rank=shard["rank"])
+        return self._loader(MarkPadding(dataset), batch_size, shuffle=False, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._eval_loader("test")
