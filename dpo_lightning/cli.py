@@ -190,6 +190,46 @@ def _claim_run_folder(config: Namespace) -> None:
     logger.version = claim_version(_run_root(logger))
 
 
+class GenerateCLI(LightningCLI):
+    """``python -m dpo_lightning generate``: sample, judge and pair through ``trainer.predict``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.tokenizer", "model.tokenizer")
+        parser.link_arguments("data.trust_remote_code", "model.trust_remote_code")
+        parser.add_lightning_class_args(_writer_class(), "output")
+
+
+def _writer_class() -> type:
+    from dpo_lightning.generation import JudgedSamplesWriter
+
+    return JudgedSamplesWriter
+
+
+def generate_main(
+    args: list[str] | None = None, run: bool = True, cli_class: type[GenerateCLI] = GenerateCLI
+) -> GenerateCLI:
+    """``python -m dpo_lightning generate --config recipes/tiny_generate.yaml`` (``args`` after ``generate``)."""
+    from dpo_lightning.data.prompts import PromptDataModule
+    from dpo_lightning.generation import GenerationModule
+
+    return cli_class(
+        GenerationModule,
+        PromptDataModule,
+        seed_everything_default=42,
+        auto_configure_optimizers=False,
+        save_config_callback=None,
+        parser_kwargs={
+            "prog": "python -m dpo_lightning generate",
+            "description": "Sample N responses per prompt from a policy, score them with a judge, write "
+            "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",
+        },
+        trainer_defaults={"logger": False, "enable_checkpointing": False},
+        # Records go to disk as they finish; holding every prediction in memory too would only cost.
+        args=["predict", "--return_predictions", "false", *(sys.argv[2:] if args is None else args)],
+        run=run,
+    )
+
+
 def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
@@ -206,8 +246,9 @@ def cli_main(
         parser_kwargs={
             "prog": "python -m dpo_lightning",
             "description": "Preference tuning (DPO and relatives) on PyTorch Lightning. Subcommands: fit, validate, "
-            "test, predict (below), and `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "
-            "(python -m dpo_lightning export --help).",
+            "test, predict (below); `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "
+            "(python -m dpo_lightning export --help); `generate --config ...`: sample responses from a policy, "
+            "judge them and write preference pairs (python -m dpo_lightning generate --help).",
         },
         trainer_defaults={
             # TRL's habits: gradient-norm clipping at 1.0, a log line every 10 optimizer steps.
@@ -239,6 +280,9 @@ def main(argv: list[str] | None = None) -> None:
             from dpo_lightning.export import main as export_main
 
             export_main(words[1:])
+            return
+        if words[:1] == ["generate"]:
+            generate_main(words[1:])
             return
         cli_main(argv)  # None: LightningCLI reads sys.argv itself
     except Preempted as err:

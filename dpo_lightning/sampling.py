@@ -12,6 +12,21 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+def decode_response(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
+    """The text of ``new_ids`` as it continues the prompt: ``decode(prompt + new)`` minus ``decode(prompt)``.
+
+    Decoding the new ids alone loses what joins them to the prompt (a word-level tokenizer drops the
+    space before the first word; byte-level BPE may split a character across the boundary), and the
+    response must re-tokenize after the prompt as it was sampled. Special tokens (EOS, padding) are
+    dropped. Falls back to the new ids alone when the prompt does not decode to a prefix.
+    """
+    full = tokenizer.decode(list(prompt_ids) + list(new_ids), skip_special_tokens=True)
+    head = tokenizer.decode(list(prompt_ids), skip_special_tokens=True)
+    if full.startswith(head):
+        return full[len(head):]
+    return tokenizer.decode(list(new_ids), skip_special_tokens=True)
+
+
 @torch.no_grad()
 def generate(
     model: PreTrainedModel,
@@ -24,7 +39,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
 ) -> list[str]:
-    """One response per prompt: the decoded new tokens (special tokens dropped), in prompt order.
+    """One response per prompt: the new tokens as text (`decode_response`), in prompt order.
 
     Greedy by default. Prompts are tokenized as the data modules tokenize a standard prompt (BOS when
     the tokenizer adds one) and left-padded in batches of ``batch_size``; generation stops at EOS.
@@ -45,12 +60,13 @@ def generate(
                 **batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id, **sampling,
             )  # (b, prompt + new)
-            new = ids[:, batch["input_ids"].shape[1] :]
-            out += tokenizer.batch_decode(new, skip_special_tokens=True)
+            width = batch["input_ids"].shape[1]
+            for row, mask, sampled in zip(batch["input_ids"], batch["attention_mask"], ids[:, width:]):
+                out.append(decode_response(tokenizer, row[mask.bool()].tolist(), sampled.tolist()))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return out
 
 
-__all__ = ["generate"]
+__all__ = ["decode_response", "generate"]

@@ -1,0 +1,277 @@
+"""Sampling N responses per prompt from a policy through ``trainer.predict``, judged and written durably.
+
+`GenerationModule` is a LightningModule whose ``predict_step`` samples ``num_samples`` responses
+for each prompt of a left-padded batch (`data.prompts.PromptDataModule`) with the model's KV cache;
+precision, devices and strategy come from the Trainer as in training, and each rank takes its own
+share of the prompts. `JudgedSamplesWriter` (a ``BasePredictionWriter``) scores each batch's
+responses with a judge (`judges.py`) and appends one record per prompt to its rank's part file
+(`samples_io.py`, flushed and fsynced), so a killed run loses at most the batch in flight; re-run
+with the same settings, it skips the prompts already written. At the end, rank 0 merges the parts
+into ``samples.jsonl`` (source order, each prompt once) and turns the scores into preference pairs
+(``pairs.jsonl``, `pairing.py`) that `PreferenceDataModule` reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lightning.data.errors import warn
+from dpo_lightning.models import load_causal_lm, resolve_tokenizer
+from dpo_lightning.sampling import decode_response
+
+log = logging.getLogger(__name__)
+
+
+def _batch_seed(seed: int, first_prompt_id: str) -> int:
+    """A seed per batch from the run's seed and the batch's first prompt: the same batches give the
+    same samples in every run, whatever ran before on this rank."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{first_prompt_id}".encode()).digest()[:8], "little") % (2**63)
+
+
+class GenerationModule(L.LightningModule):
+    """Samples ``num_samples`` responses per prompt from a causal LM (``trainer.predict``)."""
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        num_samples: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        do_sample: bool = True,
+        seed: int = 0,
+        dtype: str | None = None,
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        """
+        Args:
+            model: The policy: a hub id, an export folder (``runs/<name>/version_N/hf_export``), a training
+                checkpoint (``.ckpt``) of any stage, or a model.
+            tokenizer: The policy's tokenizer (hub id, path or object); the CLI links ``data.tokenizer``.
+            num_samples: Responses sampled per prompt.
+            max_new_tokens: Longest response in tokens (a response that reaches it has no EOS).
+            temperature: Sampling temperature.
+            top_p: Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off).
+            top_k: Keep the k most likely tokens (0: off).
+            do_sample: Sample (True) or decode greedily (False; then num_samples must be 1).
+            seed: Seed of the sampling; the same seed, prompts and batch size give the same responses.
+            dtype: Weights dtype when loading: float32, bfloat16, float16 or auto.
+            attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
+            trust_remote_code: Allow models whose code lives on the hub.
+        """
+        super().__init__()
+        if num_samples < 1 or max_new_tokens < 1:
+            raise ValueError(f"num_samples and max_new_tokens must be >= 1, got {num_samples}, {max_new_tokens}")
+        if not do_sample and num_samples != 1:
+            raise ValueError("greedy decoding (do_sample=False) gives one response per prompt: set num_samples=1")
+        if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"need temperature > 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.hparams["model"] = model if isinstance(model, str) else f"<{type(model).__name__} instance>"
+        self.tokenizer = resolve_tokenizer(tokenizer, trust_remote_code)
+        self.model = _load_policy(model, dtype=dtype, attn_implementation=attn_implementation,
+                                  trust_remote_code=trust_remote_code)
+        if self.tokenizer is None:
+            raise ValueError("GenerationModule needs the policy's tokenizer (tokenizer=...)")
+        self.model.eval()
+        self.generated_tokens = 0  # new tokens (up to EOS) sampled by this rank, for tokens/s
+
+    def settings(self) -> dict[str, Any]:
+        """What decided the samples, written with every record."""
+        keys = ("model", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed")
+        return {k: self.hparams[k] for k in keys}
+
+    @torch.no_grad()
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """One record per prompt of the batch: ``prompt_id``, ``index``, ``prompt``, ``responses`` (N strings)."""
+        hp = self.hparams
+        n = hp.num_samples
+        sampling = {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_batch_seed(hp.seed, batch["prompt_id"][0]))
+            out = self.model.generate(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=hp.max_new_tokens,
+                num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+                **(sampling if hp.do_sample else {"do_sample": False}),
+            )  # (B * N, T + new), the N samples of prompt i in rows i*N .. i*N + N - 1
+        width = batch["input_ids"].shape[1]
+        new = out[:, width:]  # (B * N, new)
+        records = []
+        for i, (pid, index) in enumerate(zip(batch["prompt_id"], batch["index"].tolist())):
+            prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            responses = []
+            for row in new[i * n : (i + 1) * n].tolist():
+                row = _until_eos(row, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                self.generated_tokens += len(row)
+                responses.append(decode_response(self.tokenizer, prompt_ids, row))
+            records.append({"prompt_id": pid, "index": index, "prompt": json.loads(batch["prompt"][i]),
+                            "responses": responses})
+        return records
+
+
+def _until_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
+    """The sampled ids up to and including the first EOS (what follows is padding)."""
+    if eos is not None and eos in ids:
+        return ids[: ids.index(eos) + 1]
+    while ids and pad is not None and ids[-1] == pad and pad != eos:
+        ids = ids[:-1]
+    return ids
+
+
+def _load_policy(model: str | PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
+    """A causal LM from a hub id, an export folder, a model, or any stage's training checkpoint."""
+    if isinstance(model, str) and (model.endswith(".ckpt") or (Path(model).is_dir() and not
+                                                                 (Path(model) / "config.json").exists()
+                                                                 and any(Path(model).glob("*.distcp")))):
+        from dpo_lightning.checkpoint import check_checkpoint
+        from dpo_lightning.stage import stage_class_of
+
+        check_checkpoint(model)
+        header = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
+        module = stage_class_of(header).load_from_checkpoint(model, map_location="cpu", weights_only=True)
+        policy = module.model
+        return policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
+    return load_causal_lm(model, **kwargs)
+
+
+class JudgedSamplesWriter(BasePredictionWriter):
+    """Scores each batch's samples with a judge and appends one record per prompt, durably; merges
+    the ranks' parts and writes the preference pairs at the end (docs/generate.md)."""
+
+    def __init__(
+        self,
+        output_dir: str = "generated",
+        judge: str | Any = None,
+        pairing: Literal["all", "best_vs_worst", "best_vs_rest"] = "best_vs_worst",
+        min_margin: float = 0.0,
+    ) -> None:
+        """
+        Args:
+            output_dir: Folder of ``samples.jsonl`` and ``pairs.jsonl`` (and the parts of a run in progress).
+            judge: ``function:package.module:function`` (prompt, response -> float) or ``reward_model:<path>``.
+            pairing: How scores become pairs: best_vs_worst (one per prompt), best_vs_rest, or all.
+            min_margin: Smallest score difference a pair needs.
+        """
+        super().__init__(write_interval="batch")
+        from dpo_lightning.judges import Judge, resolve_judge
+        from dpo_lightning.pairing import check_strategy
+
+        check_strategy(pairing, min_margin)
+        if judge is None:
+            raise ValueError("set a judge: function:package.module:function or reward_model:<path>")
+        if isinstance(judge, str) and judge.startswith("function:"):
+            resolve_judge(judge)  # imported now: a bad spec fails before any model loads
+        elif not isinstance(judge, Judge | str):
+            raise ValueError(f"judge must be a spec string or a Judge, got {type(judge).__name__}")
+        self.output_dir = Path(output_dir)
+        self.judge_spec = judge
+        self.judge: Judge | None = None  # built in setup, on this rank's device
+        self.pairing, self.min_margin = pairing, min_margin
+        self._writer = None
+        self._started = 0.0
+        self._prompts_done = 0
+        self._all_done = False
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        from dpo_lightning.judges import Judge, resolve_judge
+        from dpo_lightning.samples_io import done_prompt_ids
+
+        spec = self.judge_spec
+        if isinstance(spec, Judge) or spec.startswith("function:"):
+            self.judge = resolve_judge(spec)
+        else:
+            self.judge = resolve_judge(spec, device=str(pl_module.device))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        datamodule = trainer.datamodule
+        # A folder written with other settings belongs to another run: refused, not mixed in.
+        done = done_prompt_ids(self.output_dir, settings=self._settings(pl_module))
+        self._all_done = False
+        if done and datamodule is not None:
+            skipped = datamodule.exclude(done)
+            total = len(datamodule.prompts)
+            self._all_done = skipped == total
+            warn(f"{self.output_dir}: {skipped} of {total} prompts were done by an earlier run with these settings; "
+                 + ("nothing left to sample" if self._all_done else "sampling the rest"))
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Every prompt was done before (a run killed after its last batch): Lightning runs no predict
+        # loop over an empty loader, so the merge and the pairs are written here.
+        if self._all_done and trainer.global_rank == 0 and not (self.output_dir / "samples.jsonl").exists():
+            self._finish(trainer)
+
+    def _settings(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        return {**pl_module.settings(), "judge": self.judge.spec()}
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from dpo_lightning.samples_io import SampleWriter, part_path
+
+        self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
+        self._started = time.perf_counter()
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        records = prediction
+        prompts = [r["prompt"] for r in records for _ in r["responses"]]
+        responses = [s for r in records for s in r["responses"]]
+        scores = self.judge.score(prompts, responses)
+        settings = self._settings(pl_module)
+        at = 0
+        for record in records:
+            k = len(record["responses"])
+            self._writer.write({"prompt_id": record["prompt_id"], "prompt": record["prompt"],
+                                "responses": record["responses"], "scores": scores[at : at + k],
+                                "settings": settings})
+            at += k
+        self._prompts_done += len(records)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from dpo_lightning.judges import warn_failures
+
+        if self._writer is not None:
+            self._writer.close()
+        seconds = max(time.perf_counter() - self._started, 1e-9)
+        tokens = pl_module.generated_tokens
+        rank_zero_info(f"generated {tokens} tokens for {self._prompts_done} prompts in {seconds:.1f} s on rank 0 "
+                       f"({tokens / seconds:.1f} tokens/s)")
+        stats = [self.judge.stats]
+        if trainer.world_size > 1:
+            import torch.distributed as dist
+
+            stats = [None] * trainer.world_size
+            dist.all_gather_object(stats, self.judge.stats)
+        trainer.strategy.barrier("generation_parts")
+        if trainer.global_rank == 0:
+            merged = stats[0]
+            for other in stats[1:]:
+                merged = merged.merge(other)
+            warn_failures(merged, self.judge.spec())
+            self._finish(trainer)
+        trainer.strategy.barrier("generation_merged")
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        """Rank 0: the parts merged into samples.jsonl (source order, each prompt once), then the pairs."""
+        from dpo_lightning.samples_io import merge_parts, write_pairs
+
+        order = list(trainer.datamodule.prompts["prompt_id"])
+        samples = merge_parts(self.output_dir, order)
+        write_pairs(samples, self.output_dir / "pairs.jsonl", self.pairing, self.min_margin)
+        rank_zero_info(f"{len(order)} prompts' samples in {samples}; pairs in {self.output_dir / 'pairs.jsonl'}")
+
+
+__all__ = ["GenerationModule", "JudgedSamplesWriter", "decode_response"]

@@ -1,0 +1,194 @@
+"""Generation through trainer.predict: N samples per prompt, seeded, batched left-padded greedy ==
+one prompt at a time, prompts from every layout, judged pairs on disk, and a killed run re-run
+without duplicates or gaps."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+
+from dpo_lightning import PreferenceDataModule
+from dpo_lightning.data.prompts import PromptDataModule
+from dpo_lightning.data.synthetic import build_tokenizer, sort_reward
+from dpo_lightning.export import export_hf
+from dpo_lightning.generation import GenerationModule, JudgedSamplesWriter
+from dpo_lightning.models import load_causal_lm
+
+from tiny import tiny_config
+
+SORT = "function:dpo_lightning.data.synthetic:sort_reward"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory) -> str:
+    """A tiny random-init Llama with the sort tokenizer, saved as an export folder."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
+    folder = tmp_path_factory.mktemp("policy") / "export"
+    export_hf(model, tokenizer, folder)
+    return str(folder)
+
+
+def _prompts(**kwargs) -> PromptDataModule:
+    options = {"tokenizer": "synthetic:sort", "dataset": "synthetic:sort", "split": "validation", "limit": 6,
+               "batch_size": 3, **kwargs}
+    return PromptDataModule(**options)
+
+
+def _trainer(*callbacks) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=list(callbacks))
+
+
+def _sample(policy: str, data: PromptDataModule, **kwargs) -> list[dict]:
+    module = GenerationModule(model=policy, tokenizer=data.tokenizer, max_new_tokens=10, **kwargs)
+    return [r for batch in _trainer().predict(module, datamodule=data) for r in batch]
+
+
+def test_n_samples_per_prompt_deterministic_under_a_seed(policy):
+    first = _sample(policy, _prompts(), num_samples=4, seed=1)
+    assert [r["index"] for r in first] == list(range(6))
+    assert all(len(r["responses"]) == 4 for r in first)
+    assert _sample(policy, _prompts(), num_samples=4, seed=1) == first
+    other = _sample(policy, _prompts(), num_samples=4, seed=2)
+    assert [r["responses"] for r in other] != [r["responses"] for r in first]
+
+
+def test_left_padded_batches_give_the_tokens_of_one_prompt_at_a_time(policy):
+    """Greedy: prompts of 3..8 digits padded on the left in batches of 3 decode exactly as each alone."""
+    batched = _sample(policy, _prompts(batch_size=3), num_samples=1, do_sample=False)
+    alone = _sample(policy, _prompts(batch_size=1), num_samples=1, do_sample=False)
+    assert len({len(r["prompt"]) for r in batched}) > 1  # prompts of different lengths, so padding happened
+    assert [r["responses"] for r in batched] == [r["responses"] for r in alone]
+
+
+def test_responses_continue_the_prompt_as_the_data_modules_tokenize_it(policy):
+    """A response is the text that follows the prompt: prompt + response re-tokenizes to the sampled ids
+    (the word-level tokenizer's space before the first word is kept)."""
+    tokenizer = build_tokenizer()
+    for record in _sample(policy, _prompts(), num_samples=2, seed=3):
+        for response in record["responses"]:
+            assert response == "" or response.startswith(" ")
+            ids = tokenizer(record["prompt"] + response)["input_ids"]
+            assert 0 not in ids  # no <unk>: no word glued to the prompt's "="
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([{"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"}], "sort: 3 1 ="),
+        ([{"chosen": "sort: 2 1 = 1 2", "rejected": "sort: 2 1 = 2 1"}], "sort: 2 1 ="),
+        ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}],
+         [{"role": "user", "content": "hi"}]),
+    ],
+    ids=["prompt-column", "implicit-pair", "messages"],
+)
+def test_prompts_come_from_every_layout(rows, expected):
+    data = PromptDataModule(tokenizer="synthetic:sort", dataset=rows, drop_columns=None)
+    if isinstance(expected, list):
+        data.tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    assert json.loads(data.prompts[0]["prompt"]) == expected
+
+
+def _generate(policy: str, out, data: PromptDataModule, *, extra=()) -> None:
+    module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=4, max_new_tokens=10, seed=5)
+    writer = JudgedSamplesWriter(output_dir=str(out), judge=SORT, pairing="best_vs_worst")
+    _trainer(writer, *extra).predict(module, datamodule=data, return_predictions=False)
+
+
+def test_judged_pairs_are_written_and_load_as_preference_data(policy, tmp_path):
+    _generate(policy, tmp_path / "out", _prompts())
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and len({s["prompt_id"] for s in samples}) == 6
+    for s in samples:
+        assert s["scores"] == [sort_reward(s["prompt"], r) for r in s["responses"]]
+        assert s["settings"]["num_samples"] == 4 and "sort_reward" in s["settings"]["judge"]
+    pairs = [json.loads(line) for line in (tmp_path / "out" / "pairs.jsonl").read_text().splitlines()]
+    for p in pairs:
+        assert p["score_chosen"] > p["score_rejected"]
+    if pairs:
+        data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=str(tmp_path / "out" / "pairs.jsonl"),
+                                    val_split=None, max_length=64)
+        assert len(data.splits["train"]) <= len(pairs)
+
+
+class _KillAfter(L.Callback):
+    """Interrupts the run after `batches` batches were written (the writer runs first)."""
+
+    def __init__(self, batches: int) -> None:
+        self.batches, self.seen = batches, 0
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs) -> None:
+        self.seen += 1
+        if self.seen == self.batches:
+            raise KeyboardInterrupt("killed")
+
+
+@pytest.mark.parametrize("killed_after", [1, 3], ids=["mid-run", "after-the-last-batch"])
+def test_a_killed_run_rerun_has_no_duplicate_and_no_gap(policy, tmp_path, killed_after):
+    """6 prompts in batches of 2; killed after 1 batch (2 prompts written) or after all 3 (before the
+    merge): the re-run samples only what is missing and writes every prompt once, in source order."""
+    out = tmp_path / "out"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        _generate(policy, out, _prompts(batch_size=2), extra=(_KillAfter(killed_after),))
+    assert not (out / "samples.jsonl").exists()
+    written = sum(len(p.read_text().splitlines()) for p in out.glob("samples.part*.jsonl"))
+    assert written == 2 * killed_after
+    _generate(policy, out, _prompts(batch_size=2))
+    ids = [json.loads(line)["prompt_id"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert ids == list(_prompts().prompts["prompt_id"])  # every prompt once, in source order
+    assert (out / "pairs.jsonl").exists() and not list(out.glob("samples.part*.jsonl"))
+
+
+def test_the_generate_command_runs_the_recipe(policy, tmp_path, monkeypatch):
+    """`python -m dpo_lightning generate --config recipes/tiny_generate.yaml`, pointed at a tiny policy and
+    20 prompts: samples and pairs on disk; a second run of the same command samples nothing new."""
+    from pathlib import Path
+
+    from dpo_lightning.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_generate.yaml"
+    out = tmp_path / "gen"
+    args = ["generate", "--config", str(recipe), "--model.model", policy, "--data.tokenizer", policy,
+            "--data.limit", "20", "--output.output_dir", str(out)]
+    main(args)
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 20 and all(len(json.loads(s)["responses"]) == 8 for s in samples)
+    assert (out / "pairs.jsonl").exists()
+    main(args)  # everything done: nothing sampled, the files stay as they were
+    assert (out / "samples.jsonl").read_text().splitlines() == samples
+
+
+def test_generate_refuses_a_folder_written_with_other_settings(policy, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        _generate(policy, out, _prompts(batch_size=2), extra=(_KillAfter(1),))
+    module = GenerationModule(model=policy, tokenizer=build_tokenizer(), num_samples=2, max_new_tokens=10, seed=5)
+    writer = JudgedSamplesWriter(output_dir=str(out), judge=SORT)
+    with pytest.raises(ValueError, match="other settings.*num_samples"):
+        _trainer(writer).predict(module, datamodule=_prompts(batch_size=2), return_predictions=False)
+
+
+def test_two_processes_write_each_prompt_once(policy, tmp_path):
+    """11 prompts over 2 DDP ranks (6 and 5: no padding, so no prompt is sampled twice): the merged
+    samples hold every prompt exactly once, in source order, and the part files are gone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tests" / "scripts" / "generate_dist_check.py"
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(script), "--policy", policy, "--out", str(out)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ids = [json.loads(line)["prompt_id"] for line in (out / "samples.jsonl").read_text().splitlines()]
+    expected = _prompts(limit=11, tokenizer=policy).prompts["prompt_id"]
+    assert ids == list(expected)
+    assert not list(out.glob("samples.part*.jsonl")) and (out / "pairs.jsonl").exists()
