@@ -84,10 +84,10 @@ class GenerationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["model", "tokenizer"])
         self.hparams["model"] = model if isinstance(model, str) else f"<{type(model).__name__} instance>"
         self.tokenizer = resolve_tokenizer(tokenizer, trust_remote_code)
-        self.model = _load_policy(model, dtype=dtype, attn_implementation=attn_implementation,
-                                  trust_remote_code=trust_remote_code)
         if self.tokenizer is None:
             raise ValueError("GenerationModule needs the policy's tokenizer (tokenizer=...)")
+        self.model = _load_policy(model, self.tokenizer, dtype=dtype, attn_implementation=attn_implementation,
+                                  trust_remote_code=trust_remote_code)
         self.model.eval()
         self.generated_tokens = 0  # new tokens (up to EOS) sampled by this rank, for tokens/s
 
@@ -135,8 +135,9 @@ def _until_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
     return ids
 
 
-def _load_policy(model: str | PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
-    """A causal LM from a hub id, an export folder, a model, or any stage's training checkpoint."""
+def _load_policy(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBase, **kwargs: Any) -> PreTrainedModel:
+    """A causal LM from a hub id, an export folder, a model, or any stage's training checkpoint (whose
+    module is rebuilt with ``tokenizer``: a tokenizer given to training as an object is not in it)."""
     if isinstance(model, str) and (model.endswith(".ckpt") or (Path(model).is_dir() and not
                                                                  (Path(model) / "config.json").exists()
                                                                  and any(Path(model).glob("*.distcp")))):
@@ -145,7 +146,9 @@ def _load_policy(model: str | PreTrainedModel, **kwargs: Any) -> PreTrainedModel
 
         check_checkpoint(model)
         header = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
-        module = stage_class_of(header).load_from_checkpoint(model, map_location="cpu", weights_only=True)
+        module = stage_class_of(header).load_from_checkpoint(
+            model, map_location="cpu", weights_only=True, tokenizer=tokenizer
+        )
         policy = module.model
         return policy.merge_and_unload() if hasattr(policy, "merge_and_unload") else policy
     return load_causal_lm(model, **kwargs)
@@ -239,6 +242,15 @@ class JudgedSamplesWriter(BasePredictionWriter):
                                 "settings": settings})
             at += k
         self._prompts_done += len(records)
+        self._show_progress(trainer, pl_module)
+
+    def _show_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Prompts done and generated tokens/s (this rank) on the predict progress bar, when there is one."""
+        bar = getattr(trainer.progress_bar_callback, "predict_progress_bar", None)
+        if bar is not None and hasattr(bar, "set_postfix"):
+            seconds = max(time.perf_counter() - self._started, 1e-9)
+            bar.set_postfix(prompts=self._prompts_done, tokens_per_s=f"{pl_module.generated_tokens / seconds:.0f}",
+                            refresh=False)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from dpo_lightning.judges import warn_failures

@@ -192,3 +192,52 @@ def test_two_processes_write_each_prompt_once(policy, tmp_path):
     expected = _prompts(limit=11, tokenizer=policy).prompts["prompt_id"]
     assert ids == list(expected)
     assert not list(out.glob("samples.part*.jsonl")) and (out / "pairs.jsonl").exists()
+
+
+def test_policy_from_a_training_checkpoint_and_a_reward_model_judge(tmp_path):
+    """The policy read from a DPO stage's .ckpt samples like its model does; a RewardModule export judges
+    the samples (reward_model:<folder>); the progress bar shows prompts and tokens/s."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from dpo_lightning import DPOModule, RewardModule
+
+    tokenizer = build_tokenizer()
+    config = {**tiny_config(), "vocab_size": len(tokenizer)}
+    torch.manual_seed(0)
+    dpo = DPOModule(model_config=config, tokenizer=tokenizer)
+    trainer = L.Trainer(max_steps=0, logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(dpo)
+    trainer.save_checkpoint(tmp_path / "policy.ckpt")
+    rm = RewardModule(model_config=config, tokenizer=tokenizer)
+    export_hf(rm.model, tokenizer, tmp_path / "rm")
+
+    data = _prompts(tokenizer=tokenizer, limit=4)
+    module = GenerationModule(model=str(tmp_path / "policy.ckpt"), tokenizer=tokenizer, num_samples=1,
+                              max_new_tokens=6, do_sample=False)
+    for a, b in zip(module.model.state_dict().values(), dpo.model.state_dict().values()):
+        assert torch.equal(a, b)
+    writer = JudgedSamplesWriter(output_dir=str(tmp_path / "out"), judge=f"reward_model:{tmp_path / 'rm'}")
+    bar = TQDMProgressBar()
+    L.Trainer(accelerator="cpu", logger=False, enable_model_summary=False, callbacks=[writer, bar]).predict(
+        module, datamodule=data, return_predictions=False)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 4 and all(isinstance(s["scores"][0], float) for s in samples)
+    assert "reward_model" in samples[0]["settings"]["judge"]
+    assert bar.predict_progress_bar.postfix and "tokens_per_s" in bar.predict_progress_bar.postfix
+
+
+def test_a_failing_judge_row_is_counted_and_the_run_goes_on(policy, tmp_path, caplog):
+    """A judge function that raises on some responses: those scores are null, the others are written,
+    and one warning counts the failures."""
+    import logging
+
+    data = _prompts(limit=4)
+    module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=3, max_new_tokens=10, seed=5)
+    writer = JudgedSamplesWriter(output_dir=str(tmp_path / "out"), judge="function:tests.judge_fixtures:picky")
+    with caplog.at_level(logging.WARNING):
+        _trainer(writer).predict(module, datamodule=data, return_predictions=False)
+    samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
+    scores = [s for record in samples for s in record["scores"]]
+    failed = sum(s is None for s in scores)
+    assert len(samples) == 4 and 0 < failed < len(scores)
+    assert any(f"{failed} of {len(scores)} responses could not be scored" in r.getMessage() for r in caplog.records)
