@@ -241,3 +241,24 @@ def test_a_failing_judge_row_is_counted_and_the_run_goes_on(policy, tmp_path, ca
     failed = sum(s is None for s in scores)
     assert len(samples) == 4 and 0 < failed < len(scores)
     assert any(f"{failed} of {len(scores)} responses could not be scored" in r.getMessage() for r in caplog.records)
+
+
+def test_prompt_ids_are_the_training_prompt_ids_for_strings_and_chat_templates():
+    """What the policy is asked is what training conditioned on: the prompt ids of PromptDataModule equal
+    the prompt part (ids before the response start) of PreferenceDataModule's rows, for string prompts and
+    for message-list prompts through a chat template."""
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }} {% if m['role'] == 'user' %}= {% endif %}{% endfor %}"
+    )
+    strings = [{"prompt": "sort: 3 1 =", "chosen": " 1 3", "rejected": " 3 1"},
+               {"prompt": "sort: 5 2 9 =", "chosen": " 2 5 9", "rejected": " 9 5 2"}]
+    messages = [{"prompt": [{"role": "user", "content": "sort: 3 1"}],
+                 "chosen": [{"role": "assistant", "content": "1 3"}],
+                 "rejected": [{"role": "assistant", "content": "3 1"}]}]
+    for rows in (strings, messages):
+        pairs = PreferenceDataModule(tokenizer=tokenizer, dataset=rows, val_split=None, max_length=64).splits["train"]
+        prompts = PromptDataModule(tokenizer=tokenizer, dataset=rows).prompts
+        for pair, prompt in zip(pairs, prompts):
+            assert prompt["input_ids"] == pair["chosen_input_ids"][: pair["chosen_response_start"]]
+            assert prompt["input_ids"][0] == tokenizer.bos_token_id
