@@ -248,7 +248,8 @@ def cli_main(
             "description": "Preference tuning (DPO and relatives) on PyTorch Lightning. Subcommands: fit, validate, "
             "test, predict (below); `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "
             "(python -m dpo_lightning export --help); `generate --config ...`: sample responses from a policy, "
-            "judge them and write preference pairs (python -m dpo_lightning generate --help).",
+            "judge them and write preference pairs (python -m dpo_lightning generate --help); `iterate --config ...`: "
+            "SFT then rounds of generate -> DPO, with a report (python -m dpo_lightning iterate --help).",
         },
         trainer_defaults={
             # TRL's habits: gradient-norm clipping at 1.0, a log line every 10 optimizer steps.
@@ -283,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
             return
         if words[:1] == ["generate"]:
             generate_main(words[1:])
+            return
+        if words[:1] == ["iterate"]:
+            from dpo_lightning.pipeline import main as iterate_main
+
+            iterate_main(words[1:])
             return
         cli_main(argv)  # None: LightningCLI reads sys.argv itself
     except Preempted as err:

@@ -1,0 +1,333 @@
+"""Iterative DPO: SFT, then rounds of generate -> judge -> pairs -> DPO, each stage in its own folder.
+
+``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml`` runs the stages through the
+same commands a user runs (``fit`` with a stage recipe, ``generate`` with a generation recipe), adding
+only what chains them: the previous stage's export as the next stage's model, the round's pairs as
+DPO's data, and the reference (the initial SFT model, or the previous round's policy). Folders::
+
+    <output_dir>/sft/stage/version_0/hf_export               the SFT model (round 0's policy)
+    <output_dir>/round_1/generate/{samples,pairs}.jsonl     samples of round 0's policy, judged, paired
+    <output_dir>/round_1/dpo/version_0/hf_export            round 1's policy
+    ...
+    <output_dir>/report.csv, report.png, tensorboard/       one row per round (round 0: the SFT model)
+
+A stage is done when its output is complete (an export carries its marker; ``pairs.jsonl`` is written
+last and atomically); a pipeline killed anywhere and re-run with the same config skips finished stages,
+resumes a killed ``fit`` from its ``last.ckpt`` and a killed ``generate`` from the prompts it wrote.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from dpo_lightning.data.errors import warn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    """One stage's recipe and extra command-line arguments.
+
+    Args:
+        config: A recipe (``recipes/tiny_sft.yaml``); for ``sft`` also an existing export folder or hub id
+            to start from (then no SFT runs).
+        args: More arguments, as on the command line (``["--trainer.max_steps", "100"]``).
+    """
+
+    config: str
+    args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """How each round's policy is measured on held-out prompts.
+
+    Args:
+        dataset: Prompt source (as ``PromptDataModule.dataset``).
+        split: Its split of held-out prompts.
+        limit: How many prompts.
+        judge: ``function:pkg.mod:fn`` or ``reward_model:<folder>``: the score of a response.
+        num_samples: Samples per prompt (temperature 1) for reward, win rate and KL.
+        max_new_tokens: Longest sampled response.
+        seed: Sampling seed.
+    """
+
+    dataset: str = "synthetic:sort"
+    split: str = "validation"
+    limit: int | None = 200
+    judge: str = "function:dpo_lightning.data.synthetic:sort_reward"
+    num_samples: int = 4
+    max_new_tokens: int = 12
+    seed: int = 0
+
+
+def iterate(
+    output_dir: str,
+    sft: Stage,
+    generate: Stage,
+    dpo: Stage,
+    rounds: int = 3,
+    reference: Literal["initial", "previous"] = "previous",
+    evaluation: Evaluation | None = None,
+) -> list[dict[str, Any]]:
+    """Run (or resume) the pipeline; returns the report rows (round 0 is the SFT model).
+
+    Args:
+        output_dir: Folder of every stage's output and the report.
+        sft: The SFT recipe (run first), or ``config`` naming an existing model to start from.
+        generate: The generation recipe (``python -m dpo_lightning generate``) sampling each round's pairs.
+        dpo: The DPO recipe each round trains with, from the previous round's policy on its pairs.
+        rounds: Rounds of generate -> DPO after SFT.
+        reference: DPO's reference in each round: ``previous`` (the policy the round starts from, the
+            on-policy choice of RLHFlow and self-rewarding LMs: each round is a KL-regularised step from
+            where the last one ended) or ``initial`` (the SFT model in every round: the policy stays
+            within one KL budget of it overall).
+        evaluation: How each round's policy is measured; see `Evaluation`.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if reference not in ("initial", "previous"):
+        raise ValueError(f"reference must be 'initial' or 'previous', got {reference!r}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluation = evaluation or Evaluation()
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    initial = _run_fit_stage(sft, out / "sft", "stage") if _is_recipe(sft.config) else sft.config
+    timings["round_0"] = time.perf_counter() - start
+    policies = [initial]
+    for r in range(1, rounds + 1):
+        start = time.perf_counter()
+        round_dir = out / f"round_{r}"
+        pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+        ref = initial if reference == "initial" else None  # None: a frozen copy of the policy it starts from
+        policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref)
+        policies.append(policy)
+        timings[f"round_{r}"] = time.perf_counter() - start
+    return write_report(out, policies, initial, evaluation, reference, timings)
+
+
+def _is_recipe(config: str) -> bool:
+    return config.endswith((".yaml", ".yml"))
+
+
+def _export_done(folder: Path) -> bool:
+    from dpo_lightning.export import EXPORT_MARKER
+
+    return (folder / EXPORT_MARKER).exists() and (folder / "config.json").exists()
+
+
+def _run_fit_stage(
+    stage: Stage, root: Path, name: str, *, model: str | None = None, pairs: Path | None = None,
+    ref_model: str | None = None,
+) -> str:
+    """``fit`` with the stage's recipe into ``root/name/version_0``; resumed from ``last.ckpt`` if a
+    previous attempt was killed; skipped if its export is complete. Returns the export folder."""
+    from dpo_lightning.cli import cli_main
+
+    run_dir = root / name / "version_0"
+    export = run_dir / "hf_export"
+    if _export_done(export):
+        log.info("%s: done, skipped", export)
+        return str(export)
+    args = ["fit", "--config", stage.config, *stage.args,
+            "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", name,
+            "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false"]
+    if model is not None:
+        args += ["--model.model_config", "null", "--model.model", model, "--data.tokenizer", model]
+    if ref_model is not None:
+        args += ["--model.ref_model", ref_model]
+    if pairs is not None:
+        args += ["--data.dataset", str(pairs), "--data.val_split", "null", "--data.val_fraction", "0.05",
+                 "--data.drop_columns", "[score_chosen, score_rejected, prompt_id]"]
+    if (run_dir / "checkpoints" / "last.ckpt").exists():
+        args += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+    cli_main(args)
+    if not _export_done(export):
+        raise RuntimeError(f"the {name} stage ended without its export {export}")
+    return str(export)
+
+
+def _run_generate_stage(stage: Stage, policy: str, folder: Path, seed: int) -> Path:
+    """``generate`` with the stage's recipe from ``policy`` into ``folder``; skipped when its pairs are
+    written, resumed (prompts already written are skipped) when a previous attempt was killed."""
+    from dpo_lightning.cli import generate_main
+
+    pairs = folder / "pairs.jsonl"
+    if pairs.exists():
+        log.info("%s: done, skipped", pairs)
+        return pairs
+    generate_main(["--config", stage.config, *stage.args, "--model.model", policy, "--data.tokenizer", policy,
+                   "--model.seed", str(seed), "--output.output_dir", str(folder),
+                   "--trainer.enable_progress_bar", "false"])
+    if not pairs.exists():
+        raise RuntimeError(f"the generate stage ended without {pairs}")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+@torch.no_grad()
+def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
+    """For each prompt of ``data`` (a `PromptDataModule`): ``num_samples`` sampled responses, as text and as
+    the exact sampled ids (up to and including EOS), with the prompt ids."""
+    from dpo_lightning.sampling import decode_response
+
+    tokenizer = data.tokenizer
+    model.eval()
+    out = []
+    torch.manual_seed(seed)
+    loader = data._loader(data.prompts, data.hparams.batch_size, shuffle=False)
+    for batch in loader:
+        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+                             num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        width = batch["input_ids"].shape[1]
+        for i, prompt in enumerate(batch["prompt"]):
+            prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            samples = []
+            for row in ids[i * num_samples : (i + 1) * num_samples, width:].tolist():
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                samples.append((row, decode_response(tokenizer, prompt_ids, row)))
+            out.append({"prompt": json.loads(prompt), "prompt_ids": prompt_ids, "samples": samples})
+    return out
+
+
+@torch.no_grad()
+def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> torch.Tensor:
+    """Summed log-probs ``(n,)`` of each response's exact ids after the prompt, under ``model``."""
+    from dpo_lightning.logprobs import sequence_logps
+
+    rows = [prompt_ids + r for r in responses]
+    width = max(len(r) for r in rows)
+    pad = model.config.pad_token_id or 0
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, response) in enumerate(zip(rows, responses)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        if response:
+            labels[i, len(prompt_ids) : len(row)] = torch.tensor(response, dtype=torch.long)
+    logits = model(input_ids=input_ids, attention_mask=mask).logits
+    return sequence_logps(logits, labels).logps
+
+
+def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluation) -> dict[str, float]:
+    """Mean judge score of the policy's samples on held-out prompts, win rate against ``start``'s samples
+    (i-th sample against i-th sample; a tie counts half), and KL(policy || reference) estimated on the
+    policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error."""
+    from dpo_lightning.data.prompts import PromptDataModule
+    from dpo_lightning.judges import resolve_judge
+    from dpo_lightning.models import load_causal_lm
+
+    data = PromptDataModule(tokenizer=policy, dataset=evaluation.dataset, split=evaluation.split,
+                            limit=evaluation.limit, batch_size=64, drop_columns=None)
+    judge = resolve_judge(evaluation.judge)
+    models = {name: load_causal_lm(path).eval() for name, path in
+              {"policy": policy, "start": start, "reference": reference}.items()}
+    ours = sample_with_ids(models["policy"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
+    theirs = sample_with_ids(models["start"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
+    score = lambda rows: judge.score([r["prompt"] for r in rows for _ in r["samples"]],  # noqa: E731
+                                     [text for r in rows for _, text in r["samples"]])
+    mine, base = score(ours), score(theirs)
+    pairs = [(a, b) for a, b in zip(mine, base) if a is not None and b is not None]
+    kls = []
+    for row in ours:
+        ids = [s for s, _ in row["samples"]]
+        kls += (response_logps(models["policy"], row["prompt_ids"], ids)
+                - response_logps(models["reference"], row["prompt_ids"], ids)).tolist()
+    kl = torch.tensor(kls, dtype=torch.float64)
+    scored = [s for s in mine if s is not None]
+    return {
+        "reward": sum(scored) / max(len(scored), 1),
+        "win_rate": sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1),
+        "kl": kl.mean().item(),
+        "kl_stderr": (kl.std().item() / math.sqrt(len(kls))) if len(kls) > 1 else 0.0,
+    }
+
+
+def write_report(
+    out: Path, policies: list[str], initial: str, evaluation: Evaluation, reference: str,
+    timings: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
+    """``report.csv``, ``report.png`` and TensorBoard scalars: one row per round, recomputed from the round
+    folders (the policies' exports and the pairs files)."""
+    timings = timings or {}
+    rows = []
+    for r, policy in enumerate(policies):
+        ref = initial if reference == "initial" or r == 0 else policies[r - 1]
+        metrics = evaluate_policy(policy, initial, ref, evaluation)
+        pairs = out / f"round_{r}" / "generate" / "pairs.jsonl"
+        rows.append({
+            "round": r, "policy": policy, **metrics,
+            "pairs": sum(1 for _ in pairs.open()) if pairs.exists() else 0,
+            "seconds": round(timings.get(f"round_{r}", float("nan")), 1),
+        })
+    with (out / "report.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    _plot(rows, out / "report.png")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(str(out / "tensorboard")) as tb:
+            for row in rows:
+                for key in ("reward", "win_rate", "kl", "pairs"):
+                    tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
+    except ImportError:  # pragma: no cover - tensorboard is a dependency
+        warn("tensorboard is not installed: the report is in report.csv and report.png only")
+    return rows
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, label in zip(axes, ("reward", "win_rate", "kl"),
+                              ("held-out reward", "win rate vs SFT", "KL(policy || reference)")):
+        ax.plot(rounds, [r[key] for r in rows], marker="o")
+        ax.set_xlabel("round (0 = SFT)")
+        ax.set_title(label)
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(iterate, as_positional=False)
+    config = parser.parse_args(argv)
+    init = parser.instantiate_classes(config)
+    kwargs = {k: init[k] for k in ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "evaluation")}
+    rows = iterate(**kwargs)
+    for row in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "policy"})
+    return rows
+
+
+__all__ = ["Evaluation", "Stage", "evaluate_policy", "iterate", "main", "write_report"]

@@ -1,0 +1,95 @@
+"""Iterative DPO through `python -m dpo_lightning iterate`: stages chain by their exports, a pipeline
+killed mid-fit resumes there without redoing finished stages, the previous-policy reference is the last
+round's export, and the report is recomputed from the round folders."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import dpo_lightning.cli as cli
+from dpo_lightning.models import load_causal_lm
+from dpo_lightning.pipeline import Evaluation, Stage, iterate, write_report
+
+from tiny import Crash
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT, GENERATE = cli.cli_main, cli.generate_main  # the real ones, whatever a test has patched
+
+
+def _stages():
+    sft = Stage(str(ROOT / "recipes/tiny_sft.yaml"), ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2"])
+    generate = Stage(str(ROOT / "recipes/tiny_generate.yaml"), ["--data.limit", "24", "--model.num_samples", "4"])
+    dpo = Stage(str(ROOT / "recipes/tiny.yaml"), ["--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                                                 "--checkpoint.save_every_n_steps", "1"])
+    return sft, generate, dpo
+
+
+class Calls:
+    """Wraps the CLIs the pipeline calls: records them, keeps the fit CLIs, and can crash one fit."""
+
+    def __init__(self, monkeypatch, crash_in: str | None = None) -> None:
+        self.fits: list[tuple[list[str], object]] = []
+        self.generates: list[list[str]] = []
+        fit, gen = FIT, GENERATE
+
+        def cli_main(args, **kwargs):
+            if crash_in is not None and any(crash_in in a for a in args):
+                args = [*args, "--trainer.callbacks+=tiny.CrashAfterStep", "--trainer.callbacks.step", "2"]
+            self.fits.append((args, None))
+            result = fit(args, **kwargs)
+            self.fits[-1] = (args, result)
+            return result
+
+        def generate_main(args, **kwargs):
+            self.generates.append(args)
+            return gen(args, **kwargs)
+
+        monkeypatch.setattr(cli, "cli_main", cli_main)
+        monkeypatch.setattr(cli, "generate_main", generate_main)
+
+
+def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, monkeypatch):
+    out = tmp_path / "pipe"
+    evaluation = Evaluation(limit=8, num_samples=2, max_new_tokens=8)
+    first = Calls(monkeypatch, crash_in="round_2")
+    with pytest.raises(Crash):
+        iterate(str(out), *_stages(), rounds=2, evaluation=evaluation)
+    assert (out / "round_2" / "dpo" / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert len(first.fits) == 3 and len(first.generates) == 2  # sft, round 1, round 2 (killed)
+
+    again = Calls(monkeypatch)
+    rows = iterate(str(out), *_stages(), rounds=2, evaluation=evaluation)
+    # Finished stages are not redone: only round 2's DPO runs again, resumed from its last.ckpt.
+    assert len(again.generates) == 0 and len(again.fits) == 1
+    args, resumed = again.fits[0]
+    assert "round_2" in " ".join(args) and "--ckpt_path" in args and resumed.trainer.global_step == 4
+    # The previous-policy reference is round 1's export.
+    round_1 = load_causal_lm(str(out / "round_1" / "dpo" / "version_0" / "hf_export"))
+    for (name, ref), theirs in zip(resumed.model.ref_model.state_dict().items(), round_1.state_dict().values()):
+        assert torch.equal(ref, theirs), name
+    # The report: one row per round, recomputed identically from the round folders.
+    assert [r["round"] for r in rows] == [0, 1, 2] and rows[0]["kl"] == 0.0 and rows[0]["win_rate"] == 0.5
+    with (out / "report.csv").open() as f:
+        saved = list(csv.DictReader(f))
+    policies = [r["policy"] for r in rows]
+    recomputed = write_report(out, policies, policies[0], evaluation, "previous")
+    for row, again_row, on_disk in zip(rows, recomputed, saved):
+        for key in ("reward", "win_rate", "kl", "pairs"):
+            assert row[key] == again_row[key] == type(row[key])(on_disk[key]), key
+    assert rows[1]["pairs"] > 0 and (out / "report.png").exists() and any((out / "tensorboard").iterdir())
+
+
+def test_iterate_command_parses_the_recipe():
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_function_arguments(iterate, as_positional=False)
+    config = parser.parse_args(["--config", str(ROOT / "recipes/pipeline_tiny.yaml")])
+    assert config.rounds == 3 and config.reference == "previous" and config.sft.config.endswith("tiny_sft.yaml")
+    for stage in (config.sft, config.generate, config.dpo):
+        assert (ROOT / stage.config).exists()
