@@ -325,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or (args.workdir / f"{name}.png" if args.quick else ROOT / "docs" / "figures" / "frontier.png")
     store = args.workdir / f"{name}.json"
     if args.replot:
-        rows, caption = json.loads(store.read_text()).values()
+        saved = json.loads(store.read_text())
+        rows, caption = saved["rows"], saved["caption"]
     else:
         rows = measure_all(args, prompts, sft_steps)
         caption = (f"synthetic:sort, {len(prompts)} held-out prompts, {args.samples} samples each (best-of-N: "

@@ -83,13 +83,26 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
     assert rows[1]["pairs"] > 0 and (out / "report.png").exists() and any((out / "tensorboard").iterdir())
 
 
-def test_iterate_command_parses_the_recipe():
+@pytest.mark.parametrize("recipe", ["pipeline_tiny.yaml", "pipeline_llama.yaml"])
+def test_iterate_recipes_parse_and_name_recipes_that_parse(recipe):
+    """Each pipeline recipe parses, and each stage recipe it names parses through its own command."""
     from jsonargparse import ActionConfigFile, ArgumentParser
+    from test_cli import ParseOnlyCLI
 
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(iterate, as_positional=False)
-    config = parser.parse_args(["--config", str(ROOT / "recipes/pipeline_tiny.yaml")])
-    assert config.rounds == 3 and config.reference == "previous" and config.sft.config.endswith("tiny_sft.yaml")
-    for stage in (config.sft, config.generate, config.dpo):
-        assert (ROOT / stage.config).exists()
+    config = parser.parse_args(["--config", str(ROOT / "recipes" / recipe)])
+    assert config.rounds == 3 and config.reference == "previous"
+    for stage in (config.sft, config.dpo):
+        FIT(["fit", "--config", str(ROOT / stage.config), *stage.args], cli_class=ParseOnlyCLI)
+
+    class ParseOnlyGenerate(cli.GenerateCLI):
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    generate = config.generate
+    GENERATE(["--config", str(ROOT / generate.config), *generate.args], cli_class=ParseOnlyGenerate)
