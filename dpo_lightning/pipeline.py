@@ -78,6 +78,8 @@ def iterate(
     dpo: Stage,
     rounds: int = 3,
     reference: Literal["initial", "previous"] = "previous",
+    mix_with: str | None = None,
+    mix_limit: int | None = None,
     evaluation: Evaluation | None = None,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the pipeline; returns the report rows (round 0 is the SFT model).
@@ -92,6 +94,10 @@ def iterate(
             on-policy choice of RLHFlow and self-rewarding LMs: each round is a KL-regularised step from
             where the last one ended) or ``initial`` (the SFT model in every round: the policy stays
             within one KL budget of it overall).
+        mix_with: Original preference data added to every round's pairs, as the source article does (a
+            source as ``PreferenceDataModule.dataset``: a file, a hub name, ``synthetic:sort``); None: the
+            round's own pairs only.
+        mix_limit: How many original pairs (its first ones) to add; None: all.
         evaluation: How each round's policy is measured; see `Evaluation`.
     """
     if rounds < 1:
@@ -111,6 +117,8 @@ def iterate(
         start = time.perf_counter()
         round_dir = out / f"round_{r}"
         pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+        if mix_with is not None:
+            pairs = mix_pairs(pairs, mix_with, mix_limit, round_dir / "mixed_pairs.jsonl")
         ref = initial if reference == "initial" else None  # None: a frozen copy of the policy it starts from
         policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref)
         policies.append(policy)
@@ -149,8 +157,9 @@ def _run_fit_stage(
     if ref_model is not None:
         args += ["--model.ref_model", ref_model]
     if pairs is not None:
-        args += ["--data.dataset", str(pairs), "--data.val_split", "null", "--data.val_fraction", "0.05",
-                 "--data.drop_columns", "[score_chosen, score_rejected, prompt_id]"]
+        args += ["--data.dataset", str(pairs), "--data.val_split", "null", "--data.val_fraction", "0.05"]
+        if pairs.name == "pairs.jsonl":  # generated pairs carry their scores, which DPO does not read
+            args += ["--data.drop_columns", "[score_chosen, score_rejected, prompt_id]"]
     if (run_dir / "checkpoints" / "last.ckpt").exists():
         args += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
     cli_main(args)
@@ -174,6 +183,33 @@ def _run_generate_stage(stage: Stage, policy: str, folder: Path, seed: int) -> P
     if not pairs.exists():
         raise RuntimeError(f"the generate stage ended without {pairs}")
     return pairs
+
+
+def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
+    """The round's pairs followed by the first ``limit`` pairs of ``original`` (any pair layout, read and
+    checked as `PreferenceDataModule` reads it), as prompt/chosen/rejected rows in ``out``, written
+    atomically; kept when it exists (a re-run)."""
+    from dpo_lightning.data.errors import RowRef
+    from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
+    from dpo_lightning.data.sources import load_source
+    from dpo_lightning.samples_io import _write_atomically
+
+    if out.exists():
+        return out
+    raw = load_source(original, default_split="train")["train"]
+    layout = detect_layout(raw.column_names, original)
+    if layout is Layout.UNPAIRED:
+        raise ValueError(f"mix_with {original!r} holds unpaired (KTO) rows; DPO rounds need pairs")
+    if limit is not None:
+        raw = raw.select(range(min(limit, len(raw))))
+    rows = [{k: row[k] for k in ("prompt", "chosen", "rejected")} for row in map(json.loads, pairs.open())]
+    for i, row in enumerate(raw):
+        example = to_example(row, layout, RowRef(original, "train", i))
+        assert isinstance(example, PreferenceExample)
+        rows.append(example._asdict())
+    _write_atomically(out, (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows))
+    log.info("%s: %d generated + %d original pairs", out, len(rows) - len(raw), len(raw))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the report
@@ -323,11 +359,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)
     init = parser.instantiate_classes(config)
-    kwargs = {k: init[k] for k in ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "evaluation")}
+    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation")
+    kwargs = {k: init[k] for k in names}
     rows = iterate(**kwargs)
     for row in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "policy"})
     return rows
 
 
-__all__ = ["Evaluation", "Stage", "evaluate_policy", "iterate", "main", "write_report"]
+__all__ = ["Evaluation", "Stage", "evaluate_policy", "iterate", "main", "mix_pairs", "write_report"]

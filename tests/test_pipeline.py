@@ -56,17 +56,23 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
     out = tmp_path / "pipe"
     evaluation = Evaluation(limit=8, num_samples=2, max_new_tokens=8)
     first = Calls(monkeypatch, crash_in="round_2")
+    mix = {"mix_with": "synthetic:sort", "mix_limit": 8}  # 8 of the task's original pairs join each round's
     with pytest.raises(Crash):
-        iterate(str(out), *_stages(), rounds=2, evaluation=evaluation)
+        iterate(str(out), *_stages(), rounds=2, evaluation=evaluation, **mix)
     assert (out / "round_2" / "dpo" / "version_0" / "checkpoints" / "last.ckpt").exists()
     assert len(first.fits) == 3 and len(first.generates) == 2  # sft, round 1, round 2 (killed)
 
     again = Calls(monkeypatch)
-    rows = iterate(str(out), *_stages(), rounds=2, evaluation=evaluation)
+    rows = iterate(str(out), *_stages(), rounds=2, evaluation=evaluation, **mix)
     # Finished stages are not redone: only round 2's DPO runs again, resumed from its last.ckpt.
     assert len(again.generates) == 0 and len(again.fits) == 1
     args, resumed = again.fits[0]
     assert "round_2" in " ".join(args) and "--ckpt_path" in args and resumed.trainer.global_step == 4
+    # Each round trained on its own pairs followed by the 8 original ones.
+    mixed = out / "round_2" / "mixed_pairs.jsonl"
+    assert args[args.index("--data.dataset") + 1] == str(mixed)
+    generated = (out / "round_2" / "generate" / "pairs.jsonl").read_text().splitlines()
+    assert len(mixed.read_text().splitlines()) == len(generated) + 8
     # The previous-policy reference is round 1's export.
     round_1 = load_causal_lm(str(out / "round_1" / "dpo" / "version_0" / "hf_export"))
     for (name, ref), theirs in zip(resumed.model.ref_model.state_dict().items(), round_1.state_dict().values()):
