@@ -16,6 +16,7 @@ import math
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -23,6 +24,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,22 @@ def _any_rank(trainer: pl.Trainer, flags: Tensor) -> Tensor:
     if trainer.world_size > 1:
         flags = trainer.strategy.reduce(flags, reduce_op="max")
     return flags
+
+
+def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | None = None) -> str:
+    """One line per checkpoint in ``folder``: which optimizer step it holds (read from its header, no
+    tensors loaded), and which one is the best by ``monitor``; "" when there is none."""
+    from dpo_lightning.runs import read_checkpoint_header
+
+    lines = []
+    for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)):
+        if path.name.startswith("."):
+            continue  # a temporary of an atomic write
+        header = read_checkpoint_header(path) if path.is_file() else {}
+        step = f"optimizer step {header['global_step']}" if "global_step" in header else "sharded"
+        tag = f"; best {monitor}" if best and Path(best).name == path.name and monitor else ""
+        lines.append(f"  {path.name}: {step}{tag}")
+    return f"checkpoints in {folder}:\n" + "\n".join(lines) if lines else ""
 
 
 class LatestModelCheckpoint(ModelCheckpoint):
@@ -114,6 +132,10 @@ class LatestModelCheckpoint(ModelCheckpoint):
         self._save_last_if_behind(trainer)
         self._restore_signal_handlers()
         super().on_train_end(trainer, pl_module)
+        if trainer.is_global_zero and self.dirpath is not None:
+            summary = checkpoint_summary(Path(self.dirpath), self.best_model_path, self.monitor)
+            if summary:
+                rank_zero_info(summary)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

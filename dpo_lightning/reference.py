@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dpo_lightning.models import freeze
@@ -201,11 +202,11 @@ class PrecomputedReference(Reference):
             if table is None:
                 table = load_cached(path)
                 if table is not None:
-                    log.info("precomputed reference log-probs for %s: cache hit %s", split, path)
+                    rank_zero_info(f"precomputed reference log-probs for {split}: cache hit {path}")
             if table is None:
                 if stage.ref_model is None:
                     raise RuntimeError(f"no reference log-probs for split {split!r} and no reference model left")
-                log.info("precomputing reference log-probs for %s (%d pairs)", split, len(dataset))
+                rank_zero_info(f"precomputing reference log-probs for {split} ({len(dataset)} pairs), cached in {path}")
                 batches = (stage.trainer.strategy.batch_to_device(b) for b in dm.ordered_dataloader(split))
                 table = compute_reference_logps(
                     batches, lambda b: stage.sequence_logps(stage.ref_model, b).logps, len(dataset)

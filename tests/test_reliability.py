@@ -297,7 +297,7 @@ def test_the_checkpoint_block_in_docs_reliability_parses_through_the_cli(tmp_pat
     import yaml
 
     text = (ROOT / "docs/reliability.md").read_text()
-    (block,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)
+    block = next(b for b in re.findall(r"```yaml\n(.*?)```", text, flags=re.S) if "save_every_n_steps" in b)
     (tmp_path / "ckpt.yaml").write_text(block)
     cli = build(fit_args(tmp_path, 1)[:3] + ["--config", str(tmp_path / "ckpt.yaml")])
     checkpoint = cli.trainer.checkpoint_callback
