@@ -40,6 +40,7 @@ from dpo_lightning.reference import REF_PREFIX, Reference, resolve_reference
 log = logging.getLogger(__name__)
 
 STAGE_KEY = "dpo_lightning_stage"  # checkpoint key: the module class, so `export` can load any stage
+TOKENS_KEY = "dpo_lightning_num_tokens"  # checkpoint key: input tokens trained on so far (all ranks)
 
 # The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -141,6 +142,8 @@ class CausalLMModule(L.LightningModule):
         self.test_metrics = self.metrics_class("test")
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
         self._grad_norm: Tensor | None = None  # of the last optimizer step, logged as train/grad_norm
+        # Input tokens (not padding) this rank has trained on since step 0: train/num_tokens, summed over ranks.
+        self._tokens_seen = 0
 
     # ------------------------------------------------------------------ models
 
@@ -197,6 +200,7 @@ class CausalLMModule(L.LightningModule):
             self._resume_rng = None
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        self._tokens_seen += input_tokens(batch)
         return self.step(batch, self.train_metrics)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -221,6 +225,9 @@ class CausalLMModule(L.LightningModule):
             values["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
             if self._grad_norm is not None:
                 values["train/grad_norm"] = self._grad_norm
+            # TRL's num_tokens: every input token trained on so far, on every rank (a collective: every
+            # rank logs at the same steps).
+            values["train/num_tokens"] = self._total_tokens()
             self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
             self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
@@ -311,8 +318,13 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _total_tokens(self) -> Tensor:
+        local = torch.tensor(float(self._tokens_seen), dtype=torch.float64, device=self.device)
+        return self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook
+        checkpoint[TOKENS_KEY] = int(self._total_tokens().item())  # collective too
         checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         if self.reference is None:
             return
@@ -325,6 +337,8 @@ class CausalLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RESUME_KEY in checkpoint:
             self._resume_rng = restore_resume_state(self.global_rank, self.train_metrics, checkpoint[RESUME_KEY])
+        # The count so far goes to rank 0 (the others start at 0), so the next sum over ranks continues it.
+        self._tokens_seen = int(checkpoint.get(TOKENS_KEY, 0)) if self.global_rank == 0 else 0
         if self.reference is not None:
             self.reference.load_state_dict(checkpoint)
         # A reference left out of the checkpoint was rebuilt from its source in __init__.
@@ -352,6 +366,19 @@ def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
 def _options(value: Any, cls: type) -> Any:
     """A typed group from itself, a dict (hyper-parameters of a saved checkpoint) or None."""
     return cls(**value) if isinstance(value, Mapping) else value
+
+
+def input_tokens(batch: Mapping[str, Any]) -> int:
+    """Input tokens of a batch, padding excluded: packed rows count their sequences' positions, padded
+    rows their attention mask (the KL rows of a KTO batch included: they are forwarded too)."""
+    if "sequence_ids" in batch:
+        return int((batch["sequence_ids"] >= 0).sum())
+    count = 0
+    for key in ("attention_mask", "kl_attention_mask"):
+        mask = batch.get(key)
+        if mask is not None and mask.dim() == 2:
+            count += int(mask.sum())
+    return count
 
 
 def _logs_this_step(trainer: L.Trainer) -> bool:

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 
 from dpo_lightning.cli import cli_main
 
@@ -114,3 +116,26 @@ def test_the_readme_datamodule_example_runs_as_written_on_a_local_model(tmp_path
     code = code.replace("L.Trainer(max_epochs=1)", "L.Trainer(max_epochs=1, enable_progress_bar=False)")
     exec(code, namespace)
     assert namespace["module"].global_step > 0
+
+
+def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
+    """train/num_tokens (TRL's name) at a logged step = the non-padding input tokens of every batch trained
+    on up to that step, cumulative (the 2B rows of each pair batch, padding excluded)."""
+    from dpo_lightning.stage import input_tokens
+
+    logger = StepLogger()
+    seen: list[int] = []
+
+    class Count(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(int(batch["attention_mask"].sum()))
+
+    cli = cli_main(args(tmp_path, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "3"), run=False)
+    cli.trainer.loggers = [cli.trainer.logger, logger]
+    cli.trainer.callbacks.append(Count())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    rows = {step: row for step, row in logger.rows.items() if "train/num_tokens" in row}
+    assert sorted(rows) == [2, 5]
+    assert rows[2]["train/num_tokens"] == sum(seen[:3]) and rows[5]["train/num_tokens"] == sum(seen)
+    packed = {"sequence_ids": torch.tensor([[0, 0, 1, -1], [2, 2, 2, 3]])}
+    assert input_tokens(packed) == 7 and seen[0] < 2 * 32 * 64  # padding is not counted
