@@ -320,7 +320,9 @@ class CausalLMModule(L.LightningModule):
 
     def _total_tokens(self) -> Tensor:
         local = torch.tensor(float(self._tokens_seen), dtype=torch.float64, device=self.device)
-        return self.trainer.strategy.reduce(local, reduce_op="sum") if self.trainer.world_size > 1 else local
+        if self._trainer is None or self.trainer.world_size == 1:  # saved outside a fit, or one process
+            return local
+        return self.trainer.strategy.reduce(local, reduce_op="sum")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook

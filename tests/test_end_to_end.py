@@ -170,6 +170,7 @@ def test_one_sgd_step_moves_each_policy_weight_by_minus_lr_times_its_gradient(tm
     assert logged.pop("train/lr") == pytest.approx(lr)
     grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
     assert logged.pop("train/grad_norm") == pytest.approx(grad_norm.item(), rel=1e-5)
+    assert logged.pop("train/num_tokens") == int(batch["attention_mask"].sum())  # one step's input tokens
     assert logged == pytest.approx(dpo_metrics(initial, initial, [batch], "train"), rel=1e-5, abs=1e-6)
     assert logged["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logged["train/rewards/margins"] == logged["train/rewards/accuracies"] == 0.0
