@@ -16,6 +16,7 @@ import copy
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import tempfile
@@ -29,7 +30,15 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.checkpoint import DCP_METADATA, CheckpointError, check_checkpoint, current_umask
+from dpo_lightning.checkpoint import (
+    _HOST,
+    DCP_METADATA,
+    CheckpointError,
+    _alive,
+    _process_start_time,
+    check_checkpoint,
+    current_umask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +85,9 @@ def export_hf(
         names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         raise ExportError(f"the policy has {len(bad)} non-finite tensor(s) ({names}): refusing to export NaN or inf")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    remove_orphaned_exports(output_dir)
+    # The writer's host and pid in the name: a later export can tell a killed one's leftovers from a live one.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.{_HOST}-{os.getpid()}.", dir=output_dir.parent))
     try:
         if tokenizer is not None:
             _fill_special_token_ids(model, tokenizer)
@@ -185,6 +196,46 @@ def _honour_umask(folder: Path) -> None:
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~umask)
     os.chmod(folder, 0o777 & ~umask)
+
+
+def remove_orphaned_exports(output_dir: str | Path) -> list[str]:
+    """Delete what a killed export of ``output_dir`` left beside it; returns the names (logged as a warning).
+
+    - ``.<name>.<host>-<pid>.<random>``: an unfinished export; removed when its writer, on this host, is
+      gone (from another host, or in the older unnamed ``.<name>.<random>`` pattern: when it was last
+      modified before this process started);
+    - ``.<name>.old.<random>``: a replaced export whose deletion was cut short; removed only when a
+      complete export (with its marker) stands at ``output_dir``: otherwise it may be the only copy.
+    """
+    out = Path(output_dir)
+    if not out.parent.is_dir():
+        return []
+    name = re.escape(out.name)
+    unfinished = re.compile(rf"^\.{name}\.(?:(?P<host>[^.]+)-(?P<pid>\d+)\.)?[a-z0-9_]{{8}}$")
+    replaced = re.compile(rf"^\.{name}\.old\.[0-9a-f]{{8}}$")
+    complete = (out / EXPORT_MARKER).is_file()
+    started = _process_start_time()
+    removed = []
+    for entry in out.parent.iterdir():
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        match = unfinished.match(entry.name)
+        try:
+            if match and match["host"] == _HOST:
+                orphaned = int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+            elif match:
+                orphaned = entry.stat().st_mtime < started
+            else:
+                orphaned = complete and bool(replaced.match(entry.name))
+        except OSError:
+            continue
+        if orphaned:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    if removed:
+        log.warning("Removed %d folder(s) left beside %s by an interrupted export: %s",
+                    len(removed), out, ", ".join(sorted(removed)))
+    return removed
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

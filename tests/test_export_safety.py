@@ -238,3 +238,44 @@ def test_hfexport_writes_a_marked_export_and_refuses_nan_weights(tmp_path):
         fit(tmp_path, PoisonAtEnd(), HFExport())
     # The previous export is still there, untouched.
     assert json.loads((tmp_path / "hf_export" / EXPORT_MARKER).read_text()) == marker
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path):
+    """kill -9 during an export leaves `.hf_export.<host>-<pid>.<random>` beside it (seen in the kill -9
+    trials): the next export removes it when its writer is dead, keeps a live writer's, removes an
+    unfinished one of the older unnamed pattern older than this process, and removes a replaced
+    export's `.old.` copy only once a complete export stands in place."""
+    import subprocess
+    import sys
+    import time
+
+    from dpo_lightning.checkpoint import _HOST
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out = tmp_path / "hf_export"
+        leftovers = {
+            "dead": tmp_path / f".hf_export.{_HOST}-{dead.pid}.abcd1234",
+            "live": tmp_path / f".hf_export.{_HOST}-{live.pid}.efgh5678",
+            "legacy": tmp_path / ".hf_export.osv4is3m",
+            "aside": tmp_path / ".hf_export.old.0123abcd",
+        }
+        for folder in leftovers.values():
+            folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"partial")
+        old = time.time() - 3600
+        os.utime(leftovers["legacy"], (old, old))
+        model = AutoModelForCausalLM.from_config(
+            __import__("transformers").AutoConfig.for_model(**tiny_config())
+        )
+        export_hf(model, None, out)  # no export stood there yet: the aside may be the only copy, kept
+        assert not leftovers["dead"].exists() and not leftovers["legacy"].exists()
+        assert leftovers["live"].exists() and leftovers["aside"].exists()
+        export_hf(model, None, out)  # a complete export stands now: the aside goes
+        assert not leftovers["aside"].exists() and leftovers["live"].exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([leftovers["live"].name, "hf_export"])
+    finally:
+        live.kill()
+        live.wait()
