@@ -31,6 +31,7 @@ from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
+from dpo_lightning.options import recorded_groups
 from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
 from dpo_lightning.stage import CausalLMModule
 
@@ -100,7 +101,9 @@ class DPOLightningCLI(LightningCLI):
         rank_zero_info(f"Resuming from {ckpt_path}{step}")
         changes = []
         if "hyper_parameters" in header and config.get("model") is not None:
-            changes += changed_hparams(header["hyper_parameters"], config.model.init_args.as_dict(), "model")
+            # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
+            current = recorded_groups(config.model.init_args.as_dict())
+            changes += changed_hparams(header["hyper_parameters"], current, "model")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
             changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.init_args.as_dict(), "data")
         if changes:
@@ -197,6 +200,10 @@ class GenerateCLI(LightningCLI):
         parser.link_arguments("data.tokenizer", "model.tokenizer")
         parser.link_arguments("data.trust_remote_code", "model.trust_remote_code")
         parser.add_lightning_class_args(_writer_class(), "output")
+
+    def before_instantiate_classes(self) -> None:
+        # A mistyped judge fails here, before the policy's weights load.
+        _writer_class().check_judge(self.config[self.subcommand].output.judge)
 
 
 def _writer_class() -> type:

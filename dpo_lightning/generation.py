@@ -173,16 +173,11 @@ class JudgedSamplesWriter(BasePredictionWriter):
             min_margin: Smallest score difference a pair needs.
         """
         super().__init__(write_interval="batch")
-        from dpo_lightning.judges import Judge, resolve_judge
+        from dpo_lightning.judges import Judge
         from dpo_lightning.pairing import check_strategy
 
         check_strategy(pairing, min_margin)
-        if judge is None:
-            raise ValueError("set a judge: function:package.module:function or reward_model:<path>")
-        if isinstance(judge, str) and judge.startswith("function:"):
-            resolve_judge(judge)  # imported now: a bad spec fails before any model loads
-        elif not isinstance(judge, Judge | str):
-            raise ValueError(f"judge must be a spec string or a Judge, got {type(judge).__name__}")
+        self.check_judge(judge)
         self.output_dir = Path(output_dir)
         self.judge_spec = judge
         self.judge: Judge | None = None  # built in setup, on this rank's device
@@ -191,6 +186,27 @@ class JudgedSamplesWriter(BasePredictionWriter):
         self._started = 0.0
         self._prompts_done = 0
         self._all_done = False
+
+    @staticmethod
+    def check_judge(judge: Any) -> None:
+        """ValueError for a judge that cannot work, without loading a model: a function spec is imported,
+        a reward model given as a local path must exist (the CLI calls this before building anything)."""
+        from dpo_lightning.judges import Judge, resolve_judge
+        from dpo_lightning.models import check_local_source
+
+        if judge is None:
+            raise ValueError("set a judge: function:package.module:function or reward_model:<path>")
+        if isinstance(judge, Judge):
+            return
+        if not isinstance(judge, str):
+            raise ValueError(f"judge must be a spec string or a Judge, got {type(judge).__name__}")
+        kind, _, target = judge.partition(":")
+        if kind == "function":
+            resolve_judge(judge)
+        elif kind == "reward_model" and target:
+            check_local_source(target, "reward_model judge")
+        else:
+            resolve_judge(judge)  # its error lists the accepted forms
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         from dpo_lightning.judges import Judge, resolve_judge

@@ -7,7 +7,9 @@ the config is parsed, before any weights load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS
 
@@ -56,4 +58,23 @@ class MemoryOptions:
             raise ValueError(f"memory.logprob_chunk_elements must be >= 1, got {self.logprob_chunk_elements}")
 
 
-__all__ = ["LoraOptions", "MemoryOptions"]
+def option_group(value: Any, cls: type, default: Any = None) -> Any:
+    """A typed group from itself, a dict (a config, or a saved checkpoint's hyper-parameters) or None
+    (``default``)."""
+    if isinstance(value, Mapping):
+        return cls(**value)
+    return default if value is None else value
+
+
+def recorded_groups(init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """``init_args`` with its ``lora`` and ``memory`` groups as a stage records them in its hyper-parameters
+    (plain dicts of every field; ``memory`` None is the defaults), so a config compares with a checkpoint's."""
+    out = dict(init_args)
+    for key, cls, default in (("lora", LoraOptions, None), ("memory", MemoryOptions, MemoryOptions())):
+        if key in out:
+            group = option_group(out[key], cls, default)
+            out[key] = None if group is None else asdict(group)
+    return out
+
+
+__all__ = ["LoraOptions", "MemoryOptions", "option_group", "recorded_groups"]

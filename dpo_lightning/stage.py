@@ -34,7 +34,7 @@ from dpo_lightning.metrics import RunningMeans
 from dpo_lightning.models import check_max_length, check_vocab, freeze, load_model, resolve_tokenizer, wrap_lora
 from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.optim import Decay, warmup_decay_schedule
-from dpo_lightning.options import LoraOptions, MemoryOptions
+from dpo_lightning.options import LoraOptions, MemoryOptions, option_group
 from dpo_lightning.reference import REF_PREFIX, Reference, resolve_reference
 
 log = logging.getLogger(__name__)
@@ -97,8 +97,8 @@ class CausalLMModule(L.LightningModule):
                 fsdp_mixed_precision.
         """
         super().__init__()
-        self.lora = _options(lora, LoraOptions)
-        self.memory = _options(memory, MemoryOptions) or MemoryOptions()
+        self.lora = option_group(lora, LoraOptions)
+        self.memory = option_group(memory, MemoryOptions, MemoryOptions())
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         for name in ("model", "ref_model", "tokenizer"):  # objects neither serialise nor print well
             value = self.hparams.get(name)
@@ -363,11 +363,6 @@ def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
     if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
         raise ValueError(f"checkpoint names {path!r} as its module, which is not a dpo_lightning stage")
     return cls
-
-
-def _options(value: Any, cls: type) -> Any:
-    """A typed group from itself, a dict (hyper-parameters of a saved checkpoint) or None."""
-    return cls(**value) if isinstance(value, Mapping) else value
 
 
 def input_tokens(batch: Mapping[str, Any]) -> int:

@@ -138,6 +138,9 @@ def test_every_generate_recipe_parses_through_the_generate_cli(recipe):
     from dpo_lightning.cli import GenerateCLI, generate_main
 
     class ParseOnly(GenerateCLI):
+        def before_instantiate_classes(self) -> None:
+            pass  # parse only: the judge's files need not exist
+
         def instantiate_classes(self) -> None:
             pass
 

@@ -104,6 +104,9 @@ def test_iterate_recipes_parse_and_name_recipes_that_parse(recipe):
         FIT(["fit", "--config", str(ROOT / stage.config), *stage.args], cli_class=ParseOnlyCLI)
 
     class ParseOnlyGenerate(cli.GenerateCLI):
+        def before_instantiate_classes(self) -> None:
+            pass  # parse only: the judge's files need not exist
+
         def instantiate_classes(self) -> None:
             pass
 

@@ -20,6 +20,7 @@ sampler yields next to the index (``window.WindowSampler`` uses it too).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping, Sequence, Sized
 from typing import Any, ClassVar
 
@@ -118,6 +119,10 @@ class ResumableTrainData:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._train_position = state_dict.get("train_position")
+        if self._train_position is not None:
+            # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader itself is
+            # stateful; this data module's sampler starts at the saved position instead (exact).
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
 
 class PaddedEvalSampler(DistributedSampler):
