@@ -192,7 +192,7 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
     from dpo_lightning.data.errors import RowRef
     from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
     from dpo_lightning.data.sources import load_source
-    from dpo_lightning.samples_io import _write_atomically
+    from dpo_lightning.samples_io import write_jsonl_atomically
 
     if out.exists():
         return out
@@ -207,7 +207,7 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
         example = to_example(row, layout, RowRef(original, "train", i))
         assert isinstance(example, PreferenceExample)
         rows.append(example._asdict())
-    _write_atomically(out, (json.dumps(row, ensure_ascii=False).encode() + b"\n" for row in rows))
+    write_jsonl_atomically(out, rows)
     log.info("%s: %d generated + %d original pairs", out, len(rows) - len(raw), len(raw))
     return out
 
@@ -219,6 +219,7 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
 def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
     """For each prompt of ``data`` (a `PromptDataModule`): ``num_samples`` sampled responses, as text and as
     the exact sampled ids (up to and including EOS), with the prompt ids."""
+    from dpo_lightning.generation import _until_eos
     from dpo_lightning.sampling import decode_response
 
     tokenizer = data.tokenizer
@@ -235,8 +236,7 @@ def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: in
             prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             samples = []
             for row in ids[i * num_samples : (i + 1) * num_samples, width:].tolist():
-                if tokenizer.eos_token_id in row:
-                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 samples.append((row, decode_response(tokenizer, prompt_ids, row)))
             out.append({"prompt": json.loads(prompt), "prompt_ids": prompt_ids, "samples": samples})
     return out
@@ -277,8 +277,11 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
               {"policy": policy, "start": start, "reference": reference}.items()}
     ours = sample_with_ids(models["policy"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
     theirs = sample_with_ids(models["start"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
-    score = lambda rows: judge.score([r["prompt"] for r in rows for _ in r["samples"]],  # noqa: E731
-                                     [text for r in rows for _, text in r["samples"]])
+
+    def score(rows: list[dict[str, Any]]) -> list[float | None]:
+        prompts = [r["prompt"] for r in rows for _ in r["samples"]]
+        return judge.score(prompts, [text for r in rows for _, text in r["samples"]])
+
     mine, base = score(ours), score(theirs)
     pairs = [(a, b) for a, b in zip(mine, base) if a is not None and b is not None]
     kls = []

@@ -76,8 +76,7 @@ class RewardModule(CausalLMModule):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        collator = getattr(getattr(datamodule, "hparams", None), "get", lambda *_: None)("collator")
-        if collator == "pack":
+        if getattr(datamodule, "hparams", {}).get("collator") == "pack":
             raise ValueError("RewardModule reads each row's last token, so it takes padded batches: set "
                              "data.collator to 'pad'")
 

@@ -242,6 +242,11 @@ def done_prompt_ids(out_dir: str | Path, settings: Mapping[str, Any] | None = No
     return done
 
 
+def write_jsonl_atomically(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """``rows`` as JSON lines at ``path``, all or nothing (`_write_atomically`)."""
+    _write_atomically(path, (_line(row) for row in rows))
+
+
 def _write_atomically(path: Path, lines: Iterable[bytes]) -> None:
     """Write ``lines`` to ``path`` through a temporary file in the same folder, fsync, ``os.replace``:
     ``path`` is either its old self or entirely new, never partial. The temporary file never outlives
@@ -372,4 +377,5 @@ __all__ = [
     "read_samples",
     "sample_record",
     "write_pairs",
+    "write_jsonl_atomically",
 ]
