@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
@@ -38,6 +40,14 @@ class Preempted(RuntimeError):
 
 class NonFiniteError(RuntimeError):
     """Training stopped: a loss or gradient was not finite. The step was not applied."""
+
+
+def _saves_sharded(trainer: pl.Trainer) -> bool:
+    """Whether the strategy writes checkpoints as folders of shards (FSDP2's default), not through CheckpointIO."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = trainer.strategy
+    return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", True))
 
 
 def _between_optimizer_steps(trainer: pl.Trainer) -> bool:
@@ -69,8 +79,9 @@ def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | Non
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)):
         if path.name.startswith("."):
             continue  # a temporary of an atomic write
-        header = read_checkpoint_header(path) if path.is_file() else {}
-        step = f"optimizer step {header['global_step']}" if "global_step" in header else "sharded"
+        header = read_checkpoint_header(path)
+        step = f"optimizer step {header['global_step']}" if "global_step" in header else "unreadable"
+        step += ", sharded" if path.is_dir() else ""
         tag = f"; best {monitor}" if best and Path(best).name == path.name and monitor else ""
         lines.append(f"  {path.name}: {step}{tag}")
     return f"checkpoints in {folder}:\n" + "\n".join(lines) if lines else ""
@@ -174,8 +185,60 @@ class LatestModelCheckpoint(ModelCheckpoint):
                 f"the weights hold NaN or inf after optimizer step {trainer.global_step}: not saving {filepath}; "
                 f"the previous checkpoint is the last good state. {_likely_causes(trainer, lr)}"
             )
-        super()._save_checkpoint(trainer, filepath)
+        if not self._link_to_same_step(trainer, filepath):
+            if _saves_sharded(trainer):
+                self._save_sharded(trainer, filepath)
+            else:
+                super()._save_checkpoint(trainer, filepath)
         self._last_write = time.monotonic()
+
+    def _link_to_same_step(self, trainer: pl.Trainer, filepath: str) -> bool:
+        """When the checkpoint of this very step was just written under another name (the best, then
+        ``last.ckpt`` at a validation), hard-link it instead of writing a second copy: same state, no
+        extra time or space. A later write of either name replaces it atomically and leaves the other."""
+        source = self._last_checkpoint_saved
+        if not source or source == filepath or self._last_global_step_saved != trainer.global_step:
+            return False
+        linked = None
+        if trainer.is_global_zero:
+            from dpo_lightning.checkpoint import link_checkpoint
+
+            linked = Path(source).exists() and link_checkpoint(source, filepath)
+        if not trainer.strategy.broadcast(linked, src=0):
+            return False
+        self._bookkeep(trainer, filepath)
+        return True
+
+    def _save_sharded(self, trainer: pl.Trainer, filepath: str) -> None:
+        """A sharded (FSDP2) checkpoint written to a temporary folder, then put in place atomically: a
+        crash mid-save leaves the previous checkpoint under its name, never a half-written folder."""
+        from dpo_lightning.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
+
+        tmp = None
+        if trainer.is_global_zero:
+            folder = Path(filepath).parent
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_orphaned_temporaries(folder)
+            tmp = str(temporary_path(filepath))
+        tmp = trainer.strategy.broadcast(tmp, src=0)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)  # every rank writes its shards
+        except BaseException:
+            if trainer.is_global_zero:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if trainer.is_global_zero:
+            replace_atomically(tmp, filepath)
+        trainer.strategy.barrier("sharded_checkpoint_in_place")
+        self._bookkeep(trainer, filepath)
+
+    def _bookkeep(self, trainer: pl.Trainer, filepath: str) -> None:
+        """What ``ModelCheckpoint._save_checkpoint`` records after a save."""
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
 
     # ------------------------------------------------------------------ preemption
 

@@ -19,7 +19,10 @@ import logging
 import os
 import pickle
 import re
+import secrets
+import shutil
 import socket
+import sys
 import tempfile
 import time
 import zipfile
@@ -125,6 +128,8 @@ def current_umask() -> int:
 
 # Lightning names checkpoints ``*.ckpt``; the writer (host-pid) follows; mkstemp adds 8 characters of [a-z0-9_].
 _ORPHAN = re.compile(r"^\..+\.ckpt\.(?:(?P<host>[^.]+)-(?P<pid>\d+)\.)?[a-z0-9_]{8}\.tmp$")
+# A sharded checkpoint moved aside by :func:`replace_atomically`'s fallback, to be deleted once replaced.
+_ASIDE = re.compile(r"^\.(?P<name>.+\.ckpt)\.old\.[0-9a-f]{8}$")
 _HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 _WRITER = f"{_HOST}-{os.getpid()}"
 _IMPORTED_AT = time.time()
@@ -154,21 +159,27 @@ def _alive(pid: int) -> bool:
 
 
 def remove_orphaned_temporaries(folder: str | Path) -> list[str]:
-    """Delete the temporary files :class:`AtomicCheckpointIO` left in ``folder`` when killed mid-save.
+    """Delete the temporary files and folders a checkpoint save left in ``folder`` when killed mid-save.
 
-    Only names of its own pattern (``.<name>.ckpt.<host>-<pid>.<random>.tmp``) are removed, and
-    only when their writer is gone: on this host, a writer pid that no longer runs; from another
-    host (a shared file system), or in the older unnamed pattern, a file last modified before this
-    process started (a save in progress keeps writing, so its file is newer). Returns the names
-    removed, which are logged as a warning.
+    Only names of its own pattern (``.<name>.ckpt.<host>-<pid>.<random>.tmp``: a file, or the
+    folder of a sharded save) are removed, and only when their writer is gone: on this host, a
+    writer pid that no longer runs; from another host (a shared file system), or in the older
+    unnamed pattern, one last modified before this process started (a save in progress keeps
+    writing, so it is newer). A sharded checkpoint moved aside while being replaced
+    (``.<name>.ckpt.old.<random>``) is deleted when ``<name>.ckpt`` exists, and put back under its
+    name when the replacement never arrived. Returns the names removed, logged as a warning.
     """
     folder = Path(folder)
     started = _process_start_time()
     removed = []
     with os.scandir(folder) as entries:
         for entry in entries:
+            aside = _ASIDE.match(entry.name)
+            if aside and entry.is_dir(follow_symlinks=False):
+                _settle_aside(folder, Path(entry.path), aside["name"], removed)
+                continue
             match = _ORPHAN.match(entry.name)
-            if not match or not entry.is_file(follow_symlinks=False):
+            if not match or entry.is_symlink():
                 continue
             try:
                 if match["host"] == _HOST:
@@ -176,7 +187,10 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[str]:
                 else:
                     orphaned = entry.stat(follow_symlinks=False).st_mtime < started
                 if orphaned:
-                    os.unlink(entry.path)
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
                     removed.append(entry.name)
             except OSError:  # removed meanwhile, or not ours to delete: never fail the save for it
                 continue
@@ -186,6 +200,98 @@ def remove_orphaned_temporaries(folder: str | Path) -> list[str]:
             len(removed), folder, ", ".join(sorted(removed)),
         )
     return removed
+
+
+def _settle_aside(folder: Path, aside: Path, name: str, removed: list[str]) -> None:
+    target = folder / name
+    try:
+        if target.exists():
+            shutil.rmtree(aside)
+            removed.append(aside.name)
+        else:
+            aside.rename(target)
+            log.warning("Restored %s from %s: a save replacing it was interrupted", target, aside.name)
+    except OSError:
+        pass
+
+
+def temporary_path(path: str | Path) -> Path:
+    """A fresh name beside ``path`` to write it under first: ``.<name>.<host>-<pid>.<random>.tmp``
+    (:func:`remove_orphaned_temporaries` knows it); nothing is created."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{_WRITER}.{secrets.token_hex(4)}.tmp")
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``);
+    False where the OS or the file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # glibc < 2.28
+        return False
+    at_fdcwd = -100
+    result = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE)
+    return result == 0
+
+
+def replace_atomically(tmp: str | Path, path: str | Path) -> None:
+    """Give the finished checkpoint ``tmp`` (a file or a sharded folder) the name ``path``.
+
+    A file replaces a file in one rename. A folder takes ``path``'s place in one atomic exchange
+    where the file system allows it (Linux local file systems), after which the old checkpoint is
+    deleted; elsewhere the old one is first renamed aside (``.<name>.old.<random>``) and deleted
+    last: a crash in between leaves it there, and :func:`remove_orphaned_temporaries` puts it back.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if not path.exists() or (tmp.is_file() and path.is_file()):
+        os.replace(tmp, path)
+    elif _exchange(tmp, path):
+        _remove(tmp)  # now the old checkpoint
+    else:
+        aside = path.with_name(f".{path.name}.old.{secrets.token_hex(4)}")
+        path.rename(aside)
+        tmp.rename(path)
+        _remove(aside)
+    _fsync_dir(path.parent)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def link_checkpoint(source: str | Path, path: str | Path) -> bool:
+    """Make ``path`` the same checkpoint as ``source`` with hard links (a file, or every file of a
+    sharded folder), atomically: no second copy is written. False, with nothing changed, where
+    the file system has no hard links (the caller then saves a copy)."""
+    source, path = Path(source), Path(path)
+    tmp = temporary_path(path)
+    try:
+        if source.is_dir():
+            for root, _, files in os.walk(source):
+                target = tmp / Path(root).relative_to(source)
+                target.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    os.link(os.path.join(root, name), target / name)
+        else:
+            os.link(source, tmp)
+    except OSError as e:
+        log.warning("cannot hard-link %s to %s (%s): saving a copy", source, path, e.strerror or e)
+        if tmp.exists():
+            _remove(tmp)
+        return False
+    replace_atomically(tmp, path)
+    return True
 
 
 # ---------------------------------------------------------------------------- integrity

@@ -114,7 +114,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
+def consolidate_checkpoint(path: str | Path, only: str | None = None) -> dict[str, Any]:
     """A Lightning checkpoint as one in-memory dict, whether saved whole or sharded.
 
     ``path`` is either a single file (``ModelParallelStrategy(save_distributed_checkpoint=False)``,
@@ -122,7 +122,9 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     one ``.distcp`` file per rank plus ``meta.pt``). Runs in one process without a process group.
     The result has the usual keys (``state_dict`` with full, unsharded tensors, ``hyper_parameters``,
     ``optimizer_states``, ...), so ``torch.save(result, "model.ckpt")`` gives a file that
-    ``DPOModule.load_from_checkpoint`` and the Hugging Face export read.
+    ``DPOModule.load_from_checkpoint`` and the Hugging Face export read. ``only`` loads just the
+    sharded entries whose flattened name starts with it (``"state_dict.model."``: the policy's
+    weights, without optimizer state or reference) and returns no ``optimizer_states``.
     """
     path = Path(path)
     if path.is_file():
@@ -136,10 +138,15 @@ def consolidate_checkpoint(path: str | Path) -> dict[str, Any]:
     # An empty target plus this planner loads every tensor whole, in the saved nesting (as
     # torch's dcp_to_torch_save and Lightning's consolidate_checkpoint do, without the extra file).
     tensors: dict[str, Any] = {}
-    _load_state_dict(tensors, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    reader = FileSystemReader(path)
+    keys = None
+    if only is not None:
+        keys = {k for k in reader.read_metadata().state_dict_metadata if k.startswith(only)}
+    _load_state_dict(tensors, storage_reader=reader, planner=_EmptyStateDictLoadPlanner(keys=keys), no_dist=True)
     checkpoint = torch.load(path / _METADATA_FILENAME, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = tensors.pop("state_dict")
+    checkpoint["state_dict"] = tensors.pop("state_dict", {})
     optimizers = sorted((k for k in tensors if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
-    checkpoint["optimizer_states"] = [tensors.pop(k) for k in optimizers]
+    if only is None:
+        checkpoint["optimizer_states"] = [tensors.pop(k) for k in optimizers]
     checkpoint.update(tensors)
     return checkpoint

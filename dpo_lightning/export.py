@@ -62,11 +62,14 @@ def export_hf(
     *,
     source: str | None = None,
     keep: Iterable[str | Path] = (),
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir``, atomically.
 
     ``state_dict`` replaces the model's own weights, e.g. the full weights gathered from an
-    FSDP2-sharded model (:func:`dpo_lightning.distributed.full_state_dict`).
+    FSDP2-sharded model (:func:`dpo_lightning.distributed.full_state_dict`), or those of a
+    checkpoint for a model built on the meta device. ``dtype`` casts the floating-point weights
+    (and the config's ``dtype``, so ``from_pretrained`` loads them as such); None keeps them.
 
     A PEFT (LoRA) policy is exported ``merged`` (adapters folded into a copy of the base weights:
     a plain model for ``AutoModelForCausalLM``) or as the ``adapter`` alone (for
@@ -80,6 +83,12 @@ def export_hf(
     """
     output_dir, keep = Path(output_dir), list(keep)
     check_export_destination(output_dir, keep)
+    if _is_peft(model) and adapter == "merged":
+        # Merge into a copy: the trained module keeps its adapters.
+        model = copy.deepcopy(model).merge_and_unload()
+    if dtype is not None and not _is_peft(model):  # an adapter alone keeps its own dtype
+        weights = state_dict if state_dict is not None else model.state_dict()
+        state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
     bad = _nonfinite(state_dict if state_dict is not None else model.state_dict())
     if bad:
         names = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
@@ -91,10 +100,9 @@ def export_hf(
     try:
         if tokenizer is not None:
             _fill_special_token_ids(model, tokenizer)
-        if _is_peft(model) and adapter == "merged":
-            # Merge into a copy: the trained module keeps its adapters.
-            model = copy.deepcopy(model).merge_and_unload()
         model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        if dtype is not None and not _is_peft(model):
+            _record_dtype(tmp / "config.json", dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         generative = getattr(model, "can_generate", lambda: True)()  # not a reward model's score head
@@ -108,6 +116,33 @@ def export_hf(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
+
+
+def _record_dtype(config_json: Path, dtype: torch.dtype) -> None:
+    """Write the export's weight dtype into its config (``save_pretrained`` records the model's)."""
+    config = json.loads(config_json.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = name
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def resolve_export_dtype(dtype: str | None, compute_dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``auto``: the dtype training computed in (bf16 for a bf16 run); ``keep``/None: the weights' own;
+    else ``float32``, ``bfloat16`` or ``float16``."""
+    if dtype in (None, "keep"):
+        return None
+    name = str(compute_dtype).removeprefix("torch.") if dtype == "auto" else dtype
+    if dtype == "auto" and compute_dtype is None:
+        return None
+    if name not in _DTYPES:
+        raise ExportError(f"export dtype {dtype!r}: choose auto, keep, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ExportDtype = Literal["auto", "keep", "float32", "bfloat16", "float16"]
 
 
 def check_export_destination(output_dir: str | Path, keep: Iterable[str | Path] = ()) -> None:
@@ -296,15 +331,21 @@ class HFExport(L.Callback):
     any training, not after it.
     """
 
-    def __init__(self, dirname: str = "hf_export", adapter: AdapterExport = "merged") -> None:
+    def __init__(
+        self, dirname: str = "hf_export", adapter: AdapterExport = "merged", dtype: ExportDtype = "auto"
+    ) -> None:
         """
         Args:
             dirname: Folder of the export inside the run directory (the logger's log_dir); a
                 previous export there is replaced, anything else there is refused.
             adapter: For a LoRA policy: export the merged model, or the adapter weights alone.
+            dtype: Weights dtype of the export: ``auto`` the dtype training computed in (bf16 for a
+                bf16 run, 2 bytes per parameter), ``keep`` the weights' own (fp32 master weights), or a name.
         """
         self.dirname = _plain_dirname(dirname)
         self.adapter = adapter
+        resolve_export_dtype(dtype, None)  # a bad name fails when the run is configured
+        self.dtype = dtype
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a broadcast: on every rank
@@ -331,10 +372,12 @@ class HFExport(L.Callback):
         failure: BaseException | None = None
         if trainer.is_global_zero:
             tokenizer = getattr(pl_module, "tokenizer", None)
+            compute = pl_module.compute_dtype() if hasattr(pl_module, "compute_dtype") else None
             try:
                 out = export_hf(
                     pl_module.model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter,
                     source=f"end of fit, step {trainer.global_step}", keep=_kept(trainer),
+                    dtype=resolve_export_dtype(self.dtype, compute),
                 )
             except Exception as e:  # refused, non-finite weights, full disk ...
                 failure = e
@@ -364,32 +407,103 @@ def _kept(trainer: L.Trainer) -> list[str | Path]:
     return kept
 
 
-def export_checkpoint(ckpt_path: str | Path, output_dir: str | Path, adapter: AdapterExport = "merged") -> Path:
+def export_checkpoint(
+    ckpt_path: str | Path, output_dir: str | Path, adapter: AdapterExport = "merged", dtype: ExportDtype = "auto"
+) -> Path:
     """Export the policy of any stage's checkpoint (a file, or a sharded FSDP2 folder) in HF format.
+
+    Only the policy's weights are read: no optimizer state, no reference model, and for a
+    full-parameter checkpoint not even the model source (the policy is built on the meta device
+    from the config the checkpoint carries). A LoRA checkpoint loads its base model from the
+    source and merges the adapters (``adapter="merged"``) or exports them alone. ``dtype`` as
+    :func:`resolve_export_dtype` (``auto``: the dtype training computed in).
 
     Raises :class:`~dpo_lightning.checkpoint.CheckpointError` for a missing, truncated or corrupt
     checkpoint and :class:`ExportError` for a destination the export must not replace, both
     before loading anything.
     """
-    from dpo_lightning.distributed import consolidate_checkpoint
-    from dpo_lightning.stage import stage_class_of
+    from dpo_lightning.models import resolve_tokenizer
+    from dpo_lightning.stage import EXPORT_DTYPE_KEY, POLICY_CONFIG_KEY, stage_class_of
 
     ckpt_path = Path(ckpt_path)
     check_checkpoint(ckpt_path)
     check_export_destination(output_dir, keep=[ckpt_path])
-    if ckpt_path.is_dir():  # sharded: gather the shards into one file first
+    checkpoint, state = _read_policy(ckpt_path)
+    stage = stage_class_of(checkpoint)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    target = resolve_export_dtype(dtype, checkpoint.get(EXPORT_DTYPE_KEY))
+    common = {"adapter": adapter, "source": str(ckpt_path.resolve()), "keep": [ckpt_path], "dtype": target}
+    if hparams.get("lora") is None and POLICY_CONFIG_KEY in checkpoint:
+        model = _meta_policy(stage, checkpoint[POLICY_CONFIG_KEY], target)
+        tokenizer = resolve_tokenizer(hparams.get("tokenizer"), hparams.get("trust_remote_code", False))
+        return export_hf(model, tokenizer, output_dir, state_dict=state, **common)
+    if hparams.get("lora") is not None and POLICY_CONFIG_KEY in checkpoint:
+        model = _lora_policy(stage, checkpoint, hparams, state)
+        tokenizer = resolve_tokenizer(hparams.get("tokenizer"), hparams.get("trust_remote_code", False))
+        return export_hf(model, tokenizer, output_dir, **common)
+    # A checkpoint written before the policy's config was recorded: rebuild its whole module.
+    if ckpt_path.is_dir():
+        from dpo_lightning.distributed import consolidate_checkpoint
+
         with tempfile.TemporaryDirectory() as tmp:
-            full = consolidate_checkpoint(ckpt_path)
-            torch.save(full, Path(tmp) / "full.ckpt")
-            module = stage_class_of(full).load_from_checkpoint(
-                Path(tmp) / "full.ckpt", map_location="cpu", weights_only=True
-            )
+            torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
+            module = stage.load_from_checkpoint(Path(tmp) / "full.ckpt", map_location="cpu", weights_only=True)
     else:
-        header = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)  # no tensor is read
-        module = stage_class_of(header).load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
-    return export_hf(
-        module.model, module.tokenizer, output_dir, adapter=adapter, source=str(ckpt_path.resolve()), keep=[ckpt_path]
-    )
+        module = stage.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    return export_hf(module.model, module.tokenizer, output_dir, **common)
+
+
+def _read_policy(ckpt_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checkpoint's non-tensor part, and the policy's weights (keys without ``model.``).
+
+    A file is memory-mapped, so only the policy's tensors are read; of a sharded folder only the
+    policy's entries are loaded (:func:`dpo_lightning.distributed.consolidate_checkpoint` with a prefix).
+    """
+    if ckpt_path.is_dir():
+        from dpo_lightning.distributed import consolidate_checkpoint
+
+        checkpoint = consolidate_checkpoint(ckpt_path, only="state_dict.model.")
+    else:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    weights = checkpoint.get("state_dict") or {}
+    state = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
+    return checkpoint, state
+
+
+def _meta_policy(stage: type, config: Mapping[str, Any], dtype: torch.dtype | None) -> PreTrainedModel:
+    """The policy's architecture without weights (meta device): the export writes the checkpoint's."""
+    from transformers import AutoConfig
+
+    fields = dict(config)
+    cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = stage.auto_model_class.from_config(cfg)
+    if dtype is not None:
+        model.to(dtype)
+    return model
+
+
+def _lora_policy(stage: type, checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], state: dict[str, Any]) -> Any:
+    """A LoRA policy: its base loaded from the source (or built from the recorded config), the checkpoint's
+    adapters (and base weights, when it holds them) loaded on top."""
+    from transformers import AutoConfig
+
+    from dpo_lightning.models import load_model, wrap_lora
+    from dpo_lightning.stage import FROZEN_BASE_KEY, check_frozen_base, fingerprint, frozen_parameters
+
+    source = hparams.get("model") if FROZEN_BASE_KEY in checkpoint else None
+    load = {"dtype": hparams.get("dtype"), "trust_remote_code": hparams.get("trust_remote_code", False)}
+    if source is not None:
+        base = load_model(source, auto_class=stage.auto_model_class, **load, **stage.model_overrides)
+    else:  # the checkpoint holds every weight: the architecture is enough
+        fields = dict(checkpoint["dpo_lightning_policy_config"])
+        base = stage.auto_model_class.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+    model = wrap_lora(base, **hparams["lora"], task_type=stage.lora_task_type)
+    if FROZEN_BASE_KEY in checkpoint:
+        check_frozen_base(checkpoint[FROZEN_BASE_KEY], fingerprint(frozen_parameters(model)))
+        state = {**{k: v for k, v in model.state_dict().items() if k in frozen_parameters(model)}, **state}
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -407,9 +521,14 @@ def main(argv: list[str] | None = None) -> None:
         "--adapter", choices=["merged", "adapter"], default="merged",
         help="for a LoRA policy: the merged model (default) or the adapter weights alone",
     )
+    parser.add_argument(
+        "--dtype", choices=["auto", "keep", *_DTYPES], default="auto",
+        help="weights dtype of the export: auto (default) the dtype training computed in (bf16 for a bf16 run), "
+        "keep the checkpoint's own (fp32 master weights), or a dtype",
+    )
     args = parser.parse_args(argv)
     try:
-        out = export_checkpoint(args.ckpt_path, args.output_dir, args.adapter)
+        out = export_checkpoint(args.ckpt_path, args.output_dir, args.adapter, args.dtype)
     except (CheckpointError, ExportError) as e:
         parser.exit(1, f"{parser.prog}: error: {e}\n")
     print(f"Exported to {out}")

@@ -67,12 +67,14 @@ def version_of(ckpt_path: str | Path) -> int | None:
 def read_checkpoint_header(ckpt_path: str | Path) -> dict[str, Any]:
     """Step, epoch and hyper-parameters of a single-file checkpoint, without reading its tensors.
 
-    ``mmap=True`` maps the file instead of loading it: a 7B checkpoint costs no memory here.
-    Sharded checkpoints (folders) return ``{}``.
+    ``mmap=True`` maps the file instead of loading it: a 7B checkpoint costs no memory here. Of a
+    sharded checkpoint (a folder) only its small ``meta.pt`` is read; ``{}`` when it has none.
     """
     path = Path(ckpt_path)
     if path.is_dir():
-        return {}
+        path = path / "meta.pt"
+        if not path.is_file():
+            return {}
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     keys = ("global_step", "epoch", "hyper_parameters", "datamodule_hyper_parameters")
     return {k: ckpt[k] for k in keys if k in ckpt}

@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 STAGE_KEY = "dpo_lightning_stage"  # checkpoint key: the module class, so `export` can load any stage
 TOKENS_KEY = "dpo_lightning_num_tokens"  # checkpoint key: input tokens trained on so far (all ranks)
+POLICY_CONFIG_KEY = "dpo_lightning_policy_config"  # the policy's config: an export needs no model source
+EXPORT_DTYPE_KEY = "dpo_lightning_compute_dtype"  # the dtype the policy computed in: an export's default
+FROZEN_BASE_KEY = "dpo_lightning_frozen_base"  # a LoRA checkpoint without its frozen base weights
 
 # The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
@@ -135,7 +138,8 @@ class CausalLMModule(L.LightningModule):
         self.model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
         self.ref_model: nn.Module | None = None
         self.reference: Reference | None = None
-        self._keep_reference_weights = False  # set under FSDP2, which loads checkpoints strictly
+        self._loads_strictly = False  # set under FSDP2, which loads checkpoints strictly: every weight is saved
+        self._base_fingerprint: Tensor | None = None  # of the frozen LoRA base, computed at the first save
 
         self.train_metrics = self.metrics_class("train")
         self.val_metrics = self.metrics_class("val")
@@ -286,7 +290,7 @@ class CausalLMModule(L.LightningModule):
             # unit's unshard/reshard hooks; refuse rather than compute on shards.
             raise ValueError("lean_logprobs is not supported under ModelParallelStrategy (FSDP2) yet; set it false")
         # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
-        self._keep_reference_weights = True
+        self._loads_strictly = True
         param_dtype = torch.bfloat16 if self.memory.fsdp_mixed_precision else None
         shard_models(self.model, [self.ref_model], self.device_mesh, param_dtype=param_dtype)
 
@@ -328,13 +332,49 @@ class CausalLMModule(L.LightningModule):
         checkpoint[RESUME_KEY] = resume_state(self.train_metrics)  # collective: every rank runs this hook
         checkpoint[TOKENS_KEY] = int(self._total_tokens().item())  # collective too
         checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
+        checkpoint[POLICY_CONFIG_KEY] = self.model.config.to_dict()
+        checkpoint[EXPORT_DTYPE_KEY] = str(self.compute_dtype()).removeprefix("torch.")
+        state = checkpoint.get("state_dict")
+        if state is not None and self._rebuildable_base():
+            # LoRA: the frozen base weights are the model source's; the checkpoint holds what training changed.
+            for key in self._frozen_base_keys():
+                state.pop(key, None)
+            checkpoint[FROZEN_BASE_KEY] = {"source": self.policy_source, "fingerprint": self._fingerprint()}
         if self.reference is None:
             return
         checkpoint.update(self.reference.state_dict())
-        if not (self._keep_reference_weights or self.reference.keep_weights_in_checkpoint(self)):
-            state = checkpoint["state_dict"]
+        if state is not None and not (self._loads_strictly or self.reference.keep_weights_in_checkpoint(self)):
             for key in [k for k in state if k.startswith(REF_PREFIX)]:
                 del state[key]
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the policy computes in: the precision's (bf16-*, 16-*), FSDP2's mixed-precision bf16,
+        or its weights' dtype; an export is written in it by default."""
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        if self._loads_strictly and self.memory.fsdp_mixed_precision:  # sharded, bf16 parameters in compute
+            return torch.bfloat16
+        return next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+
+    def _rebuildable_base(self) -> bool:
+        """A LoRA policy loaded from a hub id or path, not sharded: its frozen base can be loaded again."""
+        return self.lora is not None and self.policy_source is not None and not self._loads_strictly
+
+    def _frozen_base(self) -> dict[str, Tensor]:
+        """The frozen parameters of the policy by checkpoint key (tied weights under each of their names)."""
+        return {f"model.{k}": v for k, v in frozen_parameters(self.model).items()}
+
+    def _frozen_base_keys(self) -> list[str]:
+        return list(self._frozen_base())
+
+    def _fingerprint(self) -> Tensor:
+        """Per-tensor float64 sums of the frozen base: a resume or export refuses a source whose weights changed."""
+        if self._base_fingerprint is None:
+            self._base_fingerprint = fingerprint(frozen_parameters(self.model))
+        return self._base_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if RESUME_KEY in checkpoint:
@@ -343,12 +383,42 @@ class CausalLMModule(L.LightningModule):
         self._tokens_seen = int(checkpoint.get(TOKENS_KEY, 0)) if self.global_rank == 0 else 0
         if self.reference is not None:
             self.reference.load_state_dict(checkpoint)
-        # A reference left out of the checkpoint was rebuilt from its source in __init__.
         # (ModelParallelStrategy loads weights itself and passes no state_dict here.)
         state = checkpoint.get("state_dict")
-        if state is not None and self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
+        if state is None:
+            return
+        if FROZEN_BASE_KEY in checkpoint:
+            # The LoRA base left out of the checkpoint: the one loaded from the source in __init__.
+            check_frozen_base(checkpoint[FROZEN_BASE_KEY], self._fingerprint())
+            current = self.state_dict()
+            for key in self._frozen_base_keys():
+                state.setdefault(key, current[key])
+        # A reference left out of the checkpoint was rebuilt from its source in __init__.
+        if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+
+
+def frozen_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``model``'s frozen parameters by state-dict key (a tied weight under each of its names)."""
+    state = model.state_dict(keep_vars=True)
+    return {k: v for k, v in state.items() if isinstance(v, nn.Parameter) and not v.requires_grad}
+
+
+def fingerprint(parameters: Mapping[str, Tensor]) -> Tensor:
+    """Per-tensor float64 sums: tells one set of base weights from another without storing them."""
+    sums = [torch.sum(p.detach(), dtype=torch.float64).cpu() for p in parameters.values()]
+    return torch.stack(sums) if sums else torch.zeros(0, dtype=torch.float64)
+
+
+def check_frozen_base(saved: Mapping[str, Any], fingerprint: Tensor) -> None:
+    """ValueError when the LoRA base loaded now is not the one the checkpoint's adapters were trained on."""
+    expected = saved["fingerprint"]
+    if expected.shape != fingerprint.shape or not torch.allclose(fingerprint, expected, rtol=1e-6, atol=1e-6):
+        raise ValueError(
+            f"the LoRA checkpoint holds adapters only; its base weights come from {saved['source']!r}, which now "
+            "holds different weights than when the checkpoint was written (another revision?): load the same base"
+        )
 
 
 def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
@@ -385,4 +455,4 @@ def _logs_this_step(trainer: L.Trainer) -> bool:
     return trainer._logger_connector.should_update_logs
 
 
-__all__ = ["CausalLMModule", "STAGE_KEY", "stage_class_of"]
+__all__ = ["CausalLMModule", "STAGE_KEY", "check_frozen_base", "stage_class_of"]

@@ -1,0 +1,265 @@
+"""What checkpoints cost and how they reach the disk at scale (issue #18): the best checkpoint and
+``last.ckpt`` of one step are one set of files (hard links), sharded saves are atomic, LoRA
+checkpoints hold adapters only, and an export reads the policy alone, in the training dtype."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dpo_lightning import DPOModule
+from dpo_lightning.callbacks import LatestModelCheckpoint
+from dpo_lightning.checkpoint import (
+    check_checkpoint,
+    remove_orphaned_temporaries,
+    replace_atomically,
+    temporary_path,
+)
+from dpo_lightning.distributed import consolidate_checkpoint
+from dpo_lightning.export import export_checkpoint
+from dpo_lightning.options import LoraOptions, MemoryOptions
+from dpo_lightning.runs import read_checkpoint_header
+
+from tiny import random_batch, tiny_config
+
+BATCHES = [random_batch(seed=i) for i in range(6)]
+
+
+def _fit(module, folder: Path, *, steps: int, sharded: bool = False, val_every: int | None = None,
+         precision: str = "32-true", ckpt_path: str | None = None, **checkpoint):
+    callback = LatestModelCheckpoint(
+        dirpath=folder, save_last=True, monitor="val/loss" if val_every else None, filename="step{step}",
+        **{"save_every_n_steps": 1, **checkpoint},
+    )
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if sharded else "auto"
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, val_check_interval=val_every,
+        precision=precision, logger=False, callbacks=[callback], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    val = DataLoader(BATCHES[:2], batch_size=None) if val_every else None
+    trainer.fit(module, DataLoader(BATCHES, batch_size=None), val, ckpt_path=ckpt_path)
+    return trainer, callback
+
+
+def _files(path: Path) -> dict[str, os.stat_result]:
+    if path.is_file():
+        return {"": path.stat()}
+    return {str(p.relative_to(path)): p.stat() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _module(**kwargs) -> DPOModule:
+    return DPOModule(model_config=tiny_config(), memory=MemoryOptions(fsdp_mixed_precision=False), **kwargs)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_best_and_last_of_one_step_are_hard_links_and_part_when_last_moves_on(tmp_path, sharded):
+    """Validation at step 3 writes the best checkpoint and last.ckpt: one write, two names (same inodes).
+    Steps 4 and 5 replace last.ckpt with new files; the best keeps its own, intact."""
+    trainer, callback = _fit(_module(), tmp_path, steps=5, sharded=sharded, val_every=3, save_every_n_steps=None,
+                             save_every_minutes=None)
+    best, last = Path(callback.best_model_path), tmp_path / "last.ckpt"
+    assert best.name == "stepstep=3.ckpt"
+    assert read_checkpoint_header(best)["global_step"] == 3
+    assert read_checkpoint_header(last)["global_step"] == 5  # the end of training, written on its own
+    check_checkpoint(best)
+    check_checkpoint(last)
+    assert not set(s.st_ino for s in _files(best).values()) & set(s.st_ino for s in _files(last).values())
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_a_validation_step_writes_one_copy(tmp_path, sharded):
+    _, callback = _fit(_module(), tmp_path, steps=3, sharded=sharded, val_every=3, save_every_n_steps=None,
+                       save_every_minutes=None)
+    best, last = _files(Path(callback.best_model_path)), _files(tmp_path / "last.ckpt")
+    assert best.keys() == last.keys() and best
+    assert all(best[k].st_ino == last[k].st_ino and best[k].st_nlink == 2 for k in best)
+    # Resuming from the linked last.ckpt continues the run (its state is the step's, whole).
+    trainer, _ = _fit(_module(), tmp_path / "more", steps=4, sharded=sharded, ckpt_path=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == 4
+
+
+def test_a_sharded_save_that_fails_leaves_the_previous_checkpoint_and_no_debris(tmp_path, monkeypatch):
+    import lightning.pytorch.strategies.model_parallel as mp
+
+    real = mp._distributed_checkpoint_save
+    calls = []
+
+    def dies_on_second_save(state, path):
+        calls.append(path)
+        if len(calls) == 2:
+            (Path(path) / "__0_0.distcp").write_bytes(b"half a shard")
+            raise OSError(28, "No space left on device")
+        real(state, path)
+
+    monkeypatch.setattr(mp, "_distributed_checkpoint_save", dies_on_second_save)
+    with pytest.raises(OSError, match="No space"):
+        _fit(_module(), tmp_path, steps=3, sharded=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    check_checkpoint(tmp_path / "last.ckpt")
+    assert read_checkpoint_header(tmp_path / "last.ckpt")["global_step"] == 1
+    assert Path(calls[1]).name.startswith(".last.ckpt.") and Path(calls[1]).name.endswith(".tmp")
+
+
+def test_a_killed_sharded_save_is_cleaned_up_by_the_next_one(tmp_path):
+    """A writer killed mid-save (its pid gone) left a temporary folder: the next save removes it."""
+    from dpo_lightning.checkpoint import _HOST
+
+    left = tmp_path / f".last.ckpt.{_HOST}-999999.abcd1234.tmp"  # no process has pid 999999 here
+    left.mkdir()
+    (left / "__0_0.distcp").write_bytes(b"x")
+    _fit(_module(), tmp_path, steps=1, sharded=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_replacing_a_folder_without_an_atomic_exchange_can_be_recovered(tmp_path, monkeypatch):
+    """Where renameat2 exchange is unavailable, the old checkpoint goes aside first; a crash before the new one
+    is renamed in leaves it aside, and the next cleanup puts it back under its name."""
+    import dpo_lightning.checkpoint as ck
+
+    old = tmp_path / "last.ckpt"
+    old.mkdir()
+    (old / "meta.pt").write_bytes(b"old")
+    new = temporary_path(old)
+    new.mkdir()
+    (new / "meta.pt").write_bytes(b"new")
+    monkeypatch.setattr(ck, "_exchange", lambda a, b: False)
+    replace_atomically(new, old)
+    assert (old / "meta.pt").read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+    newer = temporary_path(old)
+    newer.mkdir()
+    real_rename = Path.rename
+
+    def crash_on_the_second_rename(self, target):
+        if self == newer:
+            raise KeyboardInterrupt("killed between the two renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        replace_atomically(newer, old)
+    monkeypatch.undo()
+    assert not old.exists()  # the crash window: only the aside copy holds it
+    remove_orphaned_temporaries(tmp_path)
+    assert (old / "meta.pt").read_bytes() == b"new"
+
+
+def test_atomic_exchange_swaps_folders_on_this_machine(tmp_path):
+    from dpo_lightning.checkpoint import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not _exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) unsupported here (the fallback is tested above)")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture
+def base_folder(tmp_path) -> Path:
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    folder = tmp_path / "base"
+    model.save_pretrained(folder)
+    return folder
+
+
+def _lora(base: Path) -> DPOModule:
+    return DPOModule(model=str(base), reference="adapter", lora=LoraOptions(r=4, alpha=8, target_modules="all-linear"))
+
+
+def test_lora_checkpoint_holds_adapters_only_and_loads_back_whole(tmp_path, base_folder):
+    trainer, _ = _fit(_lora(base_folder), tmp_path / "ck", steps=2)
+    trained = trainer.lightning_module.state_dict()
+    ckpt = torch.load(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    policy = [k for k in ckpt["state_dict"] if k.startswith("model.")]
+    assert policy and all("lora_" in k for k in policy), policy
+    trainable = {f"model.{n}" for n, p in trainer.lightning_module.model.named_parameters() if p.requires_grad}
+    assert set(policy) == trainable
+    loaded = DPOModule.load_from_checkpoint(tmp_path / "ck" / "last.ckpt", weights_only=True)
+    assert loaded.state_dict().keys() == trained.keys()
+    for key, value in trained.items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # A resumed run continues from it.
+    resumed, _ = _fit(_lora(base_folder), tmp_path / "ck2", steps=3, ckpt_path=str(tmp_path / "ck" / "last.ckpt"))
+    assert resumed.global_step == 3
+
+
+def test_lora_checkpoint_refuses_a_base_that_changed(tmp_path, base_folder):
+    _fit(_lora(base_folder), tmp_path / "ck", steps=1)
+    model = AutoModelForCausalLM.from_pretrained(base_folder)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1e-3)
+    model.save_pretrained(base_folder)
+    with pytest.raises(ValueError, match="different weights"):
+        DPOModule.load_from_checkpoint(tmp_path / "ck" / "last.ckpt", weights_only=True)
+
+
+def test_lora_checkpoint_exports_merged_like_the_trained_module(tmp_path, base_folder):
+    trainer, _ = _fit(_lora(base_folder), tmp_path / "ck", steps=2)
+    out = export_checkpoint(tmp_path / "ck" / "last.ckpt", tmp_path / "export")
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    merged = trainer.lightning_module.model.merge_and_unload()
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def test_export_of_a_sharded_checkpoint_reads_the_policy_alone(tmp_path, monkeypatch):
+    """No optimizer state and no reference are loaded, and no model is built but on the meta device."""
+    import dpo_lightning.models as models
+
+    trainer, _ = _fit(_module(), tmp_path / "ck", steps=2, sharded=True)
+    last = tmp_path / "ck" / "last.ckpt"
+    policy = consolidate_checkpoint(last, only="state_dict.model.")
+    assert "optimizer_states" not in policy and policy["state_dict"]
+    assert all(k.startswith("model.") for k in policy["state_dict"])
+    everything = consolidate_checkpoint(last)
+    assert any(k.startswith("ref_model.") for k in everything["state_dict"])  # (FSDP2 keeps the reference)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the export loaded a model")
+
+    monkeypatch.setattr(models, "load_model", no_loading)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    out = export_checkpoint(last, tmp_path / "export")
+    monkeypatch.undo()
+    exported = AutoModelForCausalLM.from_pretrained(out)
+    for key, value in policy["state_dict"].items():
+        assert torch.equal(exported.state_dict()[key.removeprefix("model.")], value), key
+
+
+def test_export_dtype_follows_training_unless_told(tmp_path):
+    _fit(_module(), tmp_path / "ck", steps=1, precision="bf16-mixed")
+    last = tmp_path / "ck" / "last.ckpt"
+    auto = export_checkpoint(last, tmp_path / "auto")
+    assert json.loads((auto / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(auto).dtype == torch.bfloat16
+    kept = export_checkpoint(last, tmp_path / "keep", dtype="keep")
+    assert AutoModelForCausalLM.from_pretrained(kept).dtype == torch.float32
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    exported = AutoModelForCausalLM.from_pretrained(auto).state_dict()
+    for key, value in weights.items():
+        if key.startswith("model."):
+            assert torch.equal(exported[key.removeprefix("model.")], value.to(torch.bfloat16)), key
+
+    _fit(_module(), tmp_path / "ck32", steps=1)
+    fp32 = export_checkpoint(tmp_path / "ck32" / "last.ckpt", tmp_path / "fp32")
+    assert AutoModelForCausalLM.from_pretrained(fp32).dtype == torch.float32
