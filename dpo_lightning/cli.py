@@ -6,7 +6,9 @@ model, data, precision, strategy and devices; this file only wires them: shared 
 once and linked, what a stage declares (the batch it consumes, the metric its best checkpoint is
 chosen by) configures the data module and the checkpoint, and the defaults a user expects
 (TensorBoard, progress bar, LR monitor, checkpoints, seeding, an HF export at the end of
-``fit``) are on unless a recipe says otherwise.
+``fit``) are on unless a recipe says otherwise. Before any class is built, ``fit``/``validate``/``test``
+run the preflight checks of `dpo_lightning.preflight` (FSDP1, packing with flash attention, bf16 steps,
+conversational rows without a chat template), so a wrong pairing fails before any weights load.
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from dpo_lightning.data.errors import DataError
 from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
 from dpo_lightning.options import recorded_groups
+from dpo_lightning.preflight import check_chat_template, check_packing_attention, check_strategy, warn_update_resolution
 from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
 from dpo_lightning.stage import CausalLMModule
 
+PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
 
@@ -114,8 +118,6 @@ class DPOLightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if self.subcommand == "fit":
-            _claim_run_folder(config)
         stage = _stage_class(config)
         data = config.get("data")
         if data is not None:
@@ -123,6 +125,12 @@ class DPOLightningCLI(LightningCLI):
             _check_data_for_stage(stage, data.class_path)
             if "unpaired" in data.init_args:
                 data.init_args.unpaired = stage.batch_format == "unpaired"
+        if self.subcommand in PREFLIGHT_SUBCOMMANDS:
+            # Before any weights load: a bad combination fails in seconds, not after every rank loaded the model.
+            self.check_settings(config)
+            self.check_data(config)
+        if self.subcommand == "fit":
+            _claim_run_folder(config)
         checkpoint = config.get("checkpoint")
         if checkpoint is not None:
             metric, mode = stage.checkpoint_monitor
@@ -131,6 +139,30 @@ class DPOLightningCLI(LightningCLI):
             if checkpoint.filename == AUTO:
                 name = checkpoint.monitor.rsplit("/", 1)[-1] if checkpoint.monitor else None
                 checkpoint.filename = f"step{{step}}-{name}{{{checkpoint.monitor}:.3f}}" if name else "step{step}"
+
+    def check_settings(self, config: Namespace) -> None:
+        """Settings that cannot work together (`preflight`): FSDP1, packing under flash attention; a warning
+        for learning rates whose steps round away in bf16 weights."""
+        trainer, model = config.trainer, config.model.init_args
+        check_strategy(trainer.get("strategy"))
+        data = config.get("data")
+        if data is not None:
+            check_packing_attention(data.init_args.get("collator"), model.get("attn_implementation"))
+        optimizer = model.get("optimizer")
+        optimizer_args = optimizer.get("init_args") if isinstance(optimizer, Namespace) else None
+        warn_update_resolution(
+            trainer.get("precision"),
+            optimizer_args.get("lr") if optimizer_args is not None else None,
+            model.get("dtype"),
+            lora=model.get("lora") is not None,
+            optimizer=optimizer.get("class_path") if isinstance(optimizer, Namespace) else None,
+        )
+
+    def check_data(self, config: Namespace) -> None:
+        """The first training rows against the tokenizer (`preflight.check_chat_template`): reads data, no weights."""
+        data = config.get("data")
+        if data is not None:
+            check_chat_template(data.class_path, data.init_args.as_dict())
 
 
 def _path(cls: type) -> str:

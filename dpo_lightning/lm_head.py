@@ -72,6 +72,18 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return backbone, head
 
 
+def lean_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the lean path cannot score ``model`` exactly (its LM head, its logit post-processing), or None."""
+    try:
+        logit_transform(model.config)
+        backbone_and_head(model)
+    except NotImplementedError as e:
+        return str(e).split(";")[0]
+    except AttributeError:  # not a transformers causal LM (no config or output embeddings)
+        return f"{type(model).__name__} is not a Hugging Face causal LM with an output embedding"
+    return None
+
+
 def lean_sequence_logps(
     model: torch.nn.Module,
     inputs: Mapping[str, Tensor],

@@ -43,12 +43,14 @@ class MemoryOptions:
 
     Args:
         lean_logprobs: Score response positions from the last hidden states; never builds (2B, T, V) logits.
+            None (default): on wherever the model allows it (a plain LM head, known logit scaling, not under
+            FSDP2); the run logs which path it takes and why. True insists, False turns it off.
         logprob_chunk_elements: Float32 elements per chunk when computing log-probs (bounds extra memory).
         activation_checkpointing: Recompute each policy decoder layer in backward to save activation memory.
         fsdp_mixed_precision: Under ModelParallelStrategy (FSDP2): bf16 compute, fp32 gradient reduction.
     """
 
-    lean_logprobs: bool = False
+    lean_logprobs: bool | None = None
     logprob_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     activation_checkpointing: bool = False
     fsdp_mixed_precision: bool = True

@@ -73,6 +73,9 @@ class RewardModule(CausalLMModule):
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return out.logits.squeeze(-1).float()  # (2B,)
 
+    def packing_unsupported(self) -> str | None:
+        return "a reward model reads each row's last token"
+
     def setup(self, stage: str) -> None:
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

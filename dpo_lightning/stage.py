@@ -151,6 +151,22 @@ class CausalLMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ models
 
+    @property
+    def lean_logprobs(self) -> bool:
+        """Whether log-probs come from the last hidden states (``lm_head.py``) rather than full logits:
+        ``memory.lean_logprobs``, or by default wherever the model allows it (:meth:`lean_off_because`)."""
+        return self.lean_off_because() is None
+
+    def lean_off_because(self) -> str | None:
+        """Why this run computes full logits, or None when it takes the lean path."""
+        if self.memory.lean_logprobs is not None:
+            return None if self.memory.lean_logprobs else "model.memory.lean_logprobs: false"
+        if self._loads_strictly:
+            return "not yet under FSDP2 (ModelParallelStrategy)"
+        from dpo_lightning.lm_head import lean_unsupported
+
+        return lean_unsupported(self.model)
+
     def load_model(self, source: str | PreTrainedModel) -> PreTrainedModel:
         """A causal LM loaded the way the policy was (dtype, attention kernel, remote-code setting)."""
         return load_model(source, **self._load_kwargs)
@@ -179,7 +195,7 @@ class CausalLMModule(L.LightningModule):
             if "attention_mask" in inputs and inputs["attention_mask"].is_floating_point():
                 inputs["attention_mask"] = inputs["attention_mask"].to(model.dtype)
         chunk = self.memory.logprob_chunk_elements
-        if self.memory.lean_logprobs:
+        if self.lean_logprobs:
             return lean_sequence_logps(model, inputs, batch["labels"], chunk_elements=chunk, **packed)
         logits = model(**inputs, use_cache=False).logits  # (rows, T, V), or (R, L, V) packed
         return sequence_logps(logits, batch["labels"], chunk_elements=chunk, **packed)
@@ -299,10 +315,37 @@ class CausalLMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if self._trainer is not None:
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
+            self._choose_fast_paths(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
             check_validation_interval(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
+
+    def packing_unsupported(self) -> str | None:
+        """Why this stage's batches cannot be packed rows (block-causal 4D mask), or None."""
+        kernel = getattr(self.model.config, "_attn_implementation", None) or self._load_kwargs["attn_implementation"]
+        if kernel not in (None, "sdpa", "eager"):
+            return f"attention kernel {kernel!r} cannot take the packed rows' block-causal 4D mask"
+        return None
+
+    def _choose_fast_paths(self, datamodule: Any) -> None:
+        """Resolve ``data.collator: auto`` (packed rows when the stage and model take them) and say, once,
+        which batches and log-prob path this run uses, and why."""
+        lines = []
+        choose = getattr(datamodule, "choose_collator", None)
+        if choose is not None:
+            chosen, reason = choose(self.packing_unsupported())
+            if chosen is not None:
+                lines.append(f"batches: {chosen}" + (f" ({reason})" if reason else ""))
+        if self.auto_model_class is AutoModelForCausalLM:  # a reward model scores, it has no log-probs
+            why = self.lean_off_because()
+            path = "lean, from the last hidden states" if why is None else f"full logits ({why})"
+            lines.append(f"log-probs: {path}")
+        if lines and self.trainer.is_global_zero and not getattr(self, "_said_fast_paths", False):
+            self._said_fast_paths = True
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info("; ".join(lines))
 
     def _check_datamodule(self, datamodule: Any) -> None:
         """ValueError before the first step when the data module makes batches of another kind (a pair

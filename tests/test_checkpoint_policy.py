@@ -33,6 +33,19 @@ from tiny import random_batch, tiny_config
 BATCHES = [random_batch(seed=i) for i in range(6)]
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """A one-process ModelParallelStrategy run opens a process group (a TCP store on MASTER_PORT) in this
+    process and sets MASTER_PORT & co.: close it and restore the environment, or later 2-process tests
+    inherit a port that is taken."""
+    saved = dict(os.environ)
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def _fit(module, folder: Path, *, steps: int, sharded: bool = False, val_every: int | None = None,
          precision: str = "32-true", ckpt_path: str | None = None, **checkpoint):
     callback = LatestModelCheckpoint(

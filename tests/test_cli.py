@@ -17,7 +17,11 @@ RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 class ParseOnlyCLI(DPOLightningCLI):
-    """Parses and validates a config against every signature, but builds nothing (no downloads)."""
+    """Parses and validates a config against every signature and runs the settings preflight (FSDP1,
+    packing + flash attention, bf16 steps), but reads no data and builds nothing (no downloads)."""
+
+    def check_data(self, config) -> None:
+        pass
 
     def instantiate_classes(self) -> None:
         pass

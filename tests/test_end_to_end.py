@@ -23,11 +23,14 @@ from tiny import tiny_config
 BETA = 0.1  # DPOModule's default
 
 
-def _data(tmp_path) -> PreferenceDataModule:
+def _data(tmp_path, collator: str = "pad") -> PreferenceDataModule:
+    """Padded rows by default: the expected metrics below are written out for them (``plain_logps``);
+    the default (packed rows) is checked against them in the last test."""
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(row) for row in generate_pairs(64, seed=3)))
     return PreferenceDataModule(
-        tokenizer="synthetic:sort", dataset=str(path), val_fraction=0.25, max_length=32, batch_size=4, seed=1
+        tokenizer="synthetic:sort", dataset=str(path), val_fraction=0.25, max_length=32, batch_size=4, seed=1,
+        collator=collator,
     )
 
 
@@ -174,3 +177,32 @@ def test_one_sgd_step_moves_each_policy_weight_by_minus_lr_times_its_gradient(tm
     assert logged == pytest.approx(dpo_metrics(initial, initial, [batch], "train"), rel=1e-5, abs=1e-6)
     assert logged["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert logged["train/rewards/margins"] == logged["train/rewards/accuracies"] == 0.0
+
+
+def test_the_default_fast_path_trains_as_the_padded_full_logits_path(tmp_path, caplog):
+    """Defaults (``collator: auto`` -> packed rows, ``lean_logprobs`` None -> lean) against padded rows with
+    full logits: the same validation metrics and the same weights after 4 AdamW steps (fp32, 1e-5), and
+    the run says which path it took."""
+    import logging
+
+    runs = {}
+    for name, collator, lean in (("fast", "auto", None), ("plain", "pad", False)):
+        torch.manual_seed(0)
+        (tmp_path / name).mkdir()
+        data = _data(tmp_path / name, collator=collator)
+        module = DPOModule(
+            model_config=tiny_config("llama", vocab_size=data.vocab_size), tokenizer=data.tokenizer,
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), memory={"lean_logprobs": lean},
+        )
+        trainer = _trainer(max_steps=4, limit_val_batches=2)
+        with caplog.at_level(logging.INFO):
+            trainer.fit(module, datamodule=data)
+        runs[name] = (trainer.validate(module, datamodule=data, verbose=False)[0], module.model.state_dict(), data)
+    (fast, fast_w, fast_data), (plain, plain_w, _) = runs["fast"], runs["plain"]
+    assert fast_data.collator_name == "pack"
+    assert "batches: pack" in caplog.text and "log-probs: lean" in caplog.text
+    assert "batches: pad (data.collator)" in caplog.text
+    assert "full logits (model.memory.lean_logprobs: false)" in caplog.text
+    assert fast == pytest.approx(plain, rel=1e-5, abs=1e-6)
+    for key, value in plain_w.items():
+        torch.testing.assert_close(fast_w[key], value, rtol=1e-5, atol=1e-6)

@@ -128,7 +128,9 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append(int(batch["attention_mask"].sum()))
+            # Packed rows (the default) mark each position's sequence, -1 on padding; padded rows have the 2D mask.
+            seen.append(int((batch["sequence_ids"] >= 0).sum()) if "sequence_ids" in batch
+                        else int(batch["attention_mask"].sum()))
 
     cli = cli_main(args(tmp_path, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "3"), run=False)
     cli.trainer.loggers = [cli.trainer.logger, logger]

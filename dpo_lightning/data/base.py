@@ -48,6 +48,9 @@ class LiveSplit(TorchDataset):
         return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
 
 
+AUTO = "auto"  # collator: packed rows when the stage and its model take them, else padded rows
+
+
 def check_settings(
     *,
     max_length: int,
@@ -70,8 +73,8 @@ def check_settings(
         raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
     if val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if collator not in collators:
-        raise ValueError(f"unknown collator {collator!r}; choose one of {sorted(collators)}")
+    if collator != AUTO and collator not in collators:
+        raise ValueError(f"unknown collator {collator!r}; choose one of {sorted([AUTO, *collators])}")
     check_column_options(columns, drop_columns, fields)
     if max_prompt_length is None and truncation_mode != "keep_end":
         warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
@@ -126,8 +129,30 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
         raise NotImplementedError
 
     @property
+    def collator_name(self) -> str:
+        """The collator the loaders use: ``data.collator``, or what ``auto`` resolved to (``pad`` until a stage
+        chose)."""
+        if self.hparams.collator != AUTO:
+            return self.hparams.collator
+        return getattr(self, "_chosen_collator", None) or "pad"
+
+    def choose_collator(self, packing_unsupported: str | None) -> tuple[str, str]:
+        """Resolve ``collator: auto`` for the stage about to train (called from its ``setup``, before any
+        loader exists): ``pack`` unless the stage gives a reason it cannot take packed rows
+        (``packing_unsupported``). Returns the collator and why; an explicit ``data.collator`` stands."""
+        if self.hparams.collator != AUTO:
+            return self.hparams.collator, "data.collator"
+        if "pack" not in self.collators:
+            self._chosen_collator, why = "pad", "this data module does not pack"
+        elif packing_unsupported:
+            self._chosen_collator, why = "pad", packing_unsupported
+        else:
+            self._chosen_collator, why = "pack", "no padding; data.collator: pad for padded rows"
+        return self._chosen_collator, f"data.collator auto: {why}"
+
+    @property
     def collate_fn(self) -> Callable:
-        return self.collators[self.hparams.collator](
+        return self.collators[self.collator_name](
             pad_token_id=self.pad_token_id, pad_to_multiple_of=self.hparams.pad_to_multiple_of
         )
 

@@ -43,7 +43,7 @@ class PreferenceDataModule(TokenizedDataModule):
         pad_to_multiple_of: int | None = None,
         drop_identical: bool = True,
         num_proc: int | None = None,
-        collator: str = "pad",
+        collator: str = "auto",
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         unpaired: bool = False,
@@ -72,12 +72,13 @@ class PreferenceDataModule(TokenizedDataModule):
             pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
             drop_identical: Drop pairs whose chosen equals rejected (with a warning) instead of keeping them.
             num_proc: Processes for the one-off tokenization pass (``datasets.map``).
-            collator: Batch collator by name: ``pad`` (right-padded rows) or ``pack`` (sequences packed into rows).
+            collator: ``auto`` (default): ``pack`` (sequences packed into rows, no padding) when the stage and its
+                model take packed rows, else ``pad`` (right-padded rows); the run logs which and why.
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
             unpaired: Produce unpaired examples for KTO (the CLI sets it from the loss): prompt/completion/label
                 rows as they are, pairs as chosen -> desirable and rejected -> undesirable; batch_size then
-                counts examples, and the default ``pad`` collator becomes ``kto`` (docs/data.md).
+                counts examples, and the collator is ``kto`` (docs/data.md).
             columns: Our field names -> the dataset's columns, e.g. ``{prompt: question, chosen: good, rejected: bad}``.
             drop_columns: Dataset columns to leave out without the warning that names unread columns.
         """
@@ -93,7 +94,7 @@ class PreferenceDataModule(TokenizedDataModule):
             drop_columns=drop_columns,
             fields=PAIR_LAYOUTS.fields,
         )
-        if unpaired and collator not in ("pad", "kto"):
+        if unpaired and collator not in ("pad", "kto", "auto"):
             raise ValueError(f"unpaired (KTO) data is batched by the 'kto' collator, got collator={collator!r}")
         if unpaired and min(batch_size, eval_batch_size or batch_size) < 2:
             # KTO's KL rows pair each prompt with another example's completion in the same batch.
@@ -136,12 +137,17 @@ class PreferenceDataModule(TokenizedDataModule):
     @property
     def collate_fn(self):
         # Unpaired data has one batch layout, so the default collator name stands for it.
-        name = "kto" if self.hparams.get("unpaired", False) else self.hparams.collator
+        name = "kto" if self.hparams.get("unpaired", False) else self.collator_name
         return build_collator(
             name,
             pad_token_id=self.pad_token_id,
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
         )
+
+    def choose_collator(self, packing_unsupported: str | None) -> tuple[str, str]:
+        if self.hparams.get("unpaired", False):
+            return "kto", "unpaired examples"
+        return super().choose_collator(packing_unsupported)
 
     def label_counts(self, split: str = "train") -> tuple[int, int]:
         """(desirable, undesirable) examples of an unpaired split, for ``losses.kto_weight_warning``."""

@@ -49,7 +49,7 @@ class SFTDataModule(TokenizedDataModule):
         seed: int = 42,
         pad_to_multiple_of: int | None = None,
         num_proc: int | None = None,
-        collator: Literal["pad", "pack"] = "pad",
+        collator: Literal["auto", "pad", "pack"] = "auto",
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         columns: dict[str, str] | None = None,
@@ -79,7 +79,8 @@ class SFTDataModule(TokenizedDataModule):
             seed: Seed for shuffling, the held-out split and synthetic data.
             pad_to_multiple_of: Round the padded (or packed) length up to a multiple of this.
             num_proc: Processes for the one-off tokenization pass (``datasets.map``).
-            collator: ``pad`` (right-padded rows) or ``pack`` (rows packed into fewer, block-causal attention).
+            collator: ``auto`` (default: ``pack`` when the stage's model takes packed rows, else ``pad``),
+                ``pad`` (right-padded rows) or ``pack`` (rows packed into fewer, block-causal attention).
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
             columns: Our field names -> the dataset's columns, e.g. ``{messages: conversation}``, or

@@ -299,7 +299,7 @@ def test_unknown_columns_and_preference_rows():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"collator": "kto"}, r"unknown collator 'kto'; choose one of \['pack', 'pad'\]"),
+        ({"collator": "kto"}, r"unknown collator 'kto'; choose one of \['auto', 'pack', 'pad'\]"),
         ({"max_length": 1}, "max_length must be at least 2"),
         ({"max_prompt_length": 0}, "max_prompt_length must be positive"),
         ({"truncation_mode": "middle"}, "truncation_mode must be one of"),

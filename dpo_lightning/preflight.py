@@ -1,0 +1,250 @@
+"""Checks that run before any weights load: a wrong setting fails in seconds, not after every rank loaded 7B.
+
+Each check is a function over plain values (strings, numbers, a class and its init args), so the CLI
+calls them on the parsed config (``DPOLightningCLI.before_instantiate_classes``) and Python code, or a
+module's ``setup()``, can call them on what it has:
+
+- `check_strategy`: FSDP1 (``FSDPStrategy``, ``"fsdp"``, ``"fsdp_cpu_offload"``) is refused;
+  FSDP2 (``ModelParallelStrategy``) is the sharded path (docs/scale_out.md).
+- `check_packing_attention`: the packing collator's dense 4D block-causal mask with a kernel that
+  ignores it (flash attention) is refused: packed sequences would attend across each other.
+- `update_resolution_warning` / `warn_update_resolution`: Adam steps too small for bf16 (or fp16)
+  weights round away; a warning, not an error (docs/scale_out.md, "Precision").
+- `check_chat_template`: conversational training rows with a tokenizer that has no chat template
+  raise the `DataError` the data path would raise only after the model loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from datasets import DatasetDict
+from lightning.pytorch.utilities import rank_zero_warn
+
+from dpo_lightning.data.columns import select_columns
+from dpo_lightning.data.errors import DataError, RowRef
+from dpo_lightning.data.formats import to_example
+from dpo_lightning.data.sft_formats import Conversation, SFTLayout, to_sft_example
+from dpo_lightning.data.sources import load_source
+
+# Attention kernels that apply the packing collator's (R, 1, L, L) additive mask exactly (tested on CPU);
+# None is transformers' default (sdpa).
+MASK_KERNELS = (None, "sdpa", "eager")
+# Significand bits (the implicit one included) of the half-precision weight formats.
+SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
+# The magnitude of a typical weight of a trained transformer's linear layers (Llama-2-7B: std ~0.02).
+TYPICAL_WEIGHT = 1e-2
+PREVIEW_ROWS = 8  # training rows `check_chat_template` reads
+
+
+# ---------------------------------------------------------------------------------------------- strategy
+
+
+def _class_from_path(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    if not module:
+        return None
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # Lightning reports an unknown class itself
+
+
+def _strategy_class(strategy: Any) -> type | None:
+    """The class a ``trainer.strategy`` value names: a registry name, a class path, a config
+    (``{class_path, init_args}``), a class or an instance."""
+    if strategy is None:
+        return None
+    if isinstance(strategy, type):
+        return strategy
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        if strategy in StrategyRegistry:
+            return StrategyRegistry[strategy]["strategy"]
+        return _class_from_path(strategy)
+    class_path = strategy.get("class_path") if isinstance(strategy, Mapping) else getattr(strategy, "class_path", None)
+    if isinstance(class_path, str):
+        return _class_from_path(class_path)
+    return type(strategy)
+
+
+def check_strategy(strategy: Any) -> None:
+    """ValueError for FSDP1: dpo_lightning can neither resume nor export its checkpoints."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cls = _strategy_class(strategy)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, FSDPStrategy)):
+        return
+    name = strategy if isinstance(strategy, str) else f"{cls.__module__}.{cls.__name__}"
+    raise ValueError(
+        f"trainer.strategy={name} is FSDP1, which dpo_lightning does not support: its checkpoints cannot be resumed "
+        "or exported (the frozen reference is left out of them, FSDP1 loads strictly, and the weights sit under "
+        "other keys); use FSDP2, lightning.pytorch.strategies.ModelParallelStrategy, the supported sharded path "
+        "(docs/scale_out.md)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+
+def check_packing_attention(collator: str | None, attn_implementation: str | None) -> None:
+    """ValueError when packed rows meet an attention kernel that ignores their 4D block-causal mask."""
+    if collator != "pack" or attn_implementation in MASK_KERNELS:
+        return
+    raise ValueError(
+        f"data.collator=pack with model.attn_implementation={attn_implementation}: the packing collator isolates the "
+        "sequences of a row with a dense 4D block-causal mask, which this kernel does not apply, so packed sequences "
+        "would attend to each other; use attn_implementation sdpa or eager with packing, or data.collator: pad "
+        "with flash attention"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- precision
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    """``"bfloat16"`` for ``torch.bfloat16``, ``"bfloat16"``, ``"bf16"``; None when unset."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(
+        name, name
+    )
+
+
+def trained_weights_dtype(precision: str | int | None, dtype: Any = None, lora: bool = False) -> str | None:
+    """The dtype the optimizer updates in place: ``bf16-true`` / ``16-true`` convert every weight;
+    otherwise the weights keep ``model.dtype`` (mixed precision autocasts the compute, not the weights),
+    except LoRA adapters, which PEFT keeps in float32 over a half-precision base."""
+    precision = str(precision) if precision is not None else ""
+    if precision.startswith("bf16-true"):
+        return "bfloat16"
+    if precision.startswith("16-true"):
+        return "float16"
+    if lora:
+        return "float32"
+    return _dtype_name(dtype)
+
+
+def update_resolution_warning(
+    precision: str | int | None,
+    lr: float | None,
+    dtype: Any = None,
+    *,
+    lora: bool = False,
+    optimizer: str | None = None,
+) -> str | None:
+    """The warning for Adam-family updates that round away in half-precision weights, or None.
+
+    An Adam step moves a weight by about ``lr`` whatever the gradient's scale. A weight ``w`` stored with
+    ``p`` significand bits lies in some ``[2**e, 2**(e+1))`` where numbers are ``2**(e-p+1)`` apart; a step
+    below half that spacing, ``2**(e-p) > |w| * 2**-(p+1)``, rounds back to ``w``. bf16 (p = 8) and
+    ``|w| ~ 1e-2``: steps below 1e-2 * 2**-9 = 1.95e-5 leave the weight as it was.
+
+    Args:
+        precision: ``trainer.precision`` (``bf16-true``, ``bf16-mixed``, ``32-true``, ...).
+        lr: the optimizer's learning rate (None: the stage's default AdamW, lr 1e-6).
+        dtype: ``model.dtype``, or the trained parameters' dtype when called from a module.
+        lora: LoRA adapters are trained (kept in float32 unless ``precision`` converts them).
+        optimizer: the optimizer's class path; only the Adam family moves weights by ~lr per step.
+    """
+    if optimizer is not None and "adam" not in optimizer.rsplit(".", 1)[-1].lower():
+        return None
+    weights = trained_weights_dtype(precision, dtype, lora)
+    if weights not in SIGNIFICAND_BITS:
+        return None
+    lr = 1e-6 if lr is None else float(lr)
+    floor = TYPICAL_WEIGHT * 2.0 ** -(SIGNIFICAND_BITS[weights] + 1)
+    if lr >= floor:
+        return None
+    fix = (
+        "keep fp32 master weights: trainer.precision bf16-mixed with model.dtype float32, or under FSDP2 "
+        "precision 32-true, model.dtype float32 and model.memory.fsdp_mixed_precision: true (bf16 compute)"
+    )
+    return (
+        f"trainer.precision={precision} with model.dtype={_dtype_name(dtype)} trains {weights} weights, and lr={lr:g} "
+        f"is below {floor:.1e}: an Adam step moves a weight by ~lr, less than half the spacing of {weights} numbers "
+        f"around |w|={TYPICAL_WEIGHT:g} ({SIGNIFICAND_BITS[weights]} significant bits), so most updates round away "
+        f"and training stalls; {fix} (docs/scale_out.md, Precision)"
+    )
+
+
+def warn_update_resolution(*args: Any, **kwargs: Any) -> str | None:
+    """`update_resolution_warning`, issued as a rank-zero warning; returns the message (None: nothing to say)."""
+    message = update_resolution_warning(*args, **kwargs)
+    if message:
+        rank_zero_warn(message)
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+@contextlib.contextmanager
+def _quiet_data_warnings() -> Iterator[None]:
+    """The data module warns about ignored columns when it builds; reading a few rows here should not too."""
+    log = logging.getLogger("dpo_lightning.data")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _conversational(example: Any) -> bool:
+    """A row the chat template must render: a conversation, or a prompt given as messages."""
+    return isinstance(example, Conversation) or isinstance(example.prompt, list)
+
+
+def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], rows: int = PREVIEW_ROWS) -> None:
+    """`DataError` when the first training rows are conversations and the tokenizer has no chat template.
+
+    Reads the rows the way the data module will (`load_source`, its column selection and layout
+    detection, the row validation of `formats` / `sft_formats`), and loads the tokenizer only when a
+    row needs its template. A data module of another kind (not a ``TokenizedDataModule``) is not checked.
+
+    Args:
+        data_class: the data module class or its class path (``data.class_path``).
+        init_args: its init arguments (``data.init_args``), as given to the class.
+        rows: how many rows of the training split to read.
+    """
+    from dpo_lightning.data.base import TokenizedDataModule
+
+    cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
+    if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
+        return
+    module = cls(**dict(init_args))  # validates the settings; reads nothing yet
+    hp = module.hparams
+    source, split = module.source_name, hp.train_split
+    with _quiet_data_warnings():
+        raw = load_source(
+            module._dataset_spec, hp.dataset_config, default_split=split, seed=hp.seed, cache_dir=hp.cache_dir
+        )
+        if split not in raw:
+            raise DataError(f"{source}: no split {split!r} (available: {sorted(raw)})")
+        head = raw[split].select(range(min(rows, len(raw[split]))))
+        head = select_columns(
+            DatasetDict({split: head}), [split], source, hp.get("columns"), hp.get("drop_columns"), module._layouts
+        )[split]
+    layout = module._layouts.detect(head.column_names, f"{source} (split {split!r})")
+    convert = to_sft_example if isinstance(layout, SFTLayout) else to_example
+    examples = [convert(row, layout, RowRef(source, split, i)) for i, row in enumerate(head)]
+    if not any(_conversational(e) for e in examples):
+        return
+    tokenizer = module.tokenizer
+    if getattr(tokenizer, "chat_template", None):
+        return
+    name = module._tokenizer_spec if isinstance(module._tokenizer_spec, str) else getattr(tokenizer, "name_or_path", "")
+    raise DataError(
+        f"data.tokenizer {name!r} has no chat_template, but the rows of data.dataset {source!r} (split {split!r}) are "
+        "conversations (lists of messages), which only a chat template can render; use the tokenizer of an "
+        "instruct/chat model (e.g. meta-llama/Llama-2-7b-chat-hf), or a tokenizer whose tokenizer_config.json has a "
+        "chat_template (checked before any weights load)"
+    )
+

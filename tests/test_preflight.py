@@ -1,0 +1,181 @@
+"""Preflight (`dpo_lightning.preflight`): what fails or warns before any weights load, as functions and
+through the real CLI, with the model loader replaced by one that fails loudly if reached."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+from chat_data import save_tokenizer, ultrachat_rows, ultrafeedback_rows, write_jsonl
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+import dpo_lightning.stage
+from dpo_lightning.cli import DPOLightningCLI, cli_main
+from dpo_lightning.data import PreferenceDataModule, SFTDataModule
+from dpo_lightning.data.errors import DataError
+from dpo_lightning.preflight import (
+    check_chat_template,
+    check_packing_attention,
+    check_strategy,
+    trained_weights_dtype,
+    update_resolution_warning,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+class ModelLoaded(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The stage's model loader, replaced: any test that reaches it fails, and says so."""
+    calls = []
+
+    def load_model(*args, **kwargs):
+        calls.append(args)
+        raise ModelLoaded("the model was loaded: the preflight did not stop the run first")
+
+    monkeypatch.setattr(dpo_lightning.stage, "load_model", load_model)
+    return calls
+
+
+@pytest.fixture
+def inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # runs/ of the CLI lands here
+    return {
+        "base": str(save_tokenizer(tmp_path / "base_tokenizer", chat_template=False)),
+        "chat": str(save_tokenizer(tmp_path / "chat_tokenizer")),
+        "pairs": str(write_jsonl(tmp_path / "pairs.jsonl", ultrafeedback_rows(6))),
+        "conversations": str(write_jsonl(tmp_path / "conversations.jsonl", ultrachat_rows(6))),
+        "text_pairs": str(write_jsonl(tmp_path / "text.jsonl", [
+            {"prompt": "hello", "chosen": " good", "rejected": " bad"} for _ in range(4)
+        ])),
+    }
+
+
+# ------------------------------------------------------------------------------- chat template vs rows
+
+
+def test_conversations_without_a_chat_template_fail_through_the_cli_before_the_model_loads(inputs, no_model):
+    with pytest.raises(DataError) as err:
+        cli_main(["fit", "--config", TINY, "--data.tokenizer", inputs["base"], "--data.dataset", inputs["pairs"]])
+    message = str(err.value)
+    assert "\n" not in message
+    assert inputs["base"] in message and inputs["pairs"] in message  # names the tokenizer and the dataset
+    assert "no chat_template" in message and "Llama-2-7b-chat-hf" in message  # and the fix
+    assert no_model == []
+    assert not (Path("runs") / "tiny").exists()  # no run folder claimed for a run that never started
+
+
+def test_the_chat_template_check_covers_sft_and_kto_data(inputs):
+    with pytest.raises(DataError, match="no chat_template"):
+        check_chat_template(SFTDataModule, {"tokenizer": inputs["base"], "dataset": inputs["conversations"]})
+    with pytest.raises(DataError, match="no chat_template"):  # KTO: the pairs read as unpaired examples
+        check_chat_template(PreferenceDataModule, {"tokenizer": inputs["base"], "dataset": inputs["pairs"],
+                                                   "unpaired": True})
+    # With a chat template, or with plain-text rows (no template needed), nothing to say.
+    check_chat_template(SFTDataModule, {"tokenizer": inputs["chat"], "dataset": inputs["conversations"]})
+    check_chat_template("dpo_lightning.data.PreferenceDataModule", {"tokenizer": inputs["chat"],
+                                                                    "dataset": inputs["pairs"]})
+    check_chat_template(PreferenceDataModule, {"tokenizer": inputs["base"], "dataset": inputs["text_pairs"]})
+    check_chat_template(PreferenceDataModule, {"tokenizer": "synthetic:sort", "dataset": "synthetic:sort"})
+
+
+def test_bad_rows_fail_in_the_preflight_with_the_data_paths_own_error(inputs, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "chosen": [{"role": "robot", "content": "x"}],
+                                                "rejected": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"row 0, field 'chosen'.*role 'robot'"):
+        check_chat_template(PreferenceDataModule, {"tokenizer": inputs["chat"], "dataset": str(bad)})
+
+
+# ------------------------------------------------------------------------------- FSDP1
+
+
+@pytest.mark.parametrize("strategy", [
+    "fsdp", "fsdp_cpu_offload", FSDPStrategy, "lightning.pytorch.strategies.FSDPStrategy",
+    {"class_path": "lightning.pytorch.strategies.FSDPStrategy", "init_args": {"sharding_strategy": "FULL_SHARD"}},
+])
+def test_fsdp1_is_refused_in_one_line(strategy):
+    with pytest.raises(ValueError) as err:
+        check_strategy(strategy)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("trainer.strategy=")
+    assert "ModelParallelStrategy" in message and "docs/scale_out.md" in message and "exported" in message
+
+
+@pytest.mark.parametrize("strategy", [None, "auto", "ddp", "ddp_spawn", DDPStrategy(), ModelParallelStrategy,
+                                      {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}])
+def test_other_strategies_pass(strategy):
+    check_strategy(strategy)
+
+
+def test_fsdp1_is_refused_through_the_cli_before_the_model_loads(inputs, no_model):
+    with pytest.raises(ValueError, match=r"^trainer.strategy=fsdp is FSDP1"):
+        cli_main(["fit", "--config", TINY, "--trainer.strategy", "fsdp"])
+    assert no_model == []
+
+
+# ------------------------------------------------------------------------------- packing x attention
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3", "kernels-community/flash-attn3"])
+def test_packing_with_a_kernel_that_ignores_the_4d_mask_is_refused(kernel):
+    with pytest.raises(ValueError, match="attend to each other") as err:
+        check_packing_attention("pack", kernel)
+    assert kernel in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("collator", "kernel"), [("pack", None), ("pack", "sdpa"), ("pack", "eager"),
+                                                  ("pad", "flash_attention_2"), ("pad", None)])
+def test_packing_with_mask_kernels_and_padding_with_any_kernel_pass(collator, kernel):
+    check_packing_attention(collator, kernel)
+
+
+def test_packing_with_flash_attention_is_refused_through_the_cli(inputs, no_model):
+    with pytest.raises(ValueError, match="data.collator=pack with model.attn_implementation=flash_attention_2"):
+        cli_main(["fit", "--config", TINY, "--data.collator", "pack", "--model.attn_implementation",
+                  "flash_attention_2"])
+    assert no_model == []
+
+
+# ------------------------------------------------------------------------------- bf16 update resolution
+
+
+def test_adam_steps_below_bf16_resolution_are_warned_about():
+    """bf16 keeps 8 significant bits: a weight of 1e-2 lies in [2**-7, 2**-6), where bf16 numbers are
+    2**-14 = 6.1e-5 apart; a step under half that (3.05e-5) rounds away, and 1e-2 * 2**-9 = 1.95e-5 is
+    the floor for any weight of at least 1e-2. Adam moves a weight by ~lr, so lr 5e-7 stalls, 1e-4 does not."""
+    message = update_resolution_warning("bf16-true", 5e-7, optimizer="torch.optim.AdamW")
+    assert message and "bf16-true" in message and "lr=5e-07" in message and "2.0e-05" in message
+    assert "bf16-mixed" in message and "fsdp_mixed_precision" in message
+    assert update_resolution_warning("bf16-true", 1e-4) is None
+    assert update_resolution_warning("bf16-true", 1.9e-5) and update_resolution_warning("bf16-true", 2e-5) is None
+    # bf16 weights from model.dtype, whatever the precision flag (mixed precision autocasts compute, not weights).
+    assert update_resolution_warning("32-true", 5e-7, "bfloat16")
+    assert update_resolution_warning("bf16-mixed", 5e-7, "torch.bfloat16")
+    # fp32 master weights, LoRA's float32 adapters, a non-Adam optimizer: nothing to say.
+    assert update_resolution_warning("bf16-mixed", 5e-7, "float32") is None
+    assert update_resolution_warning("32-true", 5e-7, "float32") is None
+    assert update_resolution_warning("bf16-mixed", 5e-6, "bfloat16", lora=True) is None
+    assert update_resolution_warning("bf16-true", 5e-7, optimizer="torch.optim.SGD") is None
+    assert update_resolution_warning("bf16-true", None)  # the stage's default AdamW, lr 1e-6
+    # fp16: 11 significant bits, floor 1e-2 * 2**-12 = 2.4e-6.
+    assert update_resolution_warning("16-true", 1e-6) and update_resolution_warning("16-true", 5e-6) is None
+    assert trained_weights_dtype("bf16-true", "float32", lora=True) == "bfloat16"  # the plugin converts adapters too
+
+
+class StopAfterPreflight(DPOLightningCLI):
+    def instantiate_classes(self) -> None:
+        raise SystemExit(0)
+
+
+def test_the_cli_warns_about_bf16_steps_before_anything_is_built(inputs):
+    args = ["fit", "--config", TINY, "--trainer.precision", "bf16-true", "--model.optimizer.init_args.lr", "5e-7"]
+    with pytest.warns(UserWarning, match=r"trainer.precision=bf16-true .* lr=5e-07"), pytest.raises(SystemExit):
+        cli_main(args, cli_class=StopAfterPreflight)
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit):
+        warnings.simplefilter("always")
+        cli_main(["fit", "--config", TINY], cli_class=StopAfterPreflight)  # fp32 weights, lr 1e-3
+    assert not [w for w in caught if "round away" in str(w.message)]
