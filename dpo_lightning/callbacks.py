@@ -24,7 +24,7 @@ from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -272,6 +272,46 @@ class LatestModelCheckpoint(ModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
 
 
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting optimizer steps as TRL's does.
+
+    Lightning's training bar counts the micro-batches of each epoch: with gradient accumulation 8
+    it reads 800/800 when 100 optimizer steps were taken, and it restarts every epoch. This one
+    shows one bar for the whole fit, ``global_step / max_steps`` (or the estimated total from
+    ``max_epochs``), starting at the resumed step, with the stage's loss and its chosen metrics
+    (DPO: reward margin and accuracy) as of the last logged step. The CLI uses it by default.
+    """
+
+    def _total_steps(self, trainer: pl.Trainer) -> int | None:
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            return trainer.max_steps
+        total = trainer.estimated_stepping_batches
+        return int(total) if math.isfinite(total) else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=self._total_steps(trainer))
+        bar.initial = 0
+        bar.n = trainer.global_step  # a resumed run starts where it left off
+        bar.set_description("Training")
+        bar.refresh()
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if step == bar.n:  # mid-accumulation: no optimizer step yet
+            return
+        if self._should_update(step, bar.total):
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+
 class NonFiniteGuard(Callback):
     """Stop ``fit`` before an optimizer step whose loss or gradients hold NaN or inf.
 
@@ -374,6 +414,7 @@ __all__ = [
     "NonFiniteGuard",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "StepProgressBar",
     "check_validation_interval",
     "finite_weights",
 ]

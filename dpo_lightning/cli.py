@@ -26,6 +26,7 @@ from dpo_lightning.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     Preempted,
+    StepProgressBar,
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
 from dpo_lightning.data import PreferenceDataModule
@@ -44,6 +45,13 @@ AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (Cau
 
 class DPOLightningCLI(LightningCLI):
     """LightningCLI with dpo_lightning's links and default callbacks."""
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """The stage (``model``) and ``data`` first, then ``trainer``: ``fit --help`` leads with what a user sets."""
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(self._datamodule_class, "data", subclass_mode=self.subclass_mode_data)
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The tokenizer and the length budget are given once, in `data`, and linked to the model.
@@ -131,6 +139,8 @@ class DPOLightningCLI(LightningCLI):
             self.check_data(config)
         if self.subcommand == "fit":
             _claim_run_folder(config)
+        if self.subcommand in ("fit", None):  # None: built without running (run=False), for a fit of one's own
+            _use_step_progress_bar(config.trainer)
         checkpoint = config.get("checkpoint")
         if checkpoint is not None:
             metric, mode = stage.checkpoint_monitor
@@ -163,6 +173,18 @@ class DPOLightningCLI(LightningCLI):
         data = config.get("data")
         if data is not None:
             check_chat_template(data.class_path, data.init_args.as_dict())
+
+
+def _use_step_progress_bar(trainer: Namespace) -> None:
+    """The training bar counts optimizer steps (``StepProgressBar``), unless the bar is off or the recipe
+    names its own progress bar callback."""
+    if trainer.get("enable_progress_bar") is False:
+        return
+    callbacks = list(trainer.get("callbacks") or [])
+    if any("ProgressBar" in str(getattr(c, "class_path", type(c).__name__)) for c in callbacks):
+        return
+    callbacks.append(Namespace(class_path=_path(StepProgressBar), init_args=Namespace()))
+    trainer.callbacks = callbacks
 
 
 def _path(cls: type) -> str:

@@ -45,6 +45,7 @@ class DPOModule(CausalLMModule):
     checkpoint_monitor = ("val/rewards/accuracies", "max")
     batch_format = "pairs"
     progress_bar_metric = ("rewards/accuracies", "acc")
+    progress_bar_train = (("rewards/margins", "margin"), ("rewards/accuracies", "acc"))
 
     def __init__(
         self,

@@ -34,6 +34,7 @@ class RewardModule(CausalLMModule):
     checkpoint_monitor = ("val/accuracy", "max")
     batch_format = "pairs"
     progress_bar_metric = ("accuracy", "acc")
+    progress_bar_train = (("margin", "margin"), ("accuracy", "acc"))
     auto_model_class = AutoModelForSequenceClassification
     model_overrides = {"num_labels": 1}
     lora_task_type = "SEQ_CLS"

@@ -33,6 +33,7 @@ class SFTModule(CausalLMModule):
     checkpoint_monitor = ("val/loss", "min")
     batch_format = "sft"
     progress_bar_metric = ("token_accuracy", "tok_acc")
+    progress_bar_train = (("token_accuracy", "tok_acc"),)
 
     def __init__(self, model: str | PreTrainedModel | None = None, **kwargs: Any) -> None:
         """

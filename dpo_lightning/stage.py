@@ -58,6 +58,7 @@ class CausalLMModule(L.LightningModule):
     checkpoint_monitor: ClassVar[tuple[str, str]] = ("val/loss", "min")  # metric, mode of the best checkpoint
     batch_format: ClassVar[str] = "pairs"  # what the data module must produce: "pairs" or "unpaired"
     progress_bar_metric: ClassVar[tuple[str, str] | None] = None  # (metric, short name) shown per validation
+    progress_bar_train: ClassVar[tuple[tuple[str, str], ...]] = ()  # (metric, short name) shown with the loss
     # The trained model's class and the config fields it is loaded with (the reward model:
     # AutoModelForSequenceClassification, num_labels=1), and PEFT's task type for LoRA.
     auto_model_class: ClassVar[type] = AutoModelForCausalLM
@@ -250,6 +251,9 @@ class CausalLMModule(L.LightningModule):
             values["train/num_tokens"] = self._total_tokens()
             self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
             self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
+            for name, short in self.progress_bar_train:
+                if f"train/{name}" in values:
+                    self.log(short, values[f"train/{name}"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self.step(batch, self.val_metrics)
@@ -389,6 +393,30 @@ class CausalLMModule(L.LightningModule):
         if state is not None and not (self._loads_strictly or self.reference.keep_weights_in_checkpoint(self)):
             for key in [k for k in state if k.startswith(REF_PREFIX)]:
                 del state[key]
+
+    def _omits_reference(self) -> bool:
+        """Under FSDP2's sharded checkpoints a reference rebuilt from its source stays out of the module's state
+        dict, hence out of checkpoints (2 bytes per parameter at bf16); FSDP2 loads strictly, so
+        :meth:`load_state_dict` puts the rebuilt one back. TR-DPO's synced reference is kept."""
+        if not (self._loads_strictly and self.ref_model is not None and self.reference is not None):
+            return False
+        strategy = getattr(self._trainer, "strategy", None)
+        sharded = bool(getattr(strategy, "_save_distributed_checkpoint", False))
+        return sharded and not self.reference.keep_weights_in_checkpoint(self)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        state = super().state_dict(*args, **kwargs)
+        if self._omits_reference():
+            prefix = kwargs.get("prefix", "") + REF_PREFIX
+            for key in [k for k in state if k.startswith(prefix)]:
+                del state[key]
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        if self._omits_reference() and not any(k.startswith(REF_PREFIX) for k in state_dict):
+            rebuilt = {REF_PREFIX + k: v for k, v in self.ref_model.state_dict().items()}
+            state_dict = {**state_dict, **rebuilt}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype the policy computes in: the precision's (bf16-*, 16-*), FSDP2's mixed-precision bf16,

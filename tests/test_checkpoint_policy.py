@@ -57,6 +57,7 @@ def _fit(module, folder: Path, *, steps: int, sharded: bool = False, val_every: 
         accelerator="cpu", devices=1, strategy=strategy, max_steps=steps, val_check_interval=val_every,
         precision=precision, logger=False, callbacks=[callback], enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the batches in list order under every strategy (no epoch shuffling)
     )
     val = DataLoader(BATCHES[:2], batch_size=None) if val_every else None
     trainer.fit(module, DataLoader(BATCHES, batch_size=None), val, ckpt_path=ckpt_path)
@@ -239,13 +240,11 @@ def test_export_of_a_sharded_checkpoint_reads_the_policy_alone(tmp_path, monkeyp
     """No optimizer state and no reference are loaded, and no model is built but on the meta device."""
     import dpo_lightning.models as models
 
-    trainer, _ = _fit(_module(), tmp_path / "ck", steps=2, sharded=True)
+    _fit(_module(), tmp_path / "ck", steps=2, sharded=True)
     last = tmp_path / "ck" / "last.ckpt"
     policy = consolidate_checkpoint(last, only="state_dict.model.")
     assert "optimizer_states" not in policy and policy["state_dict"]
     assert all(k.startswith("model.") for k in policy["state_dict"])
-    everything = consolidate_checkpoint(last)
-    assert any(k.startswith("ref_model.") for k in everything["state_dict"])  # (FSDP2 keeps the reference)
 
     def no_loading(*args, **kwargs):
         raise AssertionError("the export loaded a model")
@@ -276,3 +275,30 @@ def test_export_dtype_follows_training_unless_told(tmp_path):
     _fit(_module(), tmp_path / "ck32", steps=1)
     fp32 = export_checkpoint(tmp_path / "ck32" / "last.ckpt", tmp_path / "fp32")
     assert AutoModelForCausalLM.from_pretrained(fp32).dtype == torch.float32
+
+
+def test_fsdp2_checkpoint_leaves_a_rebuildable_reference_out_and_resumes_exactly(tmp_path, base_folder):
+    """A reference loaded from its source is not saved in sharded (FSDP2) checkpoints (FSDP2 loads strictly:
+    the module's state dict leaves it out and puts the rebuilt one back); a resume from such a checkpoint ends
+    where the uninterrupted run does, bitwise. (A config-built random policy's copy is kept: not rebuildable.)"""
+    from dpo_lightning.distributed import full_state_dict
+
+    def module():
+        return DPOModule(model=str(base_folder), memory=MemoryOptions(fsdp_mixed_precision=False),
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), warmup_ratio=0.0, lr_decay="constant")
+
+    whole, _ = _fit(module(), tmp_path / "whole", steps=8, sharded=True, save_every_n_steps=None)
+    _fit(module(), tmp_path / "first", steps=6, sharded=True)  # one epoch of the 6 batches
+    saved = consolidate_checkpoint(tmp_path / "first" / "last.ckpt")
+    assert saved["global_step"] == 6 and saved["state_dict"]
+    assert not any(k.startswith("ref_model.") for k in saved["state_dict"])
+    resumed, _ = _fit(module(), tmp_path / "second", steps=8, sharded=True,
+                      ckpt_path=str(tmp_path / "first" / "last.ckpt"))
+    a, b = full_state_dict(whole.lightning_module.model), full_state_dict(resumed.lightning_module.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    reference = full_state_dict(resumed.lightning_module.ref_model)
+    initial = AutoModelForCausalLM.from_pretrained(base_folder).state_dict()
+    for key in reference:
+        assert torch.equal(reference[key], initial[key]), key

@@ -141,3 +141,29 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
     assert rows[2]["train/num_tokens"] == sum(seen[:3]) and rows[5]["train/num_tokens"] == sum(seen)
     packed = {"sequence_ids": torch.tensor([[0, 0, 1, -1], [2, 2, 2, 3]])}
     assert input_tokens(packed) == 7 and seen[0] < 2 * 32 * 64  # padding is not counted
+
+
+def test_progress_bar_counts_optimizer_steps_and_shows_margin_and_accuracy(tmp_path):
+    """With accumulation 2, 6 optimizer steps are 12 micro-batches: the bar reads 6/6 (Lightning's own would
+    read 12/12), shows the loss, reward margin and accuracy, and a resumed run's bar starts at its step."""
+    from dpo_lightning.callbacks import StepProgressBar
+
+    extra = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2",
+             "--trainer.enable_progress_bar", "true", "--checkpoint.save_every_n_steps", "3")
+    cli = cli_main(["fit", *args(tmp_path, *extra)])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, StepProgressBar)
+    assert (bar.train_progress_bar.n, bar.train_progress_bar.total) == (6, 6)
+    shown = bar.get_metrics(cli.trainer, cli.model)
+    assert {"loss", "margin", "acc"} <= shown.keys()
+    last = Path(cli.trainer.checkpoint_callback.last_model_path)
+    more = cli_main(args(tmp_path, *extra[:-2], "--trainer.max_steps", "8"), run=False)
+    starts = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, *_):
+            starts.append(trainer.progress_bar_callback.train_progress_bar.n)
+
+    more.trainer.callbacks.append(Watch())
+    more.trainer.fit(more.model, datamodule=more.datamodule, ckpt_path=str(last))
+    assert starts[0] == 6 and more.trainer.progress_bar_callback.train_progress_bar.n == 8
