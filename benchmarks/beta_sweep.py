@@ -18,7 +18,7 @@ held-out prompts of the task:
 - the task's ground-truth reward (``synthetic.sort_reward``) of those samples, and the fraction
   of prompts that greedy decoding sorts exactly.
 
-Sweeps (``--sweeps``, default all five):
+Sweeps (``--sweeps``; the default runs the first five, 27 runs; ``batch`` and ``length`` run when named):
 
 - ``beta``: beta in 0.01, 0.05, 0.1, 0.3, 1.0 (each over ``--seeds``);
 - ``beta_lowlr``: the same betas at learning rate 1e-4 (first seed);
@@ -26,7 +26,14 @@ Sweeps (``--sweeps``, default all five):
 - ``smoothing``: 20% of the *training* labels flipped (chosen and rejected swapped; validation
   stays clean), then ``sigmoid`` with label_smoothing 0, 0.1, 0.2 (cDPO) and ``robust`` with 0.2,
   at learning rate 1e-4;
-- ``rpo``: ``loss_type [sigmoid, sft]`` with weights [1, 1] (DPO plus the chosen NLL) at beta 0.01, 0.1.
+- ``rpo``: ``loss_type [sigmoid, sft]`` with weights [1, 1] (DPO plus the chosen NLL) at beta 0.01, 0.1;
+- ``batch``: ``data.batch_size`` 8, 16, 32, 64 at a fixed 9600 training pairs (1200, 600, 300, 150
+  steps; ``--steps`` is ignored), beta 0.1, lr 1e-4; then sizes 8 and 64 again with the learning
+  rate scaled by sqrt(batch / 32);
+- ``length``: ``data.max_length`` / ``data.max_prompt_length`` cuts that bite on this task (pairs
+  are 10-20 tokens) at beta 0.1, lr 1e-4. The data module's warnings (pairs dropped, prompts and
+  responses cut, per split) are recorded, and held-out accuracy and margin are also measured on the
+  *uncut* validation pairs (the logged ``val/*`` metrics see the cut ones).
 
 Writes PNG figures to ``--out`` (default ``docs/figures``), prints a markdown table per sweep and
 saves the raw numbers as ``results.json`` in ``--workdir`` after every run (a later call with other
@@ -35,6 +42,7 @@ without training. Needs matplotlib (``pip install matplotlib``). Not part of pyt
 
     python benchmarks/beta_sweep.py                       # SFT per seed, then all sweeps, seeds 0 1 (27 runs)
     python benchmarks/beta_sweep.py --sweeps beta --seeds 0
+    python benchmarks/beta_sweep.py --sweeps batch length --seeds 0   # 11 runs (+ SFT unless reused)
     python benchmarks/beta_sweep.py --init random --sweeps beta --workdir runs/sweep_random --out /tmp/figs
 """
 
@@ -43,9 +51,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from collections import defaultdict
@@ -68,7 +78,15 @@ NOISE = 0.2  # fraction of training pairs with chosen and rejected swapped in th
 SMOOTHING = (("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.2), ("robust", 0.2))
 RPO_BETAS = (0.01, 0.1)
 LOW_LR = 1e-4  # the beta sweep again at a tenth of the recipe's learning rate
-SWEEPS = ("beta", "beta_lowlr", "lr", "smoothing", "rpo")  # DPO + the chosen NLL (RPO), against likelihood displacement
+DEFAULT_SWEEPS = ("beta", "beta_lowlr", "lr", "smoothing", "rpo")  # rpo: DPO + the chosen NLL (RPO)
+SWEEPS = (*DEFAULT_SWEEPS, "batch", "length")  # the last two only when named in --sweeps
+PAIRS = 9600  # training pairs seen by every run of the batch sweep (the recipe's 300 steps x 32)
+BATCHES = (8, 16, 32, 64)
+BATCH_REF = 32  # the batch size the learning rate LOW_LR belongs to (the recipe's)
+SQRT_BATCHES = (8, 64)  # rerun with lr LOW_LR * sqrt(batch / BATCH_REF)
+# (max_length, max_prompt_length): prompts are 6-11 tokens (BOS, "sort:", the digits, "="), responses
+# 4-9 (the digits and EOS), pairs 10-20; chosen and rejected first differ at response token 0-7.
+LENGTHS = ((64, 32), (16, 32), (16, 8), (12, 32), (12, 6))
 MAX_NEW_TOKENS = 10  # the longest answer (8 digits) + EOS, and one spare
 VAL_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
             "logps/chosen", "logps/rejected")
@@ -156,6 +174,59 @@ def held_out(policy, reference, tokenizer, rows, samples: int, seed: int) -> dic
     }
 
 
+@torch.no_grad()
+def uncut_pairs(policy, reference, tokenizer, rows, beta: float) -> dict[str, float]:
+    """Preference accuracy and margin (nats) on the held-out pairs at full length (nothing cut):
+    BOS + prompt words, then the response words and EOS, as the data module builds them untruncated."""
+    eos = tokenizer.eos_token_id
+    margins = []
+    for row in rows:
+        prompt = tokenizer(row["prompt"]).input_ids
+        seqs, labels = [], []
+        for side in ("chosen", "rejected"):
+            response = tokenizer(row[side], add_special_tokens=False).input_ids + [eos]
+            seqs.append(prompt + response)
+            labels.append([IGNORE_INDEX] * len(prompt) + response)
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [eos] * (width - len(s)) for s in seqs])
+        lab = torch.tensor([x + [IGNORE_INDEX] * (width - len(x)) for x in labels])
+        attn = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        pol = sequence_logps(policy(input_ids=ids, attention_mask=attn).logits, lab).logps
+        ref = sequence_logps(reference(input_ids=ids, attention_mask=attn).logits, lab).logps
+        margins.append(((pol[0] - ref[0]) - (pol[1] - ref[1])).item())
+    return {"uncut/accuracy": sum(m > 0 for m in margins) / len(margins),
+            "uncut/margin_logratio": sum(margins) / len(margins)}
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def data_counts(messages: list[str]) -> dict[str, int]:
+    """What the data module's warnings report, per split: ``{split}/dropped_identical`` (same tokens
+    after truncation), ``{split}/dropped_empty``, ``{split}/prompts_cut``, ``{split}/responses_cut``,
+    and the totals they are out of (``{split}/pairs``, ``{split}/responses``: kept pairs, 2 x kept)."""
+    out: dict[str, int] = {}
+    for msg in messages:
+        split = re.search(r"\(split '(\w+)'\)", msg)
+        if not split:
+            continue
+        sp = split.group(1)
+        if m := re.search(r"dropped (\d+) of (\d+) pairs whose chosen and rejected are the same tokens", msg):
+            out[f"{sp}/dropped_identical"], out[f"{sp}/total"] = int(m[1]), int(m[2])
+        elif m := re.search(r"dropped (\d+) of (\d+) pairs whose response is empty", msg):
+            out[f"{sp}/dropped_empty"], out[f"{sp}/total"] = int(m[1]), int(m[2])
+        elif m := re.search(r"cut the prompt of (\d+) of (\d+) pairs .* and (\d+) of (\d+) responses", msg):
+            out[f"{sp}/prompts_cut"], out[f"{sp}/pairs"] = int(m[1]), int(m[2])
+            out[f"{sp}/responses_cut"], out[f"{sp}/responses"] = int(m[3]), int(m[4])
+    return out
+
+
 def _decode(tokenizer, ids: torch.Tensor) -> str:
     words = []
     for i in ids.tolist():
@@ -184,10 +255,14 @@ def run(tag: str, overrides: list[str], workdir: Path, steps: int, seed: int, sa
     print(f"[sweep] {tag}: python -m dpo_lightning {' '.join(args)}", flush=True)
     start = time.perf_counter()
     argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when it sees both args and sys.argv
+    collect = _Collect()  # the data module's warnings: what truncation cut and dropped, with counts
+    data_log = logging.getLogger("dpo_lightning.data")
+    data_log.addHandler(collect)
     try:
         cli = cli_main(args, cli_class=SnapshotCLI)
     finally:
         sys.argv = argv
+        data_log.removeHandler(collect)
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     row: dict = {"tag": tag, "seed": seed, "beta": beta, "seconds": seconds, "log_dir": str(cli.trainer.log_dir)}
@@ -198,6 +273,9 @@ def run(tag: str, overrides: list[str], workdir: Path, steps: int, seed: int, sa
     tokenizer = cli.datamodule.tokenizer
     rows = synthetic.load_dataset("synthetic:sort", seed=0)["validation"]  # the recipe's data.seed: 0
     row.update(held_out(cli.model.model, cli.initial_policy, tokenizer, rows, samples, seed=1000 + seed))
+    row.update(uncut_pairs(cli.model.model, cli.initial_policy, tokenizer, rows, beta))
+    row["data_warnings"] = collect.messages
+    row["data_counts"] = data_counts(collect.messages)
     print(f"[sweep] {tag}: {json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})}",
           flush=True)
     return row
@@ -244,6 +322,7 @@ def sweep(names: list[str], seeds: list[int], workdir: Path, steps: int, samples
             add(row)
             starts[seed] = ["--model.model", str(Path(row["log_dir"]) / "hf_export"), "--model.model_config", "null"]
         results.extend(done_sft.values())  # SFT runs of other seeds, kept
+        store.write_text(json.dumps(results, indent=1))  # kept even if this call is interrupted
     start = starts[seeds[0]]
     if "beta" in names:
         for beta in BETAS:
@@ -272,6 +351,21 @@ def sweep(names: list[str], seeds: list[int], workdir: Path, steps: int, samples
                     "--model.beta", str(beta)]
             row = run(f"rpo_beta{beta}_s{seeds[0]}", over, workdir, steps, seeds[0], samples, beta)
             add({"sweep": "rpo", "loss_type": "sigmoid+sft", **row})
+    if "batch" in names:
+        runs = [(b, LOW_LR, "") for b in BATCHES]
+        runs += [(b, LOW_LR * math.sqrt(b / BATCH_REF), "sqrt") for b in SQRT_BATCHES]
+        for batch, lr, scaling in runs:
+            n_steps = PAIRS // batch
+            over = [*start, "--data.batch_size", str(batch), "--model.optimizer.init_args.lr", f"{lr:.3g}"]
+            row = run(f"batch{batch}_lr{lr:.3g}_s{seeds[0]}", over, workdir, n_steps, seeds[0], samples, 0.1)
+            add({"sweep": "batch", "batch_size": batch, "lr": float(f"{lr:.3g}"), "steps": n_steps,
+                 "lr_scaling": scaling or "none", **row})
+    if "length" in names:
+        for max_length, max_prompt in LENGTHS:
+            over = [*start, "--data.max_length", str(max_length), "--data.max_prompt_length", str(max_prompt),
+                    "--model.optimizer.init_args.lr", str(LOW_LR)]
+            row = run(f"len{max_length}_prompt{max_prompt}_s{seeds[0]}", over, workdir, steps, seeds[0], samples, 0.1)
+            add({"sweep": "length", "max_length": max_length, "max_prompt_length": max_prompt, "lr": LOW_LR, **row})
     return results
 
 
@@ -284,7 +378,10 @@ def table(results: list[dict], sweep_name: str) -> str:
     if not rows:
         return ""
     key = {"sft": ("tag",), "beta": ("beta",), "beta_lowlr": ("beta", "lr"), "lr": ("lr",),
-           "smoothing": ("loss_type", "label_smoothing"), "rpo": ("loss_type", "beta")}[sweep_name]
+           "smoothing": ("loss_type", "label_smoothing"), "rpo": ("loss_type", "beta"),
+           "batch": ("batch_size", "lr", "steps"), "length": ("max_length", "max_prompt_length")}[sweep_name]
+    if sweep_name == "length":
+        return _length_table(rows)
     head = [*key, "seed", "val acc", "val loss", "val margin (reward)", "margin (nats)", "chosen log-ratio",
             "rejected log-ratio", "KL(pi||ref), sampled", "sampled reward", "greedy exact", "fit s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -299,6 +396,31 @@ def table(results: list[dict], sweep_name: str) -> str:
             f"{r['val/rejected_logratio']:+.1f}",
             f"{r['kl']:.1f} ± {r['kl_se']:.1f}",
             f"{r['sample_reward']:.2f}",
+            f"{r['greedy_exact']:.2f}",
+            f"{r['seconds']:.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _length_table(rows: list[dict]) -> str:
+    head = ["max_length", "max_prompt_length", "train pairs dropped", "train prompts cut", "train responses cut",
+            "val pairs dropped", "val acc (cut, logged)", "held-out acc (uncut)", "margin uncut (nats)",
+            "KL(pi||ref), sampled", "greedy exact", "fit s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c = r.get("data_counts", {})
+        dropped = lambda sp: c.get(f"{sp}/dropped_identical", 0) + c.get(f"{sp}/dropped_empty", 0)  # noqa: E731
+        cells = [
+            str(r["max_length"]), str(r["max_prompt_length"]),
+            str(dropped("train")),
+            f"{c.get('train/prompts_cut', 0)} of {c.get('train/pairs', 10000 - dropped('train'))}",
+            f"{c.get('train/responses_cut', 0)} of {c.get('train/responses', 2 * (10000 - dropped('train')))}",
+            str(dropped("validation")),
+            f"{r['val/rewards/accuracies']:.3f}",
+            f"{r['uncut/accuracy']:.3f}",
+            f"{r['uncut/margin_logratio']:.1f}",
+            f"{r['kl']:.1f} ± {r['kl_se']:.1f}",
             f"{r['greedy_exact']:.2f}",
             f"{r['seconds']:.0f}",
         ]
@@ -455,6 +577,73 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         fig.suptitle(f"{title} — {caption}", fontsize=10)
         fig.tight_layout()
         written.append(_save(fig, out / "label_smoothing.png"))
+
+    batch_rows = [r for r in results if r["sweep"] == "batch"]
+    if batch_rows:
+        fig, axes = plt.subplots(1, 5, figsize=(19, 3.6))
+        panels = [("held-out accuracy", "val/rewards/accuracies", False),
+                  ("held-out margin D (nats)", "val/margin_logratio", False),
+                  ("chosen log-ratio (nats)", "val/chosen_logratio", False),
+                  ("KL(policy || ref), sampled (nats)", "kl", False),
+                  ("ground truth: greedy exact sort", "greedy_exact", False)]
+        series = [("none", f"lr {LOW_LR:g} at every size", "tab:blue", "o"),
+                  ("sqrt", f"lr {LOW_LR:g} x sqrt(batch / {BATCH_REF})", "tab:orange", "s")]
+        for ax, (title, key, _) in zip(axes, panels):
+            for scaling, label, color, marker in series:
+                rows = sorted((r for r in batch_rows if r["lr_scaling"] == scaling), key=lambda r: r["batch_size"])
+                if rows:
+                    ax.plot([r["batch_size"] for r in rows], [r[key] for r in rows], marker=marker, color=color,
+                            label=label, ls="-" if scaling == "none" else "")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(BATCHES, [f"{b}\n({PAIRS // b} st.)" for b in BATCHES], fontsize=8)
+            ax.set_xlabel("data.batch_size (optimizer steps)")
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        sft = [r for r in results if r["sweep"] == "sft" and r["seed"] == batch_rows[0]["seed"]]
+        if sft:
+            axes[4].axhline(sft[0]["greedy_exact"], color="black", ls="--", lw=0.8, label="SFT start")
+            axes[4].legend(fontsize=8)
+        fig.suptitle(f"batch size at a fixed {PAIRS} training pairs, beta 0.1 — recipes/tiny.yaml from SFT, "
+                     "2-core CPU; held-out: 200 prompts", fontsize=10)
+        fig.tight_layout()
+        written.append(_save(fig, out / "batch_sweep.png"))
+
+    len_rows = [r for r in results if r["sweep"] == "length"]
+    if len_rows:
+        labels = [f"{r['max_length']}/{r['max_prompt_length']}" for r in len_rows]
+        fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+        x = range(len(len_rows))
+        c = [r.get("data_counts", {}) for r in len_rows]
+        dropped = [d.get("train/dropped_identical", 0) + d.get("train/dropped_empty", 0) for d in c]
+        axes[0].bar([i - 0.27 for i in x], [d / 100 for d in dropped], 0.27, label="pairs dropped (of 10000)")
+        axes[0].bar(x, [d.get("train/prompts_cut", 0) / 100 for d in c], 0.27,
+                  label="prompts cut (of 10000)")
+        axes[0].bar([i + 0.27 for i in x], [d.get("train/responses_cut", 0) / 200 for d in c], 0.27,
+                    label="responses cut (of 20000)")
+        axes[0].set_title("train split, data module counts (%)", fontsize=10)
+        axes[0].legend(fontsize=8)
+        axes[1].bar([i - 0.2 for i in x], [r["val/rewards/accuracies"] for r in len_rows], 0.4,
+                    label="logged val acc (cut pairs)")
+        axes[1].bar([i + 0.2 for i in x], [r["uncut/accuracy"] for r in len_rows], 0.4, label="uncut held-out pairs")
+        axes[1].set_ylim(min(min(r["uncut/accuracy"], r["val/rewards/accuracies"]) for r in len_rows) - 0.05, 1.0)
+        axes[1].set_title("held-out accuracy", fontsize=10)
+        axes[1].legend(fontsize=8)
+        axes[2].bar(x, [r["kl"] for r in len_rows])
+        axes[2].set_title("KL(policy || ref), sampled (nats)", fontsize=10)
+        axes[3].bar(x, [r["greedy_exact"] for r in len_rows])
+        axes[3].set_title("ground truth: greedy exact sort", fontsize=10)
+        sft = [r for r in results if r["sweep"] == "sft" and r["seed"] == len_rows[0]["seed"]]
+        if sft:
+            axes[3].axhline(sft[0]["greedy_exact"], color="black", ls="--", lw=0.8, label="SFT start")
+            axes[3].legend(fontsize=8)
+        for ax in axes:
+            ax.set_xticks(list(x), labels, fontsize=8)
+            ax.set_xlabel("max_length / max_prompt_length")
+            ax.grid(alpha=0.3, axis="y")
+        fig.suptitle(f"truncation (pairs are 10-20 tokens), beta 0.1, lr {LOW_LR:g} — {caption}", fontsize=10)
+        fig.tight_layout()
+        written.append(_save(fig, out / "length_sweep.png"))
     return written
 
 
@@ -468,7 +657,8 @@ def _save(fig, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(SWEEPS))
+    parser.add_argument("--sweeps", nargs="+", choices=SWEEPS, default=list(DEFAULT_SWEEPS),
+                        help=f"default: {' '.join(DEFAULT_SWEEPS)}; batch and length run only when named")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds of the beta sweep (others: first)")
     parser.add_argument("--steps", type=int, default=300, help="optimizer steps per run (the recipe's 300)")
     parser.add_argument("--samples", type=int, default=4, help="sampled responses per held-out prompt")
@@ -477,8 +667,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init", choices=("sft", "random"), default="sft",
                         help="start DPO from an SFT run (default) or from the recipe's random init")
     parser.add_argument("--replot", action="store_true", help="redraw from <workdir>/results.json, no training")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
+                        help="torch threads (default: up to 2); use 1 when other jobs share the cores: two threads "
+                             "fighting a busy core made a run 20x slower here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     store = args.workdir / "results.json"
     if args.replot:
         results = json.loads(store.read_text())

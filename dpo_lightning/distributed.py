@@ -92,7 +92,9 @@ def shard_models(
     frozen = [m for m in frozen if m is not None]
     if param_dtype is not None:
         for model in frozen:
-            model.to(param_dtype)
+            # Parameters only: buffers (RoPE's inv_freq) stay float32, as the policy's do.
+            for param in model.parameters():
+                param.data = param.data.to(param_dtype)
     for model in (policy, *frozen):
         if is_sharded(model):  # configure_model runs once per trainer entry point (fit, validate, ...)
             continue

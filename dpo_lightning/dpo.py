@@ -102,6 +102,7 @@ class DPOModule(CausalLMModule):
         return StepOutput(compute_loss(self.loss_config, pair), policy, ref)
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         # `validate`/`test` of a model on its own: the default reference is a copy of that very
         # model, so every reward is 0 by construction. Say so rather than report accuracy 0.0.
         if not self.trainer.training and self.global_step == 0 and self._reference_is_own_copy:

@@ -111,7 +111,8 @@ def load_model(
         cfg = AutoConfig.for_model(model_type, **fields)
         model = auto_class.from_config(cfg, trust_remote_code=trust_remote_code, **kwargs)
         if isinstance(torch_dtype, torch.dtype):
-            model = model.to(torch_dtype)
+            for param in model.parameters():  # buffers (RoPE's inv_freq) stay float32, as from_pretrained keeps them
+                param.data = param.data.to(torch_dtype)
         return model
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype

@@ -317,6 +317,8 @@ class CausalLMModule(L.LightningModule):
     # ------------------------------------------------------------------ hooks for the reference
 
     def setup(self, stage: str) -> None:
+        # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
+        self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
         if self._trainer is not None:
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
             self._choose_fast_paths(getattr(self.trainer, "datamodule", None))
@@ -364,8 +366,27 @@ class CausalLMModule(L.LightningModule):
         )
 
     def on_fit_start(self) -> None:
+        self._restore_fp32_buffers()
         if self.reference is not None:
             self.reference.on_fit_start(self)
+
+    def on_validation_start(self) -> None:
+        self._restore_fp32_buffers()
+
+    def on_test_start(self) -> None:
+        self._restore_fp32_buffers()
+
+    def _restore_fp32_buffers(self) -> None:
+        """Put back in float32 the buffers a cast to bf16/fp16 rounded (``bf16-true`` casts the whole module):
+        RoPE's ``inv_freq`` in bf16 shifts the rotary phase by up to ~1 rad at position 1000, so the model
+        attends differently from the one that was trained; weights keep the precision's dtype."""
+        saved = getattr(self, "_fp32_buffers", None) or {}
+        for name, value in saved.items():
+            owner_name, _, leaf = name.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            current = owner._buffers.get(leaf)
+            if current is not None and current.dtype != torch.float32:
+                owner._buffers[leaf] = value.to(current.device)
 
     # ------------------------------------------------------------------ checkpoints
 

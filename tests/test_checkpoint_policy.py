@@ -302,3 +302,30 @@ def test_fsdp2_checkpoint_leaves_a_rebuildable_reference_out_and_resumes_exactly
     initial = AutoModelForCausalLM.from_pretrained(base_folder).state_dict()
     for key in reference:
         assert torch.equal(reference[key], initial[key]), key
+
+
+# ---------------------------------------------------------------------------- float32 buffers
+
+
+def _inv_freqs(model) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if n.endswith("inv_freq")}
+
+
+def test_bf16_true_keeps_rope_buffers_in_float32(tmp_path, base_folder):
+    """``bf16-true`` casts the whole module; RoPE's inv_freq in bf16 shifts the rotary phase with the position.
+    The weights train in bf16, the buffers are put back in float32 (equal to the model's own)."""
+    original = _inv_freqs(AutoModelForCausalLM.from_pretrained(base_folder))
+    trainer, _ = _fit(DPOModule(model=str(base_folder)), tmp_path / "ck", steps=1, precision="bf16-true")
+    module = trainer.lightning_module
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    for name, value in _inv_freqs(module.model).items():
+        assert value.dtype == torch.float32 and torch.equal(value, original[name]), name
+    assert _inv_freqs(module.ref_model) and all(v.dtype == torch.float32 for v in _inv_freqs(module.ref_model).values())
+
+
+def test_fsdp2_bf16_reference_keeps_rope_buffers_in_float32(tmp_path, base_folder):
+    """FSDP2 stores the frozen reference's shards in bf16 (its compute dtype); its buffers stay float32."""
+    trainer, _ = _fit(DPOModule(model=str(base_folder)), tmp_path / "ck", steps=1, sharded=True)
+    reference = trainer.lightning_module.ref_model
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    assert _inv_freqs(reference) and all(v.dtype == torch.float32 for v in _inv_freqs(reference).values())
