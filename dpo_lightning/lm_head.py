@@ -5,8 +5,8 @@ bias) and whatever the model does to its logits after the head. This file finds 
 a model and runs the backbone; it refuses, with a clear message, the models whose logits it
 cannot reproduce exactly, so the lean path never silently computes something else.
 
-Not yet combined with FSDP2: calling the backbone directly skips the root module's unshard hook,
-so sharded embeddings / LM head weights would not be gathered. Use the plain path there.
+Under FSDP2 the model runs whole with its LM head swapped for the identity (its root unit gathers
+the embeddings and head); models that scale or soft-cap logits in their forward keep full logits there.
 """
 
 from __future__ import annotations
@@ -72,11 +72,20 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
     return backbone, head
 
 
-def lean_unsupported(model: torch.nn.Module) -> str | None:
-    """Why the lean path cannot score ``model`` exactly (its LM head, its logit post-processing), or None."""
+def _is_fsdp2(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def lean_unsupported(model: torch.nn.Module, sharded: bool = False) -> str | None:
+    """Why the lean path cannot score ``model`` exactly (its LM head, its logit post-processing), or None;
+    ``sharded``: under FSDP2, where the logit post-processing must be the identity."""
     try:
-        logit_transform(model.config)
+        transform = logit_transform(model.config)
         backbone_and_head(model)
+        if sharded and transform != LogitTransform(1.0, None):
+            return "the model scales or soft-caps its logits in its forward, which the lean path under FSDP2 skips"
     except NotImplementedError as e:
         return str(e).split(";")[0]
     except AttributeError:  # not a transformers causal LM (no config or output embeddings)
@@ -93,10 +102,27 @@ def lean_sequence_logps(
     num_sequences: int | None = None,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> SequenceLogps:
-    """Per-sequence response log-probs of ``model`` on ``inputs``, without building ``(N, T, V)`` logits."""
+    """Per-sequence response log-probs of ``model`` on ``inputs``, without building ``(N, T, V)`` logits.
+
+    Under FSDP2 the backbone cannot be called on its own: the root unit (embeddings, final norm, LM
+    head) all-gathers its parameters in the model's own forward. So the model runs whole, with its LM
+    head swapped for the identity: its "logits" are the last hidden states, and the head's weight, left
+    unsharded by the root's forward (FSDP2 keeps the root's parameters gathered until backward), is
+    then used by the chunked projection; its gradient goes through FSDP2's reduce-scatter as usual.
+    """
     backbone, head = backbone_and_head(model)
     transform = logit_transform(model.config)
-    hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
+    if _is_fsdp2(model):
+        if transform != LogitTransform(1.0, None):
+            raise NotImplementedError(f"{transform} applied in the model's forward: not under FSDP2")
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.set_output_embeddings(torch.nn.Identity())
+        try:
+            hidden = model(**inputs, use_cache=False).logits  # (N, T, H): the identity head's "logits"
+        finally:
+            base.set_output_embeddings(head)
+    else:
+        hidden = backbone(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
     return sequence_logps_from_hidden(
         hidden,
         head.weight,

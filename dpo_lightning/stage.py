@@ -162,11 +162,9 @@ class CausalLMModule(L.LightningModule):
         """Why this run computes full logits, or None when it takes the lean path."""
         if self.memory.lean_logprobs is not None:
             return None if self.memory.lean_logprobs else "model.memory.lean_logprobs: false"
-        if self._loads_strictly:
-            return "not yet under FSDP2 (ModelParallelStrategy)"
         from dpo_lightning.lm_head import lean_unsupported
 
-        return lean_unsupported(self.model)
+        return lean_unsupported(self.model, sharded=self._loads_strictly)
 
     def load_model(self, source: str | PreTrainedModel) -> PreTrainedModel:
         """A causal LM loaded the way the policy was (dtype, attention kernel, remote-code setting)."""
@@ -306,9 +304,9 @@ class CausalLMModule(L.LightningModule):
         if self.device_mesh is None:
             return  # single device, DDP, FSDP1: nothing to shard here
         if self.memory.lean_logprobs:
-            # The lean path calls the backbone and LM head directly, bypassing the root FSDP
-            # unit's unshard/reshard hooks; refuse rather than compute on shards.
-            raise ValueError("lean_logprobs is not supported under ModelParallelStrategy (FSDP2) yet; set it false")
+            why = _lean_unsupported_sharded(self.model)
+            if why:
+                raise ValueError(f"lean_logprobs under ModelParallelStrategy (FSDP2): {why}; set it false")
         # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
         self._loads_strictly = True
         param_dtype = torch.bfloat16 if self.memory.fsdp_mixed_precision else None
@@ -489,6 +487,12 @@ class CausalLMModule(L.LightningModule):
         if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+
+
+def _lean_unsupported_sharded(model: nn.Module) -> str | None:
+    from dpo_lightning.lm_head import lean_unsupported
+
+    return lean_unsupported(model, sharded=True)
 
 
 def frozen_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

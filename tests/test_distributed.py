@@ -41,7 +41,8 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("dist")
     (tmp / "ckpt").mkdir()
     return {
-        "single": run_script(tmp, "single", "--strategy", "single"),
+        # The baseline: one process, full logits. The others take the default path: lean log-probs.
+        "single": run_script(tmp, "single", "--strategy", "single", "--lean", "off"),
         "ddp": run_script(tmp, "ddp", "--strategy", "ddp"),
         # fp32 compute so the comparison is exact up to reduction order; activation checkpointing on,
         # so one run covers sharding + recompute; it also saves both checkpoint formats.
@@ -96,6 +97,9 @@ def test_two_process_validation_counts_every_pair_once(tmp_path):
 def test_fsdp2_options_took_effect(runs):
     fsdp2 = runs["fsdp2"]
     assert fsdp2["gradient_checkpointing"] is True
+    # Lean log-probs under FSDP2 (the default): test_two_processes_match_one compares them with one process's
+    # full logits.
+    assert fsdp2["lean_logprobs"] is True and runs["single"]["lean_logprobs"] is False
     assert fsdp2["dtypes"] == {"policy": "torch.float32", "reference": "torch.float32"}
 
 

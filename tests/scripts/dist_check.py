@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", action="store_true", help="FSDP2 bf16 compute (default: fp32)")
     parser.add_argument("--save-dir", help="also save a sharded and a full checkpoint here (fsdp2)")
     parser.add_argument("--eval-odd", action="store_true", help="only validate an odd-sized split (see above)")
+    parser.add_argument("--lean", choices=["auto", "on", "off"], default="auto", help="model.memory.lean_logprobs")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -158,7 +159,8 @@ def main() -> None:
         model_config=tiny_config("llama"),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         memory=MemoryOptions(
-            activation_checkpointing=args.activation_checkpointing, fsdp_mixed_precision=args.mixed_precision
+            activation_checkpointing=args.activation_checkpointing, fsdp_mixed_precision=args.mixed_precision,
+            lean_logprobs={"auto": None, "on": True, "off": False}[args.lean],
         ),
     )
     capture, logger = Capture(), ListLogger()
@@ -191,6 +193,7 @@ def main() -> None:
                 "train": train, "val": val, "grads": capture.grads, "params": params, "dtypes": dtypes,
                 "export_state": {k: v.float() for k, v in export_state.items()},
                 "gradient_checkpointing": module.model.is_gradient_checkpointing,
+                "lean_logprobs": module.lean_logprobs,
             },
             args.out,
         )
