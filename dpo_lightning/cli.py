@@ -35,7 +35,13 @@ from dpo_lightning.data.errors import DataError
 from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
 from dpo_lightning.options import recorded_groups
-from dpo_lightning.preflight import check_chat_template, check_packing_attention, check_strategy, warn_update_resolution
+from dpo_lightning.preflight import (
+    ConfigError,
+    check_chat_template,
+    check_packing_attention,
+    check_strategy,
+    warn_update_resolution,
+)
 from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
 from dpo_lightning.stage import CausalLMModule
 
@@ -355,6 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as err:
         print(f"dpo_lightning: preempted: {err}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (NonFiniteError, CheckpointError, DataError, ExportError) as err:
+    except (NonFiniteError, CheckpointError, DataError, ExportError, ConfigError) as err:
         print(f"dpo_lightning: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -7,8 +7,10 @@ causal-LM checkpoint or config gets new, as transformers gives it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,69 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return _DTYPES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or 'auto'") from None
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device (no memory) and their buffers for
+    real (RoPE's ``inv_freq`` is computed in ``__init__``, and no checkpoint holds it)."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def weights_dtype(source: str | None, config: dict[str, Any] | None, dtype: str | torch.dtype | None,
+                  trust_remote_code: bool = False) -> torch.dtype:
+    """The dtype a model will hold: ``dtype`` if given, else its config's (the checkpoint's), else float32.
+    Every rank of a sharded load must agree on it before any weights exist."""
+    resolved = resolve_dtype(dtype)
+    if isinstance(resolved, torch.dtype):
+        return resolved
+    if config is not None:
+        recorded = config.get("dtype") or config.get("torch_dtype")
+    else:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        recorded = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(recorded, torch.dtype):
+        return recorded
+    return _DTYPES.get(str(recorded).removeprefix("torch."), torch.float32) if recorded else torch.float32
+
+
+def empty_model(
+    source: str | None,
+    *,
+    auto_class: type = AutoModelForCausalLM,
+    config: dict[str, Any] | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **config_overrides: Any,
+) -> PreTrainedModel:
+    """The model :func:`load_model` would return, with its parameters on the meta device: what a rank
+    other than 0 holds before FSDP2 shards it and rank 0 broadcasts the weights (``memory.sharded_init``)."""
+    if config is not None:
+        fields = {**dict(config), **config_overrides}
+        if vocab_size is not None:
+            fields.setdefault("vocab_size", vocab_size)
+        cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    else:
+        cfg = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **config_overrides)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    with parameters_on_meta():
+        return auto_class.from_config(cfg, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def looks_like_path(spec: str) -> bool:

@@ -48,12 +48,17 @@ class MemoryOptions:
         logprob_chunk_elements: Float32 elements per chunk when computing log-probs (bounds extra memory).
         activation_checkpointing: Recompute each policy decoder layer in backward to save activation memory.
         fsdp_mixed_precision: Under ModelParallelStrategy (FSDP2): bf16 compute, fp32 gradient reduction.
+        sharded_init: Under FSDP2: only rank 0 loads the weights; the other ranks build the model on the meta
+            device, and after sharding rank 0 broadcasts the weights tensor by tensor, so a rank's host memory
+            holds its shards (rank 0: one full copy while loading), and the reference copies the policy's
+            weights the same way. Not with LoRA or a separate ref_model.
     """
 
     lean_logprobs: bool | None = None
     logprob_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
     activation_checkpointing: bool = False
     fsdp_mixed_precision: bool = True
+    sharded_init: bool = False
 
     def __post_init__(self) -> None:
         if self.logprob_chunk_elements < 1:

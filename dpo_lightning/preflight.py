@@ -31,6 +31,10 @@ from dpo_lightning.data.formats import to_example
 from dpo_lightning.data.sft_formats import Conversation, SFTLayout, to_sft_example
 from dpo_lightning.data.sources import load_source
 
+
+class ConfigError(ValueError):
+    """Settings that cannot work together, found before anything loads; the CLI prints its one line."""
+
 # Attention kernels that apply the packing collator's (R, 1, L, L) additive mask exactly (tested on CPU);
 # None is transformers' default (sdpa).
 MASK_KERNELS = (None, "sdpa", "eager")
@@ -81,7 +85,7 @@ def check_strategy(strategy: Any) -> None:
     if cls is None or not (isinstance(cls, type) and issubclass(cls, FSDPStrategy)):
         return
     name = strategy if isinstance(strategy, str) else f"{cls.__module__}.{cls.__name__}"
-    raise ValueError(
+    raise ConfigError(
         f"trainer.strategy={name} is FSDP1, which dpo_lightning does not support: its checkpoints cannot be resumed "
         "or exported (the frozen reference is left out of them, FSDP1 loads strictly, and the weights sit under "
         "other keys); use FSDP2, lightning.pytorch.strategies.ModelParallelStrategy, the supported sharded path "
@@ -96,7 +100,7 @@ def check_packing_attention(collator: str | None, attn_implementation: str | Non
     """ValueError when packed rows meet an attention kernel that ignores their 4D block-causal mask."""
     if collator != "pack" or attn_implementation in MASK_KERNELS:
         return
-    raise ValueError(
+    raise ConfigError(
         f"data.collator=pack with model.attn_implementation={attn_implementation}: the packing collator isolates the "
         "sequences of a row with a dense 4D block-causal mask, which this kernel does not apply, so packed sequences "
         "would attend to each other; use attn_implementation sdpa or eager with packing, or data.collator: pad "

@@ -233,9 +233,20 @@ def _attach_frozen_reference(stage: CausalLMModule, ref_model: str | nn.Module |
     reference is stored, so a resumed run always gets back the same one.
     """
     if ref_model is not None:
+        if stage.memory.sharded_init:
+            raise ValueError("memory.sharded_init copies the reference from the policy; a separate ref_model is not "
+                             "supported with it yet")
         stage.ref_model = freeze(stage.load_model(ref_model))
         return isinstance(ref_model, str)
-    policy = stage.model  # a LoRA policy's reference is its base weights: adapters removed, not merged
+    policy = stage.model
+    if stage.memory.sharded_init:
+        # The architecture only: its weights arrive after sharding (CausalLMModule._materialize).
+        from dpo_lightning.models import parameters_on_meta
+
+        with parameters_on_meta():
+            stage.ref_model = freeze(stage.auto_model_class.from_config(policy.config, dtype=policy.dtype))
+        return stage.policy_source is not None
+    # A LoRA policy's reference is its base weights: adapters removed, not merged.
     stage.ref_model = freeze(copy.deepcopy(policy).unload() if hasattr(policy, "unload") else copy.deepcopy(policy))
     return stage.policy_source is not None
 

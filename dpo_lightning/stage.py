@@ -31,7 +31,16 @@ from dpo_lightning.distributed import enable_activation_checkpointing, shard_mod
 from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.metrics import RunningMeans
-from dpo_lightning.models import check_max_length, check_vocab, freeze, load_model, resolve_tokenizer, wrap_lora
+from dpo_lightning.models import (
+    check_max_length,
+    check_vocab,
+    empty_model,
+    freeze,
+    load_model,
+    resolve_tokenizer,
+    weights_dtype,
+    wrap_lora,
+)
 from dpo_lightning.models import disable_dropout as _disable_dropout
 from dpo_lightning.optim import Decay, warmup_decay_schedule
 from dpo_lightning.options import LoraOptions, MemoryOptions, option_group
@@ -124,10 +133,16 @@ class CausalLMModule(L.LightningModule):
                              "attn_implementation": attn_implementation}
         vocab_size = len(self.tokenizer) if self.tokenizer is not None else None
         self.policy_source = model if isinstance(model, str) else None
-        self.model = load_model(
-            model, auto_class=self.auto_model_class, config=model_config, vocab_size=vocab_size,
-            **self._load_kwargs, **self.model_overrides,
-        )
+        build = {"auto_class": self.auto_model_class, "config": model_config, "vocab_size": vocab_size}
+        if self.memory.sharded_init:
+            if self.lora is not None or not (isinstance(model, str) or model_config is not None):
+                raise ValueError("memory.sharded_init loads a hub id, a path or a model_config, without LoRA")
+            # Every rank must agree on the dtype before any weights exist; only rank 0 loads them.
+            self._load_kwargs["dtype"] = weights_dtype(model, model_config, dtype, trust_remote_code)
+        if self.memory.sharded_init and _launch_rank() != 0:
+            self.model = empty_model(model, **build, **self._load_kwargs, **self.model_overrides)
+        else:
+            self.model = load_model(model, **build, **self._load_kwargs, **self.model_overrides)
         check_vocab(self.model, vocab_size)
         check_max_length(self.model, max_length)
         if self.tokenizer is not None and self.model.config.pad_token_id is None:
@@ -302,7 +317,10 @@ class CausalLMModule(L.LightningModule):
         if self.memory.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         if self.device_mesh is None:
-            return  # single device, DDP, FSDP1: nothing to shard here
+            if self.memory.sharded_init:
+                raise ValueError("memory.sharded_init needs trainer.strategy ModelParallelStrategy (FSDP2): under "
+                                 "other strategies every rank holds the whole model; set it false")
+            return  # single device, DDP: nothing to shard here
         if self.memory.lean_logprobs:
             why = _lean_unsupported_sharded(self.model)
             if why:
@@ -310,7 +328,26 @@ class CausalLMModule(L.LightningModule):
         # ModelParallelStrategy loads both checkpoint formats strictly: keep the reference in them.
         self._loads_strictly = True
         param_dtype = torch.bfloat16 if self.memory.fsdp_mixed_precision else None
+        initial = None
+        if self.memory.sharded_init and not getattr(self, "_materialized", False):
+            # Rank 0's whole weights (references to them: sharding frees the module's copy, not these).
+            initial = self.model.state_dict() if self.global_rank == 0 else {}
         shard_models(self.model, [self.ref_model], self.device_mesh, param_dtype=param_dtype)
+        if initial is not None:
+            self._materialize(initial, param_dtype)
+
+    def _materialize(self, initial: dict[str, Tensor], ref_dtype: torch.dtype | None) -> None:
+        """``memory.sharded_init``: rank 0 broadcasts its weights tensor by tensor; every rank keeps its shards
+        of the policy, and of the reference, a copy of the policy's initial weights (in its storage dtype)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, dict(initial), options=options)  # (it replaces the dict's values)
+        if self.ref_model is not None:
+            if ref_dtype is not None and initial:
+                initial = {k: v.to(ref_dtype) if v.is_floating_point() else v for k, v in initial.items()}
+            set_model_state_dict(self.ref_model, initial, options=options)
+        self._materialized = True
 
     # ------------------------------------------------------------------ hooks for the reference
 
@@ -487,6 +524,14 @@ class CausalLMModule(L.LightningModule):
         if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+
+
+def _launch_rank() -> int:
+    """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's re-launched ranks); 0 for
+    the process that launches the others."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
 
 
 def _lean_unsupported_sharded(model: nn.Module) -> str | None:

@@ -49,6 +49,10 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         "fsdp2": run_script(
             tmp, "fsdp2", "--strategy", "fsdp2", "--activation-checkpointing", "--save-dir", str(tmp / "ckpt")
         ),
+        # Only rank 0 builds the weights; rank 1 starts on the meta device and receives them after sharding.
+        "fsdp2_sharded_init": run_script(
+            tmp, "fsdp2_sharded_init", "--strategy", "fsdp2", "--activation-checkpointing", "--sharded-init"
+        ),
         "ckpt_dir": tmp / "ckpt",
     }
 
@@ -75,6 +79,17 @@ def test_two_processes_match_one(runs, strategy):
     assert len(two["grads"]) == len(one["grads"]) > 0
     assert max_diff(one["grads"], two["grads"]) < 1e-6
     assert max_diff(one["params"], two["params"]) < 1e-4
+
+
+def test_sharded_init_trains_exactly_as_every_rank_loading_the_model(runs):
+    """memory.sharded_init: rank 1 never holds the weights before sharding; rank 0 broadcasts them. The run is
+    the ordinary FSDP2 run bit for bit (metrics, first-step gradients, final weights, what an export saves)."""
+    plain, lean_init = runs["fsdp2"], runs["fsdp2_sharded_init"]
+    assert plain["train"] == lean_init["train"] and plain["val"] == lean_init["val"]
+    assert max_diff(plain["grads"], lean_init["grads"]) == 0
+    assert max_diff(plain["params"], lean_init["params"]) == 0
+    assert max_diff(plain["export_state"], lean_init["export_state"]) == 0
+    assert lean_init["dtypes"] == plain["dtypes"]
 
 
 def test_two_process_validation_counts_every_pair_once(tmp_path):

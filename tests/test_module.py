@@ -182,8 +182,17 @@ def test_checkpoints_keep_a_reference_that_cannot_be_rebuilt(tmp_path):
         assert torch.equal(a, b)
 
 
-def test_lean_logprobs_under_fsdp2_is_refused_clearly():
+def test_lean_logprobs_under_fsdp2_is_refused_for_a_model_that_soft_caps_its_logits():
+    """Under FSDP2 the lean path runs the model's own forward with an identity head, so a logit transform inside
+    that forward (Gemma 2's soft-cap) would be applied to hidden states: refused when asked for explicitly (the
+    default falls back to full logits). Plain heads are tested on 2 processes in tests/test_distributed.py."""
+    from dpo_lightning.lm_head import lean_unsupported
+
     module = make_module(memory=MemoryOptions(lean_logprobs=True))
+    assert lean_unsupported(module.model, sharded=True) is None
+    module.model.config.final_logit_softcapping = 30.0
+    assert "soft-caps" in lean_unsupported(module.model, sharded=True)
+    assert lean_unsupported(module.model) is None  # unsharded, the lean path applies the soft-cap itself
     module._device_mesh = object()  # what ModelParallelStrategy hands the module before configure_model
-    with pytest.raises(ValueError, match="lean_logprobs"):
+    with pytest.raises(ValueError, match="lean_logprobs under ModelParallelStrategy"):
         module.configure_model()

@@ -111,9 +111,18 @@ def test_other_strategies_pass(strategy):
     check_strategy(strategy)
 
 
-def test_fsdp1_is_refused_through_the_cli_before_the_model_loads(inputs, no_model):
+def test_fsdp1_is_refused_through_the_cli_before_the_model_loads(inputs, no_model, capsys):
     with pytest.raises(ValueError, match=r"^trainer.strategy=fsdp is FSDP1"):
         cli_main(["fit", "--config", TINY, "--trainer.strategy", "fsdp"])
+    assert no_model == []
+    # The console command ends with that one line and status 1, not a traceback.
+    from dpo_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", TINY, "--trainer.strategy", "fsdp"])
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert "dpo_lightning: error: trainer.strategy=fsdp is FSDP1" in err and "Traceback" not in err
     assert no_model == []
 
 

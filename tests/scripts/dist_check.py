@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--save-dir", help="also save a sharded and a full checkpoint here (fsdp2)")
     parser.add_argument("--eval-odd", action="store_true", help="only validate an odd-sized split (see above)")
     parser.add_argument("--lean", choices=["auto", "on", "off"], default="auto", help="model.memory.lean_logprobs")
+    parser.add_argument("--sharded-init", action="store_true", help="model.memory.sharded_init (fsdp2)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -160,7 +161,7 @@ def main() -> None:
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2),
         memory=MemoryOptions(
             activation_checkpointing=args.activation_checkpointing, fsdp_mixed_precision=args.mixed_precision,
-            lean_logprobs={"auto": None, "on": True, "off": False}[args.lean],
+            lean_logprobs={"auto": None, "on": True, "off": False}[args.lean], sharded_init=args.sharded_init,
         ),
     )
     capture, logger = Capture(), ListLogger()
