@@ -355,6 +355,9 @@ class CausalLMModule(L.LightningModule):
         # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
         self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
         if self._trainer is not None:
+            from dpo_lightning.preflight import check_strategy
+
+            check_strategy(self.trainer.strategy)  # FSDP1, refused from Python as from the CLI
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
             self._choose_fast_paths(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
@@ -375,7 +378,14 @@ class CausalLMModule(L.LightningModule):
         lines = []
         choose = getattr(datamodule, "choose_collator", None)
         if choose is not None:
-            chosen, reason = choose(self.packing_unsupported())
+            unsupported = self.packing_unsupported()
+            kernel = CausalLMModule.packing_unsupported(self)  # the attention kernel's reason (a stage may add its own)
+            if kernel and getattr(datamodule, "collator_name", None) == "pack":
+                from dpo_lightning.preflight import ConfigError
+
+                raise ConfigError(f"data.collator=pack: {kernel}, so packed sequences would attend to each other; "
+                                  "use data.collator: auto or pad")
+            chosen, reason = choose(unsupported)
             if chosen is not None:
                 lines.append(f"batches: {chosen}" + (f" ({reason})" if reason else ""))
         if self.auto_model_class is AutoModelForCausalLM:  # a reward model scores, it has no log-probs

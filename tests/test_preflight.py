@@ -188,3 +188,30 @@ def test_the_cli_warns_about_bf16_steps_before_anything_is_built(inputs):
         warnings.simplefilter("always")
         cli_main(["fit", "--config", TINY], cli_class=StopAfterPreflight)  # fp32 weights, lr 1e-3
     assert not [w for w in caught if "round away" in str(w.message)]
+
+
+def test_the_python_api_refuses_fsdp1_and_packing_under_flash_attention_at_setup():
+    """Without the CLI: the stage's setup runs the same checks before anything trains."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from dpo_lightning import DPOModule
+    from dpo_lightning.preflight import ConfigError
+
+    module = DPOModule(model_config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
+                                     "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32})
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy(), datamodule=None)  # as Trainer(strategy="fsdp")
+    with pytest.raises(ValueError, match="FSDP1"):
+        module.setup("fit")
+
+    class PackedData:
+        batch_format = "pairs"
+        collator_name = "pack"
+
+        def choose_collator(self, reason):
+            return "pack", "data.collator"
+
+    module.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="attend to each other"):
+        module._choose_fast_paths(PackedData())
