@@ -177,6 +177,9 @@ class LatestModelCheckpoint(ModelCheckpoint):
         self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._link_to_same_step(trainer, filepath):  # this step's state, already checked and written
+            self._last_write = time.monotonic()
+            return
         # An update can turn finite gradients into inf weights (a huge learning rate): such a state
         # is never written, so last.ckpt and the best checkpoint stay the last good ones.
         if not finite_weights(trainer, trainer.lightning_module):
@@ -185,11 +188,10 @@ class LatestModelCheckpoint(ModelCheckpoint):
                 f"the weights hold NaN or inf after optimizer step {trainer.global_step}: not saving {filepath}; "
                 f"the previous checkpoint is the last good state. {_likely_causes(trainer, lr)}"
             )
-        if not self._link_to_same_step(trainer, filepath):
-            if _saves_sharded(trainer):
-                self._save_sharded(trainer, filepath)
-            else:
-                super()._save_checkpoint(trainer, filepath)
+        if _saves_sharded(trainer):
+            self._save_sharded(trainer, filepath)
+        else:
+            super()._save_checkpoint(trainer, filepath)
         self._last_write = time.monotonic()
 
     def _link_to_same_step(self, trainer: pl.Trainer, filepath: str) -> bool:

@@ -500,8 +500,9 @@ def _lora_policy(stage: type, checkpoint: Mapping[str, Any], hparams: Mapping[st
         base = stage.auto_model_class.from_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
     model = wrap_lora(base, **hparams["lora"], task_type=stage.lora_task_type)
     if FROZEN_BASE_KEY in checkpoint:
-        check_frozen_base(checkpoint[FROZEN_BASE_KEY], fingerprint(frozen_parameters(model)))
-        state = {**{k: v for k, v in model.state_dict().items() if k in frozen_parameters(model)}, **state}
+        frozen = frozen_parameters(model)
+        check_frozen_base(checkpoint[FROZEN_BASE_KEY], fingerprint(frozen))
+        state = {**{k: v.detach() for k, v in frozen.items()}, **state}
     model.load_state_dict(state, strict=True)
     return model
 

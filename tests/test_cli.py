@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from dpo_lightning.cli import DPOLightningCLI, cli_main, main
+from dpo_lightning.cli import DPOLightningCLI, GenerateCLI, cli_main, main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -21,6 +21,19 @@ class ParseOnlyCLI(DPOLightningCLI):
     packing + flash attention, bf16 steps), but reads no data and builds nothing (no downloads)."""
 
     def check_data(self, config) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+class ParseOnlyGenerateCLI(GenerateCLI):
+    """The `generate` command, parse only: the judge's files need not exist, nothing is built."""
+
+    def before_instantiate_classes(self) -> None:
         pass
 
     def instantiate_classes(self) -> None:
@@ -139,19 +152,9 @@ def test_tiny_recipe_trains_logs_and_exports(tmp_path):
 @pytest.mark.parametrize("recipe", GENERATE_RECIPES, ids=lambda r: r.name)
 def test_every_generate_recipe_parses_through_the_generate_cli(recipe):
     """`generate` recipes: every key checked against GenerationModule, PromptDataModule and the writer."""
-    from dpo_lightning.cli import GenerateCLI, generate_main
-
-    class ParseOnly(GenerateCLI):
-        def before_instantiate_classes(self) -> None:
-            pass  # parse only: the judge's files need not exist
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
+    from dpo_lightning.cli import generate_main
 
     assert recipe.read_text().startswith("#")
-    config = generate_main(["--config", str(recipe)], cli_class=ParseOnly).config["predict"]
+    config = generate_main(["--config", str(recipe)], cli_class=ParseOnlyGenerateCLI).config["predict"]
     assert config["model"]["tokenizer"] == config["data"]["tokenizer"]  # linked
     assert config["output"]["judge"] and config["return_predictions"] is False

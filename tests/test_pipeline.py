@@ -93,7 +93,7 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
 def test_iterate_recipes_parse_and_name_recipes_that_parse(recipe):
     """Each pipeline recipe parses, and each stage recipe it names parses through its own command."""
     from jsonargparse import ActionConfigFile, ArgumentParser
-    from test_cli import ParseOnlyCLI
+    from test_cli import ParseOnlyCLI, ParseOnlyGenerateCLI
 
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)
@@ -102,19 +102,8 @@ def test_iterate_recipes_parse_and_name_recipes_that_parse(recipe):
     assert config.rounds == 3 and config.reference == "previous"
     for stage in (config.sft, config.dpo):
         FIT(["fit", "--config", str(ROOT / stage.config), *stage.args], cli_class=ParseOnlyCLI)
-
-    class ParseOnlyGenerate(cli.GenerateCLI):
-        def before_instantiate_classes(self) -> None:
-            pass  # parse only: the judge's files need not exist
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
     generate = config.generate
-    GENERATE(["--config", str(ROOT / generate.config), *generate.args], cli_class=ParseOnlyGenerate)
+    GENERATE(["--config", str(ROOT / generate.config), *generate.args], cli_class=ParseOnlyGenerateCLI)
 
 
 def test_pipeline_tiny_raises_the_held_out_reward(tmp_path):
