@@ -5,7 +5,7 @@ Each side loads the same saved model and the same ``pairs.jsonl``, computes the 
 per-sequence log-probs on the first batch (no update), then trains ``warmup + steps`` optimizer
 steps in the same order (no shuffling) and records the wall time between consecutive step ends.
 
-Sides: ``ours`` (DPOModule + Lightning Trainer, ``collator`` pad/pack, ``lean`` on/off) and
+Sides: ``ours`` (DPOModule + Lightning Trainer, ``collator`` pad/pack/share, ``lean`` on/off) and
 ``trl`` (TRL's DPOTrainer, right padding, its fused LM head).
 """
 
@@ -45,7 +45,7 @@ def run_ours(spec: dict) -> dict:
 
     from dpo_lightning import DPOModule
     from dpo_lightning.data import PreferenceExample, TokenizeConfig, build_collator, render, tokenize_pairs
-    from dpo_lightning.data.packing import PackingCollator
+    from dpo_lightning.data.collate import COLLATORS
     from dpo_lightning.options import MemoryOptions
 
     model_dir = str(Path(spec["folder"]) / "model")
@@ -74,8 +74,10 @@ def run_ours(spec: dict) -> dict:
         }
         for c, r in tokenize_pairs(rendered, tokenizer, cfg)
     ]
-    if spec["collator"] == "pack":
-        collator = PackingCollator(pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=spec.get("pack_budget"))
+    if spec["collator"] in ("pack", "share"):
+        collator = COLLATORS[spec["collator"]](
+            pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=spec.get("pack_budget")
+        )
     else:
         collator = build_collator("pad", pad_token_id=tokenizer.pad_token_id)
     loader = DataLoader(features, batch_size=spec["batch_size"], shuffle=False, collate_fn=collator)

@@ -1,6 +1,7 @@
 """dpo_lightning vs TRL's DPOTrainer on identical inputs: throughput, peak memory, MFU. Not part of pytest.
 
-    python benchmarks/vs_trl.py                      # HH harmless-base, Llama 4x256, 4k BPE, T=512, 8 pairs
+    python benchmarks/vs_trl.py                      # HH harmless-base, Llama 4x256, 4k BPE, T=512, 8 pairs;
+                                                     # ours at its defaults (prefix sharing) and with packing alone
     python benchmarks/vs_trl.py --scenario memory    # 128k vocab, T=2048, 2 pairs: ours lean / ours plain / TRL
     python benchmarks/vs_trl.py --scenario sweep     # ours: time per pair vs length (256..2048) and vocab (4k..128k)
     python benchmarks/vs_trl.py --scenario padsweep  # ours, pad vs pack: time follows real tokens, not padding
@@ -116,6 +117,9 @@ def compare(args) -> None:
         "pack_budget": args.pack_budget, "checkpointing": args.checkpointing == "on",
     }
     sides = {"ours": {**base, "side": "ours", "collator": args.collator, "lean": args.lean}}
+    for collator in args.also or ():  # our other batch layouts, in the same run
+        if collator != args.collator:
+            sides[f"ours_{collator}"] = {**base, "side": "ours", "collator": collator, "lean": args.lean}
     if args.scenario == "memory":
         sides["ours_plain"] = {**base, "side": "ours", "collator": "pad", "lean": False}
     sides["trl"] = {**base, "side": "trl"}
@@ -177,6 +181,11 @@ def _print_table(table: dict[str, dict], peak: float, args) -> None:
         print(f"{name}/trl: pairs/s x{row['pairs_per_s'] / trl['pairs_per_s']:.2f}, "
               f"peak RSS x{row['peak_rss_mib'] / trl['peak_rss_mib']:.2f}, "
               f"train RSS growth x{row['train_rss_growth_mib'] / max(trl['train_rss_growth_mib'], 1e-9):.2f}")
+    for name in table:
+        if name.startswith("ours_") and name != "ours_plain":
+            other, ours = table[name], table["ours"]
+            print(f"ours({args.collator})/{name}: pairs/s x{ours['pairs_per_s'] / other['pairs_per_s']:.2f}, "
+                  f"peak RSS x{ours['peak_rss_mib'] / other['peak_rss_mib']:.2f}")
     if "ours_plain" in table:
         plain, ours = table["ours_plain"], table["ours"]
         print(f"ours(lean)/ours(plain full logits): peak RSS x{ours['peak_rss_mib'] / plain['peak_rss_mib']:.2f}, "
@@ -247,7 +256,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, order alternating; best is reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--collator", choices=["pad", "pack"], default=None, help="ours: hh pack, others pad")
+    p.add_argument("--collator", choices=["pad", "pack", "share"], default=None,
+                   help="ours: hh share (the library's default), others pad")
+    p.add_argument("--also", nargs="*", choices=["pad", "pack", "share"], default=None,
+                   help="ours with these collators too, in the same run (hh: pack)")
     p.add_argument("--pack-budget", type=int, default=None, help="tokens per packed row (default: longest sequence)")
     p.add_argument("--no-lean", dest="lean", action="store_false", help="ours: full-logits log-probs")
     p.add_argument(
@@ -257,10 +269,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     defaults = {
-        "hh": (8, 512, 4096, "pack"), "memory": (2, 2048, 131072, "pad"), "sweep": (2, None, None, "pad"),
-        "padsweep": (4, None, 4096, None),
+        "hh": (8, 512, 4096, "share", ["pack"]), "memory": (2, 2048, 131072, "pad", []),
+        "sweep": (2, None, None, "pad", []), "padsweep": (4, None, 4096, None, []),
     }
-    for field, value in zip(("batch_size", "max_length", "vocab", "collator"), defaults[args.scenario]):
+    for field, value in zip(("batch_size", "max_length", "vocab", "collator", "also"), defaults[args.scenario]):
         if getattr(args, field) is None:
             setattr(args, field, value)
     if args.warmup < 1:

@@ -38,6 +38,8 @@ class ConfigError(ValueError):
 # Attention kernels that apply the packing collator's (R, 1, L, L) additive mask exactly (tested on CPU);
 # None is transformers' default (sdpa).
 MASK_KERNELS = (None, "sdpa", "eager")
+# Collators whose rows hold several sequences isolated by that mask (pack: sequences; share: prefix-shared pairs).
+PACKED_COLLATORS = ("pack", "share")
 # Significand bits (the implicit one included) of the half-precision weight formats.
 SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 # The magnitude of a typical weight of a trained transformer's linear layers (Llama-2-7B: std ~0.02).
@@ -97,14 +99,14 @@ def check_strategy(strategy: Any) -> None:
 
 
 def check_packing_attention(collator: str | None, attn_implementation: str | None) -> None:
-    """ValueError when packed rows meet an attention kernel that ignores their 4D block-causal mask."""
-    if collator != "pack" or attn_implementation in MASK_KERNELS:
+    """ValueError when packed rows (``pack``, ``share``) meet an attention kernel that ignores their 4D mask."""
+    if collator not in PACKED_COLLATORS or attn_implementation in MASK_KERNELS:
         return
     raise ConfigError(
-        f"data.collator=pack with model.attn_implementation={attn_implementation}: the packing collator isolates the "
-        "sequences of a row with a dense 4D block-causal mask, which this kernel does not apply, so packed sequences "
-        "would attend to each other; use attn_implementation sdpa or eager with packing, or data.collator: pad "
-        "with flash attention"
+        f"data.collator={collator} with model.attn_implementation={attn_implementation}: the {collator} collator "
+        "isolates the sequences of a row with a dense 4D block mask, which this kernel does not apply, so packed "
+        "sequences would attend to each other; use attn_implementation sdpa or eager with packed rows, or "
+        "data.collator: pad (or auto) with flash attention"
     )
 
 

@@ -78,9 +78,11 @@ class RewardModule(CausalLMModule):
         return "a reward model reads each row's last token"
 
     def setup(self, stage: str) -> None:
+        from dpo_lightning.preflight import PACKED_COLLATORS
+
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if getattr(datamodule, "hparams", {}).get("collator") == "pack":
+        if getattr(datamodule, "hparams", {}).get("collator") in PACKED_COLLATORS:
             raise ValueError("RewardModule reads each row's last token, so it takes padded batches: set "
                              "data.collator to 'pad'")
 

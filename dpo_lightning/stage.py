@@ -380,10 +380,11 @@ class CausalLMModule(L.LightningModule):
         if choose is not None:
             unsupported = self.packing_unsupported()
             kernel = CausalLMModule.packing_unsupported(self)  # the attention kernel's reason (a stage may add its own)
-            if kernel and getattr(datamodule, "collator_name", None) == "pack":
-                from dpo_lightning.preflight import ConfigError
+            named = getattr(datamodule, "collator_name", None)
+            from dpo_lightning.preflight import PACKED_COLLATORS, ConfigError
 
-                raise ConfigError(f"data.collator=pack: {kernel}, so packed sequences would attend to each other; "
+            if kernel and named in PACKED_COLLATORS:
+                raise ConfigError(f"data.collator={named}: {kernel}, so packed sequences would attend to each other; "
                                   "use data.collator: auto or pad")
             chosen, reason = choose(unsupported)
             if chosen is not None:
@@ -587,8 +588,11 @@ def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
 
 
 def input_tokens(batch: Mapping[str, Any]) -> int:
-    """Input tokens of a batch, padding excluded: packed rows count their sequences' positions, padded
-    rows their attention mask (the KL rows of a KTO batch included: they are forwarded too)."""
+    """Input tokens of a batch, padding excluded: prefix-shared rows say how many their pairs hold (each
+    prompt counted on both sides, as the other layouts count it), packed rows count their sequences'
+    positions, padded rows their attention mask (the KL rows of a KTO batch included: they are forwarded too)."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
     if "sequence_ids" in batch:
         return int((batch["sequence_ids"] >= 0).sum())
     count = 0

@@ -180,9 +180,9 @@ def test_one_sgd_step_moves_each_policy_weight_by_minus_lr_times_its_gradient(tm
 
 
 def test_the_default_fast_path_trains_as_the_padded_full_logits_path(tmp_path, caplog):
-    """Defaults (``collator: auto`` -> packed rows, ``lean_logprobs`` None -> lean) against padded rows with
-    full logits: the same validation metrics and the same weights after 4 AdamW steps (fp32, 1e-5), and
-    the run says which path it took."""
+    """Defaults (``collator: auto`` -> prefix-shared packed rows, ``lean_logprobs`` None -> lean) against padded
+    rows with full logits: the same validation metrics, tokens counted and weights after 4 AdamW steps (fp32,
+    1e-5), and the run says which path it took."""
     import logging
 
     runs = {}
@@ -197,10 +197,13 @@ def test_the_default_fast_path_trains_as_the_padded_full_logits_path(tmp_path, c
         trainer = _trainer(max_steps=4, limit_val_batches=2)
         with caplog.at_level(logging.INFO):
             trainer.fit(module, datamodule=data)
+        tokens = module._tokens_seen  # train/num_tokens on one process
         runs[name] = (trainer.validate(module, datamodule=data, verbose=False)[0], module.model.state_dict(), data)
-    (fast, fast_w, fast_data), (plain, plain_w, _) = runs["fast"], runs["plain"]
-    assert fast_data.collator_name == "pack"
-    assert "batches: pack" in caplog.text and "log-probs: lean" in caplog.text
+        runs[name] += (tokens,)
+    (fast, fast_w, fast_data, fast_tokens), (plain, plain_w, _, plain_tokens) = runs["fast"], runs["plain"]
+    assert fast_data.collator_name == "share"
+    assert fast_tokens == plain_tokens > 0  # the prompt counted on both sides, as the padded rows hold it
+    assert "batches: share" in caplog.text and "log-probs: lean" in caplog.text
     assert "batches: pad (data.collator)" in caplog.text
     assert "full logits (model.memory.lean_logprobs: false)" in caplog.text
     assert fast == pytest.approx(plain, rel=1e-5, abs=1e-6)

@@ -129,14 +129,15 @@ def test_fsdp1_is_refused_through_the_cli_before_the_model_loads(inputs, no_mode
 # ------------------------------------------------------------------------------- packing x attention
 
 
+@pytest.mark.parametrize("collator", ["pack", "share"])
 @pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3", "kernels-community/flash-attn3"])
-def test_packing_with_a_kernel_that_ignores_the_4d_mask_is_refused(kernel):
+def test_packing_with_a_kernel_that_ignores_the_4d_mask_is_refused(kernel, collator):
     with pytest.raises(ValueError, match="attend to each other") as err:
-        check_packing_attention("pack", kernel)
-    assert kernel in str(err.value) and "\n" not in str(err.value)
+        check_packing_attention(collator, kernel)
+    assert kernel in str(err.value) and collator in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize(("collator", "kernel"), [("pack", None), ("pack", "sdpa"), ("pack", "eager"),
+@pytest.mark.parametrize(("collator", "kernel"), [("pack", None), ("pack", "sdpa"), ("pack", "eager"), ("share", "sdpa"),
                                                   ("pad", "flash_attention_2"), ("pad", None)])
 def test_packing_with_mask_kernels_and_padding_with_any_kernel_pass(collator, kernel):
     check_packing_attention(collator, kernel)

@@ -157,6 +157,19 @@ def test_packed_batches_are_refused():
             "sequence_ids": torch.zeros(1, 4, dtype=torch.long)})
 
 
+@pytest.mark.parametrize("collator", ["pack", "share"])
+def test_an_explicit_packed_collator_is_refused_before_the_first_step(collator):
+    import lightning as L
+
+    dm = _data(generate_pairs(8, 0), batch_size=4, collator=collator)
+    rm = RewardModule(model_config=TINY, tokenizer=dm.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="collator to 'pad'"):
+        trainer.fit(rm, datamodule=dm)
+    assert trainer.global_step == 0
+
+
 def test_lora_trains_adapters_and_the_new_score_head_and_exports_merged(tmp_path):
     from dpo_lightning import LoraOptions
 

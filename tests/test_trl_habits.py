@@ -120,7 +120,8 @@ def test_the_readme_datamodule_example_runs_as_written_on_a_local_model(tmp_path
 
 def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
     """train/num_tokens (TRL's name) at a logged step = the non-padding input tokens of every batch trained
-    on up to that step, cumulative (the 2B rows of each pair batch, padding excluded)."""
+    on up to that step, cumulative (the 2B sequences of each pair batch, each prompt on both sides, padding
+    excluded), whatever the batch layout."""
     from dpo_lightning.stage import input_tokens
 
     logger = StepLogger()
@@ -128,9 +129,13 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
 
     class Count(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            # Packed rows (the default) mark each position's sequence, -1 on padding; padded rows have the 2D mask.
-            seen.append(int((batch["sequence_ids"] >= 0).sum()) if "sequence_ids" in batch
-                        else int(batch["attention_mask"].sum()))
+            # Packed and prefix-shared rows (the default) mark the sequence each position scores for, and a
+            # sequence's positions run 0..n-1 even where its prompt is shared: n = last position + 1.
+            if "sequence_ids" in batch:
+                ids, pos = batch["sequence_ids"], batch["position_ids"]
+                seen.append(sum(int(pos[ids == s].max()) + 1 for s in range(batch["num_sequences"])))
+            else:
+                seen.append(int(batch["attention_mask"].sum()))
 
     cli = cli_main(args(tmp_path, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "3"), run=False)
     cli.trainer.loggers = [cli.trainer.logger, logger]

@@ -48,7 +48,13 @@ class LiveSplit(TorchDataset):
         return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
 
 
-AUTO = "auto"  # collator: packed rows when the stage and its model take them, else padded rows
+AUTO = "auto"  # collator: the data module's fast collator when the stage and its model take it, else padded rows
+# What ``auto`` says when it picks each fast collator.
+FAST_COLLATOR_REASONS = {
+    "pack": "no padding; data.collator: pad for padded rows",
+    "share": "each prompt computed once for both responses, pairs packed without padding; data.collator: pack "
+             "or pad for the other layouts",
+}
 
 
 def check_settings(
@@ -97,6 +103,8 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
     """
 
     collators: ClassVar[Mapping[str, Callable[..., Callable]]]  # name -> factory(pad_token_id=, pad_to_multiple_of=)
+    # What ``collator: auto`` picks when the stage takes packed rows (a 4D block mask): the fastest exact layout.
+    fast_collator: ClassVar[str] = "pack"
     # The batches this class can make (a stage's ``batch_format`` must be one; the CLI checks it).
     batch_formats: ClassVar[tuple[str, ...]] = ()
 
@@ -138,16 +146,18 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
 
     def choose_collator(self, packing_unsupported: str | None) -> tuple[str, str]:
         """Resolve ``collator: auto`` for the stage about to train (called from its ``setup``, before any
-        loader exists): ``pack`` unless the stage gives a reason it cannot take packed rows
-        (``packing_unsupported``). Returns the collator and why; an explicit ``data.collator`` stands."""
+        loader exists): `fast_collator` (``share`` for pairs, ``pack`` for SFT rows) unless the stage gives a
+        reason it cannot take packed rows (``packing_unsupported``). Returns the collator and why; an explicit
+        ``data.collator`` stands."""
         if self.hparams.collator != AUTO:
             return self.hparams.collator, "data.collator"
-        if "pack" not in self.collators:
+        fast = self.fast_collator
+        if fast not in self.collators:
             self._chosen_collator, why = "pad", "this data module does not pack"
         elif packing_unsupported:
             self._chosen_collator, why = "pad", packing_unsupported
         else:
-            self._chosen_collator, why = "pack", "no padding; data.collator: pad for padded rows"
+            self._chosen_collator, why = fast, FAST_COLLATOR_REASONS[fast]
         return self._chosen_collator, f"data.collator auto: {why}"
 
     @property

@@ -1,7 +1,8 @@
 """Collators: tokenized pairs -> the batch dict `DPOModule` consumes (see docs/architecture.md).
 
-Collators are chosen by name through `COLLATORS`; a packing collator (``position_ids`` and
-per-sequence boundaries) joins the table later and reads the same per-example fields.
+Collators are chosen by name through `COLLATORS`: ``pad`` (here), ``pack`` (data/packing.py: sequences
+packed into rows) and ``share`` (data/prefix_sharing.py: each pair's prompt once, both responses
+branching from it, pairs packed) read the same per-example fields; ``kto`` batches unpaired examples.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import Tensor
 from .extras import pair_extras
 from .kto import KTOCollator
 from .packing import PackingCollator
+from .prefix_sharing import PrefixSharingCollator
 
 IGNORE_INDEX = -100
 
@@ -96,6 +98,7 @@ class PaddingCollator:
 COLLATORS: dict[str, Callable[..., Callable[[Sequence[Mapping[str, Any]]], dict[str, Tensor]]]] = {
     "pad": PaddingCollator,
     "pack": PackingCollator,
+    "share": PrefixSharingCollator,  # prompt once per pair, both responses branching from it, packed
     "kto": KTOCollator,  # unpaired examples (KTO): N rows + N mismatched KL rows, see data/kto.py
 }
 

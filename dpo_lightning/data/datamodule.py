@@ -22,6 +22,7 @@ class PreferenceDataModule(TokenizedDataModule):
     2B rows (chosen first) with ``input_ids`` / ``attention_mask`` / ``labels`` (docs/data.md)."""
 
     collators = COLLATORS
+    fast_collator = "share"  # measured 1.4x faster than "pack" on HH (docs/benchmarks.md)
     batch_formats = ("pairs", "unpaired")
 
     def __init__(
@@ -72,8 +73,9 @@ class PreferenceDataModule(TokenizedDataModule):
             pad_to_multiple_of: Round the padded length up to a multiple of this (e.g. 8 for tensor cores).
             drop_identical: Drop pairs whose chosen equals rejected (with a warning) instead of keeping them.
             num_proc: Processes for the one-off tokenization pass (``datasets.map``).
-            collator: ``auto`` (default): ``pack`` (sequences packed into rows, no padding) when the stage and its
-                model take packed rows, else ``pad`` (right-padded rows); the run logs which and why.
+            collator: ``auto`` (default): ``share`` (each prompt computed once for both responses, pairs packed
+                into rows) when the stage and its model take packed rows, else ``pad`` (right-padded rows); the
+                run logs which and why. ``pack`` packs the 2B sequences without sharing prompts.
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
             unpaired: Produce unpaired examples for KTO (the CLI sets it from the loss): prompt/completion/label

@@ -52,15 +52,23 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def block_causal_mask(sequence_ids: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+def block_causal_mask(
+    sequence_ids: Tensor, dtype: torch.dtype = torch.float32, *, branch_ids: Tensor | None = None
+) -> Tensor:
     """``(R, L)`` sequence ids (-1 on padding) -> additive mask ``(R, 1, L, L)``: 0 allowed, -inf not.
 
     Query ``i`` sees key ``j <= i`` of its own sequence. A padding position sees only itself: a
     query row with no allowed key would make softmax return NaN, which backward spreads into the
     weight gradients even though no loss depends on padding.
+
+    ``branch_ids`` ``(R, L)`` (prefix sharing, ``data/prefix_sharing.py``): within a block (the ids
+    above), key ``j`` on branch 0 (the shared prefix) is seen by every later query of the block, and a
+    key on another branch only by queries on its own branch.
     """
     length = sequence_ids.shape[1]
     same = sequence_ids[:, :, None] == sequence_ids[:, None, :]  # (R, L, L)
+    if branch_ids is not None:
+        same &= (branch_ids[:, None, :] == 0) | (branch_ids[:, :, None] == branch_ids[:, None, :])
     causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
     allowed = (same & causal & (sequence_ids[:, :, None] >= 0)) | torch.eye(length, dtype=torch.bool)
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
