@@ -70,6 +70,19 @@ def synthetic_pairs(n: int, length: int, vocab_size: int, seed: int = 0) -> list
     ]
 
 
+def shaped_pairs(n: int, prompt: int, response: int, vocab_size: int, seed: int = 0) -> list[dict[str, str]]:
+    """Pairs with a prompt of ``prompt // 2 .. prompt`` random tokens and responses of ``response // 2 ..
+    response`` tokens (+ EOS), for a word-level tokenizer (one id per word)."""
+    rng = random.Random(seed)
+    words = lambda k: "".join(f" t{rng.randrange(1, vocab_size)}" for _ in range(k))  # noqa: E731
+    length = lambda k: rng.randint(k // 2, k)  # noqa: E731
+    return [
+        {"prompt": words(length(prompt)).lstrip(), "chosen": words(length(response)),
+         "rejected": words(length(response))}
+        for _ in range(n)
+    ]
+
+
 def keep_pairs(rows: list[dict[str, str]], tokenizer, max_length: int) -> list[dict[str, str]]:
     """The rows both libraries tokenize identically and can train on (see the module docstring)."""
     cfg = TokenizeConfig(max_length=max_length, max_prompt_length=None)

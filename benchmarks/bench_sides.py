@@ -5,7 +5,7 @@ Each side loads the same saved model and the same ``pairs.jsonl``, computes the 
 per-sequence log-probs on the first batch (no update), then trains ``warmup + steps`` optimizer
 steps in the same order (no shuffling) and records the wall time between consecutive step ends.
 
-Sides: ``ours`` (DPOModule + Lightning Trainer, ``collator`` pad/pack/share, ``lean`` on/off) and
+Sides: ``ours`` (DPOModule + Lightning Trainer, ``collator`` pad/pack/share/auto, ``lean`` on/off) and
 ``trl`` (TRL's DPOTrainer, right padding, its fused LM head).
 """
 
@@ -46,6 +46,7 @@ def run_ours(spec: dict) -> dict:
     from dpo_lightning import DPOModule
     from dpo_lightning.data import PreferenceExample, TokenizeConfig, build_collator, render, tokenize_pairs
     from dpo_lightning.data.collate import COLLATORS
+    from dpo_lightning.data.prefix_sharing import PrefixSharingCollator, attention_cost, layout_costs
     from dpo_lightning.options import MemoryOptions
 
     model_dir = str(Path(spec["folder"]) / "model")
@@ -74,7 +75,12 @@ def run_ours(spec: dict) -> dict:
         }
         for c, r in tokenize_pairs(rendered, tokenizer, cfg)
     ]
-    if spec["collator"] in ("pack", "share"):
+    cost = attention_cost(module.model.config)
+    if spec["collator"] == "auto":  # the library's default for pairs: share where it saves compute
+        collator = PrefixSharingCollator(
+            pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=spec.get("pack_budget"), attention_cost=cost
+        )
+    elif spec["collator"] in ("pack", "share"):
         collator = COLLATORS[spec["collator"]](
             pad_token_id=tokenizer.pad_token_id, max_tokens_per_row=spec.get("pack_budget")
         )
@@ -116,7 +122,10 @@ def run_ours(spec: dict) -> dict:
         sum(len(f["chosen_input_ids"]) + len(f["rejected_input_ids"]) for f in features[i : i + spec["batch_size"]])
         for i in range(0, len(features), spec["batch_size"])
     ]
-    return {"step0": step0, "step_ends": ends, "rss_before_mib": rss_before, "batch_tokens": batch_tokens}
+    # The cost model's figure for each batch laid out shared and packed (prefix_sharing.layout_costs).
+    costs = [layout_costs(features[i : i + spec["batch_size"]], cost) for i in range(0, len(features), spec["batch_size"])]
+    return {"step0": step0, "step_ends": ends, "rss_before_mib": rss_before, "batch_tokens": batch_tokens,
+            "layout_costs": costs}
 
 
 def run_trl(spec: dict) -> dict:

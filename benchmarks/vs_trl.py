@@ -5,6 +5,7 @@
     python benchmarks/vs_trl.py --scenario memory    # 128k vocab, T=2048, 2 pairs: ours lean / ours plain / TRL
     python benchmarks/vs_trl.py --scenario sweep     # ours: time per pair vs length (256..2048) and vocab (4k..128k)
     python benchmarks/vs_trl.py --scenario padsweep  # ours, pad vs pack: time follows real tokens, not padding
+    python benchmarks/vs_trl.py --scenario sharesweep  # ours, pack vs share vs auto over prompt/response shapes
 
 Each side runs in its own child process (``bench_sides.py``), sides alternating, on the same saved
 random-init weights, the same strings, batch size, max_length, loss, optimizer (AdamW, constant LR,
@@ -14,7 +15,9 @@ checks that both sides compute the same step-0 loss and per-sequence log-probs o
 MFU = model FLOPs / s over the machine's fp32 GEMM rate, timed in this run. Model FLOPs count the
 real (non-padding) tokens only: per sequence of n tokens, 4 x (2 P n + 2 L d n^2) (policy forward +
 backward = 3 forwards, reference = 1 forward; P = matmul parameters incl. the LM head, L layers,
-d hidden size; causal attention scores and values), whatever the implementation actually executes.
+d hidden size; causal attention scores and values), whatever the implementation actually executes:
+prefix sharing forwards each prompt once, so its MFU is an effective figure (the run prints the share
+of token positions it forwards).
 """
 
 from __future__ import annotations
@@ -149,10 +152,13 @@ def compare(args) -> None:
         best["peak_rss_mib"] = min(s["peak_rss_mib"] for s in summaries)
         table[name] = best
     _print_table(table, peak, args)
+    if {"share", "auto"} & {args.collator, *(args.also or ())}:
+        print(f"prefix sharing forwards {_shared_fraction(folder, rows, args):.3f} of the token positions packing "
+              "forwards; MFU counts every sequence whole, so it is an effective figure where ours shares")
 
 
-def _batch_lengths(folder: Path, rows: list[dict], args) -> list[list[int]]:
-    """Token lengths of every sequence of every batch, as our tokenization (= TRL's) produces them."""
+def _tokenized(folder: Path, rows: list[dict], args) -> list:
+    """(chosen, rejected) `TokenizedSide`s of the pairs the run trains on, as our tokenization (= TRL's) makes them."""
     from transformers import AutoTokenizer
 
     from dpo_lightning.data import PreferenceExample, TokenizeConfig, render, tokenize_pairs
@@ -160,10 +166,24 @@ def _batch_lengths(folder: Path, rows: list[dict], args) -> list[list[int]]:
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
     used = rows[: args.batch_size * (args.warmup + args.steps)]
     rendered = [render(PreferenceExample(r["prompt"], r["chosen"], r["rejected"]), tokenizer, None) for r in used]
-    sides = tokenize_pairs(rendered, tokenizer, TokenizeConfig(max_length=args.max_length, max_prompt_length=None))
-    lengths = [len(s.input_ids) for pair in sides for s in pair]
+    return tokenize_pairs(rendered, tokenizer, TokenizeConfig(max_length=args.max_length, max_prompt_length=None))
+
+
+def _batch_lengths(folder: Path, rows: list[dict], args) -> list[list[int]]:
+    """Token lengths of every sequence of every batch."""
+    lengths = [len(s.input_ids) for pair in _tokenized(folder, rows, args) for s in pair]
     per_batch = 2 * args.batch_size
     return [lengths[i : i + per_batch] for i in range(0, len(lengths), per_batch)]
+
+
+def _shared_fraction(folder: Path, rows: list[dict], args) -> float:
+    """Token positions prefix sharing forwards over those of packing (every sequence whole), on the run's pairs."""
+    from dpo_lightning.data.prefix_sharing import shared_length
+
+    pairs = _tokenized(folder, rows, args)
+    whole = sum(len(c.input_ids) + len(r.input_ids) for c, r in pairs)
+    shared = sum(shared_length(c.input_ids, c.response_start, r.input_ids, r.response_start) for c, r in pairs)
+    return (whole - shared) / whole
 
 
 def _print_table(table: dict[str, dict], peak: float, args) -> None:
@@ -240,9 +260,41 @@ def padsweep(args) -> None:
                   flush=True)
 
 
+def sharesweep(args) -> None:
+    """Ours only: packing alone, prefix sharing always, and ``auto`` (share a batch only where the cost model
+    says it is cheaper), over prompt/response shapes; measured time ratios next to the cost model's."""
+    points = [(256, 256), (128, 384), (64, 448), (32, 480)]  # (longest prompt, longest response)
+    print(f"hidden {args.hidden}; prompt  response  pack s/step  share/pack time (model)  auto/pack time  "
+          "batches shared by auto", flush=True)
+    for prompt, response in points:
+        folder = Path(tempfile.mkdtemp(prefix="dpo_sharesweep_"))
+        tokenizer = bench_data.word_tokenizer(args.vocab)
+        n = args.batch_size * (args.warmup + args.steps)
+        rows = bench_data.shaped_pairs(n, prompt, response, args.vocab, seed=args.seed)
+        length = prompt + response + 1
+        config = bench_data.llama_config(len(tokenizer), length, args.layers, args.hidden)
+        bench_data.write_inputs(folder, rows, tokenizer, config, seed=args.seed)
+        per_step, costs = {}, None
+        for r in range(args.repeats):
+            for collator in ("pack", "share", "auto") if r % 2 == 0 else ("auto", "share", "pack"):
+                spec = {
+                    "batch_size": args.batch_size, "max_length": length, "loss": args.loss, "beta": args.beta,
+                    "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+                    "side": "ours", "collator": collator, "lean": args.lean, "checkpointing": args.checkpointing == "on",
+                }
+                res = run_side(folder, spec, f"sharesweep_{collator}")
+                elapsed = (res["step_ends"][-1] - res["step_ends"][-1 - args.steps]) / args.steps
+                per_step[collator] = min(per_step.get(collator, elapsed), elapsed)
+                costs = res["layout_costs"][-args.steps:]  # the timed batches: (shared, packed) each
+        model = sum(c[0] for c in costs) / sum(c[1] for c in costs)
+        shared = sum(c[0] < c[1] for c in costs)
+        print(f"{prompt:>14} {response:>9} {per_step['pack']:>12.3f} {per_step['share'] / per_step['pack']:>13.2f} "
+              f"({model:.2f}) {per_step['auto'] / per_step['pack']:>15.2f} {shared:>14}/{len(costs)}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scenario", choices=["hh", "memory", "sweep", "padsweep"], default="hh")
+    p.add_argument("--scenario", choices=["hh", "memory", "sweep", "padsweep", "sharesweep"], default="hh")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="HH-style .jsonl.gz (chosen/rejected conversations)")
     p.add_argument("--batch-size", type=int, default=None, help="pairs per step (hh 8, memory 2, sweep 2)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per sequence (hh 512, memory 2048)")
@@ -256,9 +308,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--repeats", type=int, default=1, help="runs per side, order alternating; best is reported")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--collator", choices=["pad", "pack", "share"], default=None,
-                   help="ours: hh share (the library's default), others pad")
-    p.add_argument("--also", nargs="*", choices=["pad", "pack", "share"], default=None,
+    p.add_argument("--collator", choices=["pad", "pack", "share", "auto"], default=None,
+                   help="ours: hh auto (the library's default: share where it saves compute), others pad")
+    p.add_argument("--also", nargs="*", choices=["pad", "pack", "share", "auto"], default=None,
                    help="ours with these collators too, in the same run (hh: pack)")
     p.add_argument("--pack-budget", type=int, default=None, help="tokens per packed row (default: longest sequence)")
     p.add_argument("--no-lean", dest="lean", action="store_false", help="ours: full-logits log-probs")
@@ -269,8 +321,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     defaults = {
-        "hh": (8, 512, 4096, "share", ["pack"]), "memory": (2, 2048, 131072, "pad", []),
+        "hh": (8, 512, 4096, "auto", ["pack"]), "memory": (2, 2048, 131072, "pad", []),
         "sweep": (2, None, None, "pad", []), "padsweep": (4, None, 4096, None, []),
+        "sharesweep": (8, None, 4096, None, []),
     }
     for field, value in zip(("batch_size", "max_length", "vocab", "collator", "also"), defaults[args.scenario]):
         if getattr(args, field) is None:
@@ -278,7 +331,7 @@ def main() -> None:
     if args.warmup < 1:
         p.error("--warmup must be >= 1 (the first step's start is not timed)")
     print(f"{platform.processor() or platform.machine()}; torch {torch.__version__}; args {vars(args)}", flush=True)
-    {"sweep": sweep, "padsweep": padsweep}.get(args.scenario, compare)(args)
+    {"sweep": sweep, "padsweep": padsweep, "sharesweep": sharesweep}.get(args.scenario, compare)(args)
 
 
 if __name__ == "__main__":

@@ -386,7 +386,9 @@ class CausalLMModule(L.LightningModule):
             if kernel and named in PACKED_COLLATORS:
                 raise ConfigError(f"data.collator={named}: {kernel}, so packed sequences would attend to each other; "
                                   "use data.collator: auto or pad")
-            chosen, reason = choose(unsupported)
+            from dpo_lightning.data.prefix_sharing import attention_cost
+
+            chosen, reason = choose(unsupported, attention_cost(self.model.config))
             if chosen is not None:
                 lines.append(f"batches: {chosen}" + (f" ({reason})" if reason else ""))
         if self.auto_model_class is AutoModelForCausalLM:  # a reward model scores, it has no log-probs

@@ -52,8 +52,9 @@ AUTO = "auto"  # collator: the data module's fast collator when the stage and it
 # What ``auto`` says when it picks each fast collator.
 FAST_COLLATOR_REASONS = {
     "pack": "no padding; data.collator: pad for padded rows",
-    "share": "each prompt computed once for both responses, pairs packed without padding; data.collator: pack "
-             "or pad for the other layouts",
+    "share": "each prompt computed once for both responses, pairs packed without padding; a batch whose longer "
+             "rows would cost more attention than its prompts save is packed plainly; data.collator: pack or pad for "
+             "the other layouts",
 }
 
 
@@ -144,11 +145,13 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
             return self.hparams.collator
         return getattr(self, "_chosen_collator", None) or "pad"
 
-    def choose_collator(self, packing_unsupported: str | None) -> tuple[str, str]:
+    def choose_collator(self, packing_unsupported: str | None, attention_cost: float | None = None) -> tuple[str, str]:
         """Resolve ``collator: auto`` for the stage about to train (called from its ``setup``, before any
         loader exists): `fast_collator` (``share`` for pairs, ``pack`` for SFT rows) unless the stage gives a
-        reason it cannot take packed rows (``packing_unsupported``). Returns the collator and why; an explicit
-        ``data.collator`` stands."""
+        reason it cannot take packed rows (``packing_unsupported``). ``attention_cost`` (the model's, from
+        ``prefix_sharing.attention_cost``) lets ``share`` pack a batch plainly where sharing would cost more.
+        Returns the collator and why; an explicit ``data.collator`` stands."""
+        self._attention_cost = attention_cost
         if self.hparams.collator != AUTO:
             return self.hparams.collator, "data.collator"
         fast = self.fast_collator

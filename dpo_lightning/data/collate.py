@@ -103,8 +103,8 @@ COLLATORS: dict[str, Callable[..., Callable[[Sequence[Mapping[str, Any]]], dict[
 }
 
 
-def build_collator(name: str, *, pad_token_id: int, pad_to_multiple_of: int | None = None) -> Callable:
-    """The collator registered under `name` in `COLLATORS`."""
+def build_collator(name: str, *, pad_token_id: int, pad_to_multiple_of: int | None = None, **options: Any) -> Callable:
+    """The collator registered under `name` in `COLLATORS` (``options``: that collator's own settings)."""
     if name not in COLLATORS:
         raise ValueError(f"unknown collator {name!r}; choose one of {sorted(COLLATORS)}")
-    return COLLATORS[name](pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
+    return COLLATORS[name](pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of, **options)

@@ -140,16 +140,20 @@ class PreferenceDataModule(TokenizedDataModule):
     def collate_fn(self):
         # Unpaired data has one batch layout, so the default collator name stands for it.
         name = "kto" if self.hparams.get("unpaired", False) else self.collator_name
+        extra = {}
+        if name == "share" and self.hparams.collator == "auto":  # auto: share where it saves compute
+            extra["attention_cost"] = getattr(self, "_attention_cost", None)
         return build_collator(
             name,
             pad_token_id=self.pad_token_id,
             pad_to_multiple_of=self.hparams.pad_to_multiple_of,
+            **extra,
         )
 
-    def choose_collator(self, packing_unsupported: str | None) -> tuple[str, str]:
+    def choose_collator(self, packing_unsupported: str | None, attention_cost: float | None = None) -> tuple[str, str]:
         if self.hparams.get("unpaired", False):
             return "kto", "unpaired examples"
-        return super().choose_collator(packing_unsupported)
+        return super().choose_collator(packing_unsupported, attention_cost)
 
     def label_counts(self, split: str = "train") -> tuple[int, int]:
         """(desirable, undesirable) examples of an unpaired split, for ``losses.kto_weight_warning``."""

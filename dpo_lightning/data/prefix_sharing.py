@@ -17,6 +17,15 @@ prefix of the two sides, up to their prompts: sides whose prompts tokenize diffe
 across the prompt/response join) share what they have in common, and a pair with nothing in common
 gets two independent branches, as packing gives.
 
+When it pays. A block is longer than either of its sequences, so rows are wider, and a dense mask
+makes attention cost every query-key pair of a row, masked or not. With long prompts the prompt saved
+wins (HH harmless-base on a 4 x 256 Llama: 0.65 of packing's token positions, 1.4x the pairs/s); with
+short prompts, long responses and a small model the wider rows lose (12% slower at prompts of 32 and
+responses of 480 on that model; even at hidden 1024). So with ``attention_cost`` set (``collator: auto``
+sets the model's, `attention_cost`) each batch is laid out both ways and the cheaper one by
+`layout_cost` is used: a batch that would lose is packed plainly (`packing.Packer`, every sequence
+whole). The cost model predicts the measured time ratios within 0.04 (docs/benchmarks.md).
+
 Exact with ``sdpa`` and ``eager`` (a 4D additive float mask); flash-attention kernels cannot take the
 mask. ``sequence_ids`` say which sequence each position scores for (``k`` chosen, ``B + k`` rejected;
 the shared part is filed under ``k``, it holds no target), ``num_tokens`` the tokens the pairs hold
@@ -35,7 +44,7 @@ import torch
 from dpo_lightning.logprobs import IGNORE_INDEX
 
 from .extras import pair_extras
-from .packing import block_causal_mask, first_fit_decreasing
+from .packing import Packer, block_causal_mask, first_fit_decreasing
 from .tokenize import common_prefix_length
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a position in its block
@@ -82,11 +91,14 @@ class PrefixSharingCollator:
         pad_token_id: Id written into the unused tail of a row.
         pad_to_multiple_of: Round the row length up to a multiple of this.
         max_tokens_per_row: Token budget per row; the dense mask grows with its square.
+        attention_cost: The model's `attention_cost`: a batch whose shared layout would cost more (by
+            `layout_cost`) than plain packing is packed plainly. None: always share.
     """
 
     pad_token_id: int
     pad_to_multiple_of: int | None = None
     max_tokens_per_row: int | None = None
+    attention_cost: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
@@ -100,10 +112,18 @@ class PrefixSharingCollator:
         r_start = [int(f["rejected_response_start"]) for f in features]
         shared = [shared_length(chosen[k], c_start[k], rejected[k], r_start[k]) for k in range(b)]
         lengths = [len(chosen[k]) + len(rejected[k]) - shared[k] for k in range(b)]  # block length per pair
-        rows = first_fit_decreasing(lengths, max(max(lengths), self.max_tokens_per_row or 0))
-        width = max(sum(lengths[k] for k in row) for row in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        rows, width = self._rows(lengths)
+        num_tokens = sum(len(s) for s in chosen) + sum(len(s) for s in rejected)
+        if self.attention_cost is not None:
+            seq_rows, seq_width = self._rows([len(s) for s in chosen + rejected])
+            shared_cost = layout_cost(len(rows), width, self.attention_cost)
+            if layout_cost(len(seq_rows), seq_width, self.attention_cost) < shared_cost:
+                # the wider rows' attention would cost more than the prompts save: plain packing
+                packer = Packer(self.pad_token_id, self.pad_to_multiple_of, self.max_tokens_per_row)
+                seq_labels = [[IGNORE_INDEX] * start + ids[start:]
+                              for ids, start in zip(chosen + rejected, c_start + r_start)]
+                batch = packer.pack(chosen + rejected, seq_labels)
+                return {**batch, "num_tokens": num_tokens, **pair_extras(features)}
 
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
@@ -139,7 +159,57 @@ class PrefixSharingCollator:
             "labels": labels,
             "sequence_ids": sequence_ids,
             "num_sequences": 2 * b,
-            "num_tokens": sum(len(s) for s in chosen) + sum(len(s) for s in rejected),
+            "num_tokens": num_tokens,
             "attention_mask": block_causal_mask(block_ids, branch_ids=branch_ids),  # (R, 1, L, L)
         }
         return {**batch, **pair_extras(features)}
+
+    def _rows(self, lengths: list[int]) -> tuple[list[list[int]], int]:
+        """Units of ``lengths`` packed into rows (first-fit-decreasing) and the rows' width."""
+        rows = first_fit_decreasing(lengths, max(max(lengths), self.max_tokens_per_row or 0))
+        width = max(sum(lengths[k] for k in row) for row in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        return rows, width
+
+
+def layout_costs(features: Sequence[Mapping[str, Any]], attention_cost: float, **collator: Any) -> tuple[float, float]:
+    """`layout_cost` of a batch of pairs laid out shared (`PrefixSharingCollator`) and packed (`Packer`);
+    ``collator``: ``max_tokens_per_row``, ``pad_to_multiple_of``."""
+    layout = PrefixSharingCollator(pad_token_id=0, **collator)
+    blocks, sequences = [], []
+    for f in features:
+        c, r = f["chosen_input_ids"], f["rejected_input_ids"]
+        blocks.append(len(c) + len(r) - shared_length(c, f["chosen_response_start"], r, f["rejected_response_start"]))
+        sequences += [len(c), len(r)]
+    (rows, width), (seq_rows, seq_width) = layout._rows(blocks), layout._rows(sequences)
+    return layout_cost(len(rows), width, attention_cost), layout_cost(len(seq_rows), seq_width, attention_cost)
+
+
+def layout_cost(rows: int, width: int, attention_cost: float) -> float:
+    """Relative compute of a forward over ``rows`` rows of ``width`` positions with a dense mask: every
+    position's projections and MLP (1 each), and ``attention_cost`` per query-key pair (all ``width**2`` of
+    a row: a dense mask skips nothing)."""
+    return rows * width * (1.0 + attention_cost * width)
+
+
+def attention_cost(config: Any) -> float | None:
+    """A model's compute per query-key pair of attention over its compute per position elsewhere in a
+    layer, from its config: ``4 q / (2 P)`` for query width ``q`` and ``P`` weights per layer (each weight
+    costs 2 FLOPs per position; scores and values 2 x 2q per pair). None when the config does not say.
+
+    Llama-2-7B: q 4096, P 202M -> 1 / 24,700 (attention is cheap until rows of ~10k positions); the 4 x 256
+    Llama of the CPU benchmarks: 1 / 2,048.
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
+    if not hidden or not heads:
+        return None
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    inner = getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden
+    gated = getattr(text, "model_type", "") not in ("gpt2", "gpt_neox", "gptj", "opt", "bloom", "falcon", "phi")
+    q = heads * head_dim
+    per_layer = hidden * (2 * q + 2 * kv_heads * head_dim) + (3 if gated else 2) * hidden * inner
+    return 4 * q / (2 * per_layer)

@@ -214,3 +214,73 @@ def test_fewer_positions_than_packing_on_shared_prompts():
     packed = PackingCollator(pad_token_id=0)(feats)
     shared = PrefixSharingCollator(pad_token_id=0)(feats)
     assert int((packed["sequence_ids"] >= 0).sum()) - int((shared["sequence_ids"] >= 0).sum()) == 8 * 11
+
+
+def test_attention_cost_of_known_configs():
+    """Compute per query-key pair over compute per position elsewhere in a layer, ``4 q / (2 P)``.
+
+    Llama-2-7B (LlamaConfig's defaults): q = 4096, P = 4096 * (2 * 4096 + 2 * 4096) + 3 * 4096 * 11008
+    = 67,108,864 + 135,266,304 = 202,375,168 -> 16384 / 404,750,336 = 1 / 24,704.
+    GPT-2 small: q = 768, P = 768 * 3072 + 2 * 768 * 3072 (no gate) = 7,077,888 -> 3072 / 14,155,776 = 1 / 4,608.
+    """
+    from transformers import GPT2Config, LlamaConfig
+
+    from dpo_lightning.data.prefix_sharing import attention_cost, layout_cost
+
+    assert 1 / attention_cost(LlamaConfig()) == pytest.approx(24704)
+    assert 1 / attention_cost(GPT2Config()) == pytest.approx(4608)
+    assert layout_cost(rows=3, width=100, attention_cost=0.01) == 3 * 100 * (1 + 1)
+
+
+def _pairs(prompt: int, response: int, n: int = 8, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rng.randrange(1, VOCAB) for _ in range(prompt)]
+        out.append({f"{s}_input_ids": p + [rng.randrange(1, VOCAB) for _ in range(rng.randint(response // 2, response))]
+                    for s in ("chosen", "rejected")} | {"chosen_response_start": prompt, "rejected_response_start": prompt})
+    return out
+
+
+def test_with_an_attention_cost_each_batch_takes_the_cheaper_layout():
+    """Long prompts: the shared layout is cheaper and used. Short prompts and long responses under a costly
+    attention: plain packing (every sequence whole) is cheaper and used. Both exact against padding."""
+    from dpo_lightning.data.prefix_sharing import layout_costs
+
+    module = _module(CONFIGS["llama"], "sdpa", False)
+    cost = 1 / 64
+    for feats, shares in ((_pairs(prompt=40, response=12), True), (_pairs(prompt=2, response=60), False)):
+        shared_cost, packed_cost = layout_costs(feats, cost)
+        assert (shared_cost < packed_cost) is shares
+        batch = PrefixSharingCollator(pad_token_id=0, attention_cost=cost)(feats)
+        whole = sum(len(f[k]) for f in feats for k in ("chosen_input_ids", "rejected_input_ids"))
+        assert batch["num_tokens"] == whole
+        assert (int((batch["sequence_ids"] >= 0).sum()) < whole) is shares
+        want = module.sequence_logps(module.model, PaddingCollator(pad_token_id=0)(feats))
+        got = module.sequence_logps(module.model, batch)
+        torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+        assert torch.equal(got.n_tokens, want.n_tokens)
+    # without an attention cost (an explicit data.collator: share) the second batch is shared all the same
+    batch = PrefixSharingCollator(pad_token_id=0)(_pairs(prompt=2, response=60))
+    assert int((batch["sequence_ids"] >= 0).sum()) < batch["num_tokens"]
+
+
+@pytest.mark.parametrize(("collator", "expected"), [("auto", "model"), ("share", None)])
+def test_auto_gives_the_collator_the_models_attention_cost(collator, expected):
+    import lightning as L
+
+    from dpo_lightning import PreferenceDataModule
+    from dpo_lightning.data.prefix_sharing import attention_cost
+    from dpo_lightning.data.synthetic import generate_pairs
+
+    data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=generate_pairs(16, 0), val_split=None,
+                                max_length=64, batch_size=4, collator=collator)
+    module = DPOModule(model_config={**CONFIGS["llama"], "vocab_size": data.vocab_size}, tokenizer=data.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    collate = data.collate_fn
+    assert isinstance(collate, PrefixSharingCollator) and data.collator_name == "share"
+    want = attention_cost(module.model.config) if expected == "model" else None
+    assert collate.attention_cost == want
+    assert want is None or want == pytest.approx(4 * 32 / (2 * (32 * (64 + 32) + 3 * 32 * 64)))
