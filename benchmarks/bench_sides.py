@@ -123,7 +123,8 @@ def run_ours(spec: dict) -> dict:
         for i in range(0, len(features), spec["batch_size"])
     ]
     # The cost model's figure for each batch laid out shared and packed (prefix_sharing.layout_costs).
-    costs = [layout_costs(features[i : i + spec["batch_size"]], cost) for i in range(0, len(features), spec["batch_size"])]
+    size = spec["batch_size"]
+    costs = [layout_costs(features[i : i + size], cost) for i in range(0, len(features), size)]
     return {"step0": step0, "step_ends": ends, "rss_before_mib": rss_before, "batch_tokens": batch_tokens,
             "layout_costs": costs}
 

@@ -280,7 +280,8 @@ def sharesweep(args) -> None:
                 spec = {
                     "batch_size": args.batch_size, "max_length": length, "loss": args.loss, "beta": args.beta,
                     "lr": args.lr, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
-                    "side": "ours", "collator": collator, "lean": args.lean, "checkpointing": args.checkpointing == "on",
+                    "side": "ours", "collator": collator, "lean": args.lean,
+                    "checkpointing": args.checkpointing == "on",
                 }
                 res = run_side(folder, spec, f"sharesweep_{collator}")
                 elapsed = (res["step_ends"][-1] - res["step_ends"][-1 - args.steps]) / args.steps

@@ -237,8 +237,9 @@ def _pairs(prompt: int, response: int, n: int = 8, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         p = [rng.randrange(1, VOCAB) for _ in range(prompt)]
-        out.append({f"{s}_input_ids": p + [rng.randrange(1, VOCAB) for _ in range(rng.randint(response // 2, response))]
-                    for s in ("chosen", "rejected")} | {"chosen_response_start": prompt, "rejected_response_start": prompt})
+        sides = {f"{s}_input_ids": p + [rng.randrange(1, VOCAB) for _ in range(rng.randint(response // 2, response))]
+                 for s in ("chosen", "rejected")}
+        out.append(sides | {"chosen_response_start": prompt, "rejected_response_start": prompt})
     return out
 
 

@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from dpo_lightning import DPOModule  # noqa: E402
-from dpo_lightning.data import PreferenceDataModule  # noqa: E402
+from dpo_lightning.data import COLLATORS, PreferenceDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
 from dpo_lightning.distributed import full_state_dict  # noqa: E402
 from dpo_lightning.options import MemoryOptions  # noqa: E402
@@ -57,14 +57,45 @@ def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, to
     return {k: v[rows] for k, v in batch.items()}
 
 
+def pair_features(batch: dict[str, torch.Tensor]) -> list[dict]:
+    """The pairs of a padded ``(2B, T)`` batch as collator features, the rejected side given the chosen
+    side's prompt (so that a prefix-sharing collator has a prompt to share)."""
+    b = batch["input_ids"].shape[0] // 2
+    out = []
+    for k in range(b):
+        ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+        c_len, r_len = int(mask[k].sum()), int(mask[b + k].sum())
+        c_start = int((labels[k] != -100).nonzero()[0])
+        r_start = int((labels[b + k] != -100).nonzero()[0])
+        chosen = ids[k, :c_len].tolist()
+        out.append({
+            "chosen_input_ids": chosen, "chosen_response_start": c_start,
+            "rejected_input_ids": chosen[:c_start] + ids[b + k, r_start:r_len].tolist(),
+            "rejected_response_start": c_start,
+        })
+    return out
+
+
 class Data(L.LightningDataModule):
-    def __init__(self) -> None:
+    """The global batches, each rank taking its pairs; with ``collator`` the pairs (prompts shared by both
+    sides, `pair_features`) are batched by that collator of ours instead."""
+
+    def __init__(self, collator: str | None = None) -> None:
         super().__init__()
+        self.collator = collator
         self.train, self.val = global_batches(STEPS, 0), global_batches(2, 100)
 
     def _loader(self, batches):
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        return DataLoader([shard(b, rank, world) for b in batches], batch_size=None)
+        if self.collator is None:
+            return DataLoader([shard(b, rank, world) for b in batches], batch_size=None)
+        collate = COLLATORS[self.collator](pad_token_id=0)
+        mine = []
+        for batch in batches:
+            pairs = pair_features(batch)
+            h = len(pairs) // world
+            mine.append(collate(pairs[rank * h : (rank + 1) * h]))
+        return DataLoader(mine, batch_size=None)
 
     def train_dataloader(self):
         return self._loader(self.train)
@@ -142,6 +173,7 @@ def main() -> None:
     parser.add_argument("--eval-odd", action="store_true", help="only validate an odd-sized split (see above)")
     parser.add_argument("--lean", choices=["auto", "on", "off"], default="auto", help="model.memory.lean_logprobs")
     parser.add_argument("--sharded-init", action="store_true", help="model.memory.sharded_init (fsdp2)")
+    parser.add_argument("--collator", choices=sorted(COLLATORS), help="batch the pairs with this collator of ours")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -170,7 +202,7 @@ def main() -> None:
         callbacks=[capture], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, use_distributed_sampler=False,
     )
-    trainer.fit(module, datamodule=Data())
+    trainer.fit(module, datamodule=Data(args.collator))
     params = {n: _full(p) for n, p in module.model.named_parameters()}  # collective under FSDP2
     export_state = full_state_dict(module.model)  # collective under FSDP2; what an HF export would save
     # The dtypes of what is stored (sharded parameters), not of a root left unsharded by validation.
