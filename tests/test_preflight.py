@@ -126,6 +126,16 @@ def test_fsdp1_is_refused_through_the_cli_before_the_model_loads(inputs, no_mode
     assert no_model == []
 
 
+def test_a_misspelt_collator_is_refused_when_the_command_line_is_parsed(inputs, no_model, capsys):
+    from dpo_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["fit", "--config", TINY, "--data.collator", "shared"])
+    assert exited.value.code != 0 and no_model == []
+    err = capsys.readouterr().err
+    assert "collator" in err and "'share'" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------- packing x attention
 
 

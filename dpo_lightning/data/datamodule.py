@@ -44,7 +44,7 @@ class PreferenceDataModule(TokenizedDataModule):
         pad_to_multiple_of: int | None = None,
         drop_identical: bool = True,
         num_proc: int | None = None,
-        collator: str = "auto",
+        collator: Literal["auto", "share", "pack", "pad", "kto"] = "auto",
         trust_remote_code: bool = False,
         cache_dir: str | None = None,
         unpaired: bool = False,

@@ -20,11 +20,11 @@ gets two independent branches, as packing gives.
 When it pays. A block is longer than either of its sequences, so rows are wider, and a dense mask
 makes attention cost every query-key pair of a row, masked or not. With long prompts the prompt saved
 wins (HH harmless-base on a 4 x 256 Llama: 0.65 of packing's token positions, 1.4x the pairs/s); with
-short prompts, long responses and a small model the wider rows lose (12% slower at prompts of 32 and
-responses of 480 on that model; even at hidden 1024). So with ``attention_cost`` set (``collator: auto``
-sets the model's, `attention_cost`) each batch is laid out both ways and the cheaper one by
-`layout_cost` is used: a batch that would lose is packed plainly (`packing.Packer`, every sequence
-whole). The cost model predicts the measured time ratios within 0.04 (docs/benchmarks.md).
+short prompts, long responses and a small model the wider rows lose (12% slower at prompts up to 32
+and responses up to 480 on that model; at hidden 1024 the two even out). So with ``attention_cost``
+set (``collator: auto`` sets the model's, `attention_cost`) each batch is laid out both ways and the cheaper one by
+`layout_cost` is used: a batch that would lose is packed plainly (`packing.PackingCollator`, every
+sequence whole). The cost model predicts the measured time ratios within 0.06 (docs/benchmarks.md).
 
 Exact with ``sdpa`` and ``eager`` (a 4D additive float mask); flash-attention kernels cannot take the
 mask. ``sequence_ids`` say which sequence each position scores for (``k`` chosen, ``B + k`` rejected;
@@ -44,7 +44,7 @@ import torch
 from dpo_lightning.logprobs import IGNORE_INDEX
 
 from .extras import pair_extras
-from .packing import Packer, block_causal_mask, first_fit_decreasing
+from .packing import PackingCollator, block_causal_mask, first_fit_decreasing
 from .tokenize import common_prefix_length
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a position in its block
@@ -110,20 +110,14 @@ class PrefixSharingCollator:
         rejected = [list(f["rejected_input_ids"]) for f in features]
         c_start = [int(f["chosen_response_start"]) for f in features]
         r_start = [int(f["rejected_response_start"]) for f in features]
-        shared = [shared_length(chosen[k], c_start[k], rejected[k], r_start[k]) for k in range(b)]
-        lengths = [len(chosen[k]) + len(rejected[k]) - shared[k] for k in range(b)]  # block length per pair
-        rows, width = self._rows(lengths)
+        shared, lengths = _blocks(features)  # tokens shared and block length, per pair
         num_tokens = sum(len(s) for s in chosen) + sum(len(s) for s in rejected)
         if self.attention_cost is not None:
-            seq_rows, seq_width = self._rows([len(s) for s in chosen + rejected])
-            shared_cost = layout_cost(len(rows), width, self.attention_cost)
-            if layout_cost(len(seq_rows), seq_width, self.attention_cost) < shared_cost:
-                # the wider rows' attention would cost more than the prompts save: plain packing
-                packer = Packer(self.pad_token_id, self.pad_to_multiple_of, self.max_tokens_per_row)
-                seq_labels = [[IGNORE_INDEX] * start + ids[start:]
-                              for ids, start in zip(chosen + rejected, c_start + r_start)]
-                batch = packer.pack(chosen + rejected, seq_labels)
-                return {**batch, "num_tokens": num_tokens, **pair_extras(features)}
+            shared_cost, packed_cost = self.costs(features)
+            if packed_cost < shared_cost:  # the wider rows' attention would cost more than the prompts save
+                packer = PackingCollator(self.pad_token_id, self.pad_to_multiple_of, self.max_tokens_per_row)
+                return {**packer(features), "num_tokens": num_tokens}
+        rows, width = self._rows(lengths)
 
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
@@ -173,17 +167,28 @@ class PrefixSharingCollator:
         return rows, width
 
 
-def layout_costs(features: Sequence[Mapping[str, Any]], attention_cost: float, **collator: Any) -> tuple[float, float]:
-    """`layout_cost` of a batch of pairs laid out shared (`PrefixSharingCollator`) and packed (`Packer`);
-    ``collator``: ``max_tokens_per_row``, ``pad_to_multiple_of``."""
-    layout = PrefixSharingCollator(pad_token_id=0, **collator)
-    blocks, sequences = [], []
+    def costs(self, features: Sequence[Mapping[str, Any]]) -> tuple[float, float]:
+        """`layout_cost` of a batch laid out shared (as here) and packed (`PackingCollator`), at `attention_cost`."""
+        sequences = [len(f[k]) for f in features for k in ("chosen_input_ids", "rejected_input_ids")]
+        (rows, width), (seq_rows, seq_width) = self._rows(_blocks(features)[1]), self._rows(sequences)
+        cost = self.attention_cost or 0.0
+        return layout_cost(len(rows), width, cost), layout_cost(len(seq_rows), seq_width, cost)
+
+
+def _blocks(features: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[int]]:
+    """Per pair: the tokens its two sides share (`shared_length`) and its block's length."""
+    shared, lengths = [], []
     for f in features:
         c, r = f["chosen_input_ids"], f["rejected_input_ids"]
-        blocks.append(len(c) + len(r) - shared_length(c, f["chosen_response_start"], r, f["rejected_response_start"]))
-        sequences += [len(c), len(r)]
-    (rows, width), (seq_rows, seq_width) = layout._rows(blocks), layout._rows(sequences)
-    return layout_cost(len(rows), width, attention_cost), layout_cost(len(seq_rows), seq_width, attention_cost)
+        shared.append(shared_length(c, f["chosen_response_start"], r, f["rejected_response_start"]))
+        lengths.append(len(c) + len(r) - shared[-1])
+    return shared, lengths
+
+
+def layout_costs(features: Sequence[Mapping[str, Any]], attention_cost: float, **collator: Any) -> tuple[float, float]:
+    """`layout_cost` of a batch of pairs laid out shared and packed; ``collator``: ``max_tokens_per_row``,
+    ``pad_to_multiple_of``."""
+    return PrefixSharingCollator(pad_token_id=0, attention_cost=attention_cost, **collator).costs(features)
 
 
 def layout_cost(rows: int, width: int, attention_cost: float) -> float:
