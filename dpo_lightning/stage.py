@@ -378,14 +378,17 @@ class CausalLMModule(L.LightningModule):
         lines = []
         choose = getattr(datamodule, "choose_collator", None)
         if choose is not None:
-            unsupported = self.packing_unsupported()
-            kernel = CausalLMModule.packing_unsupported(self)  # the attention kernel's reason (a stage may add its own)
+            # the model's reason (attention kernel, sliding window); a stage may add its own
+            kernel = CausalLMModule.packing_unsupported(self) or sliding_window_unsupported(
+                self.model.config, getattr(datamodule, "hparams", {}).get("max_length")
+            )
+            unsupported = self.packing_unsupported() or kernel
             named = getattr(datamodule, "collator_name", None)
             from dpo_lightning.preflight import PACKED_COLLATORS, ConfigError
 
             if kernel and named in PACKED_COLLATORS:
-                raise ConfigError(f"data.collator={named}: {kernel}, so packed sequences would attend to each other; "
-                                  "use data.collator: auto or pad")
+                raise ConfigError(f"data.collator={named}: {kernel}, so packed rows would not compute what padded rows "
+                                  "compute; use data.collator: auto (which pads here) or pad")
             from dpo_lightning.data.prefix_sharing import attention_cost
 
             chosen, reason = choose(unsupported, attention_cost(self.model.config))
@@ -537,6 +540,24 @@ class CausalLMModule(L.LightningModule):
         if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+
+
+def sliding_window_unsupported(config: Any, max_length: int | None) -> str | None:
+    """Why packed rows would not be exact for a model with sliding-window attention layers, or None.
+
+    transformers uses a 4D mask as given, in sliding-window layers too, so packed and prefix-shared rows
+    attend past the window that the padded path applies. Exact all the same when no sequence is longer
+    than the window (two positions of one sequence are then always within it).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None)
+    if not window or (layer_types is not None and "sliding_attention" not in layer_types):
+        return None
+    if max_length is not None and max_length <= window:
+        return None
+    return (f"the model's sliding-window attention (window {window}) is not applied to packed rows' 4D mask, and "
+            f"data.max_length={max_length} exceeds the window")
 
 
 def _launch_rank() -> int:

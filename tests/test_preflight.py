@@ -220,9 +220,66 @@ def test_the_python_api_refuses_fsdp1_and_packing_under_flash_attention_at_setup
         batch_format = "pairs"
         collator_name = "pack"
 
-        def choose_collator(self, reason):
+        def choose_collator(self, reason, attention_cost=None):
             return "pack", "data.collator"
 
     module.model.config._attn_implementation = "flash_attention_2"
-    with pytest.raises(ConfigError, match="attend to each other"):
+    with pytest.raises(ConfigError, match="flash_attention_2.*would not compute what padded rows compute"):
         module._choose_fast_paths(PackedData())
+
+
+# ------------------------------------------------------------------------------- sliding-window attention
+
+MISTRAL = dict(model_type="mistral", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=128)
+
+
+def test_a_4d_mask_skips_the_sliding_window_so_packing_would_not_be_exact():
+    """Why the check below exists: transformers applies a 4D mask as given, in sliding-window layers too.
+    A Mistral with window 8 scores 20-token sequences differently packed and padded; window 64 agrees."""
+    import torch
+
+    from dpo_lightning import DPOModule
+    from dpo_lightning.data.collate import PaddingCollator
+    from dpo_lightning.data.packing import PackingCollator
+
+    feats = [{"chosen_input_ids": list(range(1, 21)), "chosen_response_start": 4,
+              "rejected_input_ids": list(range(3, 23)), "rejected_response_start": 4}]
+    for window, same in ((8, False), (64, True)):
+        torch.manual_seed(0)
+        module = DPOModule(model_config={**MISTRAL, "sliding_window": window, "vocab_size": 32})
+        padded = module.sequence_logps(module.model, PaddingCollator(pad_token_id=0)(feats)).logps
+        packed = module.sequence_logps(module.model, PackingCollator(pad_token_id=0)(feats)).logps
+        assert torch.allclose(padded, packed, atol=1e-5) is same
+
+
+@pytest.mark.parametrize(("window", "collator", "outcome"), [
+    (8, "auto", "pad"), (8, "share", "refused"), (8, "pack", "refused"), (64, "auto", "share"), (None, "auto", "share"),
+])
+def test_sliding_window_models_pad_unless_no_sequence_outgrows_the_window(window, collator, outcome, caplog):
+    """data.max_length 64: a window of 8 makes auto pad (saying why) and an explicit packed collator refused
+    before the first step; a window of 64 (no sequence longer) or none keeps the shared rows."""
+    import logging
+
+    import lightning as L
+
+    from dpo_lightning import DPOModule, PreferenceDataModule
+    from dpo_lightning.data.synthetic import generate_pairs
+    from dpo_lightning.preflight import ConfigError
+
+    data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=generate_pairs(16, 0), val_split=None,
+                                max_length=64, batch_size=4, collator=collator)
+    module = DPOModule(model_config={**MISTRAL, "sliding_window": window, "vocab_size": data.vocab_size},
+                       tokenizer=data.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    if outcome == "refused":
+        with pytest.raises(ConfigError, match=r"sliding-window attention \(window 8\).*max_length=64"):
+            trainer.fit(module, datamodule=data)
+        assert trainer.global_step == 0
+        return
+    with caplog.at_level(logging.INFO):
+        trainer.fit(module, datamodule=data)
+    assert data.collator_name == outcome
+    if outcome == "pad":
+        assert "batches: pad (data.collator auto: the model's sliding-window attention (window 8)" in caplog.text
