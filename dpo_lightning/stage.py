@@ -370,7 +370,7 @@ class CausalLMModule(L.LightningModule):
         kernel = getattr(self.model.config, "_attn_implementation", None) or self._load_kwargs["attn_implementation"]
         if kernel not in (None, "sdpa", "eager"):
             return f"attention kernel {kernel!r} cannot take the packed rows' block-causal 4D mask"
-        return None
+        return positions_unsupported(self.model)
 
     def _choose_fast_paths(self, datamodule: Any) -> None:
         """Resolve ``data.collator: auto`` (packed rows when the stage and model take them) and say, once,
@@ -540,6 +540,22 @@ class CausalLMModule(L.LightningModule):
         if self.ref_model is not None and not any(k.startswith(REF_PREFIX) for k in state):
             for key, value in self.ref_model.state_dict().items():
                 state[REF_PREFIX + key] = value
+
+
+def positions_unsupported(model: nn.Module) -> str | None:
+    """Why a model cannot restart positions per packed sequence, or None: packed rows need a forward that
+    takes ``position_ids`` and positions that come from them. Bloom and MPT take none (ALiBi biases from
+    the row: measured 8e-2 nats off on MPT, a crash on Bloom); Falcon with ``alibi`` ignores them."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    text = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    name = type(base).__name__
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{name} takes no position_ids, so packed sequences cannot restart their positions"
+    if getattr(text, "alibi", False) or getattr(getattr(text, "attn_config", None), "alibi", False):
+        return f"{name} uses ALiBi, whose position biases come from the row, not position_ids"
+    return None
 
 
 def sliding_window_unsupported(config: Any, max_length: int | None) -> str | None:

@@ -283,3 +283,42 @@ def test_sliding_window_models_pad_unless_no_sequence_outgrows_the_window(window
     assert data.collator_name == outcome
     if outcome == "pad":
         assert "batches: pad (data.collator auto: the model's sliding-window attention (window 8)" in caplog.text
+
+
+# ------------------------------------------------------------------------------- ALiBi / no position_ids
+
+ALIBI = {
+    "mpt": dict(model_type="mpt", d_model=32, n_layers=2, n_heads=4, max_seq_len=128),
+    "bloom": dict(model_type="bloom", hidden_size=32, n_layer=2, n_head=4),
+    "falcon": dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4, alibi=True),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ALIBI))
+def test_models_whose_positions_do_not_come_from_position_ids_pad(arch, caplog):
+    """MPT and Bloom take no position_ids (ALiBi from the row: MPT's packed log-probs were 8e-2 nats off, Bloom
+    crashed), Falcon with alibi ignores them: auto pads and says why, an explicit share is refused."""
+    import logging
+
+    import lightning as L
+
+    from dpo_lightning import DPOModule, PreferenceDataModule
+    from dpo_lightning.data.synthetic import generate_pairs
+    from dpo_lightning.preflight import ConfigError
+
+    def fit(collator: str):
+        data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=generate_pairs(8, 0), val_split=None,
+                                    max_length=64, batch_size=4, collator=collator)
+        module = DPOModule(model_config={**ALIBI[arch], "vocab_size": data.vocab_size}, tokenizer=data.tokenizer,
+                           attn_implementation="eager")
+        trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+        return data, trainer
+
+    with caplog.at_level(logging.INFO):
+        data, trainer = fit("auto")
+    assert data.collator_name == "pad" and trainer.global_step == 1
+    assert "position_ids" in caplog.text.split("batches: pad", 1)[1].split("\n")[0]
+    with pytest.raises(ConfigError, match="data.collator=share: .*position_ids"):
+        fit("share")

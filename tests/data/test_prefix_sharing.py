@@ -3,6 +3,7 @@
 The contract: a pair's prompt is forwarded once, and still per-sequence log-probs, losses, rewards and
 gradients equal those of the same pairs right-padded (1e-5, fp32), on Llama, GPT-2 and Qwen2, with one
 pair per row and several per row, with full logits and the lean path; a branch never sees the other.
+Log-probs alone are checked on thirteen more families.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dpo_lightning.data.packing import PackingCollator
 from dpo_lightning.data.prefix_sharing import PrefixSharingCollator, shared_length
 from dpo_lightning.module import DPOModule
 from dpo_lightning.options import MemoryOptions
+from dpo_lightning.stage import CausalLMModule
 
 VOCAB = 64
 CONFIGS = {
@@ -285,3 +287,40 @@ def test_auto_gives_the_collator_the_models_attention_cost(collator, expected):
     want = attention_cost(module.model.config) if expected == "model" else None
     assert collate.attention_cost == want
     assert want is None or want == pytest.approx(4 * 32 / (2 * (32 * (64 + 32) + 3 * 32 * 64)))
+
+
+_BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=256, vocab_size=VOCAB)
+MORE_ARCHITECTURES = {
+    "gemma": (dict(model_type="gemma", head_dim=8, **_BASE), "sdpa"),
+    "gemma2": (dict(model_type="gemma2", head_dim=8, sliding_window=4096, **_BASE), "eager"),  # eager only
+    "gemma3_text": (dict(model_type="gemma3_text", head_dim=8, sliding_window=4096, **_BASE), "sdpa"),
+    "qwen3": (dict(model_type="qwen3", head_dim=8, **_BASE), "sdpa"),
+    "mistral": (dict(model_type="mistral", **_BASE), "sdpa"),
+    "olmo2": (dict(model_type="olmo2", **_BASE), "sdpa"),
+    "granite": (dict(model_type="granite", **_BASE), "sdpa"),
+    "cohere": (dict(model_type="cohere", **_BASE), "sdpa"),
+    "stablelm": (dict(model_type="stablelm", **_BASE), "sdpa"),
+    "starcoder2": (dict(model_type="starcoder2", **_BASE), "sdpa"),
+    "gpt_neox": (dict(model_type="gpt_neox", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=256, vocab_size=VOCAB), "sdpa"),
+    "phi": (dict(model_type="phi", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, vocab_size=VOCAB), "sdpa"),
+    "falcon": (dict(model_type="falcon", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    vocab_size=VOCAB, alibi=False, new_decoder_architecture=False, multi_query=True), "sdpa"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MORE_ARCHITECTURES))
+def test_shared_log_probs_equal_padded_across_architectures(arch):
+    """Forward only, the families a user is likely to bring (their packing path takes position_ids and a 4D
+    mask; ALiBi models pad instead, tests/test_preflight.py): per-sequence log-probs 1e-5."""
+    config, attn = MORE_ARCHITECTURES[arch]
+    module = _module(config, attn, False)
+    assert CausalLMModule.packing_unsupported(module) is None
+    feats = features(6, seed=2)
+    with torch.no_grad():
+        want = module.sequence_logps(module.model, PaddingCollator(pad_token_id=0)(feats))
+        got = module.sequence_logps(module.model, PrefixSharingCollator(pad_token_id=0, max_tokens_per_row=100)(feats))
+    torch.testing.assert_close(got.logps, want.logps, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.n_tokens, want.n_tokens)
