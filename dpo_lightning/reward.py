@@ -3,7 +3,9 @@
 The model is an ``AutoModelForSequenceClassification`` with one label: a causal LM checkpoint or
 config gets a new, randomly initialised score head (transformers warns about it, as it should),
 and its reward for a sequence is the score at its last non-padding token. Per step: one forward
-over the stacked ``2B`` rows of ``PreferenceDataModule`` (chosen first), the per-pair loss of
+over the ``2B`` sequences of ``PreferenceDataModule`` (chosen first: padded rows, or by default
+prefix-shared rows, where the backbone runs once and the score head reads each sequence's last
+position), the per-pair loss of
 ``losses.bradley_terry_loss`` (with the data's ``margin`` column when it has one), metrics as TRL's
 ``RewardTrainer`` names them. The export is a folder ``AutoModelForSequenceClassification`` loads;
 it is what the reward-model judge scores samples with.
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
@@ -25,9 +28,9 @@ from dpo_lightning.stage import CausalLMModule
 class RewardModule(CausalLMModule):
     """A scalar reward model on preference pairs: ``loss = -log sigmoid(r_chosen - r_rejected - margin)``.
 
-    Consumes the pair batches of ``PreferenceDataModule`` (``input_ids``/``attention_mask`` of shape
-    ``(2B, T)``, chosen rows first, optional ``margin`` ``(B,)``); padded batches only (``collator:
-    pad``), since the score is read at each row's last token.
+    Consumes the pair batches of ``PreferenceDataModule``: padded (``input_ids``/``attention_mask`` of
+    shape ``(2B, T)``, chosen rows first) or packed / prefix-shared rows (``sequence_ids``: the score is
+    read at each sequence's last position), optional ``margin`` ``(B,)``. Under FSDP2 rows are padded.
     """
 
     metrics_class = RewardMetrics
@@ -67,24 +70,50 @@ class RewardModule(CausalLMModule):
         self.center_rewards_coefficient = center_rewards_coefficient
 
     def forward(self, batch: Mapping[str, Tensor]) -> Tensor:
-        """Rewards ``(2B,)`` (float32) of a pair batch's rows: the score at each row's last token."""
+        """Rewards ``(2B,)`` (float32) of a pair batch: the score at each sequence's last token."""
         if "sequence_ids" in batch:
-            raise ValueError("RewardModule reads each row's last token, so it takes padded batches: set data.collator "
-                             "to 'pad' (packed rows hold several sequences)")
+            return self._packed_rewards(batch)
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return out.logits.squeeze(-1).float()  # (2B,)
 
+    def _packed_rewards(self, batch: Mapping[str, Tensor]) -> Tensor:
+        """Packed or prefix-shared rows: the backbone once over the rows, the score head at each sequence's last
+        position (where ``sequence_ids`` last names it), ``(2B,)`` float32."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        mask = batch["attention_mask"]  # (R, 1, L, L) additive: in the attention's dtype
+        hidden = base.base_model(
+            input_ids=batch["input_ids"],
+            attention_mask=mask.to(self.model.dtype) if mask.is_floating_point() else mask,
+            position_ids=batch["position_ids"], use_cache=False,
+        ).last_hidden_state  # (R, L, H)
+        seq = batch["sequence_ids"].reshape(-1)  # (R*L,)
+        real = (seq >= 0).nonzero().squeeze(1)  # (N,) flat positions holding a token
+        last = torch.zeros(int(batch["num_sequences"]), dtype=torch.long, device=seq.device)
+        last.scatter_reduce_(0, seq[real], real, reduce="amax", include_self=False)  # (2B,) last position of each
+        scores = base.score(hidden.reshape(-1, hidden.shape[-1]).index_select(0, last))  # (2B, 1)
+        return scores.squeeze(-1).float()
+
     def packing_unsupported(self) -> str | None:
-        return "a reward model reads each row's last token"
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        reason = super().packing_unsupported()
+        if reason is not None:
+            return reason
+        if self._trainer is not None and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return "under FSDP2 a reward model scores padded rows (its backbone cannot run apart from its score head)"
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        if base.base_model is base or not isinstance(getattr(base, "score", None), torch.nn.Module):
+            return f"{type(base).__name__} has no backbone and score head to run apart"
+        return None
 
     def setup(self, stage: str) -> None:
         from dpo_lightning.preflight import PACKED_COLLATORS
 
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if getattr(datamodule, "hparams", {}).get("collator") in PACKED_COLLATORS:
-            raise ValueError("RewardModule reads each row's last token, so it takes padded batches: set "
-                             "data.collator to 'pad'")
+        collator = getattr(datamodule, "hparams", {}).get("collator")
+        if collator in PACKED_COLLATORS and (reason := self.packing_unsupported()):
+            raise ValueError(f"data.collator={collator}: {reason}; set data.collator to 'auto' or 'pad'")
 
     def step(self, batch: Mapping[str, Tensor], metrics: RewardMetrics) -> Tensor:
         rewards = self(batch)

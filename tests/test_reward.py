@@ -150,23 +150,77 @@ def test_a_model_without_a_pad_token_id_is_refused_up_front():
         RewardModule(model_config=TINY)
 
 
-def test_packed_batches_are_refused():
-    rm = RewardModule(model_config={**TINY, "vocab_size": 16, "pad_token_id": 0})
-    with pytest.raises(ValueError, match="collator to 'pad'"):
-        rm({"input_ids": torch.ones(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 1, 4, 4),
-            "sequence_ids": torch.zeros(1, 4, dtype=torch.long)})
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2", "llama-lora"])
+def test_packed_and_shared_rows_score_as_padded_rows(arch):
+    """The score at each sequence's last token, from padded rows (the model's own pooling), packed rows and
+    prefix-shared rows (several pairs per row): rewards, loss and every gradient agree (1e-5, fp32); with
+    LoRA too (adapters and PEFT's trainable copy of the score head)."""
+    from dpo_lightning import LoraOptions
+    from dpo_lightning.data.collate import PaddingCollator
+    from dpo_lightning.data.packing import PackingCollator
+    from dpo_lightning.data.prefix_sharing import PrefixSharingCollator
+
+    torch.manual_seed(0)
+    lora = LoraOptions(r=4, target_modules=["q_proj", "v_proj"]) if arch.endswith("-lora") else None
+    rm = RewardModule(model_config={**tiny_config(arch.removesuffix("-lora"), vocab_size=64), "pad_token_id": 0},
+                      lora=lora)
+    with torch.no_grad():  # adapters that change the output (PEFT starts B at 0)
+        for name, p in rm.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    import random
+
+    rng = random.Random(0)
+    feats = []
+    for _ in range(6):
+        prompt = [rng.randrange(1, 64) for _ in range(rng.randint(1, 10))]
+        feats.append({f"{s}_input_ids": prompt + [rng.randrange(1, 64) for _ in range(rng.randint(1, 15))]
+                      for s in ("chosen", "rejected")} | {"chosen_response_start": len(prompt),
+                                                          "rejected_response_start": len(prompt)})
+    results = []
+    for collate in (PaddingCollator(pad_token_id=0), PackingCollator(pad_token_id=0, max_tokens_per_row=60),
+                    PrefixSharingCollator(pad_token_id=0, max_tokens_per_row=60)):
+        batch = collate(feats)
+        rewards = rm(batch)
+        loss = rm.step(batch, rm.train_metrics)
+        trained = [p for p in rm.model.parameters() if p.requires_grad]
+        results.append((rewards, loss, torch.autograd.grad(loss, trained)))
+    assert results[2][0].shape == (12,)
+    (want_r, want_l, want_g) = results[0]
+    for rewards, loss, grads in results[1:]:
+        torch.testing.assert_close(rewards, want_r, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, want_l, rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, want_g):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("collator", ["pack", "share"])
-def test_an_explicit_packed_collator_is_refused_before_the_first_step(collator):
+def test_auto_shares_rows_and_fsdp2_pads(monkeypatch):
+    """auto gives a reward model prefix-shared rows; under FSDP2 (ModelParallelStrategy) the stage says it cannot
+    take them (auto then pads), and an explicit share with such a reason is refused before the first step."""
+    from types import SimpleNamespace
+
     import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    dm = _data(generate_pairs(8, 0), batch_size=4, collator=collator)
+    dm = _data(generate_pairs(8, 0), batch_size=4)
     rm = RewardModule(model_config=TINY, tokenizer=dm.tokenizer)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(ValueError, match="collator to 'pad'"):
-        trainer.fit(rm, datamodule=dm)
+    trainer.fit(rm, datamodule=dm)
+    assert dm.collator_name == "share" and trainer.global_step == 1
+
+    rm = RewardModule(model_config=TINY, tokenizer=dm.tokenizer)
+    rm._trainer = SimpleNamespace(strategy=ModelParallelStrategy())
+    reason = rm.packing_unsupported()
+    assert "FSDP2" in reason
+
+    monkeypatch.setattr(RewardModule, "packing_unsupported", lambda self: reason)
+    explicit = _data(generate_pairs(8, 0), batch_size=4, collator="share")
+    rm = RewardModule(model_config=TINY, tokenizer=explicit.tokenizer)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match="data.collator=share: under FSDP2"):
+        trainer.fit(rm, datamodule=explicit)
     assert trainer.global_step == 0
 
 

@@ -106,7 +106,8 @@ def test_shared_length():
 
 def test_registered_rows_keep_every_token_and_fit_the_budget():
     feats = features(10, seed=1)
-    assert isinstance(build_collator("share", pad_token_id=0), PrefixSharingCollator)
+    collator = build_collator("share", pad_token_id=0, pad_to_multiple_of=8)
+    assert isinstance(collator, PrefixSharingCollator) and collator(feats)["input_ids"].shape[1] % 8 == 0
     for budget in (None, 40, 1000):
         batch = PrefixSharingCollator(pad_token_id=0, max_tokens_per_row=budget)(feats)
         ids, seq, pos = batch["input_ids"], batch["sequence_ids"], batch["position_ids"]
