@@ -50,11 +50,17 @@ def test_tiny_rm_recipe_ranks_held_out_pairs_and_exports_a_scorer(tmp_path):
     run_dir = Path(cli.trainer.log_dir)
     assert (run_dir / "checkpoints" / "last.ckpt").exists()
     assert any("accuracy" in p.name for p in (run_dir / "checkpoints").glob("step*.ckpt"))  # best by val/accuracy
+    from dpo_lightning.data.collate import PaddingCollator
+    from dpo_lightning.data.prefix_sharing import PrefixSharingCollator
+
     loaded = AutoModelForSequenceClassification.from_pretrained(run_dir / "hf_export").eval()
-    batch = next(iter(cli.datamodule.val_dataloader()))
+    assert cli.datamodule.collator_name == "share"  # the run's default rows; the export scores padded rows
+    pad = cli.datamodule.pad_token_id
+    feats = [cli.datamodule.splits["validation"][i] for i in range(8)]
+    batch = PaddingCollator(pad_token_id=pad)(feats)
     module = cli.model.eval()
     with torch.no_grad():
-        ours = module(batch)
+        ours = module(PrefixSharingCollator(pad_token_id=pad)(feats))
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     # A checkpoint exports the same way, through the command a user runs.
