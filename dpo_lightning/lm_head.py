@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps_from_hidden
+from dpo_lightning.models import text_config
 
 # Config fields some architectures use to post-process logits that we do not reproduce.
 _UNSUPPORTED_FIELDS = ("output_multiplier", "lm_head_multiplier")
@@ -34,7 +35,7 @@ class LogitTransform(NamedTuple):
 
 def logit_transform(config) -> LogitTransform:
     """The post-LM-head logit transform declared by a transformers config; raises if unsupported."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     model_type = getattr(text, "model_type", "")
     for field in _UNSUPPORTED_FIELDS:
         if getattr(text, field, None) not in (None, 1, 1.0):

@@ -240,6 +240,11 @@ def resolve_tokenizer(
     return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
 
 
+def text_config(config: Any) -> Any:
+    """The language model's part of a config (multimodal configs nest it), or the config itself."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def check_max_length(model: PreTrainedModel, max_length: int | None) -> None:
     config = model.config
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

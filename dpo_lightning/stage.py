@@ -38,6 +38,7 @@ from dpo_lightning.models import (
     freeze,
     load_model,
     resolve_tokenizer,
+    text_config,
     weights_dtype,
     wrap_lora,
 )
@@ -549,7 +550,7 @@ def positions_unsupported(model: nn.Module) -> str | None:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    text = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    text = text_config(base.config)
     name = type(base).__name__
     if "position_ids" not in inspect.signature(base.forward).parameters:
         return f"{name} takes no position_ids, so packed sequences cannot restart their positions"
@@ -565,7 +566,7 @@ def sliding_window_unsupported(config: Any, max_length: int | None) -> str | Non
     attend past the window that the padded path applies. Exact all the same when no sequence is longer
     than the window (two positions of one sequence are then always within it).
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None)
     if not window or (layer_types is not None and "sliding_attention" not in layer_types):

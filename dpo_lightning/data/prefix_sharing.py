@@ -112,12 +112,14 @@ class PrefixSharingCollator:
         r_start = [int(f["rejected_response_start"]) for f in features]
         shared, lengths = _blocks(features)  # tokens shared and block length, per pair
         num_tokens = sum(len(s) for s in chosen) + sum(len(s) for s in rejected)
+        rows, width = self._rows(lengths)
         if self.attention_cost is not None:
-            shared_cost, packed_cost = self.costs(features)
-            if packed_cost < shared_cost:  # the wider rows' attention would cost more than the prompts save
+            seq_rows, seq_width = self._rows([len(s) for s in chosen + rejected])
+            if layout_cost(len(seq_rows), seq_width, self.attention_cost) < layout_cost(
+                len(rows), width, self.attention_cost
+            ):  # the wider rows' attention would cost more than the prompts save
                 packer = PackingCollator(self.pad_token_id, self.pad_to_multiple_of, self.max_tokens_per_row)
                 return {**packer(features), "num_tokens": num_tokens}
-        rows, width = self._rows(lengths)
 
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)
@@ -206,7 +208,9 @@ def attention_cost(config: Any) -> float | None:
     Llama-2-7B: q 4096, P 202M -> 1 / 24,700 (attention is cheap until rows of ~10k positions); the 4 x 256
     Llama of the CPU benchmarks: 1 / 2,048.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    from dpo_lightning.models import text_config
+
+    text = text_config(config)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)
     if not hidden or not heads:

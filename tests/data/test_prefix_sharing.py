@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from test_packing import EXAMPLE  # the worked example both collators' docstrings lay out
 
 from dpo_lightning.data import build_collator
 from dpo_lightning.data.collate import PaddingCollator
@@ -33,13 +34,6 @@ CONFIGS = {
         num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB,
     ),
 }
-
-EXAMPLE = [
-    {"chosen_input_ids": [5, 6, 7, 8], "chosen_response_start": 2,
-     "rejected_input_ids": [5, 6, 9], "rejected_response_start": 2},
-    {"chosen_input_ids": [3, 4], "chosen_response_start": 1,
-     "rejected_input_ids": [3, 4, 4, 2], "rejected_response_start": 1},
-]
 
 
 def features(n_pairs: int, seed: int = 0) -> list[dict]:
