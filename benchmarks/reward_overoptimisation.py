@@ -173,20 +173,23 @@ def calibrate(rows: list[dict]) -> tuple[float, float]:
 
 def table(result: dict) -> str:
     a, b = result["calibration"]
+    recipes = {"reward model": RM_RECIPE, "ground truth": GOLD_RECIPE}
     lines = [
-        "| judge of the pairs | round | KL(policy \\|\\| SFT) | true reward | judged reward (RM, gold units) | gap "
-        "| RM score | exact (sampled) | exact (greedy) | RM ranking accuracy | pairs trained on: truly better "
-        "/ equal / worse | seconds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pairs judged by (recipe) | round | seeds | KL(policy \\|\\| SFT) | true reward | judged reward (RM, gold "
+        "units) | gap | RM score | exact (sampled) | exact (greedy) | RM ranking accuracy | pairs trained on: truly "
+        "better / equal / worse | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rows in result["pipelines"].items():
         for r in rows:
+            seeds = f"0 / {r['round']} / {result['seed']}" if r["round"] else f"0 / - / {result['seed']}"
             judged = a + b * r["rm"]
             pairs = (f"{r['pairs_better']:.2f} / {r['pairs_equal']:.2f} / {r['pairs_worse']:.2f} ({r['pairs']})"
                      if "pairs" in r else "-")
             lines.append(
-                f"| {name} | {r['round']} | {r['kl']:.2f} ± {r['kl_se']:.2f} | {r['gold']:.3f} ± {r['gold_se']:.3f} "
-                f"| {judged:.3f} ± {abs(b) * r['rm_se']:.3f} | {judged - r['gold']:+.3f} | {r['rm']:.2f} "
+                f"| {name} (`{Path(recipes[name]).name}`) | {r['round']} | {seeds} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
+                f"| {r['gold']:.3f} ± {r['gold_se']:.3f} | {judged:.3f} ± {abs(b) * r['rm_se']:.3f} "
+                f"| {judged - r['gold']:+.3f} | {r['rm']:.2f} "
                 f"| {r['exact']:.3f} | {r['greedy_exact']:.3f} | {r['rank_accuracy']:.3f} | {pairs} "
                 f"| {r['seconds']:.1f} |")
     return "\n".join(lines)
@@ -217,7 +220,7 @@ def plot(result: dict, path: Path) -> None:
     left.set_ylabel("mean reward of the policy's samples")
     left.set_xticks(rounds)
     left.grid(alpha=0.3)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, loc="center right")
     left.set_title("judged vs true reward (sort_reward), held-out prompts", fontsize=9)
     right.plot(rounds, [r["rank_accuracy"] for r in rm_rows], marker="o", color="tab:red",
                label="RM ranking accuracy on the policy's samples")
