@@ -290,3 +290,21 @@ def test_generate_refuses_a_bad_llm_judge_before_loading_the_policy(judge_path, 
               "{prompt}{response_a} ={reponse_b} =", "--output.output_dir", str(tmp_path / "gen")])
     message = str(err.value) + capsys.readouterr().err
     assert r"unknown {reponse_b}" in message and "no_policy" not in message
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_only_the_last_positions_logits_are_computed_and_they_are_the_full_forwards(arch):
+    """Rows of different lengths right-padded into one batch, logits kept at each row's last position only
+    (``logits_to_keep`` with a tensor of positions): equal to each row's own full forward (1e-5), for every
+    tiny architecture the suite covers (GPT-2: learned absolute positions)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = load_causal_lm(None, config={**tiny_config(arch), "vocab_size": len(tokenizer), "initializer_range": 0.5})
+    judge = LLMScoreJudge(model.eval(), tokenizer, template=SCORE, verdicts=DIGITS, batch_size=8)
+    assert judge._keep_last
+    rows = [judge.render({"prompt": p, "response": r}) for p, r in zip(PROMPTS, RESPONSES)]
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in DIGITS]
+    with torch.no_grad():
+        alone = torch.stack([torch.softmax(model(input_ids=torch.tensor([row])).logits[0, -1, digits].double(), -1)
+                             for row in rows])  # (n, 10)
+    torch.testing.assert_close(judge.verdict_probs(rows), alone, rtol=0, atol=1e-5)
