@@ -263,7 +263,11 @@ class GenerateCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # A mistyped judge fails here, before the policy's weights load.
-        _writer_class().check_judge(self.config[self.subcommand].output.judge)
+        output = self.config[self.subcommand].output
+        try:
+            _writer_class().check_judge(output.judge, output.judge_options)
+        except (ValueError, FileNotFoundError) as err:  # one line from `main`, not a traceback
+            raise ConfigError(f"output.judge: {err}") from err
 
 
 def _writer_class() -> type:

@@ -164,20 +164,25 @@ class JudgedSamplesWriter(BasePredictionWriter):
         judge: str | Any = None,
         pairing: Literal["all", "best_vs_worst", "best_vs_rest"] = "best_vs_worst",
         min_margin: float = 0.0,
+        judge_options: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
             output_dir: Folder of ``samples.jsonl`` and ``pairs.jsonl`` (and the parts of a run in progress).
-            judge: ``function:package.module:function`` (prompt, response -> float) or ``reward_model:<path>``.
+            judge: ``function:package.module:function`` (prompt, response -> float), ``reward_model:<path>``,
+                ``llm_pairwise:<path>`` or ``llm_score:<path>`` (docs/generate.md, Judges).
             pairing: How scores become pairs: best_vs_worst (one per prompt), best_vs_rest, or all.
             min_margin: Smallest score difference a pair needs.
+            judge_options: Keyword arguments of the judge's class (``timeout_s``; ``batch_size``, ``max_length``;
+                an LLM judge's ``template``, ``verdicts``); an option the class does not take is an error.
         """
         super().__init__(write_interval="batch")
         from dpo_lightning.judges import Judge
         from dpo_lightning.pairing import check_strategy
 
         check_strategy(pairing, min_margin)
-        self.check_judge(judge)
+        self.judge_options = dict(judge_options or {})
+        self.check_judge(judge, self.judge_options)
         self.output_dir = Path(output_dir)
         self.judge_spec = judge
         self.judge: Judge | None = None  # built in setup, on this rank's device
@@ -188,23 +193,31 @@ class JudgedSamplesWriter(BasePredictionWriter):
         self._all_done = False
 
     @staticmethod
-    def check_judge(judge: Any) -> None:
+    def check_judge(judge: Any, options: dict[str, Any] | None = None) -> None:
         """ValueError for a judge that cannot work, without loading a model: a function spec is imported,
-        a reward model given as a local path must exist (the CLI calls this before building anything)."""
-        from dpo_lightning.judges import Judge, resolve_judge
+        a reward model given as a local path must exist, an LLM judge's template and verdict tokens are
+        checked with its tokenizer, ``options`` against the judge's class (the CLI calls this before
+        building anything)."""
+        from dpo_lightning.judges import Judge, check_options, judge_class, resolve_judge
         from dpo_lightning.models import check_local_source
 
+        options = options or {}
         if judge is None:
-            raise ValueError("set a judge: function:package.module:function or reward_model:<path>")
+            raise ValueError("set a judge: function:package.module:function, reward_model:<path>, "
+                             "llm_pairwise:<path> or llm_score:<path>")
         if isinstance(judge, Judge):
+            resolve_judge(judge, **options)  # refuses options for a judge object
             return
         if not isinstance(judge, str):
             raise ValueError(f"judge must be a spec string or a Judge, got {type(judge).__name__}")
         kind, _, target = judge.partition(":")
         if kind == "function":
-            resolve_judge(judge)
+            resolve_judge(judge, **options)
         elif kind == "reward_model" and target:
             check_local_source(target, "reward_model judge")
+            check_options(judge_class(kind), judge, options)
+        elif kind in ("llm_pairwise", "llm_score") and target:
+            judge_class(kind).check(target, **options)
         else:
             resolve_judge(judge)  # its error lists the accepted forms
 
@@ -212,11 +225,11 @@ class JudgedSamplesWriter(BasePredictionWriter):
         from dpo_lightning.judges import Judge, resolve_judge
         from dpo_lightning.samples_io import done_prompt_ids
 
-        spec = self.judge_spec
+        spec, options = self.judge_spec, self.judge_options
         if isinstance(spec, Judge) or spec.startswith("function:"):
-            self.judge = resolve_judge(spec)
+            self.judge = resolve_judge(spec, **options)
         else:
-            self.judge = resolve_judge(spec, device=str(pl_module.device))
+            self.judge = resolve_judge(spec, **{"device": str(pl_module.device), **options})
         self.output_dir.mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
         # A folder written with other settings belongs to another run: refused, not mixed in.

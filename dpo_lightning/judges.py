@@ -7,15 +7,18 @@ small class per kind, chosen by a short name (`resolve_judge`):
 |---|---|---|
 | ``function:package.module:function`` | `FunctionJudge` | a Python function ``(prompt, response) -> float`` |
 | ``reward_model:<path or hub id>`` | `RewardModelJudge` | an ``AutoModelForSequenceClassification`` with one label |
+| ``llm_pairwise:<path or hub id>`` | `llm_judges.LLMPairwiseJudge` | a causal LM asked which of two is better |
+| ``llm_score:<path or hub id>`` | `llm_judges.LLMScoreJudge` | a causal LM asked to rate one response |
 
 A row the judge cannot score is None, never an abort: the function raised, returned something that is
 not a finite number or ran past its timeout; the response has too many tokens for the reward model.
 Each judge counts what failed and why in its `JudgeStats` (``judge.stats``), which `warn_failures`
 reports as one warning line.
 
-A new kind of judge (an LLM asked to grade or to compare responses, say) subclasses `Judge`,
-implements `Judge.score_rows` and `Judge.spec`, and joins `JUDGES` under its prefix. A pairwise judge
-turns its comparisons of one prompt's responses into per-response scores (wins, say) in `score_rows`.
+A new kind of judge subclasses `Judge`, implements `Judge.score_rows` and `Judge.spec`, and joins
+`JUDGES` under its prefix: the class itself, or ``"module:Class"`` for one that lives in a module built on
+this one (the LLM judges, `llm_judges.py`), imported when a spec names it. A pairwise judge turns its
+comparisons of one prompt's responses into per-response scores (`LLMPairwiseJudge`: mean win probability).
 """
 
 from __future__ import annotations
@@ -439,15 +442,42 @@ class RewardModelJudge(Judge):
 
 # -------------------------------------------------------------------------------------------- by name
 
-# Spec prefix -> judge class; the rest of the spec is the class's first argument.
-JUDGES: dict[str, type[Judge]] = {"function": FunctionJudge, "reward_model": RewardModelJudge}
+# Spec prefix -> judge class (or "module:Class", imported when named); the rest of the spec is its first argument.
+JUDGES: dict[str, type[Judge] | str] = {
+    "function": FunctionJudge,
+    "reward_model": RewardModelJudge,
+    "llm_pairwise": "dpo_lightning.llm_judges:LLMPairwiseJudge",
+    "llm_score": "dpo_lightning.llm_judges:LLMScoreJudge",
+}
 
-_FORMS = "'function:package.module:function', 'reward_model:<path or hub id>', or a Judge instance"
+_FORMS = ("'function:package.module:function', 'reward_model:<path or hub id>', 'llm_pairwise:<path or hub id>', "
+          "'llm_score:<path or hub id>', or a Judge instance")
+
+
+def judge_class(kind: str) -> type[Judge]:
+    """The class registered under a spec prefix (``"llm_pairwise"``...); KeyError for an unknown one."""
+    entry = JUDGES[kind]
+    if isinstance(entry, str):
+        module, _, name = entry.partition(":")
+        entry = getattr(importlib.import_module(module), name)
+    return entry
+
+
+def check_options(cls: type[Judge], spec: str, options: dict[str, Any]) -> None:
+    """ValueError naming the option when ``cls`` does not take one of ``options`` (a typo in ``judge_options``)."""
+    parameters = inspect.signature(cls.__init__).parameters
+    takes = [name for name in list(parameters)[2:] if parameters[name].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+             or parameters[name].kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise ValueError(f"judge {spec}: {cls.__name__} takes no option {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(takes)}")
 
 
 def resolve_judge(spec: str | Judge, **options: Any) -> Judge:
-    """A judge from its spec: ``"function:pkg.mod:fn"``, ``"reward_model:<path or hub id>"`` or a `Judge`
-    (returned as it is). ``options`` go to the class (``timeout_s=``, ``batch_size=``, ...)."""
+    """A judge from its spec: ``"function:pkg.mod:fn"``, ``"reward_model:<path or hub id>"``,
+    ``"llm_pairwise:<path or hub id>"``, ``"llm_score:<path or hub id>"`` or a `Judge` (returned as it is).
+    ``options`` go to the class (``timeout_s=``, ``batch_size=``, ``template=``...)."""
     if isinstance(spec, Judge):
         if options:
             raise ValueError(f"judge options {sorted(options)} apply to a judge given by spec, not to {spec!r}")
@@ -455,7 +485,9 @@ def resolve_judge(spec: str | Judge, **options: Any) -> Judge:
     if isinstance(spec, str):
         kind, sep, target = spec.partition(":")
         if sep and target and kind in JUDGES:
-            return JUDGES[kind](target, **options)
+            cls = judge_class(kind)
+            check_options(cls, spec, options)
+            return cls(target, **options)
     raise ValueError(f"judge {spec!r}: expected {_FORMS}")
 
 
@@ -468,7 +500,9 @@ __all__ = [
     "RewardModelJudge",
     "as_completion",
     "as_score",
+    "check_options",
     "import_function",
+    "judge_class",
     "resolve_judge",
     "warn_failures",
 ]

@@ -10,8 +10,9 @@ One test per block, named ``<file>-<n>`` (n counts the file's fenced blocks from
   ``--config recipes/tiny.yaml --config fragment``.
 - ``bash`` / ``sh`` / ``shell``: every ``python -m dpo_lightning ...`` command (also behind
   ``torchrun -m``, ``srun``, ``time``) is checked in-process from the repository root: ``--help``
-  and ``--print_config`` commands run; ``fit``/``validate``/``test`` commands are parsed through
-  the real CLI (every option checked against the signatures) but nothing trains. Other commands
+  and ``--print_config`` commands run; ``fit``/``validate``/``test``, ``generate`` and ``iterate``
+  commands are parsed through the real CLI (every option checked against the signatures) but nothing
+  trains or samples. Other commands
   (``pip``, ``pytest``, ...) are not run; a block with nothing else is skipped, with the reason.
 - ``json``: parsed (a sequence of JSON values); rows with a known column layout are validated by
   ``dpo_lightning.data.formats.to_example``.
@@ -241,6 +242,39 @@ def _commands(code: str) -> list[list[str]]:
     return commands
 
 
+def _parse_generate_or_iterate(args: list[str]) -> None:
+    """``generate``/``iterate`` commands parsed as their CLIs parse them (every option and recipe key checked
+    against the signatures); nothing is built, sampled or trained, so the files they name need not exist."""
+    from dpo_lightning.cli import GenerateCLI, generate_main
+
+    class ParseOnlyGenerateCLI(GenerateCLI):
+        def before_instantiate_classes(self) -> None:
+            pass
+
+        def instantiate_classes(self) -> None:
+            pass
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            pass
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+            if args[0] == "generate":
+                generate_main(args[1:], cli_class=ParseOnlyGenerateCLI)
+            else:
+                from jsonargparse import ActionConfigFile, ArgumentParser
+
+                from dpo_lightning.pipeline import iterate
+
+                parser = ArgumentParser(exit_on_error=False)
+                parser.add_argument("--config", action=ActionConfigFile)
+                parser.add_function_arguments(iterate, as_positional=False)
+                parser.parse_args(args[1:])
+    except (SystemExit, Exception) as e:  # noqa: BLE001 - the parser's message is the test's failure
+        pytest.fail(f"`python -m dpo_lightning {shlex.join(args)}` does not parse: {e}\n{err.getvalue()[-2000:]}")
+
+
 def _check_cli_command(args: list[str]) -> None:
     if any(a in ("-h", "--help") for a in args):
         assert "usage" in _cli(args, parse_only=False).lower()
@@ -249,6 +283,8 @@ def _check_cli_command(args: list[str]) -> None:
         assert isinstance(yaml.safe_load(printed), dict), printed[:500]
     elif args and args[0] in CLI_SUBCOMMANDS:
         _cli(args, parse_only=True)  # every option checked; nothing built or trained
+    elif args and args[0] in ("generate", "iterate"):
+        _parse_generate_or_iterate(args)
     else:
         pytest.skip(f"`dpo_lightning {shlex.join(args[:2])}` needs real inputs (not --help/--print_config)")
 

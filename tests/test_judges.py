@@ -246,8 +246,27 @@ def test_resolve_judge_forms(tmp_path):
 @pytest.mark.parametrize("spec", ["sort_reward", "llm:gpt-4", "function:", "reward_model", "", 42])
 def test_resolve_judge_lists_the_forms_for_anything_else(spec):
     with pytest.raises(ValueError, match="expected 'function:package.module:function', "
-                                         "'reward_model:<path or hub id>', or a Judge instance"):
+                                         "'reward_model:<path or hub id>', 'llm_pairwise:<path or hub id>', "
+                                         "'llm_score:<path or hub id>', or a Judge instance"):
         resolve_judge(spec)
+
+
+def test_judge_options_reach_the_judge_and_a_stray_one_is_named(tmp_path):
+    """``output.judge_options`` in a generate recipe: passed to the judge's class when it is built; an option
+    the class does not take fails when the writer is made (the CLI: before any weights load), naming it."""
+    from dpo_lightning.generation import JudgedSamplesWriter
+
+    writer = JudgedSamplesWriter(output_dir=str(tmp_path), judge=f"function:{SORT_REWARD}",
+                                 judge_options={"timeout_s": 5})
+    assert resolve_judge(writer.judge_spec, **writer.judge_options).timeout_s == 5
+    with pytest.raises(ValueError, match="FunctionJudge takes no option 'batch_size'; its options: timeout_s"):
+        JudgedSamplesWriter(judge=f"function:{SORT_REWARD}", judge_options={"batch_size": 4})
+    _, folder = _reward_model(tmp_path, generate_pairs(2, 0))
+    with pytest.raises(ValueError, match="RewardModelJudge takes no option 'timeout_s'; its options: tokenizer, "
+                                         "batch_size, device, max_length, dtype"):
+        JudgedSamplesWriter(judge=f"reward_model:{folder}", judge_options={"timeout_s": 5})
+    with pytest.raises(ValueError, match="apply to a judge given by spec"):
+        JudgedSamplesWriter(judge=FunctionJudge(sort_reward), judge_options={"timeout_s": 5})
 
 
 def test_a_new_kind_of_judge_is_one_subclass():

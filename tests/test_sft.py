@@ -185,11 +185,9 @@ def test_two_ranks_and_accumulation_make_the_one_process_update(tmp_path):
     assert max((ddp_means[n] - single[n]).abs().max().item() for n in single) > 1e-4
 
 
-def test_sft_resumes_mid_epoch_bitwise(tmp_path):
-    """SFT with SFTDataModule, accumulation 2 (window_tokens) and dropout on: 43 rows in batches of 3 are
-    15 batches, 8 optimizer steps per epoch (the last window holds one batch). Crashed after step 3
-    (mid-epoch) and resumed from last.ckpt, the run (10 steps, into epoch 1) ends with the weights and
-    logged metrics of the uninterrupted run, bit for bit."""
+def _assert_resumes_bitwise(tmp_path, data_kwargs: dict, crash_after: int, max_steps: int) -> None:
+    """Fit ``max_steps`` (accumulation 2, dropout on, logs every 2 steps) uninterrupted, and crashed after
+    step ``crash_after`` then resumed from last.ckpt: the same weights and logged metrics, bit for bit."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from dpo_lightning import SFTDataModule
@@ -200,7 +198,8 @@ def test_sft_resumes_mid_epoch_bitwise(tmp_path):
     rows = [{"prompt": r["prompt"], "completion": r["chosen"]} for r in generate_pairs(43, seed=4)]
 
     def data():
-        return SFTDataModule(tokenizer="synthetic:sort", dataset=rows, val_split=None, max_length=32, batch_size=3)
+        return SFTDataModule(tokenizer="synthetic:sort", dataset=rows, val_split=None, max_length=32, batch_size=3,
+                             **data_kwargs)  # fmt: skip
 
     def build():
         L.seed_everything(0, verbose=False)
@@ -210,7 +209,7 @@ def test_sft_resumes_mid_epoch_bitwise(tmp_path):
                          optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
 
     def trainer(logger, callbacks, **kw):
-        return L.Trainer(accelerator="cpu", max_steps=10, accumulate_grad_batches=2, logger=logger,
+        return L.Trainer(accelerator="cpu", max_steps=max_steps, accumulate_grad_batches=2, logger=logger,
                          log_every_n_steps=2, callbacks=callbacks, enable_progress_bar=False,
                          enable_model_summary=False, **kw)
 
@@ -219,11 +218,136 @@ def test_sft_resumes_mid_epoch_bitwise(tmp_path):
 
     saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
     with pytest.raises(Crash):
-        trainer(ListLogger(), [CrashAfterStep(3), saver]).fit(build(), datamodule=data())
+        trainer(ListLogger(), [CrashAfterStep(crash_after), saver]).fit(build(), datamodule=data())
     resumed, resumed_log = build(), ListLogger()
     last = tmp_path / "last.ckpt"
     trainer(resumed_log, [], enable_checkpointing=False).fit(resumed, datamodule=data(), ckpt_path=last)
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
-    tail = {step: row for step, row in full_log.rows.items() if step > 3}
-    assert tail and tail == {step: row for step, row in resumed_log.rows.items() if step > 3}
+    tail = {step: row for step, row in full_log.rows.items() if step > crash_after}
+    assert tail and tail == {step: row for step, row in resumed_log.rows.items() if step > crash_after}
+
+
+def test_sft_resumes_mid_epoch_bitwise(tmp_path):
+    """SFT with SFTDataModule, accumulation 2 (window_tokens) and dropout on: 43 rows in batches of 3 are
+    15 batches, 8 optimizer steps per epoch (the last window holds one batch). Crashed after step 3
+    (mid-epoch) and resumed from last.ckpt, the run (10 steps, into epoch 1) ends with the weights and
+    logged metrics of the uninterrupted run, bit for bit."""
+    _assert_resumes_bitwise(tmp_path, {}, crash_after=3, max_steps=10)
+
+
+def test_packed_sft_resumes_mid_epoch_bitwise(tmp_path):
+    """As above with ``packing: true``: the 43 rows packed into 21 rows of at most 32 tokens, batches of 3
+    packed rows: 7 batches, 4 optimizer steps per epoch. Crashed after step 3 (one batch before the end of
+    the epoch: the data module restores its position in packed rows) and resumed, 6 steps (into epoch 1)
+    end bit for bit the same."""
+    _assert_resumes_bitwise(tmp_path, {"packing": True}, crash_after=3, max_steps=6)
+
+
+# -- TRL's packing=True (data.packing): rows bin-packed before batching ------------------------------
+
+
+def _sort_rows(n: int) -> list[dict[str, str]]:
+    from dpo_lightning.data.synthetic import generate_pairs
+
+    return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in generate_pairs(n, 0)]
+
+
+def _trl_trainer(tmp_path, rows, tokenizer, model, **config):
+    trl = pytest.importorskip("trl")
+    import datasets
+
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, completion_only_loss=True,
+                         max_length=32, save_strategy="no", **config)  # fmt: skip
+    return trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=tokenizer)  # fmt: skip
+
+
+def _fit_one_epoch(rows, tokenizer, logger=None, **data):
+    from dpo_lightning import SFTDataModule
+
+    torch.manual_seed(0)
+    module = SFTModule(model_config={**tiny_config(), "vocab_size": len(tokenizer)}, tokenizer=tokenizer)
+    dm = SFTDataModule(tokenizer=tokenizer, dataset=rows, val_split=None, max_length=32, batch_size=4, **data)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, accumulate_grad_batches=2, logger=logger or False,
+                        log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    return trainer, module, dm
+
+
+def test_packing_takes_trls_optimizer_steps_per_epoch(tmp_path):
+    """60 prompt/completion rows, max_length 32, batch 4, accumulation 2, one epoch. TRL 1.16 with
+    ``packing=True`` packs them into 30 rows: 8 batches, 4 optimizer steps. ``data.packing: true`` takes
+    the same 4 steps (and the same 8 batches under either collator); without it a batch counts 4
+    conversations: 15 batches, 8 steps (``collator: pack`` is TRL's ``padding_free``, not its ``packing``)."""
+    from dpo_lightning.data.synthetic import build_tokenizer
+
+    tokenizer, rows = build_tokenizer(), _sort_rows(60)
+    torch.manual_seed(0)
+    model = SFTModule(model_config={**tiny_config(), "vocab_size": len(tokenizer)}, tokenizer=tokenizer).model
+    theirs = _trl_trainer(tmp_path, rows, tokenizer, model, packing=True, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=2, num_train_epochs=1)  # fmt: skip
+    theirs.train()
+    assert (len(theirs.train_dataset), len(theirs.get_train_dataloader()), theirs.state.global_step) == (30, 8, 4)
+    trainer, _, dm = _fit_one_epoch(rows, tokenizer, packing=True, collator="pack")
+    assert (len(dm.splits["train"]), trainer.num_training_batches, trainer.global_step) == (30, 8, 4)
+    dm.hparams.collator = "pad"
+    assert len(dm.train_dataloader()) == 8
+    trainer, _, _ = _fit_one_epoch(rows, tokenizer, collator="pack")
+    assert (trainer.num_training_batches, trainer.global_step) == (15, 8)
+
+
+def test_packed_rows_give_the_padded_loss_and_trls(tmp_path):
+    """The first 4 packed rows (8 conversations): TRL 1.16's loss on the batch its own collator makes of
+    them (one flat row, position ids restarting per conversation) equals ours on the same rows laid out
+    as 4 block-causal rows, and on the 8 conversations padded, each in its own row (1e-5)."""
+    from dpo_lightning import SFTDataModule
+    from dpo_lightning.data.synthetic import build_tokenizer
+
+    tokenizer, rows = build_tokenizer(), _sort_rows(120)
+    torch.manual_seed(0)
+    module = SFTModule(model_config={**tiny_config(), "vocab_size": len(tokenizer)}, tokenizer=tokenizer).eval()
+    theirs = _trl_trainer(tmp_path, rows, tokenizer, module.model, packing=True, per_device_train_batch_size=4)
+    dm = SFTDataModule(tokenizer=tokenizer, dataset=rows, val_split=None, max_length=32, packing=True)
+    features = [dm.splits["train"][i] for i in range(4)]
+    assert [f["input_ids"] for f in features] == [theirs.train_dataset[i]["input_ids"] for i in range(4)]
+    trl_batch = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])
+    losses = {}
+    with torch.no_grad():
+        losses["trl"] = theirs.compute_loss(module.model, dict(trl_batch)).item()
+        for collator in ("pack", "pad"):
+            dm.hparams.collator = collator
+            batch = dm.collate_fn(features)
+            losses[collator] = module.step(batch, module.val_metrics).item()
+    assert dm.collate_fn(features)["input_ids"].shape[0] == sum(len(f["seq_lengths"]) for f in features) == 8
+    assert losses["pack"] == pytest.approx(losses["trl"], rel=1e-5)
+    assert losses["pad"] == pytest.approx(losses["trl"], rel=1e-5)
+
+
+def test_packed_training_equals_padded_and_counts_every_token():
+    """One epoch with ``packing: true`` (40 conversations in 21 packed rows), packed rows against the same
+    conversations padded: the same logged loss at every step and the same weights (1e-5);
+    ``train/num_tokens`` at the last step is every token of the packed split (no padding, nothing
+    dropped) under both."""
+    from dpo_lightning.data.synthetic import build_tokenizer
+
+    from tiny import ListLogger
+
+    tokenizer, rows = build_tokenizer(), _sort_rows(40)
+    runs = {}
+    for collator in ("pack", "pad"):
+        logger = ListLogger()
+        _, module, dm = _fit_one_epoch(rows, tokenizer, logger, packing=True, collator=collator)
+        runs[collator] = (logger.rows, module.model.state_dict())
+    tokens = sum(sum(row["seq_lengths"]) for row in dm.splits["train"])
+    assert tokens == sum(len(ids) for ids in dm.splits["train"]["input_ids"])
+    (pack_log, pack_weights), (pad_log, pad_weights) = runs["pack"], runs["pad"]
+    assert len(dm.splits["train"]) == 21  # 40 conversations: 6 batches of up to 4 packed rows, 3 steps
+    assert sorted(pack_log) == sorted(pad_log) and len(pack_log) == 3
+    last = max(pack_log)
+    assert pack_log[last]["train/num_tokens"] == pad_log[last]["train/num_tokens"] == tokens
+    for step in pack_log:
+        assert pack_log[step]["train/loss"] == pytest.approx(pad_log[step]["train/loss"], rel=1e-5)
+    for name, weight in pack_weights.items():
+        torch.testing.assert_close(weight, pad_weights[name], rtol=1e-5, atol=1e-6, msg=name)

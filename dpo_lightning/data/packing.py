@@ -105,12 +105,19 @@ class Packer:
         if self.max_tokens_per_row is not None and self.max_tokens_per_row < 1:
             raise ValueError(f"max_tokens_per_row must be positive, got {self.max_tokens_per_row}")
 
-    def pack(self, seqs: Sequence[Sequence[int]], seq_labels: Sequence[Sequence[int]]) -> dict[str, Any]:
+    def pack(
+        self,
+        seqs: Sequence[Sequence[int]],
+        seq_labels: Sequence[Sequence[int]],
+        rows: Sequence[Sequence[int]] | None = None,
+    ) -> dict[str, Any]:
         """``input_ids``, ``position_ids``, ``labels``, ``sequence_ids`` (R, L), ``num_sequences`` and,
-        with ``attention="dense4d"``, ``attention_mask`` (R, 1, L, L); sequence k keeps id k."""
+        with ``attention="dense4d"``, ``attention_mask`` (R, 1, L, L); sequence k keeps id k. ``rows``
+        (the sequences of each row, in order) skips the bin packing: rows packed in advance."""
         lengths = [len(s) for s in seqs]
-        capacity = max(max(lengths), self.max_tokens_per_row or 0)
-        rows = first_fit_decreasing(lengths, capacity)
+        if rows is None:
+            capacity = max(max(lengths), self.max_tokens_per_row or 0)
+            rows = first_fit_decreasing(lengths, capacity)
         width = max(sum(lengths[i] for i in row) for row in rows)
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of

@@ -2,8 +2,8 @@
 
 Sources, column selection, hold-out, loaders and resumable sampling are `TokenizedDataModule`'s, as
 for preference data; this file adds the SFT layouts (`sft_formats`), their labels (`sft_tokenize`,
-`sft_preprocess`), the collators (`sft_collate`) and the training batches' ``window_tokens``
-(`window`).
+`sft_preprocess`), TRL's ``packing`` (`sft_packing`), the collators (`sft_collate`) and the training
+batches' ``window_tokens`` (`window`).
 """
 
 from __future__ import annotations
@@ -11,16 +11,22 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from datasets import Dataset, DatasetDict
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import Sampler
 from transformers import PreTrainedTokenizerBase
 
 from .base import TokenizedDataModule, check_settings, object_arguments
 from .columns import Layouts
+from .errors import warn
 from .sft_collate import SFT_COLLATORS
 from .sft_formats import SFT_LAYOUTS
+from .sft_packing import PACKING_STRATEGIES, pack_split, packing_summary
 from .sft_preprocess import preprocess_sft_split
+from .tokenize import TokenizeConfig
 from .window import WindowSampler, WithWindowTokens
+
+NO_LENGTH_LIMIT = 1 << 30  # the tokenization's max_length under bfd_split, which splits what is longer
 
 
 class SFTDataModule(TokenizedDataModule):
@@ -55,6 +61,8 @@ class SFTDataModule(TokenizedDataModule):
         columns: dict[str, str] | None = None,
         drop_columns: list[str] | None = None,
         completion_only_loss: bool = True,
+        packing: bool = False,
+        packing_strategy: Literal["bfd", "bfd_split"] = "bfd",
     ) -> None:
         """
         Args:
@@ -73,14 +81,16 @@ class SFTDataModule(TokenizedDataModule):
                 None for no limit.
             truncation_mode: Which end of a long prompt to keep: ``keep_end`` (next to the completion) or
                 ``keep_start``.
-            batch_size: Rows per training batch.
+            batch_size: Rows per training batch (with ``packing``, packed rows of several conversations).
             eval_batch_size: Rows per validation/test batch; batch_size when None.
             num_workers: DataLoader worker processes.
             seed: Seed for shuffling, the held-out split and synthetic data.
             pad_to_multiple_of: Round the padded (or packed) length up to a multiple of this.
             num_proc: Processes for the one-off tokenization pass (``datasets.map``).
-            collator: ``auto`` (default: ``pack`` when the stage's model takes packed rows, else ``pad``),
-                ``pad`` (right-padded rows) or ``pack`` (rows packed into fewer, block-causal attention).
+            collator: How a batch is laid out: ``auto`` (default: ``pack`` when the stage's model takes packed
+                rows, else ``pad``), ``pad`` (each sequence its own right-padded row) or ``pack`` (the batch's
+                sequences packed into fewer rows, block-causal attention: TRL's ``padding_free``). Which
+                sequences form a batch is ``packing``'s.
             trust_remote_code: Let the tokenizer run code from its repository.
             cache_dir: Cache folder for ``datasets``; its default when None.
             columns: Our field names -> the dataset's columns, e.g. ``{messages: conversation}``, or
@@ -89,6 +99,11 @@ class SFTDataModule(TokenizedDataModule):
             drop_columns: Dataset columns to leave out without the warning that names unread columns.
             completion_only_loss: Train on the completion (prompt/completion rows) or the assistant turns
                 (conversations) only; False trains on every token.
+            packing: TRL's ``packing=True``: the rows of each split are bin-packed once into rows of at most
+                max_length tokens, and ``batch_size`` counts those (so an epoch has TRL's number of steps);
+                each sequence still attends only to itself, so the loss is that of the same rows padded.
+            packing_strategy: TRL's ``packing_strategy``: ``bfd`` (best fit decreasing; sequences longer than
+                max_length lose their end) or ``bfd_split`` (such sequences are split into max_length pieces).
         """
         super().__init__(tokenizer, dataset)
         check_settings(
@@ -108,6 +123,16 @@ class SFTDataModule(TokenizedDataModule):
             )
         if not isinstance(completion_only_loss, bool):
             raise ValueError(f"completion_only_loss must be a bool, got {completion_only_loss!r}")
+        if not isinstance(packing, bool):
+            raise ValueError(f"packing must be a bool, got {packing!r}")
+        if packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(
+                f"packing_strategy must be one of {PACKING_STRATEGIES}, got {packing_strategy!r}"
+                + (" (TRL's 'wrapped' cuts conversations at row ends and lets them attend to each other; "
+                   "bfd is TRL's default)" if packing_strategy == "wrapped" else "")
+            )
+        if packing_strategy != "bfd" and not packing:
+            warn(f"packing_strategy={packing_strategy!r} is ignored: packing is off (data.packing: true packs)")
         self.save_hyperparameters(ignore=object_arguments(tokenizer, dataset))
 
     # -- the hooks of TokenizedDataModule -------------------------------------------------------
@@ -120,6 +145,13 @@ class SFTDataModule(TokenizedDataModule):
     def _unit(self) -> str:
         return "rows"
 
+    @property
+    def tokenize_config(self) -> TokenizeConfig:
+        config = super().tokenize_config
+        if self.hparams.packing and self.hparams.packing_strategy == "bfd_split":
+            return config._replace(max_length=NO_LENGTH_LIMIT)  # long sequences are split, not cut
+        return config
+
     def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
         hp = self.hparams
         return preprocess_sft_split(
@@ -131,6 +163,21 @@ class SFTDataModule(TokenizedDataModule):
             completion_only_loss=hp.completion_only_loss,
             num_proc=hp.num_proc,
         )
+
+    def _build(self) -> dict[str, Dataset | None]:
+        """The tokenized splits (held out by val_fraction first); with ``packing``, each packed into rows."""
+        splits = super()._build()
+        hp = self.hparams
+        if not hp.packing:
+            return splits
+        lines = []
+        for name, split in splits.items():
+            if split is not None:
+                where = f"{self.source_name} ({name})"
+                splits[name] = pack_split(split, hp.max_length, hp.packing_strategy, where=where, num_proc=hp.num_proc)
+                lines.append(f"{name}: {packing_summary(len(split), splits[name], hp.max_length)}")
+        rank_zero_info(f"{self.source_name}: packing ({hp.packing_strategy}): " + "; ".join(lines))
+        return splits
 
     def _train_data(self, dataset: TorchDataset, batch_size: int) -> tuple[TorchDataset, Sampler]:
         """The resumable seeded sampler, yielding each index with its accumulation window's loss tokens."""

@@ -1,0 +1,448 @@
+"""LLM-as-judge: a local causal LM asked, through a prompt template, which of two responses is better
+(`LLMPairwiseJudge`, spec ``llm_pairwise:<path>``) or to score one (`LLMScoreJudge`, ``llm_score:<path>``).
+
+The verdict is read from the judge's next-token logits, never from sampled text: the logits of the
+verdict tokens only (``A``/``B``, or the score digits) are softmaxed, so every row gets a probability
+(pairwise) or an expected score (pointwise), and nothing has to be parsed. A pairwise judge asks both
+orders, (a, b) and (b, a), and averages them, which cancels its position bias:
+
+    p(a > b) = (P("A" | a shown first) + P("B" | b shown first)) / 2,   so   p(b > a) = 1 - p(a > b)
+
+(exactly, in floats: `_combine`). As a `Judge` it scores each response by its mean win probability
+against the other responses to the same prompt in the same call, so its scores rank the responses of
+one prompt (what `pairing.make_pairs` needs) but are not an absolute reward.
+
+A row is the template filled in (``{prompt}``, ``{response}`` or ``{response_a}``/``{response_b}``;
+a message-list prompt as ``role: content`` lines), as one user message through the judge tokenizer's
+chat template when it has one (generation prompt added), else as plain text with the tokenizer's BOS
+rule. Rows are right-padded and batched ``batch_size`` at a time, sorted by length (identical rows are
+asked once), in eval mode without gradients; only the last position's logits are computed
+(``logits_to_keep``). Everything that can be checked without the weights (the template's placeholders,
+the verdicts being single distinct known tokens, the chat template rendering) is checked by
+`LLMJudge.check` and again on construction, so a mistake fails before any sampling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lightning.data.collate import right_pad
+from dpo_lightning.data.formats import Text
+from dpo_lightning.data.tokenizer import load_tokenizer
+from dpo_lightning.judges import Failure, Judge, check_options
+from dpo_lightning.models import check_local_source, check_vocab, load_causal_lm
+
+PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+PAIRWISE_TEMPLATE = (
+    "Which response answers the prompt better?\n\nPrompt:\n{prompt}\n\nResponse A:\n{response_a}\n\n"
+    "Response B:\n{response_b}\n\nAnswer with A or B only. The better response is"
+)
+SCORE_TEMPLATE = (
+    "Rate how well the response answers the prompt, from 1 (poor) to 5 (excellent).\n\nPrompt:\n{prompt}\n\n"
+    "Response:\n{response}\n\nAnswer with one digit only. Rating:"
+)
+
+
+def check_template(template: str, required: Sequence[str], name: str) -> None:
+    """ValueError naming ``name`` when ``template`` lacks one of the ``required`` ``{placeholders}`` or
+    has another one (a typo such as ``{respones}``); other braces are text."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{name}: the template must be a non-empty string, got {template!r}")
+    found = set(PLACEHOLDER.findall(template))
+    missing = [p for p in required if p not in found]
+    unknown = sorted(found - set(required))
+    if missing or unknown:
+        problems = ([f"missing {', '.join('{' + p + '}' for p in missing)}"] if missing else []) + (
+            [f"unknown {', '.join('{' + p + '}' for p in unknown)}"] if unknown else [])
+        raise ValueError(f"{name}: the template's placeholders are wrong ({'; '.join(problems)}); it takes exactly "
+                         f"{', '.join('{' + p + '}' for p in required)}")
+
+
+def fill(template: str, fields: dict[str, str]) -> str:
+    """The template with each ``{name}`` replaced, in one pass (a response containing ``{prompt}`` stays as it is)."""
+    return PLACEHOLDER.sub(lambda m: fields[m.group(1)], template)
+
+
+def prompt_text(prompt: Text) -> str:
+    """A prompt as the judge reads it: a string as it is, a message list as ``role: content`` lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def verdict_ids(tokenizer: PreTrainedTokenizerBase, verdicts: Sequence[str], name: str) -> list[int]:
+    """The token id of each verdict; ValueError naming ``name`` when one is not exactly one token, maps to the
+    unknown token, or two share an id: the verdict is read from one next-token logit per verdict."""
+    if len(verdicts) < 2:
+        raise ValueError(f"{name}: give at least 2 verdict tokens, got {list(verdicts)!r}")
+    ids = []
+    for verdict in verdicts:
+        if not isinstance(verdict, str) or not verdict:
+            raise ValueError(f"{name}: each verdict must be a non-empty string, got {verdict!r}")
+        encoded = tokenizer.encode(verdict, add_special_tokens=False)
+        if len(encoded) != 1:
+            pieces = tokenizer.convert_ids_to_tokens(encoded)
+            raise ValueError(f"{name}: verdict {verdict!r} is {len(encoded)} tokens {pieces} in the judge's tokenizer, "
+                             "not one; the verdict is read from one next-token logit, so pick verdicts that are single "
+                             "tokens (with or without a leading space, as the model would write them)")
+        unk = tokenizer.unk_token_id
+        if unk is not None and encoded[0] == unk and verdict.strip() != tokenizer.unk_token:
+            raise ValueError(f"{name}: verdict {verdict!r} is not in the judge tokenizer's vocabulary (it maps to "
+                             f"{tokenizer.unk_token!r})")
+        ids.append(encoded[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{name}: verdicts {list(verdicts)!r} map to the token ids {ids}; each needs its own token")
+    return ids
+
+
+def _check_known_words(tokenizer: PreTrainedTokenizerBase, template: str, name: str) -> None:
+    """ValueError when the template's own text (placeholders aside) has words the tokenizer maps to its unknown
+    token: the judge would read ``<unk>`` where the question should be (a template written for another tokenizer)."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return  # byte-level tokenizers spell every text
+    unknown = [word for part in PLACEHOLDER.split(template)[::2] for word in part.split()
+               if unk in tokenizer.encode(word, add_special_tokens=False) and word != tokenizer.unk_token]
+    if unknown:
+        shown = ", ".join(map(repr, dict.fromkeys(unknown)))
+        raise ValueError(f"{name}: the template's words {shown[:200]} are not in the judge tokenizer's vocabulary "
+                         f"(they map to {tokenizer.unk_token!r}); write the template in words the judge knows")
+
+
+def _combine(q_ab: float, q_ba: float) -> float:
+    """p(a > b) from P(first | a, b) and P(first | b, a): their mean ``(q_ab + 1 - q_ba) / 2``, computed for the
+    orientation where it is >= 0.5 and as 1 minus that otherwise, so that swapping a and b gives exactly 1 - p."""
+    half = 0.5 * (q_ab - q_ba)  # exact: a power-of-two scaling
+    return 0.5 + half if half >= 0 else 1.0 - (0.5 - half)
+
+
+def _default_verdicts(tokenizer: PreTrainedTokenizerBase, words: Sequence[str]) -> tuple[str, ...]:
+    # After a chat template's generation prompt the reply starts a new text; in plain text it follows a word.
+    return tuple(words) if getattr(tokenizer, "chat_template", None) else tuple(f" {w}" for w in words)
+
+
+class LLMJudge(Judge):
+    """What the pairwise and the score judge share: the model, the template, the verdict tokens and the batched
+    next-token forward. Subclasses set ``KIND``, ``PLACEHOLDERS``, ``DEFAULT_TEMPLATE``, ``DEFAULT_WORDS`` and
+    implement `Judge.score_rows`."""
+
+    KIND: ClassVar[str]
+    PLACEHOLDERS: ClassVar[tuple[str, ...]]
+    DEFAULT_TEMPLATE: ClassVar[str]
+    DEFAULT_WORDS: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        template: str | None = None,
+        verdicts: Sequence[str] | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        max_length: int | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        if isinstance(model, str):
+            name = model
+            tokenizer = model if tokenizer is None else tokenizer
+        elif isinstance(model, torch.nn.Module):
+            name = getattr(model, "name_or_path", "") or type(model).__name__
+            if tokenizer is None:
+                raise ValueError(f"{self.KIND}:{name}: give the judge model's tokenizer")
+            if dtype is not None:
+                raise ValueError(f"{self.KIND}:{name}: dtype applies when loading a model from a path")
+        else:
+            raise ValueError(f"{self.KIND} judge: expected a path, hub id or model, got {type(model).__name__}")
+        self.name = name
+        self.tokenizer, self.template, self.verdicts, self.verdict_ids = self._prepare(
+            f"{self.KIND}:{name}", tokenizer, template, verdicts)
+        if isinstance(model, str):
+            self.model = load_causal_lm(model, dtype=dtype)  # trust_remote_code stays off
+            self.model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        else:
+            self.model = model if device is None else model.to(device)
+        check_vocab(self.model, len(self.tokenizer))
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if max_length is not None and positions is not None and max_length > positions:
+            raise ValueError(f"{self.KIND}:{name}: max_length={max_length} exceeds the model's {positions} positions")
+        self.limit, self.limit_name = (
+            (max_length, "max_length") if max_length is not None else (positions, "the model's positions"))
+        self.batch_size = batch_size
+        self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        digest = hashlib.sha256(json.dumps([self.template, list(self.verdicts)]).encode()).hexdigest()[:8]
+        self._spec = f"{self.KIND}:{name}@{digest}"  # the digest: a resumed run refuses another template
+
+    @classmethod
+    def check(cls, model: str, tokenizer: str | PreTrainedTokenizerBase | None = None, template: str | None = None,
+              verdicts: Sequence[str] | None = None, **options: Any) -> None:
+        """What can be checked without loading the weights (the CLI calls this before anything is built): the
+        path exists, the template's placeholders, the verdict tokens, the chat template renders; ValueError or
+        FileNotFoundError naming the judge. ``options`` are checked by name only."""
+        check_local_source(model, f"{cls.KIND} judge")
+        check_options(cls, f"{cls.KIND}:{model}", options)
+        cls._prepare(f"{cls.KIND}:{model}", model if tokenizer is None else tokenizer, template, verdicts)
+
+    @classmethod
+    def _prepare(cls, name: str, tokenizer: str | PreTrainedTokenizerBase, template: str | None,
+                 verdicts: Sequence[str] | None) -> tuple[PreTrainedTokenizerBase, str, tuple[str, ...], list[int]]:
+        template = cls.DEFAULT_TEMPLATE if template is None else template
+        check_template(template, cls.PLACEHOLDERS, name)
+        tokenizer = load_tokenizer(tokenizer)
+        _check_known_words(tokenizer, template, name)
+        verdicts = _default_verdicts(tokenizer, cls.DEFAULT_WORDS) if verdicts is None else tuple(verdicts)
+        ids = verdict_ids(tokenizer, verdicts, name)
+        cls._check_verdicts(verdicts, name)
+        if getattr(tokenizer, "chat_template", None):
+            try:
+                _as_chat(tokenizer, fill(template, {p: "x" for p in cls.PLACEHOLDERS}))
+            except Exception as err:  # jinja raises whatever the template author chose
+                raise ValueError(f"{name}: the judge tokenizer's chat template fails on one user message: "
+                                 f"{err}") from err
+        return tokenizer, template, verdicts, ids
+
+    @classmethod
+    def _check_verdicts(cls, verdicts: tuple[str, ...], name: str) -> None:
+        """Kind-specific rules on the verdicts (how many, what they mean)."""
+
+    def spec(self) -> str:
+        return self._spec
+
+    def render(self, fields: dict[str, str]) -> list[int] | Failure:
+        """The token ids of one question to the judge, or why there are none."""
+        text = fill(self.template, fields)
+        try:
+            if getattr(self.tokenizer, "chat_template", None):
+                ids = self.tokenizer(_as_chat(self.tokenizer, text), add_special_tokens=False).input_ids
+            else:
+                ids = self.tokenizer(text).input_ids
+        except Exception as err:  # the chat template failed on this row's text
+            return Failure("could not be rendered", f"{type(err).__name__}: {err}")
+        if self.limit is not None and len(ids) > self.limit:
+            return Failure("too long", f"{len(ids)} tokens > {self.limit_name} {self.limit}")
+        return ids
+
+    def verdict_probs(self, rows: list[list[int]]) -> torch.Tensor:
+        """``(n, k)`` float64: the softmax over the k verdict tokens of the judge's next-token logits after each
+        row. Rows are batched ``batch_size`` at a time in (length, ids) order, so the same rows always meet the
+        same batches, whatever order they come in."""
+        out = torch.empty(len(rows), len(self.verdict_ids), dtype=torch.float64)
+        order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), rows[i]))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start : start + self.batch_size]
+                out[chunk] = self._forward([rows[i] for i in chunk])
+        finally:
+            self.model.train(was_training)
+        return out
+
+    @torch.no_grad()
+    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        lengths = torch.tensor([len(r) for r in rows])  # (b,)
+        width = int(lengths.max())
+        input_ids = right_pad(rows, self.tokenizer.pad_token_id, width)  # (b, T); causal: pads never reach a row
+        attention_mask = (torch.arange(width) < lengths[:, None]).long()  # (b, T)
+        last = lengths - 1  # (b,): the position whose logits predict the verdict
+        keep = torch.unique(last)  # (K,) sorted: only these positions' logits are computed
+        extra = {"logits_to_keep": keep.to(device)} if self._keep_last else {}
+        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            use_cache=False, **extra).logits  # (b, K, V), or (b, T, V) without logits_to_keep
+        column = torch.searchsorted(keep, last) if self._keep_last else last
+        picked = logits[torch.arange(len(rows), device=logits.device), column.to(logits.device)]  # (b, V)
+        verdict = picked[:, self.verdict_ids].double()  # (b, k)
+        return torch.softmax(verdict, dim=-1).cpu()
+
+
+def _as_chat(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def _prompt_key(prompt: Text) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+
+
+class LLMPairwiseJudge(LLMJudge):
+    """Asks a causal LM which of two responses to a prompt is better, in both orders (``llm_pairwise:<path>``).
+
+    `compare` gives p(first better than second) per row. As a `Judge`, each response's score is its mean win
+    probability against every other response to the same prompt in the call (responses to one prompt with
+    no other response: no score): the N samples of a prompt cost N(N-1) judge rows (fewer when texts repeat).
+    """
+
+    KIND = "llm_pairwise"
+    PLACEHOLDERS = ("prompt", "response_a", "response_b")
+    DEFAULT_TEMPLATE = PAIRWISE_TEMPLATE
+    DEFAULT_WORDS = ("A", "B")
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        template: str | None = None,
+        verdicts: Sequence[str] | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        max_length: int | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model: Path or hub id of the judge (a causal LM; its code is never trusted), or a loaded model.
+            tokenizer: Its tokenizer (path, hub id, ``synthetic:<name>`` or object); None: the one saved with
+                ``model``.
+            template: The question, with ``{prompt}``, ``{response_a}`` (shown first) and ``{response_b}``;
+                None: `PAIRWISE_TEMPLATE`.
+            verdicts: The two answer tokens meaning "the first is better" and "the second is better"; None:
+                ``A``, ``B`` after a chat template, ``" A"``, ``" B"`` in plain text. Each must be one token.
+            batch_size: Judge rows per forward.
+            device: Where the model runs; None: a loaded model stays where it is, a path loads on CUDA when
+                available, else the CPU.
+            max_length: Longest judge row in tokens; a longer one gets no verdict. None: the model's positions.
+            dtype: The dtype to load ``model`` in; None: float32.
+        """
+        super().__init__(model, tokenizer, template, verdicts, batch_size, device, max_length, dtype)
+
+    @classmethod
+    def _check_verdicts(cls, verdicts: tuple[str, ...], name: str) -> None:
+        if len(verdicts) != 2:
+            raise ValueError(f"{name}: a pairwise judge takes 2 verdicts (first better, second better), got "
+                             f"{list(verdicts)!r}")
+
+    def compare(self, prompts: Sequence[Text], first: Sequence[str], second: Sequence[str]) -> list[float | None]:
+        """p(first better than second) per row, both orders asked and averaged; None where a row could not be
+        asked (too long, not renderable). Swapping ``first`` and ``second`` gives exactly 1 - p."""
+        if not len(prompts) == len(first) == len(second):
+            raise ValueError(f"{len(prompts)} prompts, {len(first)} first and {len(second)} second responses; "
+                             "give one of each per row")
+        return [None if isinstance(p, Failure) else p for p in self._compare(list(zip(prompts, first, second)))]
+
+    def _compare(self, rows: list[tuple[Text, str, str]]) -> list[float | Failure]:
+        asked: dict[tuple[int, ...], int] = {}  # question ids -> index into `questions`: each asked once
+        questions: list[list[int]] = []
+        plan: list[tuple[int, int] | float | Failure] = []
+        for prompt, a, b in rows:
+            if a == b:
+                plan.append(0.5)  # both orders are the same question: (q + 1 - q) / 2
+                continue
+            text = prompt_text(prompt)
+            slots = []
+            for x, y in ((a, b), (b, a)):
+                ids = self.render({"prompt": text, "response_a": x, "response_b": y})
+                if isinstance(ids, Failure):
+                    slots = ids
+                    break
+                slots.append(asked.setdefault(tuple(ids), len(asked)))
+                if slots[-1] == len(questions):
+                    questions.append(ids)
+            plan.append(slots if isinstance(slots, Failure) else tuple(slots))
+        probs = self.verdict_probs(questions)[:, 0].tolist() if questions else []  # P(first is better)
+        return [p if isinstance(p, (Failure, float)) else _combine(probs[p[0]], probs[p[1]]) for p in plan]
+
+    def score_rows(self, prompts: list[Text], responses: list[str]) -> list[Any]:
+        groups: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            groups.setdefault(_prompt_key(prompt), []).append(i)
+        pairs = [(i, j) for rows in groups.values() for k, i in enumerate(rows) for j in rows[k + 1 :]]
+        verdicts = self._compare([(prompts[i], responses[i], responses[j]) for i, j in pairs])
+        wins: list[list[float]] = [[] for _ in prompts]
+        failed: list[Failure | None] = [None] * len(prompts)
+        for (i, j), p in zip(pairs, verdicts):
+            if isinstance(p, Failure):
+                failed[i] = failed[i] or p
+                failed[j] = failed[j] or p
+                continue
+            wins[i].append(p)
+            wins[j].append(1.0 - p)
+        alone = Failure("no other response to compare with", "a pairwise judge needs >= 2 responses per prompt")
+        return [sum(w) / len(w) if w else (failed[i] or alone) for i, w in enumerate(wins)]
+
+
+class LLMScoreJudge(LLMJudge):
+    """Asks a causal LM to rate one response (``llm_score:<path>``): the score is the expected rating under the
+    softmax over the rating tokens, ``sum_i p_i * value_i``, where a rating token's value is its number."""
+
+    KIND = "llm_score"
+    PLACEHOLDERS = ("prompt", "response")
+    DEFAULT_TEMPLATE = SCORE_TEMPLATE
+    DEFAULT_WORDS = ("1", "2", "3", "4", "5")
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        template: str | None = None,
+        verdicts: Sequence[str] | None = None,
+        batch_size: int = 16,
+        device: str | None = None,
+        max_length: int | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        """
+        Args:
+            model: Path or hub id of the judge (a causal LM; its code is never trusted), or a loaded model.
+            tokenizer: Its tokenizer (path, hub id, ``synthetic:<name>`` or object); None: the one saved with
+                ``model``.
+            template: The question, with ``{prompt}`` and ``{response}``; None: `SCORE_TEMPLATE`.
+            verdicts: The rating tokens, each a number (its value); None: ``1`` .. ``5`` after a chat template,
+                ``" 1"`` .. ``" 5"`` in plain text. Each must be one token.
+            batch_size: Judge rows per forward.
+            device: Where the model runs; None: a loaded model stays where it is, a path loads on CUDA when
+                available, else the CPU.
+            max_length: Longest judge row in tokens; a longer one gets no score. None: the model's positions.
+            dtype: The dtype to load ``model`` in; None: float32.
+        """
+        super().__init__(model, tokenizer, template, verdicts, batch_size, device, max_length, dtype)
+        self.values = torch.tensor([float(v) for v in self.verdicts], dtype=torch.float64)  # (k,)
+
+    @classmethod
+    def _check_verdicts(cls, verdicts: tuple[str, ...], name: str) -> None:
+        for verdict in verdicts:
+            try:
+                float(verdict)
+            except ValueError:
+                raise ValueError(f"{name}: rating token {verdict!r} is not a number; a score judge's verdicts are "
+                                 "the ratings themselves (e.g. '1' .. '5')") from None
+
+    def score_rows(self, prompts: list[Text], responses: list[str]) -> list[Any]:
+        out: list[Any] = []
+        asked: dict[tuple[int, ...], int] = {}
+        questions: list[list[int]] = []
+        for prompt, response in zip(prompts, responses):
+            ids = self.render({"prompt": prompt_text(prompt), "response": response})
+            if isinstance(ids, Failure):
+                out.append(ids)
+                continue
+            out.append(asked.setdefault(tuple(ids), len(asked)))
+            if out[-1] == len(questions):
+                questions.append(ids)
+        expected = (self.verdict_probs(questions) @ self.values).tolist() if questions else []  # (n,)
+        return [row if isinstance(row, Failure) else expected[row] for row in out]
+
+
+__all__ = [
+    "PAIRWISE_TEMPLATE",
+    "SCORE_TEMPLATE",
+    "LLMJudge",
+    "LLMPairwiseJudge",
+    "LLMScoreJudge",
+    "check_template",
+    "verdict_ids",
+]
