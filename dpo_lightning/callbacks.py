@@ -25,6 +25,7 @@ from weakref import proxy
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
@@ -124,6 +125,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
         self.save_on_preemption = save_on_preemption
         self._last_write = time.monotonic()
         self._signal: str | None = None  # name of the preemption signal received, if any
+        self._stop: Preempted | None = None  # raised at the next hook once saved (see on_train_batch_end)
         self._previous_handlers: dict[int, Any] = {}
 
     # ------------------------------------------------------------------ last.ckpt at every save point
@@ -134,6 +136,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
             self._save_last_if_behind(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_preempted()
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)
@@ -142,6 +145,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
         # The final state of a fit is in last.ckpt, whatever the validation schedule.
         self._save_last_if_behind(trainer)
         self._restore_signal_handlers()
+        self._stop_if_preempted()  # preempted at the last step: saved, and not exported
         super().on_train_end(trainer, pl_module)
         if trainer.is_global_zero and self.dirpath is not None:
             summary = checkpoint_summary(Path(self.dirpath), self.best_model_path, self.monitor)
@@ -165,10 +169,25 @@ class LatestModelCheckpoint(ModelCheckpoint):
             self._save_last_if_behind(trainer)
         if preempted:
             signal_name = self._signal or "a preemption signal (on another rank)"
-            raise Preempted(
+            # Raised at the next hook, once the stage has logged this step (callbacks see the batch end
+            # first): the resumed run starts after it, so its logs would otherwise miss this step.
+            self._stop = Preempted(
                 f"received {signal_name}: saved {self.last_model_path} at step {step}; "
                 "resume with --ckpt_path last (or the path)"
             )
+
+    def _stop_if_preempted(self) -> None:
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            raise stop
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        self._stop_if_preempted()
+        super().on_train_batch_start(trainer, pl_module, *args)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_if_preempted()  # before a validation that would delay the exit
+        super().on_validation_start(trainer, pl_module)
 
     def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless it already holds this step (or we are not fitting)."""
@@ -247,6 +266,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         self._signal = None
+        self._stop = None
         self._last_write = time.monotonic()
         if self.save_on_preemption and threading.current_thread() is threading.main_thread():
             # Replaces Lightning's SIGTERM handler for the training loop: Lightning's raises
@@ -393,11 +413,16 @@ def _likely_causes(trainer: pl.Trainer, lr: float) -> str:
 
 
 def check_validation_interval(trainer: pl.Trainer) -> None:
-    """Refuse validation (and so checkpoints) in the middle of a gradient accumulation.
+    """Refuse validation (and so checkpoints) in the middle of a gradient accumulation, and keep it out of there.
 
     ``val_check_interval`` counts training batches; one that is not a multiple of
     ``accumulate_grad_batches`` validates and checkpoints between the micro-batches of one optimizer
-    step, and a resume from such a checkpoint is not exact (its partial gradients are not saved).
+    step, and a resume from such a checkpoint is not exact (its partial gradients are not saved):
+    refused. A multiple is not enough on its own: Lightning restarts the accumulation at every epoch
+    and ends an epoch with an optimizer step, so after an epoch whose batch count is not a multiple
+    of the accumulation, its batch count falls mid-accumulation again (108 pairs in batches of 4,
+    accumulation 2, validation every 10 batches: batch 30 is the third of epoch 2). The training
+    loop is made to validate at optimizer-step boundaries instead (:class:`StepAlignedEpochLoop`).
     """
     interval, accumulate = trainer.val_check_interval, trainer.accumulate_grad_batches
     if isinstance(interval, int) and accumulate > 1 and interval % accumulate:
@@ -408,6 +433,48 @@ def check_validation_interval(trainer: pl.Trainer) -> None:
             f"not be exact. val_check_interval counts training batches (optimizer steps x {accumulate}): use "
             f"{lower or upper} or {upper}"
         )
+    loop = trainer.fit_loop.epoch_loop
+    if type(loop) is _TrainingEpochLoop:  # (a loop of the user's own is left as it is)
+        loop.__class__ = StepAlignedEpochLoop  # same state, one method changed
+
+
+class StepAlignedEpochLoop(_TrainingEpochLoop):
+    """Lightning's training epoch loop, validating at optimizer-step boundaries only.
+
+    With ``accumulate_grad_batches`` k > 1, a validation that Lightning would run between two
+    micro-batches (so would its checkpoint, which cannot hold the partial gradients) runs instead:
+
+    * ``check_val_every_n_epoch: null`` (``val_check_interval`` counts batches across epochs): every
+      ``val_check_interval / k`` optimizer steps, TRL's ``eval_steps``. The same batches as Lightning's
+      while every epoch's batch count is a multiple of k; after an epoch that is not, Lightning's count
+      falls mid-accumulation (27 batches, k 2, every 10: batch 30 is the 3rd of epoch 2), this one stays
+      at step 15.
+    * counted within each epoch (an int or a fraction of the epoch): right after the optimizer step whose
+      micro-batches include the batch Lightning would validate after (a quarter of 27 batches is batch 6;
+      with k 4 the step ends at batch 8).
+
+    Time-based validation, k = 1 and an early stop keep Lightning's decision, mid-accumulation excepted.
+    """
+
+    def _should_check_val_fx(self, data_fetcher: Any) -> bool:
+        due = super()._should_check_val_fx(data_fetcher)
+        trainer, k = self.trainer, self.trainer.accumulate_grad_batches
+        if k == 1 or not self._should_check_val_epoch():
+            return due
+        if trainer.should_stop and trainer.fit_loop._can_stop_early:
+            return due  # the last validation of a run stopped early, as Lightning runs it
+        if self._should_accumulate():
+            return False  # between the micro-batches of one optimizer step
+        interval = trainer.val_check_batch
+        if not isinstance(interval, int) or trainer._val_check_time_interval is not None:
+            return due  # time-based, or at the end of an epoch: on a step boundary already
+        if trainer.check_val_every_n_epoch is None:
+            # (check_validation_interval refused an interval that is not a multiple of k)
+            return self.global_step % (interval // k) == 0
+        # Counted within the epoch: this optimizer step's micro-batches are batches first..done of the epoch.
+        done = self.batch_progress.current.ready
+        first = (done - 1) // k * k + 1
+        return any(b % interval == 0 for b in range(first, done + 1))
 
 
 __all__ = [
@@ -416,6 +483,7 @@ __all__ = [
     "NonFiniteGuard",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "StepAlignedEpochLoop",
     "StepProgressBar",
     "check_validation_interval",
     "finite_weights",

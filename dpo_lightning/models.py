@@ -230,6 +230,65 @@ def wrap_lora(
     return get_peft_model(model, config)
 
 
+@torch.no_grad()
+def merged_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``model``'s weights as the plain model it wraps names and computes them, the model left unchanged.
+
+    A model without PEFT wrapping: its parameters. A PEFT (LoRA) model: the base model's names
+    (``model.layers.0.self_attn.q_proj.weight``), each adapted layer's weight and bias as its active
+    adapters make them, ``W + delta`` (PEFT's own delta and variant merge, per layer: no copy of the model),
+    and a ``modules_to_save`` module's active copy. A tied weight comes once, under its first name, as
+    ``named_parameters`` gives it.
+    """
+    if not hasattr(model, "get_base_model"):
+        for name, p in model.named_parameters():
+            yield name, p.detach()
+        return
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    seen: set[int] = set()  # tied weights: the first name only
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+        if isinstance(module, ModulesToSaveWrapper):
+            active = module.active_adapter
+            copies = module.modules_to_save
+            chosen = copies[active] if not module.disable_adapters and active in copies else module.original_module
+            yield from walk(chosen, prefix)
+            return
+        if isinstance(module, BaseTunerLayer):
+            if not isinstance(module, LoraLayer):
+                raise ValueError(f"{prefix or 'the model'} is a {type(module).__name__}: only LoRA layers merge here")
+            layer = module.get_base_layer()
+            merged = {name: p.detach() for name, p in layer.named_parameters()}
+            if not module.merged and not module.disable_adapters:
+                for adapter in module.active_adapters:
+                    if adapter not in module.lora_A:
+                        continue
+                    weight = merged["weight"]
+                    variant = getattr(module, "lora_variant", {}).get(adapter)
+                    if variant is not None:  # DoRA and other variants merge their own way
+                        merged["weight"] = variant.merge_safe(module, adapter, weight.clone())
+                    else:
+                        merged["weight"] = weight + module.get_delta_weight(adapter).to(weight.dtype)
+                    if module.lora_bias.get(adapter):
+                        merged["bias"] = merged["bias"] + module.lora_B[adapter].bias * module.scaling[adapter]
+            for name, p in layer.named_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield prefix + name, merged[name]
+            return
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield prefix + name, p.detach()
+        for name, child in module.named_children():
+            yield from walk(child, f"{prefix}{name}.")
+
+    yield from walk(model.get_base_model(), "")
+
+
 def resolve_tokenizer(
     tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
 ) -> PreTrainedTokenizerBase | None:

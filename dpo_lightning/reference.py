@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from dpo_lightning.models import freeze
+from dpo_lightning.models import freeze, merged_parameters
 from dpo_lightning.precompute import (
     cache_key,
     compute_reference_logps,
@@ -278,16 +278,24 @@ def mix_into_reference_(reference: nn.Module, policy: nn.Module, alpha: float) -
     """TR-DPO sync: ``ref <- alpha * policy + (1 - alpha) * ref`` for every parameter, in place.
 
     ``alpha = 1`` is the hard update (the reference becomes a copy of the policy), as in TRL's
-    ``sync_ref_model`` with ``ref_model_mixup_alpha``.
+    ``sync_ref_model`` with ``ref_model_mixup_alpha``. A LoRA policy counts as the model it computes:
+    its adapted weights merged, ``W + delta`` (``models.merged_parameters``), into a reference of the
+    base architecture (the adapters are not copied, so the reference stays a plain model).
     """
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"ref_sync_alpha must be in (0, 1], got {alpha}")
     ref_params = dict(reference.named_parameters())
-    for name, p in policy.named_parameters():
+    synced = set()
+    for name, value in merged_parameters(policy):
         target = ref_params.get(name)
         if target is None:
             raise ValueError(f"the reference has no parameter {name!r}: TR-DPO needs the policy's architecture")
-        target.lerp_(p.detach().to(target.dtype), alpha)
+        target.lerp_(value.to(target.dtype), alpha)
+        synced.add(name)
+    if len(synced) != len(ref_params):
+        missing = sorted(set(ref_params) - synced)
+        raise ValueError(f"the policy has no parameter {missing[0]!r} of the reference ({len(missing)} in all): TR-DPO "
+                         "needs the policy's architecture")
 
 
 __all__ = [

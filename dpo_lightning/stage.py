@@ -163,6 +163,7 @@ class CausalLMModule(L.LightningModule):
         self.test_metrics = self.metrics_class("test")
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
         self._grad_norm: Tensor | None = None  # of the last optimizer step, logged as train/grad_norm
+        self._closed_window: dict[str, Tensor] | None = None  # train metrics of the window this step closed
         # Input tokens (not padding) this rank has trained on since step 0: train/num_tokens, summed over ranks.
         self._tokens_seen = 0
 
@@ -243,6 +244,12 @@ class CausalLMModule(L.LightningModule):
         if self.reference is not None:
             # Lightning counts the step only once this hook returns: this is step global_step + 1.
             self.reference.after_optimizer_step(self, self.global_step + 1)
+        if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
+            # The window closes with the step, before any callback sees the batch end: a checkpoint written
+            # there (every_n_train_steps, save_every_n_steps) holds the next window, not this one, which
+            # on_train_batch_end logs after it (a resume used to log this window again with the next).
+            self._closed_window = self.train_metrics.compute()
+            self.train_metrics.reset()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # The gradient norm before clipping, as TRL logs it (gradients are already synced across ranks).
@@ -252,10 +259,9 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Log the window since the last log at exactly the steps Lightning writes logs, so each
-        # logged value covers every example of the window on every rank.
-        if _logs_this_step(self.trainer) and self.train_metrics.has_updates:
-            values = self.train_metrics.compute()
-            self.train_metrics.reset()
+        # logged value covers every example of the window on every rank (closed by optimizer_step).
+        values, self._closed_window = self._closed_window, None
+        if values is not None:
             # TRL's companions of the window: the learning rate and gradient norm of this step.
             values["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
             if self._grad_norm is not None:
@@ -433,9 +439,13 @@ class CausalLMModule(L.LightningModule):
         RoPE's ``inv_freq`` in bf16 shifts the rotary phase by up to ~1 rad at position 1000, so the model
         attends differently from the one that was trained; weights keep the precision's dtype."""
         saved = getattr(self, "_fp32_buffers", None) or {}
-        for name, value in saved.items():
+        for name, value in list(saved.items()):
             owner_name, _, leaf = name.rpartition(".")
-            owner = self.get_submodule(owner_name) if owner_name else self
+            try:
+                owner = self.get_submodule(owner_name) if owner_name else self
+            except AttributeError:  # a model freed since setup (the precomputed reference): nothing to restore
+                del saved[name]
+                continue
             current = owner._buffers.get(leaf)
             if current is not None and current.dtype != torch.float32:
                 owner._buffers[leaf] = value.to(current.device)

@@ -7,6 +7,7 @@ import math
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from dpo_lightning import CopyReference, DPOModule, KTOModule, LoraOptions, MemoryOptions, PrecomputedReference
@@ -15,7 +16,7 @@ from dpo_lightning.data.synthetic import generate_pairs
 from dpo_lightning.losses import kto_loss
 from dpo_lightning.reference import mix_into_reference_
 
-from tiny import random_batch, tiny_config
+from tiny import ListLogger, random_batch, tiny_config
 
 
 def trainer(**kw) -> L.Trainer:
@@ -128,6 +129,45 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(list(cache.glob("*.pt"))) == 8
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_precomputed_reference_validates_and_resumes_exactly(tmp_path, monkeypatch, lora):
+    """Validation every 2 steps after the precompute pass: it used to crash at the first one (restoring
+    float32 buffers into the reference the pass had freed: "`ref_model` is not an nn.Module"). A checkpoint
+    at each validation; the resume from step 2 takes the reference log-probs from the checkpoint (no second
+    pass) and ends bitwise equal, its train and validation logs too."""
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in generate_pairs(32, seed=5)))  # 24 train, 8 validation
+
+    def module() -> DPOModule:
+        torch.manual_seed(0)
+        return DPOModule(model_config=tiny_config("llama", vocab_size=16), tokenizer="synthetic:sort",
+                         reference=PrecomputedReference(cache_dir=str(tmp_path / "cache")),
+                         lora=LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None,
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+    def fit(callbacks: list, ckpt=None) -> tuple[DPOModule, ListLogger]:
+        policy, logs = module(), ListLogger(prefixes=("train/", "val/"))
+        trainer(max_steps=4, val_check_interval=2, check_val_every_n_epoch=None, logger=logs, log_every_n_steps=1,
+                enable_checkpointing=bool(callbacks), callbacks=callbacks).fit(
+            policy, datamodule=_datamodule(path), ckpt_path=ckpt)
+        return policy, logs
+
+    straight, logs = fit([ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{step}")])
+    assert straight.ref_model is None
+    assert [s for s, row in sorted(logs.rows.items()) if "val/loss" in row] == [1, 3]  # validated at steps 2, 4
+
+    import dpo_lightning.reference as reference_module
+
+    def boom(*a, **k):
+        raise AssertionError("the resumed run computed the reference log-probs again")
+
+    monkeypatch.setattr(reference_module, "compute_reference_logps", boom)
+    resumed, resumed_logs = fit([], ckpt=tmp_path / "ckpt" / "step=2.ckpt")
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    assert resumed_logs.rows == {s: row for s, row in logs.rows.items() if s >= 2}
+
+
 def plain_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of a ``(2B, T)`` batch, by plain ``log_softmax`` (not logprobs.py): (sum of log p(label), tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
@@ -185,6 +225,38 @@ def test_tr_dpo_sync_mixes_the_reference_by_hand():
         torch.testing.assert_close(p, 0.25 * policy + 0.75 * ref0[name])
     with pytest.raises(ValueError):
         mix_into_reference_(module.ref_model, module.model, 0.0)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.25])
+def test_tr_dpo_with_lora_syncs_the_merged_policy(alpha):
+    """TR-DPO with a LoRA policy: the policy is the model it computes, W + (alpha_lora / r) * B @ A on the adapted
+    layers. After step 2 (sync every 2), ref = alpha * merged_policy_2 + (1 - alpha) * ref_0, with the merge
+    done here by PEFT's merge_and_unload on a copy; the reference's log-probs are that model's, and at
+    alpha 1 the LoRA policy's own. It used to fail at the first sync: the reference has no parameter
+    'base_model.model.model.embed_tokens.weight'."""
+    module = DPOModule(
+        model_config=tiny_config("llama"), lora=LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]),
+        reference=CopyReference(sync_steps=2, sync_alpha=alpha),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), warmup_ratio=0.0, lr_decay="constant",
+    )
+    ref0 = {k: v.clone() for k, v in module.ref_model.named_parameters()}
+    trainer(max_steps=2).fit(module, DataLoader([random_batch(seed=i) for i in range(2)], batch_size=None))
+    merged = dict(copy.deepcopy(module.model).merge_and_unload().named_parameters())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert (merged[q] - ref0[q]).abs().max() > 1e-3  # the adapters moved the policy
+    expected = copy.deepcopy(module.ref_model)
+    for name, p in expected.named_parameters():
+        p.data = alpha * merged[name] + (1 - alpha) * ref0[name]
+    for name, p in module.ref_model.named_parameters():
+        torch.testing.assert_close(p, dict(expected.named_parameters())[name], rtol=0, atol=1e-7)
+    assert set(dict(module.ref_model.named_parameters())) == set(ref0)  # still a plain model: no adapters
+    batch = random_batch(seed=7)
+    module.eval()
+    with torch.no_grad():
+        reference = module.reference_logps(batch)
+        torch.testing.assert_close(reference, module.sequence_logps(expected, batch).logps, rtol=0, atol=1e-5)
+        if alpha == 1.0:
+            torch.testing.assert_close(reference, module.sequence_logps(module.model, batch).logps, rtol=0, atol=1e-5)
 
 
 def kto_batch(n=4, t=9, seed=0):

@@ -8,10 +8,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from dpo_lightning import CopyReference, DPOModule
+from dpo_lightning import CopyReference, DPOModule, LoraOptions
+from dpo_lightning.callbacks import LatestModelCheckpoint, Preempted
 from dpo_lightning.data.sampler import ResumableSampler, ResumableTrainData
 
-from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config
+from tiny import Crash, CrashAfterStep, ListLogger, SignalAtBatch, random_batch, tiny_config
 
 PAIRS, BATCH, STEPS, CRASH_AT = 10, 2, 7, 3  # 5 batches per epoch: the crash is mid-epoch 0, the run ends in epoch 1
 
@@ -55,10 +56,10 @@ def make_module() -> DPOModule:
 
 
 def make_trainer(logger: Logger, callbacks: list, **kw) -> L.Trainer:
-    return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=STEPS, logger=logger, log_every_n_steps=2, callbacks=callbacks,
-        enable_progress_bar=False, enable_model_summary=False, **kw,
-    )
+    return L.Trainer(**{
+        "accelerator": "cpu", "devices": 1, "max_steps": STEPS, "logger": logger, "log_every_n_steps": 2,
+        "callbacks": callbacks, "enable_progress_bar": False, "enable_model_summary": False, **kw,
+    })
 
 
 def uninterrupted(data_cls, build=make_module) -> tuple[dict[str, torch.Tensor], ListLogger]:
@@ -67,11 +68,15 @@ def uninterrupted(data_cls, build=make_module) -> tuple[dict[str, torch.Tensor],
     return module.state_dict(), logger
 
 
-def interrupted_then_resumed(data_cls, tmp_path, build=make_module) -> tuple[dict[str, torch.Tensor], ListLogger]:
-    saver = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
-    with pytest.raises(Crash):
-        make_trainer(ListLogger(), [CrashAfterStep(CRASH_AT), saver]).fit(build(), datamodule=data_cls())
-    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == CRASH_AT
+def interrupted_then_resumed(
+    data_cls, tmp_path, build=make_module, *, saver=None, stop=None, crash_at: int = CRASH_AT
+) -> tuple[dict[str, torch.Tensor], ListLogger]:
+    """Stopped after step ``crash_at`` (``stop``: a callback raising ``Crash`` by default), with ``last.ckpt``
+    written then by ``saver`` (every step by default), and resumed from it."""
+    saver = saver or ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=1, save_top_k=0)
+    with pytest.raises((Crash, Preempted)):
+        make_trainer(ListLogger(), [stop or CrashAfterStep(crash_at), saver]).fit(build(), datamodule=data_cls())
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == crash_at
     module, logger = build(), ListLogger()
     trainer = make_trainer(logger, [], enable_checkpointing=False)
     trainer.fit(module, datamodule=data_cls(), ckpt_path=tmp_path / "last.ckpt")
@@ -111,6 +116,118 @@ def test_tr_dpo_resume_continues_from_the_synced_reference(tmp_path):
     assert any(k.startswith("ref_model.") for k in saved)
     for name, value in expected.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_lora_tr_dpo_resume_continues_from_the_synced_reference(tmp_path):
+    """TR-DPO with a LoRA policy (GPT-2's fused c_attn, a transposed Conv1D): the reference, a plain model of
+    the base architecture, syncs to the merged policy (it used to fail at the first sync: "the reference has
+    no parameter 'base_model.model...'"); the checkpoint keeps it and leaves the frozen base out, and the
+    resumed run ends bitwise equal, adapters and reference alike."""
+    make_module().model.save_pretrained(tmp_path / "base")
+
+    def build() -> DPOModule:
+        L.seed_everything(0, verbose=False)
+        return DPOModule(model=str(tmp_path / "base"), disable_dropout=False,
+                         lora=LoraOptions(r=4, alpha=8, target_modules=["c_attn"]),
+                         reference=CopyReference(sync_steps=2, sync_alpha=0.5),
+                         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+
+    expected, logs = uninterrupted(PairData, build)
+    resumed, resumed_logs = interrupted_then_resumed(PairData, tmp_path / "run", build)
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("ref_model.") for k in saved) and not any("base_layer" in k for k in saved)
+    base = build()
+    moved = [k for k, v in base.ref_model.state_dict().items() if not torch.equal(v, expected[f"ref_model.{k}"])]
+    assert any("c_attn" in k for k in moved)  # the syncs did move the reference
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), name
+    assert_same_logs_after(logs, resumed_logs, CRASH_AT)
+
+
+def assert_same_logs_after(logs: ListLogger, resumed: ListLogger, step: int) -> None:
+    """The resumed run logs exactly what the uninterrupted one logged after optimizer step ``step``."""
+    after = {s: row for s, row in logs.rows.items() if s >= step}  # Lightning logs step k+1 under step=k
+    assert after and resumed.rows == after
+
+
+@pytest.mark.parametrize("saver", ["every_n_train_steps", "save_every_n_steps", "preemption"])
+def test_checkpoint_at_a_logging_step_resumes_its_logs(tmp_path, saver):
+    """Checkpoints every 2 steps, logs every 2 steps, stopped after step 4. Callbacks see a batch's end
+    before the stage logs its window, so the checkpoint of step 4 held the window of steps 3-4 not yet
+    logged: the resumed run logged it again, averaged into its first log (train/loss at step 6 was the
+    mean over steps 3-6). A preempted run raised before logging step 4 at all."""
+    folder = tmp_path / saver
+    savers = {
+        "every_n_train_steps": ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2, save_top_k=0),
+        "save_every_n_steps": LatestModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0,
+                                                    save_every_n_steps=2, save_every_minutes=None),
+        "preemption": LatestModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, save_every_minutes=None),
+    }
+    stop = SignalAtBatch(batch=3) if saver == "preemption" else None  # SIGTERM in step 4: saved at its end
+    expected, logs = uninterrupted(PairData)
+    resumed, resumed_logs = interrupted_then_resumed(PairData, folder, saver=savers[saver], stop=stop, crash_at=4)
+    for name, value in expected.items():
+        assert torch.equal(value, resumed[name]), name
+    assert_same_logs_after(logs, resumed_logs, 4)
+
+
+class OddEpochs(PairData):
+    """5 batches per epoch (odd) with accumulation 2: each epoch ends with a 1-batch optimizer step."""
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.pairs[:4], batch_size=BATCH, collate_fn=collate)
+
+
+class ValidationSchedule(L.Callback):
+    """(optimizer step, whether between the micro-batches of a step) at each validation of a fit."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool]] = []
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.seen.append((trainer.global_step, trainer.fit_loop.epoch_loop._should_accumulate()))
+
+
+def odd_epochs_trainer(callbacks: list, **kw) -> L.Trainer:
+    return make_trainer(ListLogger(), callbacks, max_steps=-1, max_epochs=2, accumulate_grad_batches=2,
+                        val_check_interval=2, check_val_every_n_epoch=None, num_sanity_val_steps=0, **kw)
+
+
+def test_epoch_2_checkpoints_with_accumulation_resume_exactly(tmp_path):
+    """5 batches per epoch, accumulation 2 (3 optimizer steps per epoch: batches 2, 4 and the lone 5th),
+    validation and a checkpoint every 2 batches (every step). Lightning counts validation batches across
+    epochs but restarts the accumulation every epoch, so its batches 6 and 8 are the 1st and 3rd of
+    epoch 2: it validated and checkpointed between two micro-batches, and a resume from there lost the
+    first one's gradients (weights 1e-3 off). Validation now follows optimizer steps, TRL's eval_steps."""
+    schedule = ValidationSchedule()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}-{step}")
+    module = make_module()
+    odd_epochs_trainer([schedule, saver]).fit(module, datamodule=OddEpochs())
+    assert schedule.seen == [(step, False) for step in range(1, 7)]
+    expected = module.state_dict()
+    second_epoch = sorted((tmp_path / "ckpt").glob("epoch=1-*.ckpt"))
+    assert [p.name for p in second_epoch] == ["epoch=1-step=4.ckpt", "epoch=1-step=5.ckpt", "epoch=1-step=6.ckpt"]
+    for ckpt in second_epoch[:2]:
+        resumed = make_module()
+        odd_epochs_trainer([], enable_checkpointing=False).fit(resumed, datamodule=OddEpochs(), ckpt_path=ckpt)
+        for name, value in expected.items():
+            assert torch.equal(value, resumed.state_dict()[name]), (ckpt.name, name)
+
+
+def test_validation_by_fraction_of_an_epoch_waits_for_the_optimizer_step():
+    """7 batches per epoch, accumulation 2 (steps end at batches 2, 4, 6, 7), validation twice an epoch:
+    Lightning's batch 3 falls inside the step ending at batch 4, so validation runs after that step."""
+
+    class Seven(OddEpochs):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pairs = [pair(i) for i in range(14)]
+
+    schedule = ValidationSchedule()
+    trainer = make_trainer(ListLogger(), [schedule], enable_checkpointing=False, max_steps=-1, max_epochs=2,
+                           accumulate_grad_batches=2, val_check_interval=0.5, num_sanity_val_steps=0)
+    trainer.fit(make_module(), datamodule=Seven())
+    assert schedule.seen == [(2, False), (3, False), (6, False), (7, False)]
 
 
 @pytest.mark.parametrize("interval, accumulate, ok", [(6, 3, True), (5, 2, False), (4, 1, True)])

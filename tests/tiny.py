@@ -42,19 +42,20 @@ def random_batch(b: int = 3, t: int = 10, vocab: int = VOCAB, seed: int = 0) -> 
 
 
 class ListLogger(Logger):
-    """Keeps the logged ``train/*`` metrics by step, to compare runs exactly."""
+    """Keeps the logged ``train/*`` metrics (or those of other ``prefixes``) by step, to compare runs exactly."""
 
     name, version = "list", 0
 
-    def __init__(self) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = ("train/",)) -> None:
         super().__init__()
+        self.prefixes = prefixes
         self.rows: dict[int, dict[str, float]] = {}
 
     def log_hyperparams(self, *args, **kwargs) -> None:
         pass
 
     def log_metrics(self, metrics, step=None) -> None:
-        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith("train/")})
+        self.rows.setdefault(step, {}).update({k: float(v) for k, v in metrics.items() if k.startswith(self.prefixes)})
 
 
 class Crash(RuntimeError):
