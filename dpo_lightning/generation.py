@@ -286,7 +286,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
                                   self._pairs_settings())
         stale = (old or {}).get("pairs")
         if stale and manifest["pairs"] is None and manifest["prompts"] == old.get("prompts"):
-            warn(f"{self.output_dir / 'pairs.jsonl'} was made with {_say(stale['settings'])}; making it again from "
+            made = {k: stale["settings"].get(k) for k in self._pairs_settings()}
+            warn(f"{self.output_dir / 'pairs.jsonl'} was made with {_say(made)}; making it again from "
                  f"samples.jsonl with {_say(self._pairs_settings())}")
         write_manifest(self.output_dir, manifest)  # before anything else is written: stale pairs are marked so
 

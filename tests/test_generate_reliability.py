@@ -240,7 +240,7 @@ def test_other_sampling_settings_are_refused_naming_them(policy, tmp_path):
     module = GenerationModule(model=policy, tokenizer=prompts.tokenizer, num_samples=4, max_new_tokens=10, seed=6)
     writer = JudgedSamplesWriter(output_dir=str(out), judge=SORT)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
-    with pytest.raises(FolderError, match=r"other settings \(samples\.seed: 5 \(recorded\) -> 6 \(now\)\)"):
+    with pytest.raises(FolderError, match=r"made with other settings \(seed: 5 \(recorded\) -> 6 \(now\)\)"):
         trainer.predict(module, datamodule=prompts, return_predictions=False)
 
 
