@@ -126,17 +126,25 @@ class DPOLightningCLI(LightningCLI):
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
             current = recorded_groups(config.model.init_args.as_dict())
             changes += changed_hparams(header["hyper_parameters"], current, "model")
+        restored = []
         if FACTORIES_KEY in header and config.get("model") is not None:
             # The optimizer and scheduler are factories, not hyper-parameters: the checkpoint records them apart.
             init_args = config.model.init_args
             now = {key: describe_config(init_args.get(key)) for key in ("optimizer", "scheduler")}
-            changes += differences(header[FACTORIES_KEY], now, "model.", label="checkpoint")
+            restored = differences(header[FACTORIES_KEY], now, "model.", label="checkpoint")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
             changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.init_args.as_dict(), "data")
         if changes:
             rank_zero_warn(
                 "resuming with settings that differ from the checkpoint's; the values given now apply:\n  "
                 + "\n  ".join(changes)
+            )
+        if restored:
+            rank_zero_warn(
+                "resuming with optimizer or scheduler settings that differ from the checkpoint's; the checkpoint's "
+                "apply (the optimizer and scheduler are restored with their state, learning rate included); to train "
+                "with these, start a new run from the checkpoint's weights (export it, then --model.model):\n  "
+                + "\n  ".join(restored)
             )
 
     def before_instantiate_classes(self) -> None:
