@@ -52,8 +52,11 @@ def _host() -> str:
 
 
 def _holder() -> dict[str, Any]:
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("dpo_lightning/__main__.py", "dpo_lightning\\__main__.py")):
+        argv[0] = "python -m dpo_lightning"
     return {"host": _host(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "command": " ".join(sys.argv)[:500]}
+            "command": " ".join(argv)[:500]}
 
 
 def _describe(holder: Mapping[str, Any] | None) -> str:

@@ -304,7 +304,7 @@ class JudgedSamplesWriter(BasePredictionWriter):
         self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
         self._started = time.perf_counter()
         # SIGTERM: the batch in flight is cut short (not written) and the run stops with Preempted.
-        self._watch = PreemptionWatch("stopping at the end of the batch in flight (not written), then exiting")
+        self._watch = PreemptionWatch("cutting the batch in flight short (it is not written), then exiting")
         self._watch.start()
         pl_module.stop_requested = lambda: preemption_signal() is not None
 
