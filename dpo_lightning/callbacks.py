@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -50,8 +51,15 @@ class PreemptionWatch:
     received: str | None = None  # the name of the signal received while a watch was started
     _stack: list[PreemptionWatch] = []
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, forward: Callable[[int], None] | None = None) -> None:
+        """
+        Args:
+            message: What the code that started the watch does on the signal (logged once).
+            forward: Called with the signal number on the first signal, e.g. to pass it on to the ranks
+                this process started (what Lightning's own SIGTERM handler does, which a watch replaces).
+        """
         self.message = message
+        self.forward = forward
         self._previous: dict[int, Any] = {}
         self._started = False
 
@@ -92,6 +100,9 @@ def _on_preemption_signal(signum: int, frame: FrameType | None) -> None:
     PreemptionWatch.received = PreemptionWatch.received or signal.Signals(signum).name
     if first and PreemptionWatch._stack:
         log.warning("received %s: %s", PreemptionWatch.received, PreemptionWatch._stack[-1].message)
+        for watch in PreemptionWatch._stack:
+            if watch.forward is not None:
+                watch.forward(signum)
 
 
 def preemption_signal() -> str | None:

@@ -303,8 +303,12 @@ class JudgedSamplesWriter(BasePredictionWriter):
 
         self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
         self._started = time.perf_counter()
-        # SIGTERM: the batch in flight is cut short (not written) and the run stops with Preempted.
-        self._watch = PreemptionWatch("cutting the batch in flight short (it is not written), then exiting")
+        # SIGTERM: the batch in flight is cut short (not written) and the run stops with Preempted. Every rank
+        # stops at its own batch (no collective per batch: ranks may have different numbers of batches);
+        # rank 0 passes the signal on to the ranks it started, as Lightning's handler, replaced here, does.
+        launcher = getattr(trainer.strategy, "launcher", None)
+        forward = launcher.kill if trainer.global_rank == 0 and getattr(launcher, "procs", None) else None
+        self._watch = PreemptionWatch("cutting the batch in flight short (it is not written), then exiting", forward)
         self._watch.start()
         pl_module.stop_requested = lambda: preemption_signal() is not None
 
