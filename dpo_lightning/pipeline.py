@@ -25,6 +25,7 @@ at the current stage's next safe point (an optimizer step, a written batch) or b
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -148,17 +149,22 @@ def _stop_if_preempted(next_step: str) -> None:
 
 
 def _made_by(path: str | Path | None) -> str | None:
-    """The id of the pipeline stage that wrote ``path`` (an export ``<stage>/version_0/hf_export``, a pairs file
-    ``<stage>/pairs.jsonl``); None for anything else (a hub id, a model given by path)."""
+    """Which run made ``path``: the id of the pipeline stage that wrote it (an export
+    ``<stage>/version_0/hf_export``, a pairs file ``<stage>/pairs.jsonl``), else the creation time in an
+    export's marker (an export made again at the same path is another input); None for anything else (a
+    hub id)."""
+    from dpo_lightning.export import EXPORT_MARKER
+    from dpo_lightning.folders import read_record
+
     if path is None:
         return None
     path = Path(path)
     for folder in (path.parent, path.parent.parent):
-        record = folder / STAGE_RECORD
-        if record.is_file():
-            from dpo_lightning.folders import read_record
-
-            return (read_record(record) or {}).get("id")
+        if (folder / STAGE_RECORD).is_file():
+            return (read_record(folder / STAGE_RECORD) or {}).get("id")
+    if (path / EXPORT_MARKER).is_file():
+        with contextlib.suppress(ValueError):
+            return f"export created {(read_record(path / EXPORT_MARKER) or {}).get('created')}"
     return None
 
 
@@ -223,7 +229,7 @@ def _timings(out: Path, rounds: int) -> dict[str, float]:
     folders = {"round_0": [out / "sft" / "stage"]}
     for r in range(1, rounds + 1):
         folders[f"round_{r}"] = [out / f"round_{r}" / "generate", out / f"round_{r}" / "dpo"]
-    timings = {}
+    timings = {"round_0": 0.0}  # no SFT stage: the model given was not trained here
     for key, stages in folders.items():
         records = [read_record(folder / STAGE_RECORD) for folder in stages]
         if all(records):
