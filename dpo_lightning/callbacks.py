@@ -17,6 +17,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -37,6 +38,77 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process t
 
 class Preempted(RuntimeError):
     """``fit`` stopped on a preemption signal after saving a resumable ``last.ckpt``."""
+
+
+class PreemptionWatch:
+    """While started, SIGTERM (and SIGUSR1, unless another handler owns it: SLURM auto-requeue) only
+    records that the job is being preempted (`preemption_signal`) and logs ``message``; the code
+    that started the watch stops at its next safe point. Watches nest (``iterate`` around each stage's
+    own): a signal received under any of them is seen by all, until the outermost one stops; the
+    outermost one starts with nothing received. Outside the main thread (no signal handlers there)
+    a watch does nothing.
+    """
+
+    received: str | None = None  # the name of the signal received while a watch was started
+    _stack: list[PreemptionWatch] = []
+
+    def __init__(self, message: str, forward: Callable[[int], None] | None = None) -> None:
+        """
+        Args:
+            message: What the code that started the watch does on the signal (logged once).
+            forward: Called with the signal number on the first signal, e.g. to pass it on to the ranks
+                this process started (what Lightning's own SIGTERM handler does, which a watch replaces).
+        """
+        self.message = message
+        self.forward = forward
+        self._previous: dict[int, Any] = {}
+        self._started = False
+
+    def start(self) -> PreemptionWatch:
+        if self._started or threading.current_thread() is not threading.main_thread():
+            return self
+        if not PreemptionWatch._stack:
+            PreemptionWatch.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            current = signal.getsignal(sig)
+            if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None, _on_preemption_signal):
+                continue
+            self._previous[sig] = current
+            signal.signal(sig, _on_preemption_signal)
+        PreemptionWatch._stack.append(self)
+        self._started = True
+        return self
+
+    def stop(self) -> None:
+        if not self._started:
+            return
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        PreemptionWatch._stack.remove(self)
+        self._started = False
+
+    def __enter__(self) -> PreemptionWatch:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _on_preemption_signal(signum: int, frame: FrameType | None) -> None:
+    # Only set a flag: each watcher stops at its own safe point (an optimizer step, a written batch, a stage).
+    first = PreemptionWatch.received is None
+    PreemptionWatch.received = PreemptionWatch.received or signal.Signals(signum).name
+    if first and PreemptionWatch._stack:
+        log.warning("received %s: %s", PreemptionWatch.received, PreemptionWatch._stack[-1].message)
+        for watch in PreemptionWatch._stack:
+            if watch.forward is not None:
+                watch.forward(signum)
+
+
+def preemption_signal() -> str | None:
+    """The name of the preemption signal received while a `PreemptionWatch` was started, else None."""
+    return PreemptionWatch.received if PreemptionWatch._stack else None
 
 
 class NonFiniteError(RuntimeError):
@@ -124,9 +196,8 @@ class LatestModelCheckpoint(ModelCheckpoint):
         self.save_every_minutes = save_every_minutes
         self.save_on_preemption = save_on_preemption
         self._last_write = time.monotonic()
-        self._signal: str | None = None  # name of the preemption signal received, if any
         self._stop: Preempted | None = None  # raised at the next hook once saved (see on_train_batch_end)
-        self._previous_handlers: dict[int, Any] = {}
+        self._watch = PreemptionWatch("saving a checkpoint at the next optimizer step, then stopping")
 
     # ------------------------------------------------------------------ last.ckpt at every save point
 
@@ -162,13 +233,14 @@ class LatestModelCheckpoint(ModelCheckpoint):
         by_steps = self.save_every_n_steps is not None and step % self.save_every_n_steps == 0
         minutes = self.save_every_minutes
         by_time = minutes is not None and time.monotonic() - self._last_write >= 60 * minutes
-        flags = torch.tensor([float(self._signal is not None), float(by_time)], device=pl_module.device)
+        received = preemption_signal() if self.save_on_preemption else None
+        flags = torch.tensor([float(received is not None), float(by_time)], device=pl_module.device)
         preempted, by_time = (bool(v) for v in _any_rank(trainer, flags).tolist())
         if preempted or ((by_steps or by_time) and not _validates_after_this_batch(trainer)):
             # (a validation right after this batch writes last.ckpt itself, with its metrics)
             self._save_last_if_behind(trainer)
         if preempted:
-            signal_name = self._signal or "a preemption signal (on another rank)"
+            signal_name = received or "a preemption signal (on another rank)"
             # Raised at the next hook, once the stage has logged this step (callbacks see the batch end
             # first): the resumed run starts after it, so its logs would otherwise miss this step.
             self._stop = Preempted(
@@ -265,29 +337,16 @@ class LatestModelCheckpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        self._signal = None
         self._stop = None
         self._last_write = time.monotonic()
-        if self.save_on_preemption and threading.current_thread() is threading.main_thread():
+        if self.save_on_preemption:
             # Replaces Lightning's SIGTERM handler for the training loop: Lightning's raises
             # SIGTERMException after any batch (mid-accumulation too) and exits with status 0.
-            # SIGUSR1 stays Lightning's under SLURM auto-requeue (it saves and requeues itself).
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                current = signal.getsignal(sig)
-                if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None):
-                    continue
-                self._previous_handlers[sig] = current
-                signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Only set a flag: the checkpoint is written between optimizer steps, with every rank.
-        self._signal = signal.Signals(signum).name
-        log.warning("received %s: saving a checkpoint at the next optimizer step, then stopping", self._signal)
+            # A signal received before (under `iterate`'s watch, while this stage loaded) counts.
+            self._watch.start()
 
     def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers = {}
+        self._watch.stop()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()
@@ -483,7 +542,9 @@ __all__ = [
     "NonFiniteGuard",
     "PREEMPTED_EXIT_CODE",
     "Preempted",
+    "PreemptionWatch",
     "StepAlignedEpochLoop",
+    "preemption_signal",
     "StepProgressBar",
     "check_validation_interval",
     "finite_weights",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -26,6 +27,7 @@ from dpo_lightning.callbacks import (
     NonFiniteError,
     NonFiniteGuard,
     Preempted,
+    PreemptionWatch,
     StepProgressBar,
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
@@ -34,6 +36,8 @@ from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.dpo import DPOModule
 from dpo_lightning.export import ExportError, HFExport
+from dpo_lightning.folders import FolderError, differences
+from dpo_lightning.optim import describe_config
 from dpo_lightning.options import recorded_groups
 from dpo_lightning.preflight import (
     ConfigError,
@@ -43,7 +47,7 @@ from dpo_lightning.preflight import (
     warn_update_resolution,
 )
 from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.stage import FACTORIES_KEY, CausalLMModule
 
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
@@ -122,12 +126,25 @@ class DPOLightningCLI(LightningCLI):
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
             current = recorded_groups(config.model.init_args.as_dict())
             changes += changed_hparams(header["hyper_parameters"], current, "model")
+        restored = []
+        if FACTORIES_KEY in header and config.get("model") is not None:
+            # The optimizer and scheduler are factories, not hyper-parameters: the checkpoint records them apart.
+            init_args = config.model.init_args
+            now = {key: describe_config(init_args.get(key)) for key in ("optimizer", "scheduler")}
+            restored = differences(header[FACTORIES_KEY], now, "model.", label="checkpoint")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
             changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.init_args.as_dict(), "data")
         if changes:
             rank_zero_warn(
                 "resuming with settings that differ from the checkpoint's; the values given now apply:\n  "
                 + "\n  ".join(changes)
+            )
+        if restored:
+            rank_zero_warn(
+                "resuming with optimizer or scheduler settings that differ from the checkpoint's; the checkpoint's "
+                "apply (the optimizer and scheduler are restored with their state, learning rate included); to train "
+                "with these, start a new run from the checkpoint's weights (export it, then --model.model):\n  "
+                + "\n  ".join(restored)
             )
 
     def before_instantiate_classes(self) -> None:
@@ -276,45 +293,53 @@ def _writer_class() -> type:
     return JudgedSamplesWriter
 
 
-def generate_main(
-    args: list[str] | None = None, run: bool = True, cli_class: type[GenerateCLI] = GenerateCLI
-) -> GenerateCLI:
-    """``python -m dpo_lightning generate --config recipes/tiny_generate.yaml`` (``args`` after ``generate``)."""
+def _generate_options() -> dict[str, Any]:
+    """What `generate_main` gives LightningCLI besides the arguments."""
     from dpo_lightning.data.prompts import PromptDataModule
     from dpo_lightning.generation import GenerationModule
 
-    return cli_class(
-        GenerationModule,
-        PromptDataModule,
-        seed_everything_default=42,
-        auto_configure_optimizers=False,
-        save_config_callback=None,
-        parser_kwargs={
+    return {
+        "model_class": GenerationModule,
+        "datamodule_class": PromptDataModule,
+        "seed_everything_default": 42,
+        "auto_configure_optimizers": False,
+        "save_config_callback": None,
+        "parser_kwargs": {
             "prog": "python -m dpo_lightning generate",
             "description": "Sample N responses per prompt from a policy, score them with a judge, write "
             "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",
         },
-        trainer_defaults={"logger": False, "enable_checkpointing": False},
-        # Records go to disk as they finish; holding every prediction in memory too would only cost.
-        args=["predict", "--return_predictions", "false", *(sys.argv[2:] if args is None else args)],
-        run=run,
-    )
+        "trainer_defaults": {"logger": False, "enable_checkpointing": False},
+    }
 
 
-def cli_main(
-    args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
-) -> DPOLightningCLI:
-    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
-    return cli_class(
-        CausalLMModule,
-        TokenizedDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=42,
+def generate_main(
+    args: list[str] | None = None, run: bool = True, cli_class: type[GenerateCLI] = GenerateCLI
+) -> GenerateCLI:
+    """``python -m dpo_lightning generate --config recipes/tiny_generate.yaml`` (``args`` after ``generate``).
+
+    A SIGTERM from the start (while the policy loads) stops the run at its first batch with `Preempted`."""
+    with PreemptionWatch("stopping at the first batch, then exiting"):
+        return cli_class(
+            **_generate_options(),
+            # Records go to disk as they finish; holding every prediction in memory too would only cost.
+            args=["predict", "--return_predictions", "false", *(sys.argv[2:] if args is None else args)],
+            run=run,
+        )
+
+
+def _fit_options() -> dict[str, Any]:
+    """What `cli_main` gives LightningCLI besides the arguments."""
+    return {
+        "model_class": CausalLMModule,
+        "datamodule_class": TokenizedDataModule,
+        "subclass_mode_model": True,
+        "subclass_mode_data": True,
+        "seed_everything_default": 42,
         # One optimizer knob: the stage's `model.optimizer`/`model.scheduler` (LightningCLI's top-level
         # --optimizer/--lr_scheduler would silently replace them and drop the warmup/decay schedule).
-        auto_configure_optimizers=False,
-        parser_kwargs={
+        "auto_configure_optimizers": False,
+        "parser_kwargs": {
             "prog": "python -m dpo_lightning",
             "description": "Preference tuning (DPO and relatives) on PyTorch Lightning. Subcommands: fit, validate, "
             "test, predict (below); `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "
@@ -322,7 +347,7 @@ def cli_main(
             "judge them and write preference pairs (python -m dpo_lightning generate --help); `iterate --config ...`: "
             "SFT then rounds of generate -> DPO, with a report (python -m dpo_lightning iterate --help).",
         },
-        trainer_defaults={
+        "trainer_defaults": {
             # TRL's habits: gradient-norm clipping at 1.0, a log line every 10 optimizer steps.
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
@@ -333,10 +358,50 @@ def cli_main(
                 "init_args": {"save_dir": "runs", "name": "dpo", "default_hp_metric": False},
             },
         },
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+        "save_config_kwargs": {"overwrite": True},
+    }
+
+
+def cli_main(
+    args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
+) -> DPOLightningCLI:
+    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
+    return cli_class(**_fit_options(), args=args, run=run)
+
+
+class _SettingsOnly:
+    """Parses and checks a command's configuration; reads no data, builds and runs nothing."""
+
+    def check_data(self, config: Namespace) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+class _FitSettings(_SettingsOnly, DPOLightningCLI):
+    pass
+
+
+class _GenerateSettings(_SettingsOnly, GenerateCLI):
+    pass
+
+
+def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
+    """The configuration ``python -m dpo_lightning <command> ARGS`` runs with, every default filled in, as plain
+    data (``config``, the recipe files' names, left out: their content is in it); nothing is read or built.
+    What a pipeline stage records as the settings that made its output."""
+    if command == "fit":
+        config = _FitSettings(**_fit_options(), args=["fit", *args]).config["fit"]
+    else:
+        options = _generate_options()
+        config = _GenerateSettings(**options, args=["predict", *args]).config["predict"]
+    out = config.as_dict()
+    out.pop("config", None)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -365,6 +430,6 @@ def main(argv: list[str] | None = None) -> None:
     except Preempted as err:
         print(f"dpo_lightning: preempted: {err}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
-    except (NonFiniteError, CheckpointError, DataError, ExportError, ConfigError) as err:
+    except (NonFiniteError, CheckpointError, DataError, ExportError, ConfigError, FolderError) as err:
         print(f"dpo_lightning: error: {err}", file=sys.stderr)
         sys.exit(1)

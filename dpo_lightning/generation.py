@@ -13,11 +13,10 @@ into ``samples.jsonl`` (source order, each prompt once) and turns the scores int
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,19 +24,22 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
+from dpo_lightning.callbacks import Preempted
 from dpo_lightning.data.errors import warn
 from dpo_lightning.models import load_causal_lm, resolve_tokenizer
-from dpo_lightning.sampling import decode_response
+from dpo_lightning.sampling import RowSeededSampler, decode_response, response_seed
 
 log = logging.getLogger(__name__)
 
-
-def _batch_seed(seed: int, first_prompt_id: str) -> int:
-    """A seed per batch from the run's seed and the batch's first prompt: the same batches give the
-    same samples in every run, whatever ran before on this rank."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{first_prompt_id}".encode()).digest()[:8], "little") % (2**63)
+SAMPLER = "row_seeded"  # in every record's settings: records of an earlier sampler are not mixed in
 
 
 class GenerationModule(L.LightningModule):
@@ -69,7 +71,8 @@ class GenerationModule(L.LightningModule):
             top_p: Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1.0: off).
             top_k: Keep the k most likely tokens (0: off).
             do_sample: Sample (True) or decode greedily (False; then num_samples must be 1).
-            seed: Seed of the sampling; the same seed, prompts and batch size give the same responses.
+            seed: Seed of the sampling: response k of a prompt is drawn from a random stream seeded from (seed,
+                prompt id, k), the same in every run, batch and batch size.
             dtype: Weights dtype when loading: float32, bfloat16, float16 or auto.
             attn_implementation: Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``).
             trust_remote_code: Allow models whose code lives on the hub.
@@ -90,28 +93,39 @@ class GenerationModule(L.LightningModule):
                                   trust_remote_code=trust_remote_code)
         self.model.eval()
         self.generated_tokens = 0  # new tokens (up to EOS) sampled by this rank, for tokens/s
+        self.stop_requested: Callable[[], bool] | None = None  # set by the writer: ends a batch early when true
 
     def settings(self) -> dict[str, Any]:
-        """What decided the samples, written with every record."""
+        """What decided the samples, written with every record (``sampler``: how the random numbers are drawn)."""
         keys = ("model", "num_samples", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed")
-        return {k: self.hparams[k] for k in keys}
+        return {**{k: self.hparams[k] for k in keys}, "sampler": SAMPLER}
 
     @torch.no_grad()
-    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]]:
-        """One record per prompt of the batch: ``prompt_id``, ``index``, ``prompt``, ``responses`` (N strings)."""
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> list[dict[str, Any]] | None:
+        """One record per prompt of the batch: ``prompt_id``, ``index``, ``prompt``, ``responses`` (N strings).
+
+        Response k of a prompt is sampled from a random stream of its own, seeded from (``seed``, prompt id,
+        k) (`sampling.RowSeededSampler`): it does not depend on the batch, the batch size or a restart.
+        None when a preemption cut the batch short (`stop_requested`): nothing of it is to be written.
+        """
         hp = self.hparams
         n = hp.num_samples
-        sampling = {"do_sample": True, "temperature": hp.temperature, "top_p": hp.top_p, "top_k": hp.top_k}
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_batch_seed(hp.seed, batch["prompt_id"][0]))
-            out = self.model.generate(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=hp.max_new_tokens,
-                num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-                **(sampling if hp.do_sample else {"do_sample": False}),
-            )  # (B * N, T + new), the N samples of prompt i in rows i*N .. i*N + N - 1
         width = batch["input_ids"].shape[1]
+        input_ids = batch["input_ids"].repeat_interleave(n, dim=0)  # (B * N, T): prompt i in rows i*N .. i*N + N - 1
+        attention_mask = batch["attention_mask"].repeat_interleave(n, dim=0)
+        processors = LogitsProcessorList()
+        if hp.do_sample:
+            seeds = [response_seed(hp.seed, pid, k) for pid in batch["prompt_id"] for k in range(n)]
+            processors.append(RowSeededSampler(seeds, width, hp.max_new_tokens, hp.temperature, hp.top_k, hp.top_p))
+        stop = _StopWhen(self.stop_requested)
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=hp.max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
+            do_sample=False, temperature=None, top_p=None, top_k=None,  # the sampler above samples
+            logits_processor=processors, stopping_criteria=StoppingCriteriaList([stop]),
+        )  # (B * N, T + new)
+        if stop.fired:
+            return None
         new = out[:, width:]  # (B * N, new)
         records = []
         for i, (pid, index) in enumerate(zip(batch["prompt_id"], batch["index"].tolist())):
@@ -124,6 +138,17 @@ class GenerationModule(L.LightningModule):
             records.append({"prompt_id": pid, "index": index, "prompt": json.loads(batch["prompt"][i]),
                             "responses": responses})
         return records
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends ``generate`` at the next token once ``requested()`` is true (a preemption); records ``fired``."""
+
+    def __init__(self, requested: Callable[[], bool] | None) -> None:
+        self.requested, self.fired = requested, False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        self.fired = self.fired or bool(self.requested is not None and self.requested())
+        return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
 
 
 def _until_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
@@ -189,8 +214,11 @@ class JudgedSamplesWriter(BasePredictionWriter):
         self.pairing, self.min_margin = pairing, min_margin
         self._writer = None
         self._started = 0.0
-        self._prompts_done = 0
+        self._prompts_done = 0  # written by this run on this rank
         self._all_done = False
+        self._done: set[str] = set()  # prompts written by an earlier run
+        self._lock = None  # the output folder's FolderLock (rank 0), from setup to teardown
+        self._watch = None  # the PreemptionWatch of the predict loop
 
     @staticmethod
     def check_judge(judge: Any, options: dict[str, Any] | None = None) -> None:
@@ -230,48 +258,100 @@ class JudgedSamplesWriter(BasePredictionWriter):
             self.judge = resolve_judge(spec, **options)
         else:
             self.judge = resolve_judge(spec, **{"device": str(pl_module.device), **options})
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
-        # A folder written with other settings belongs to another run: refused, not mixed in.
-        done = done_prompt_ids(self.output_dir, settings=self._settings(pl_module))
-        self._all_done = False
-        if done and datamodule is not None:
-            skipped = datamodule.exclude(done)
-            total = len(datamodule.prompts)
-            self._all_done = skipped == total
-            warn(f"{self.output_dir}: {skipped} of {total} prompts were done by an earlier run with these settings; "
-                 + ("nothing left to sample" if self._all_done else "sampling the rest"))
+        if datamodule is None or not hasattr(datamodule, "prompts"):
+            raise ValueError("JudgedSamplesWriter needs the prompts' PromptDataModule as the trainer's datamodule")
+        # Rank 0 takes the folder (one run at a time) and checks what it holds against this run's settings
+        # (refused when they differ; pairs made with other pairing settings are marked stale); every rank
+        # stops if that fails.
+        error = None
+        if trainer.global_rank == 0:
+            try:
+                self._take_folder(pl_module, datamodule)
+            except Exception as err:  # noqa: BLE001 - sent to every rank, raised there
+                error = err
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
+            self._release()
+            raise error
+        # Records made with other settings belong to another run: refused, not mixed in.
+        self._done = done_prompt_ids(self.output_dir, settings=self._settings(pl_module))
+        order = datamodule.prompts["prompt_id"]
+        finished = sum(pid in self._done for pid in order)
+        self._all_done = finished == len(order)
+        datamodule.exclude(self._done)
+        self._prompts_done = 0
+        if finished:
+            warn(f"{self.output_dir}: {finished} of {len(order)} prompts were sampled by an earlier run with these "
+                 "settings; " + ("nothing left to sample" if self._all_done else f"sampling the other "
+                                                                             f"{len(order) - finished}"))
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Every prompt was done before (a run killed after its last batch): Lightning runs no predict
-        # loop over an empty loader, so the merge and the pairs are written here.
-        if self._all_done and trainer.global_rank == 0 and not (self.output_dir / "samples.jsonl").exists():
-            self._finish(trainer)
+    def _take_folder(self, pl_module: L.LightningModule, datamodule: Any) -> None:
+        """Lock the output folder and write its manifest (after `samples_io.check_manifest` checked the old one)."""
+        from dpo_lightning.folders import FolderLock
+        from dpo_lightning.samples_io import check_manifest, prompt_keys, read_manifest, write_manifest
+
+        self._lock = FolderLock(self.output_dir, "generate (output.output_dir)").acquire()
+        prompts = datamodule.prompts
+        keys = prompt_keys(prompts["prompt_id"], prompts["input_ids"])
+        old = read_manifest(self.output_dir)
+        manifest = check_manifest(self.output_dir, self._settings(pl_module), keys, _data_settings(datamodule),
+                                  self._pairs_settings())
+        stale = (old or {}).get("pairs")
+        if stale and manifest["pairs"] is None and manifest["prompts"] == old.get("prompts"):
+            made = {k: stale["settings"].get(k) for k in self._pairs_settings()}
+            warn(f"{self.output_dir / 'pairs.jsonl'} was made with {_say(made)}; making it again from "
+                 f"samples.jsonl with {_say(self._pairs_settings())}")
+        write_manifest(self.output_dir, manifest)  # before anything else is written: stale pairs are marked so
+
+    def _pairs_settings(self) -> dict[str, Any]:
+        return {"pairing": self.pairing, "min_margin": self.min_margin}
 
     def _settings(self, pl_module: L.LightningModule) -> dict[str, Any]:
         return {**pl_module.settings(), "judge": self.judge.spec()}
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from dpo_lightning.callbacks import PreemptionWatch, preemption_signal
         from dpo_lightning.samples_io import SampleWriter, part_path
 
         self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
         self._started = time.perf_counter()
+        # SIGTERM: the batch in flight is cut short (not written) and the run stops with Preempted. Every rank
+        # stops at its own batch (no collective per batch: ranks may have different numbers of batches);
+        # rank 0 passes the signal on to the ranks it started, as Lightning's handler, replaced here, does.
+        launcher = getattr(trainer.strategy, "launcher", None)
+        forward = launcher.kill if trainer.global_rank == 0 and getattr(launcher, "procs", None) else None
+        self._watch = PreemptionWatch("cutting the batch in flight short (it is not written), then exiting", forward)
+        self._watch.start()
+        pl_module.stop_requested = lambda: preemption_signal() is not None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        records = prediction
-        prompts = [r["prompt"] for r in records for _ in r["responses"]]
-        responses = [s for r in records for s in r["responses"]]
-        scores = self.judge.score(prompts, responses)
-        settings = self._settings(pl_module)
-        at = 0
-        for record in records:
-            k = len(record["responses"])
-            self._writer.write({"prompt_id": record["prompt_id"], "prompt": record["prompt"],
-                                "responses": record["responses"], "scores": scores[at : at + k],
-                                "settings": settings})
-            at += k
-        self._prompts_done += len(records)
+        from dpo_lightning.callbacks import preemption_signal
+
+        # A batch with a prompt left to sample is sampled whole (its composition is the uninterrupted
+        # run's, so are its samples); only its prompts not yet written are written.
+        records = [r for r in prediction or [] if r["prompt_id"] not in self._done]
+        if records:
+            prompts = [r["prompt"] for r in records for _ in r["responses"]]
+            responses = [s for r in records for s in r["responses"]]
+            scores = self.judge.score(prompts, responses)
+            settings = self._settings(pl_module)
+            at = 0
+            for record in records:
+                k = len(record["responses"])
+                self._writer.write({"prompt_id": record["prompt_id"], "prompt": record["prompt"],
+                                    "responses": record["responses"], "scores": scores[at : at + k],
+                                    "settings": settings})
+                at += k
+            self._prompts_done += len(records)
         self._show_progress(trainer, pl_module)
+        if received := preemption_signal():
+            self._close()
+            total = len(trainer.datamodule.prompts)
+            rank = f" (rank {trainer.global_rank}: its share)" if trainer.world_size > 1 else ""
+            done = len(self._done) + self._prompts_done
+            raise Preempted(f"received {received}: {done} of {total} prompts are sampled in {self.output_dir}{rank}, "
+                            "each complete; run the same command again to sample the rest")
 
     def _show_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prompts done and generated tokens/s (this rank) on the predict progress bar, when there is one."""
@@ -282,14 +362,20 @@ class JudgedSamplesWriter(BasePredictionWriter):
                             refresh=False)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from dpo_lightning.judges import warn_failures
-
-        if self._writer is not None:
-            self._writer.close()
+        self._close()
         seconds = max(time.perf_counter() - self._started, 1e-9)
         tokens = pl_module.generated_tokens
         rank_zero_info(f"generated {tokens} tokens for {self._prompts_done} prompts in {seconds:.1f} s on rank 0 "
                        f"({tokens / seconds:.1f} tokens/s)")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Every rank, whether its predict loop ran or not (Lightning runs none over an empty loader: every
+        batch done before): the judge's failures counted over ranks, then rank 0 merges and pairs."""
+        from dpo_lightning.judges import warn_failures
+
+        if stage != "predict":
+            return
+        self._close()
         stats = [self.judge.stats]
         if trainer.world_size > 1:
             import torch.distributed as dist
@@ -297,22 +383,77 @@ class JudgedSamplesWriter(BasePredictionWriter):
             stats = [None] * trainer.world_size
             dist.all_gather_object(stats, self.judge.stats)
         trainer.strategy.barrier("generation_parts")
-        if trainer.global_rank == 0:
-            merged = stats[0]
-            for other in stats[1:]:
-                merged = merged.merge(other)
-            warn_failures(merged, self.judge.spec())
-            self._finish(trainer)
-        trainer.strategy.barrier("generation_merged")
+        try:
+            if trainer.global_rank == 0:
+                merged = stats[0]
+                for other in stats[1:]:
+                    merged = merged.merge(other)
+                warn_failures(merged, self.judge.spec())
+                self._finish(trainer)
+            trainer.strategy.barrier("generation_merged")
+        finally:
+            self._release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._close()
+        self._release()
+
+    def _close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _finish(self, trainer: L.Trainer) -> None:
-        """Rank 0: the parts merged into samples.jsonl (source order, each prompt once), then the pairs."""
-        from dpo_lightning.samples_io import merge_parts, write_pairs
+        """Rank 0: the parts merged into samples.jsonl (source order, each prompt once), then the pairs,
+        unless the manifest says they were made from these samples with these settings."""
+        from dpo_lightning.samples_io import (
+            PAIRS_FILE,
+            PART_GLOB,
+            SAMPLES_FILE,
+            merge_parts,
+            read_manifest,
+            write_manifest,
+            write_pairs,
+        )
 
         order = list(trainer.datamodule.prompts["prompt_id"])
-        samples = merge_parts(self.output_dir, order)
-        write_pairs(samples, self.output_dir / "pairs.jsonl", self.pairing, self.min_margin)
-        rank_zero_info(f"{len(order)} prompts' samples in {samples}; pairs in {self.output_dir / 'pairs.jsonl'}")
+        samples, pairs = self.output_dir / SAMPLES_FILE, self.output_dir / PAIRS_FILE
+        if any(self.output_dir.glob(PART_GLOB)) or not samples.exists():
+            merge_parts(self.output_dir, order)
+        manifest = read_manifest(self.output_dir) or {}
+        made = manifest.get("pairs")
+        if made is not None and pairs.exists():
+            rank_zero_info(f"{len(order)} prompts' samples in {samples}; pairs in {pairs}: up to date, nothing to do "
+                           f"({made.get('summary', '')})")
+            return
+        if made is not None:  # the pairs file is gone: not valid until written again
+            write_manifest(self.output_dir, {**manifest, "pairs": None})
+        totals = write_pairs(samples, pairs, self.pairing, self.min_margin)
+        summary = totals.summary(self.pairing, self.min_margin)
+        write_manifest(self.output_dir, {**manifest, "pairs": {"settings": self._pairs_settings(),
+                                                               "count": totals.pairs, "summary": summary}})
+        rank_zero_info(f"{len(order)} prompts' samples in {samples}; pairs in {pairs}")
+
+
+def _data_settings(datamodule: Any) -> dict[str, Any]:
+    """The data settings that choose and tokenize the prompts, as recorded in the manifest (to name in a refusal)."""
+    hp = datamodule.hparams
+    keys = ("dataset", "dataset_config", "split", "limit", "max_prompt_length", "truncation_mode", "seed", "columns",
+            "tokenizer")
+    plain = (str, int, float, bool, type(None), dict, list)
+    return {k: hp[k] if isinstance(hp.get(k), plain) else f"<{type(hp.get(k)).__name__}>" for k in keys if k in hp}
+
+
+def _say(settings: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items())
 
 
 __all__ = ["GenerationModule", "JudgedSamplesWriter", "decode_response"]

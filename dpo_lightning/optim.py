@@ -1,9 +1,11 @@
-"""The default learning-rate schedule: linear warmup, then cosine, linear or no decay."""
+"""The default learning-rate schedule (linear warmup, then cosine, linear or no decay), and the
+optimizer and scheduler factories described as data for checkpoints."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -41,3 +43,53 @@ def warmup_decay_schedule(
         return warmup_decay_factor(step, warmup_steps=warmup_steps, total_steps=total_steps, decay=decay)
 
     return LambdaLR(optimizer, factor)
+
+
+def describe_factory(factory: Any) -> Any:
+    """An optimizer or scheduler factory as plain data, recorded in checkpoints so a resume can list what
+    changed: ``{"class_path": "torch.optim.adamw.AdamW", "init_args": {"lr": 0.0001, ...}}`` for a class with
+    its arguments (LightningCLI's ``OptimizerCallable`` and ``LRSchedulerCallable`` are such ``functools.partial``
+    objects), None for None, its name otherwise."""
+    if factory is None:
+        return None
+    if isinstance(factory, functools.partial):
+        target = next((a for a in reversed(factory.args) if isinstance(a, type)), factory.func)
+        if isinstance(target, type):
+            return {"class_path": f"{target.__module__}.{target.__qualname__}", "init_args": _plain(factory.keywords)}
+    if isinstance(factory, type):
+        return {"class_path": f"{factory.__module__}.{factory.__qualname__}", "init_args": {}}
+    return f"<{getattr(factory, '__qualname__', type(factory).__name__)}>"
+
+
+def describe_config(value: Any) -> Any:
+    """A config's ``optimizer``/``scheduler`` value (``{"class_path": ..., "init_args": ...}``, a class name, or
+    None) in `describe_factory`'s form, to compare with a checkpoint's."""
+    if value is None:
+        return None
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, str):
+        value = {"class_path": value, "init_args": {}}
+    if not isinstance(value, dict) or "class_path" not in value:
+        return f"<{type(value).__name__}>"
+    import importlib
+
+    module, _, name = value["class_path"].rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), name)
+        class_path = f"{target.__module__}.{target.__qualname__}"
+    except (ImportError, AttributeError, ValueError):
+        class_path = value["class_path"]
+    return {"class_path": class_path, "init_args": _plain(value.get("init_args") or {})}
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)

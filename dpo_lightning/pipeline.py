@@ -11,13 +11,21 @@ DPO's data, and the reference (the initial SFT model, or the previous round's po
     ...
     <output_dir>/report.csv, report.png, tensorboard/       one row per round (round 0: the SFT model)
 
-A stage is done when its output is complete (an export carries its marker; ``pairs.jsonl`` is written
-last and atomically); a pipeline killed anywhere and re-run with the same config skips finished stages,
-resumes a killed ``fit`` from its ``last.ckpt`` and a killed ``generate`` from the prompts it wrote.
+Each stage records in its folder (``stage.json``, written atomically before it starts) the settings it
+runs with: the whole configuration its command resolves (`cli.resolved_config`) and which stages
+made its inputs. A stage is done when that record says so and its output is complete (an export
+carries its marker; ``generate``'s manifest says its pairs are written); a pipeline killed anywhere
+and re-run with the same config skips finished stages, resumes a killed ``fit`` from its
+``last.ckpt`` and a killed ``generate`` from the prompts it wrote. Re-run with other settings, the
+first stage whose settings differ is refused, naming them: its output and every later round's were
+made with the recorded ones. One run at a time per output folder (`folders.FolderLock`); SIGTERM stops
+at the current stage's next safe point (an optimizer step, a written batch) or between stages, with
+`Preempted` (exit 143): the same command resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -104,26 +112,148 @@ def iterate(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if reference not in ("initial", "previous"):
         raise ValueError(f"reference must be 'initial' or 'previous', got {reference!r}")
+    from dpo_lightning.callbacks import PreemptionWatch
+    from dpo_lightning.folders import FolderLock
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = evaluation or Evaluation()
-    timings: dict[str, float] = {}
+    watch = PreemptionWatch("stopping at the current stage's next safe point (an optimizer step, a written batch) "
+                            "or before the next stage, then exiting")
+    with FolderLock(out, "iterate (output_dir)"), watch:
+        initial = _run_fit_stage(sft, out / "sft", "stage") if _is_recipe(sft.config) else sft.config
+        policies = [initial]
+        for r in range(1, rounds + 1):
+            round_dir = out / f"round_{r}"
+            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+            _check_pairs(pairs, r, mix_with)
+            mixed = None
+            if mix_with is not None:
+                mixed = (pairs, mix_with, mix_limit, round_dir / "mixed_pairs.jsonl")
+            ref = initial if reference == "initial" else None  # None: a frozen copy of the policy it starts from
+            policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref, mix=mixed)
+            policies.append(policy)
+        _stop_if_preempted("the report")
+        return write_report(out, policies, initial, evaluation, reference, _timings(out, rounds))
 
-    start = time.perf_counter()
-    initial = _run_fit_stage(sft, out / "sft", "stage") if _is_recipe(sft.config) else sft.config
-    timings["round_0"] = time.perf_counter() - start
-    policies = [initial]
+
+STAGE_RECORD = "stage.json"
+
+
+def _stop_if_preempted(next_step: str) -> None:
+    from dpo_lightning.callbacks import Preempted, preemption_signal
+
+    if received := preemption_signal():
+        raise Preempted(f"received {received}: stopped before {next_step}, every stage before it is complete; run "
+                        "the same iterate command again to continue")
+
+
+def _made_by(path: str | Path | None) -> str | None:
+    """Which run made ``path``: the id of the pipeline stage that wrote it (an export
+    ``<stage>/version_0/hf_export``, a pairs file ``<stage>/pairs.jsonl``), else the creation time in an
+    export's marker (an export made again at the same path is another input); None for anything else (a
+    hub id)."""
+    from dpo_lightning.export import EXPORT_MARKER
+    from dpo_lightning.folders import read_record
+
+    if path is None:
+        return None
+    path = Path(path)
+    for folder in (path.parent, path.parent.parent):
+        if (folder / STAGE_RECORD).is_file():
+            return (read_record(folder / STAGE_RECORD) or {}).get("id")
+    if (path / EXPORT_MARKER).is_file():
+        with contextlib.suppress(ValueError):
+            return f"export created {(read_record(path / EXPORT_MARKER) or {}).get('created')}"
+    return None
+
+
+def _begin_stage(folder: Path, name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The stage's record (``folder/stage.json``): written (not done) when there is none; `FolderError` naming the
+    settings when the recorded ones differ, or when the folder holds files but no record."""
+    import uuid
+
+    from dpo_lightning.folders import FolderError, differences, plain, read_record, say_differences, write_record
+
+    path = folder / STAGE_RECORD
+    record = read_record(path)
+    if record is None:
+        if folder.is_dir() and any(p.name != STAGE_RECORD for p in folder.iterdir()):
+            raise FolderError(f"{folder}: holds files but no {STAGE_RECORD} (written by an older dpo_lightning, or by "
+                              "hand), so what made them cannot be told; move it away or use another output_dir")
+        record = {"stage": name, "id": uuid.uuid4().hex[:16], "settings": plain(settings), "done": False,
+                  "seconds": 0.0}
+        write_record(path, record)
+        return record
+    if changed := differences(record.get("settings"), settings):
+        raise FolderError(f"{folder}: the {name} stage was made with other settings ({say_differences(changed)}); "
+                          f"its output and every later round's come from the recorded ones, so the pipeline does not "
+                          f"go on with these: use another output_dir, the settings recorded in {path}, or remove "
+                          "this stage's folder and every later round's to redo them")
+    return record
+
+
+class _Attempt:
+    """Runs one attempt of a stage: its wall time is added to the record, which is marked done when the
+    attempt ends with the output complete. A preemption is re-raised with the pipeline's resume line."""
+
+    def __init__(self, folder: Path, record: dict[str, Any], name: str) -> None:
+        self.folder, self.record, self.name = folder, record, name
+
+    def __enter__(self) -> _Attempt:
+        from dpo_lightning.callbacks import Preempted
+
+        _stop_if_preempted(f"the {self.name} stage")
+        self.started = time.perf_counter()
+        self._preempted = Preempted
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
+        from dpo_lightning.folders import write_record
+
+        self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
+        write_record(self.folder / STAGE_RECORD, self.record)
+        if isinstance(err, self._preempted):
+            raise self._preempted(f"{self.name} stage: {err}; run the same iterate command again to resume "
+                                  "(finished stages are kept)") from None
+        return False
+
+    def done(self) -> None:
+        self.record["done"] = True
+
+
+def _timings(out: Path, rounds: int) -> dict[str, float]:
+    """Wall time per round (round 0: SFT) from the stage records: the sum of the attempts' times."""
+    from dpo_lightning.folders import read_record
+
+    folders = {"round_0": [out / "sft" / "stage"]}
     for r in range(1, rounds + 1):
-        start = time.perf_counter()
-        round_dir = out / f"round_{r}"
-        pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
-        if mix_with is not None:
-            pairs = mix_pairs(pairs, mix_with, mix_limit, round_dir / "mixed_pairs.jsonl")
-        ref = initial if reference == "initial" else None  # None: a frozen copy of the policy it starts from
-        policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref)
-        policies.append(policy)
-        timings[f"round_{r}"] = time.perf_counter() - start
-    return write_report(out, policies, initial, evaluation, reference, timings)
+        folders[f"round_{r}"] = [out / f"round_{r}" / "generate", out / f"round_{r}" / "dpo"]
+    timings = {"round_0": 0.0}  # no SFT stage: the model given was not trained here
+    for key, stages in folders.items():
+        records = [read_record(folder / STAGE_RECORD) for folder in stages]
+        if all(records):
+            timings[key] = sum(record.get("seconds", 0.0) for record in records)
+    return timings
+
+
+def _check_pairs(pairs: Path, r: int, mix_with: str | None) -> None:
+    """A round whose samples gave no pair: an error saying what to change (with ``mix_with``, a warning)."""
+    from dpo_lightning.data.errors import DataError
+    from dpo_lightning.samples_io import read_manifest
+
+    made = (read_manifest(pairs.parent) or {}).get("pairs") or {}
+    if made.get("count", 1) > 0:
+        return
+    why = (f"round {r}'s samples gave no preference pair ({made.get('summary', '')}): every prompt's responses scored "
+           "the same (or too close)")
+    if mix_with is not None:
+        warn(f"{pairs}: {why}; the round's DPO trains on the {mix_with} pairs alone")
+        return
+    raise DataError(f"{pairs}: {why}, so DPO has nothing to train on. Sample more, or more varied, responses "
+                    "(generate args --model.num_samples, --model.temperature), pair more of them (--output.pairing "
+                    "all, a lower --output.min_margin), use a judge with finer scores, or add original pairs "
+                    "(mix_with)")
 
 
 def _is_recipe(config: str) -> bool:
@@ -138,64 +268,85 @@ def _export_done(folder: Path) -> bool:
 
 def _run_fit_stage(
     stage: Stage, root: Path, name: str, *, model: str | None = None, pairs: Path | None = None,
-    ref_model: str | None = None,
+    ref_model: str | None = None, mix: tuple[Path, str, int | None, Path] | None = None,
 ) -> str:
     """``fit`` with the stage's recipe into ``root/name/version_0``; resumed from ``last.ckpt`` if a
-    previous attempt was killed; skipped if its export is complete. Returns the export folder."""
-    from dpo_lightning.cli import cli_main
+    previous attempt was killed; skipped if its record says done and its export is complete. With ``mix``
+    ((pairs, original, limit, out): `mix_pairs`' arguments), it trains on the mixed pairs. Returns the
+    export folder."""
+    from dpo_lightning import cli
 
     run_dir = root / name / "version_0"
     export = run_dir / "hf_export"
-    if _export_done(export):
-        log.info("%s: done, skipped", export)
-        return str(export)
-    args = ["fit", "--config", stage.config, *stage.args,
+    data = mix[3] if mix is not None else pairs
+    args = ["--config", stage.config, *stage.args,
             "--trainer.logger.init_args.save_dir", str(root), "--trainer.logger.init_args.name", name,
             "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false"]
     if model is not None:
         args += ["--model.model_config", "null", "--model.model", model, "--data.tokenizer", model]
     if ref_model is not None:
         args += ["--model.ref_model", ref_model]
-    if pairs is not None:
-        args += ["--data.dataset", str(pairs), "--data.val_split", "null", "--data.val_fraction", "0.05"]
-        if pairs.name == "pairs.jsonl":  # generated pairs carry their scores, which DPO does not read
+    if data is not None:
+        args += ["--data.dataset", str(data), "--data.val_split", "null", "--data.val_fraction", "0.05"]
+        if pairs is not None and pairs.name == "pairs.jsonl" and mix is None:
+            # generated pairs carry their scores, which DPO does not read
             args += ["--data.drop_columns", "[score_chosen, score_rejected, prompt_id]"]
-    if (run_dir / "checkpoints" / "last.ckpt").exists():
-        args += ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
-    cli_main(args)
-    if not _export_done(export):
-        raise RuntimeError(f"the {name} stage ended without its export {export}")
+    label = f"{root.name}/{name}"
+    settings = {"config": cli.resolved_config("fit", args),
+                "inputs": {"model": _made_by(model), "pairs": _made_by(pairs), "ref_model": _made_by(ref_model)},
+                "mix": None if mix is None else {"with": mix[1], "limit": mix[2]}}
+    record = _begin_stage(root / name, label, settings)
+    if record["done"] and _export_done(export):
+        log.info("%s: done, skipped", export)
+        return str(export)
+    with _Attempt(root / name, record, label) as attempt:
+        if mix is not None:
+            mix_pairs(*mix)
+        resume = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
+        cli.cli_main(["fit", *args, *(resume if (run_dir / "checkpoints" / "last.ckpt").exists() else [])])
+        if not _export_done(export):
+            raise RuntimeError(f"the {name} stage ended without its export {export}")
+        attempt.done()
     return str(export)
 
 
 def _run_generate_stage(stage: Stage, policy: str, folder: Path, seed: int) -> Path:
-    """``generate`` with the stage's recipe from ``policy`` into ``folder``; skipped when its pairs are
-    written, resumed (prompts already written are skipped) when a previous attempt was killed."""
-    from dpo_lightning.cli import generate_main
+    """``generate`` with the stage's recipe from ``policy`` into ``folder``; skipped when its record says done
+    and its manifest says the pairs are written; resumed (prompts already written are skipped) when a
+    previous attempt was stopped."""
+    from dpo_lightning import cli
+    from dpo_lightning.samples_io import PAIRS_FILE, read_manifest
 
-    pairs = folder / "pairs.jsonl"
-    if pairs.exists():
+    pairs = folder / PAIRS_FILE
+    args = ["--config", stage.config, *stage.args, "--model.model", policy, "--data.tokenizer", policy,
+            "--model.seed", str(seed), "--output.output_dir", str(folder), "--trainer.enable_progress_bar", "false"]
+    label = f"{folder.parent.name}/{folder.name}"
+    settings = {"config": cli.resolved_config("generate", args), "inputs": {"model": _made_by(policy)}}
+    record = _begin_stage(folder, label, settings)
+
+    def complete() -> bool:
+        return pairs.exists() and (read_manifest(folder) or {}).get("pairs") is not None
+
+    if record["done"] and complete():
         log.info("%s: done, skipped", pairs)
         return pairs
-    generate_main(["--config", stage.config, *stage.args, "--model.model", policy, "--data.tokenizer", policy,
-                   "--model.seed", str(seed), "--output.output_dir", str(folder),
-                   "--trainer.enable_progress_bar", "false"])
-    if not pairs.exists():
-        raise RuntimeError(f"the generate stage ended without {pairs}")
+    with _Attempt(folder, record, label) as attempt:
+        cli.generate_main(args)
+        if not complete():
+            raise RuntimeError(f"the generate stage ended without {pairs}")
+        attempt.done()
     return pairs
 
 
 def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
     """The round's pairs followed by the first ``limit`` pairs of ``original`` (any pair layout, read and
     checked as `PreferenceDataModule` reads it), as prompt/chosen/rejected rows in ``out``, written
-    atomically; kept when it exists (a re-run)."""
+    atomically, the same rows each time (the round's DPO stage writes it before each attempt)."""
     from dpo_lightning.data.errors import RowRef
     from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
     from dpo_lightning.data.sources import load_source
     from dpo_lightning.samples_io import write_jsonl_atomically
 
-    if out.exists():
-        return out
     raw = load_source(original, default_split="train")["train"]
     layout = detect_layout(raw.column_names, original)
     if layout is Layout.UNPAIRED:
@@ -308,6 +459,7 @@ def write_report(
     timings = timings or {}
     rows = []
     for r, policy in enumerate(policies):
+        _stop_if_preempted(f"the report's round {r}")
         ref = initial if reference == "initial" or r == 0 else policies[r - 1]
         metrics = evaluate_policy(policy, initial, ref, evaluation)
         pairs = out / f"round_{r}" / "generate" / "pairs.jsonl"

@@ -76,7 +76,8 @@ def read_checkpoint_header(ckpt_path: str | Path) -> dict[str, Any]:
         if not path.is_file():
             return {}
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    keys = ("global_step", "epoch", "hyper_parameters", "datamodule_hyper_parameters")
+    keys = ("global_step", "epoch", "hyper_parameters", "datamodule_hyper_parameters",
+            "dpo_lightning_optimizer_settings")
     return {k: ckpt[k] for k in keys if k in ckpt}
 
 

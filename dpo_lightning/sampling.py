@@ -1,15 +1,26 @@
 """Generating responses from a causal LM for a list of prompts (batched, left-padded, new tokens only).
 
 The shared piece the stages' evaluations use (the SFT recipe's greedy solve rate, a judge's input);
-sampling N responses per prompt for preference pairs builds on it.
+sampling N responses per prompt for preference pairs builds on it with `RowSeededSampler`: each
+response draws from a random stream of its own, seeded from (run seed, prompt id, sample index), so
+what a prompt gets does not depend on the batch it is in, the batch size, or what ran before.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 
 def decode_response(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int], new_ids: Sequence[int]) -> str:
@@ -25,6 +36,54 @@ def decode_response(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int
     if full.startswith(head):
         return full[len(head):]
     return tokenizer.decode(list(new_ids), skip_special_tokens=True)
+
+
+def response_seed(seed: int, prompt_id: str, sample: int) -> int:
+    """The seed of one response's random stream: 63 bits of sha256(run seed, prompt id, sample index)."""
+    digest = hashlib.sha256(f"{int(seed)}:{prompt_id}:{int(sample)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class RowSeededSampler(LogitsProcessor):
+    """Samples the next token of every row from the row's own random stream; give it to ``generate``
+    with ``do_sample=False``.
+
+    Row i's t-th new token is drawn by inverse CDF with the t-th uniform of a ``torch.Generator``
+    seeded with ``seeds[i]`` (`response_seed`): the first token whose cumulative probability
+    reaches ``u * total``, u in (0, 1], under the row's scores after the model's own processors
+    and then temperature, top-k and top-p (transformers' warpers, in ``generate``'s order). The
+    distribution is the one ``do_sample=True`` samples from; only the random numbers differ: the
+    process's global RNG is neither read nor advanced, and a row's tokens depend on its seed and its
+    own logits alone, not on the rows beside it. The returned scores are 0 at the chosen token and
+    -inf elsewhere, so greedy decoding emits it. (A token of probability 0 is never chosen: u > 0.)
+    """
+
+    def __init__(
+        self, seeds: Sequence[int], prompt_width: int, max_new_tokens: int, temperature: float = 1.0,
+        top_k: int = 0, top_p: float = 1.0,
+    ) -> None:
+        self.start = prompt_width  # input length before the first new token
+        # (R, max_new_tokens): row i's t-th token uses uniforms[i, t], in (0, 1]
+        self.uniforms = torch.stack([
+            1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64)
+            for s in seeds
+        ])
+        warpers: list[LogitsProcessor] = []
+        if temperature != 1.0:
+            warpers.append(TemperatureLogitsWarper(temperature))
+        if top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warpers.append(TopPLogitsWarper(top_p))
+        self.warpers = LogitsProcessorList(warpers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        step = input_ids.shape[1] - self.start
+        scores = self.warpers(input_ids, scores)  # (R, V)
+        cdf = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)  # (R, V), non-decreasing
+        u = self.uniforms[:, step].to(cdf.device)[:, None] * cdf[:, -1:]  # (R, 1), in (0, total]
+        tokens = torch.searchsorted(cdf, u).clamp_(max=scores.shape[-1] - 1)  # (R, 1): first cdf >= u
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
 @torch.no_grad()
@@ -69,4 +128,4 @@ def generate(
     return out
 
 
-__all__ = ["decode_response", "generate"]
+__all__ = ["RowSeededSampler", "decode_response", "generate", "response_seed"]

@@ -43,7 +43,7 @@ from dpo_lightning.models import (
     wrap_lora,
 )
 from dpo_lightning.models import disable_dropout as _disable_dropout
-from dpo_lightning.optim import Decay, warmup_decay_schedule
+from dpo_lightning.optim import Decay, describe_factory, warmup_decay_schedule
 from dpo_lightning.options import LoraOptions, MemoryOptions, option_group
 from dpo_lightning.reference import REF_PREFIX, Reference, resolve_reference
 
@@ -53,6 +53,8 @@ STAGE_KEY = "dpo_lightning_stage"  # checkpoint key: the module class, so `expor
 TOKENS_KEY = "dpo_lightning_num_tokens"  # checkpoint key: input tokens trained on so far (all ranks)
 POLICY_CONFIG_KEY = "dpo_lightning_policy_config"  # the policy's config: an export needs no model source
 EXPORT_DTYPE_KEY = "dpo_lightning_compute_dtype"  # the dtype the policy computed in: an export's default
+# the optimizer and scheduler factories as data (`optim.describe_factory`): a resume lists their changes too
+FACTORIES_KEY = "dpo_lightning_optimizer_settings"
 FROZEN_BASE_KEY = "dpo_lightning_frozen_base"  # a LoRA checkpoint without its frozen base weights
 
 # The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
@@ -464,6 +466,8 @@ class CausalLMModule(L.LightningModule):
         checkpoint[STAGE_KEY] = f"{type(self).__module__}.{type(self).__qualname__}"
         checkpoint[POLICY_CONFIG_KEY] = self.model.config.to_dict()
         checkpoint[EXPORT_DTYPE_KEY] = str(self.compute_dtype()).removeprefix("torch.")
+        checkpoint[FACTORIES_KEY] = {"optimizer": describe_factory(self.optimizer_factory),
+                                     "scheduler": describe_factory(self.scheduler_factory)}
         state = checkpoint.get("state_dict")
         if state is not None and self._rebuildable_base():
             # LoRA: the frozen base weights are the model source's; the checkpoint holds what training changed.

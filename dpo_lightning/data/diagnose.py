@@ -77,16 +77,31 @@ def find_encoding_error(path: Path) -> DataError | None:
     return None
 
 
+def find_empty_error(path: Path) -> DataError | None:
+    """A file with no rows: nothing but whitespace after decompression (``datasets`` fails on it with an
+    empty message), or a JSON document that is an empty list."""
+    try:
+        with open_bytes(path) as f:
+            while chunk := f.read(_CHUNK):
+                if chunk.strip():
+                    break
+            else:
+                return DataError(f"{path}: the file is empty (no rows)")
+    except _GZIP_ERRORS:
+        return None  # find_gzip_error names it
+    return None
+
+
 def find_json_error(path: Path) -> DataError | None:
     """The first malformed JSON line of a JSON Lines file (or the error in a JSON document), if any."""
     with open_text(path) as f:
         text = f.read()
     if text.lstrip().startswith("["):  # one JSON document
         try:
-            json.loads(text)
+            document = json.loads(text)
         except json.JSONDecodeError as err:
             return DataError(f"{path}, line {err.lineno}: malformed JSON ({err.msg})")
-        return None
+        return DataError(f"{path}: the file holds an empty list (no rows)") if document == [] else None
     for lineno, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
@@ -111,7 +126,7 @@ def diagnose_file(path: Path, builder: str) -> DataError | None:
         return error
     if builder == "parquet":
         return find_parquet_error(path)
-    return find_encoding_error(path) or (find_json_error(path) if builder == "json" else None)
+    return find_empty_error(path) or find_encoding_error(path) or (find_json_error(path) if builder == "json" else None)
 
 
 def diagnose_files(files: Iterable[tuple[Path, str]]) -> DataError | None:

@@ -155,13 +155,26 @@ class LeftPaddingCollator:
 
 class ShardWithoutPadding(DistributedSampler):
     """Rank ``r`` of ``n`` takes positions ``r, r + n, ...`` in order, with no repeats: generating for a
-    prompt twice would write it twice. (A ``DistributedSampler`` subclass, so Lightning keeps it.)"""
+    prompt twice would write it twice. (A ``DistributedSampler`` subclass, so Lightning keeps it.)
+
+    With ``skip`` (positions an earlier run finished), the rank's batches (its positions in runs of
+    ``batch_size``) whose every position is in ``skip`` are left out and the others kept whole: each
+    batch sampled is the batch an uninterrupted run samples, so the numerics of its forward passes
+    (which may depend on the batch's shape and padding) are the same too.
+    """
+
+    def __init__(self, dataset: Any, num_replicas: int, rank: int, shuffle: bool = False, batch_size: int = 1,
+                 skip: frozenset[int] | set[int] = frozenset()) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle)
+        mine = list(range(self.rank, len(dataset), self.num_replicas))
+        batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+        self.positions = [p for b in batches if not all(q in skip for q in b) for p in b]
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(self.positions)
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return len(self.positions)
 
 
 class PromptDataModule(TokenizedDataModule):
@@ -257,19 +270,19 @@ class PromptDataModule(TokenizedDataModule):
         return self.splits["train"]
 
     def exclude(self, prompt_ids: set[str]) -> int:
-        """Leave these prompts out of the next predict loader (done by an earlier run); how many matched."""
+        """Leave out of the next predict loader the batches whose every prompt is in ``prompt_ids`` (done by an
+        earlier run; a batch with one prompt left is sampled whole, as an uninterrupted run batches it);
+        returns how many of the prompts are done."""
         self._exclude = set(prompt_ids)
         return sum(pid in self._exclude for pid in self.prompts["prompt_id"])
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.prompts
-        if self._exclude:
-            keep = [i for i, pid in enumerate(dataset["prompt_id"]) if pid not in self._exclude]
-            dataset = dataset.select(keep)
+        skip = {i for i, pid in enumerate(dataset["prompt_id"]) if pid in self._exclude} if self._exclude else set()
         trainer = getattr(self, "trainer", None)
         shard = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
-        sampler = ShardWithoutPadding(dataset, num_replicas=shard.get("num_replicas", 1),
-                                      rank=shard.get("rank", 0), shuffle=False)
+        sampler = ShardWithoutPadding(dataset, num_replicas=shard.get("num_replicas", 1), rank=shard.get("rank", 0),
+                                      batch_size=self.hparams.batch_size, skip=skip)
         return self._loader(dataset, self.hparams.batch_size, shuffle=False, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
