@@ -107,6 +107,8 @@ def iterate(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = evaluation or Evaluation()
+    if not _can_plot():  # said now, not when the report is written after every stage has trained
+        warn(_NO_PLOT)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
@@ -333,7 +335,23 @@ def write_report(
     return rows
 
 
+_NO_PLOT = ("matplotlib is not installed: report.png will not be drawn (report.csv and TensorBoard hold the same "
+            "numbers); `pip install matplotlib` to draw it")
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports (a dependency, but an install without it must not fail after training)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    if not _can_plot():
+        warn(_NO_PLOT)
+        return
     import matplotlib
 
     matplotlib.use("Agg")

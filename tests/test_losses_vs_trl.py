@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.trl
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 

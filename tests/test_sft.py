@@ -132,6 +132,7 @@ def test_accumulated_step_equals_one_step_over_every_token():
     assert not all(torch.allclose(unnormalised[n], expected[n], rtol=1e-3, atol=1e-6) for n in expected)
 
 
+@pytest.mark.trl
 def test_loss_equals_trl_sft_trainer_on_the_same_batch(tmp_path):
     """TRL 1.16 SFTTrainer's completion-only loss (sum of NLL over completion tokens / their number)
     equals ours on the batch TRL's own collator builds from prompt/completion rows."""
