@@ -163,6 +163,7 @@ class CausalLMModule(L.LightningModule):
         self.test_metrics = self.metrics_class("test")
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
         self._grad_norm: Tensor | None = None  # of the last optimizer step, logged as train/grad_norm
+        self._step_lr: float | None = None  # the learning rate the last optimizer step applied, train/lr
         # Input tokens (not padding) this rank has trained on since step 0: train/num_tokens, summed over ranks.
         self._tokens_seen = 0
 
@@ -249,6 +250,8 @@ class CausalLMModule(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # The learning rate this step applies (the scheduler moves it after the step), TRL's learning_rate.
+        self._step_lr = optimizer.param_groups[0]["lr"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Log the window since the last log at exactly the steps Lightning writes logs, so each
@@ -257,13 +260,15 @@ class CausalLMModule(L.LightningModule):
             values = self.train_metrics.compute()
             self.train_metrics.reset()
             # TRL's companions of the window: the learning rate and gradient norm of this step.
-            values["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+            lr = self._step_lr if self._step_lr is not None else self.trainer.optimizers[0].param_groups[0]["lr"]
+            values["train/lr"] = torch.tensor(lr, dtype=torch.float64)  # a float32 would log 5.0000002e-4
             if self._grad_norm is not None:
                 values["train/grad_norm"] = self._grad_norm
             # TRL's num_tokens: every input token trained on so far, on every rank (a collective: every
             # rank logs at the same steps).
             values["train/num_tokens"] = self._total_tokens()
-            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+            self._write_logs(values)
+            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, logger=False)
             self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
             for name, short in self.progress_bar_train:
                 if f"train/{name}" in values:
@@ -289,11 +294,39 @@ class CausalLMModule(L.LightningModule):
         # validation inside fit (e.g. trainer.validate() before trainer.fit()).
         with torch.inference_mode(False):
             metrics.reset()
-        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        self._write_logs(values)
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, logger=False)
         if self.progress_bar_metric is not None:
             name, short = self.progress_bar_metric
             if f"{metrics.prefix}/{name}" in values:
                 self.log(f"{metrics.prefix}_{short}", values[f"{metrics.prefix}/{name}"], prog_bar=True, logger=False)
+
+    def _write_logs(self, values: Mapping[str, Tensor]) -> None:
+        """Write ``values`` to the trainer's loggers on TRL's axes: the step is the number of optimizer steps
+        done (Lightning's own axis is one behind, counting those before the current one), and during ``fit``
+        ``epoch`` is fractional, epochs done plus the share of this epoch's batches trained, as TRL logs it.
+        (``self.log`` then keeps the values for callbacks and the progress bar, not for the loggers: a logged
+        ``step`` or ``epoch`` would replace the ones checkpoint names and monitors read.)"""
+        if not self.loggers:
+            return
+        row = {name: float(value) for name, value in values.items()}
+        epoch = self._fractional_epoch()
+        if epoch is not None:
+            row["epoch"] = epoch
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.global_step)
+            logger.save()
+
+    def _fractional_epoch(self) -> float | None:
+        """TRL's ``epoch``: ``current_epoch + batches trained this epoch / batches per epoch``; None outside fit."""
+        trainer = self.trainer
+        if trainer.state.fn != "fit":
+            return None
+        per_epoch = trainer.num_training_batches
+        if not (isinstance(per_epoch, int | float) and math.isfinite(per_epoch) and per_epoch > 0):
+            return float(trainer.current_epoch)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch + done / per_epoch
 
     # ------------------------------------------------------------------ optimisation
 
