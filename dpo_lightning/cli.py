@@ -13,8 +13,11 @@ conversational rows without a chat template), so a wrong pairing fails before an
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,6 +32,7 @@ from dpo_lightning.callbacks import (
     StepProgressBar,
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
+from dpo_lightning.config_errors import explain, init_error
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
@@ -49,8 +53,41 @@ PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model a
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
 
+class ShortErrors:
+    """A jsonargparse parser whose errors are one or two lines (``config_errors.explain``: the option, the
+    reason, the fix) instead of the usage and the nested type report; ``JSONARGPARSE_DEBUG`` and
+    ``exit_on_error=False`` keep jsonargparse's own behaviour."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        subcommand = parser.prog.rsplit(" ", 1)[-1] if " " in parser.prog else ""
+        try:
+            lines = explain(message, parser, subcommand)
+        except Exception:  # noqa: BLE001 - never worse than jsonargparse's own report
+            super().error(message, ex)
+        sys.stderr.write("dpo_lightning: error: " + "\n  ".join(lines) + "\n")
+        self.exit(2)
+
+
+class ShortErrorParser(ShortErrors, LightningArgumentParser):
+    """The CLI's parser: LightningArgumentParser with one- or two-line errors."""
+
+
 class DPOLightningCLI(LightningCLI):
     """LightningCLI with dpo_lightning's links and default callbacks."""
+
+    def instantiate_classes(self) -> None:
+        # A class's own ValueError (an unknown loss, a bad LoRA rank) arrives wrapped in jsonargparse's union
+        # report; say it in one line, with the option group it came from.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
+            if short is None:
+                raise
+            raise ConfigError(short) from err
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The stage (``model``) and ``data`` first, then ``trainer``: ``fit --help`` leads with what a user sets."""
@@ -216,7 +253,7 @@ def _check_data_for_stage(stage: type[CausalLMModule], data_class_path: str) -> 
     if makes is None or stage.batch_format in makes:
         return
     fits = [_path(c) for c in (PreferenceDataModule, _sft_data()) if stage.batch_format in c.batch_formats]
-    raise ValueError(
+    raise ConfigError(
         f"{stage.__name__} trains on {stage.batch_format!r} batches, which {data.__name__} does not make (it makes "
         f"{', '.join(repr(m) for m in makes)}); set data.class_path to {' or '.join(fits) or 'a data module for it'}"
     )
@@ -265,6 +302,15 @@ class GenerateCLI(LightningCLI):
         # A mistyped judge fails here, before the policy's weights load.
         _writer_class().check_judge(self.config[self.subcommand].output.judge)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
+            if short is None:
+                raise
+            raise ConfigError(short) from err
+
 
 def _writer_class() -> type:
     from dpo_lightning.generation import JudgedSamplesWriter
@@ -291,6 +337,7 @@ def generate_main(
             "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",
         },
         trainer_defaults={"logger": False, "enable_checkpointing": False},
+        parser_class=ShortErrorParser,
         # Records go to disk as they finish; holding every prediction in memory too would only cost.
         args=["predict", "--return_predictions", "false", *(sys.argv[2:] if args is None else args)],
         run=run,
@@ -330,6 +377,7 @@ def cli_main(
             },
         },
         save_config_kwargs={"overwrite": True},
+        parser_class=ShortErrorParser,
         args=args,
         run=run,
     )
@@ -343,6 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     preempted run saved its checkpoint (a scheduler can tell that from success and from failure).
     """
     words = sys.argv[1:] if argv is None else argv
+    # The subcommands hand LightningCLI their own arguments on purpose (`generate`, and `iterate`'s stages).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         if words[:1] == ["export"]:
             from dpo_lightning.export import main as export_main

@@ -104,7 +104,8 @@ class CausalLMModule(L.LightningModule):
             disable_dropout: Turn off dropout in the policy, as TRL does by default.
             optimizer: Optimizer factory (LightningCLI ``OptimizerCallable``); None means AdamW(lr=1e-6).
             scheduler: LR scheduler factory; None means linear warmup then ``lr_decay``, stepped per optimizer step.
-            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule.
+            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule: ceil(ratio x
+                steps) steps rising from 0 at the first, as TRL's ``warmup_steps`` given as a ratio.
             lr_decay: Decay of the default schedule after warmup: cosine, linear or constant.
             lora: Train LoRA adapters instead of every weight (r, alpha, dropout, target_modules); None: full.
             memory: Memory knobs: lean_logprobs, logprob_chunk_elements, activation_checkpointing,
