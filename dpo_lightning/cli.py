@@ -13,11 +13,9 @@ conversational rows without a chat template), so a wrong pairing fails before an
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
-from typing import NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -32,7 +30,7 @@ from dpo_lightning.callbacks import (
     StepProgressBar,
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
-from dpo_lightning.config_errors import explain, init_error
+from dpo_lightning.config_errors import ShortErrors, init_error
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
@@ -51,24 +49,6 @@ from dpo_lightning.stage import CausalLMModule
 
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
-
-
-class ShortErrors:
-    """A jsonargparse parser whose errors are one or two lines (``config_errors.explain``: the option, the
-    reason, the fix) instead of the usage and the nested type report; ``JSONARGPARSE_DEBUG`` and
-    ``exit_on_error=False`` keep jsonargparse's own behaviour."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() in ("1", "true", "yes", "on"):
-            super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        subcommand = parser.prog.rsplit(" ", 1)[-1] if " " in parser.prog else ""
-        try:
-            lines = explain(message, parser, subcommand)
-        except Exception:  # noqa: BLE001 - never worse than jsonargparse's own report
-            super().error(message, ex)
-        sys.stderr.write("dpo_lightning: error: " + "\n  ".join(lines) + "\n")
-        self.exit(2)
 
 
 class ShortErrorParser(ShortErrors, LightningArgumentParser):

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import re
+import sys
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NoReturn
 
 # TRL 1.16's option names (DPOConfig, SFTConfig, RewardConfig, trainer arguments) -> the option here, as the
 # option map of docs/migrating_from_trl.md gives it (tests/test_migrating_doc.py checks every entry against
@@ -126,12 +128,12 @@ def _fix(option: str, valid: list[str], *, prefix: str = "", listing: str | None
     return listing
 
 
-def _listing(cls: type | None, prefix: str, valid: list[str], subcommand: str) -> str | None:
+def _listing(cls: type | None, prefix: str, valid: list[str], command: str) -> str | None:
     if cls is None:
         return None
     group = prefix.split(".")[0]
     if prefix in ("model", "data"):
-        return f"its options: python -m dpo_lightning {subcommand} --{group}.help {cls.__name__}"
+        return f"its options: {command} --{group}.help {cls.__name__}"
     return f"{cls.__name__} takes: {', '.join(valid)}" if valid else None
 
 
@@ -142,9 +144,9 @@ def _after(message: str, pattern: str) -> re.Match | None:
     return found
 
 
-def explain(message: str, parser: Any = None, subcommand: str = "fit") -> list[str]:
+def explain(message: str, parser: Any = None, command: str = "python -m dpo_lightning fit") -> list[str]:
     """One or two lines for a jsonargparse error ``message`` (``parser``: the (sub)command's parser, for the
-    valid top-level names)."""
+    valid top-level names; ``command``: how the user ran it, for where to read the options)."""
     top = _parser_options(parser)
     unknown = None
     m = re.match(r"unrecognized arguments: (.*)", message, flags=re.S)
@@ -156,11 +158,11 @@ def explain(message: str, parser: Any = None, subcommand: str = "fit") -> list[s
     m = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message)
     unknown = f"{m.group(1)}.{m.group(2)}" if m else unknown
     if unknown is not None:
-        listing = f"python -m dpo_lightning {subcommand} --help lists every option"
+        listing = f"{command} --help lists every option"
         return [f"--{unknown}: no such option", *filter(None, [_fix(unknown, top, listing=listing)])]
     m = re.search(r"Option '([\w.]+)' is not accepted before subcommand", message)
     if m:
-        return [f"--{m.group(1)}: give it after the subcommand: python -m dpo_lightning fit --{m.group(1)} ..."]
+        return [f"--{m.group(1)}: give it after the subcommand, e.g. python -m dpo_lightning fit --{m.group(1)} ..."]
 
     keys = re.findall(r'Parser key "([\w.]+)"', message)
     outer = keys[0] if keys else ""
@@ -185,7 +187,7 @@ def explain(message: str, parser: Any = None, subcommand: str = "fit") -> list[s
         cls, valid = _class_options(class_path) if class_path else (None, [])
         prefix = option[: -len(name) - 1] if option.endswith("." + name) else outer
         owner = cls.__name__ if cls is not None else prefix or "this command"
-        fix = _fix(option, valid, prefix=prefix, listing=_listing(cls, prefix, valid, subcommand))
+        fix = _fix(option, valid, prefix=prefix, listing=_listing(cls, prefix, valid, command))
         return [f"--{option}: not an option of {owner}", *filter(None, [fix])]
 
     m = _after(message, r"Problem with given class_path '([\w.]+)':\s*\n?\s*(.+)")
@@ -250,3 +252,23 @@ def init_error(err: BaseException, config: Any = None) -> str | None:
         name = class_path.rsplit(".", 1)[-1]
         where = f"{group} ({name}): " if group else f"{name}: "
     return where + " ".join(str(inner).split("\n"))
+
+
+class ShortErrors:
+    """A jsonargparse parser whose errors are one or two lines (``config_errors.explain``: the option, the
+    reason, the fix) instead of the usage and the nested type report; ``JSONARGPARSE_DEBUG`` and
+    ``exit_on_error=False`` keep jsonargparse's own behaviour."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG", "").lower() in ("1", "true", "yes", "on"):
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        command = parser.prog.replace(" [options]", "")
+        if command.endswith(" generate predict"):  # `generate` runs LightningCLI's `predict` inside
+            command = command.removesuffix(" predict")
+        try:
+            lines = explain(message, parser, command)
+        except Exception:  # noqa: BLE001 - never worse than jsonargparse's own report
+            super().error(message, ex)
+        sys.stderr.write("dpo_lightning: error: " + "\n  ".join(lines) + "\n")
+        self.exit(2)

@@ -375,7 +375,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
+    from dpo_lightning.config_errors import ShortErrors
+
+    class IterateParser(ShortErrors, ArgumentParser):
+        """jsonargparse's parser with one- or two-line errors."""
+
+    parser = IterateParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)

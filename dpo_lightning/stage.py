@@ -308,7 +308,7 @@ class CausalLMModule(L.LightningModule):
         ``epoch`` is fractional, epochs done plus the share of this epoch's batches trained, as TRL logs it.
         (``self.log`` then keeps the values for callbacks and the progress bar, not for the loggers: a logged
         ``step`` or ``epoch`` would replace the ones checkpoint names and monitors read.)"""
-        if not self.loggers:
+        if not self.loggers or self.trainer.sanity_checking:  # (Lightning logs nothing of the sanity check either)
             return
         row = {name: float(value) for name, value in values.items()}
         epoch = self._fractional_epoch()

@@ -94,6 +94,21 @@ def test_a_class_refusing_its_settings_is_one_line(capsys, args, expected):
     assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: {expected}"), out
 
 
+def test_iterate_and_generate_errors_are_short_too(capsys):
+    pipeline = str(ROOT / "recipes" / "pipeline_tiny.yaml")
+    assert _stderr(capsys, "iterate", "--config", pipeline, "--roundz", "2") == [
+        "dpo_lightning: error: --roundz: no such option", "  did you mean --rounds?"]
+    generate = str(ROOT / "recipes" / "tiny_generate.yaml")
+    assert _stderr(capsys, "generate", "--config", generate, "--model.temprature", "0.7") == [
+        "dpo_lightning: error: --model.temprature: no such option", "  did you mean --model.temperature?"]
+
+
+def test_a_stage_given_the_other_stages_data_module_is_one_line(capsys):
+    out = _stderr(capsys, "fit", "--config", TINY, "--trainer.logger", "false", "--data.class_path",
+                  "dpo_lightning.SFTDataModule")
+    assert len(out) == 1 and out[0].startswith("dpo_lightning: error: DPOModule trains on 'pairs' batches")
+
+
 def test_a_bug_while_building_keeps_its_traceback(tmp_path, monkeypatch):
     """Only a class's ValueError is a config mistake: anything else (a bug) is raised as it was."""
     import dpo_lightning.dpo as dpo

@@ -45,7 +45,8 @@ def test_cli_defaults_clip_at_one_and_log_every_ten_steps(tmp_path):
 
 def test_a_short_run_logs_on_trls_step_axis_with_the_rate_each_step_applied(tmp_path):
     """20 optimizer steps, a log every 10, validation every 5 batches: train rows at steps 10 and 20, TRL's
-    ``global_step`` once the step is done (Lightning's own axis says 9 and 19), validation at 5, 10, 15, 20;
+    ``global_step`` once the step is done (Lightning's own axis says 9 and 19), validation at 5, 10, 15, 20
+    (the sanity check before training is not logged);
     each row has TRL's fractional ``epoch`` (batches trained / batches per epoch). train/lr is the rate the
     logged step applied (TRL's learning_rate, read before the scheduler moves; it was the next step's),
     train/grad_norm finite and > 0; no lr-AdamW, no hp_metric."""
@@ -54,7 +55,7 @@ def test_a_short_run_logs_on_trls_step_axis_with_the_rate_each_step_applied(tmp_
     logger = StepLogger()
     cli = cli_main(args(tmp_path, "--data.val_split", "null", "--data.val_fraction", "0.1",
                         "--trainer.val_check_interval", "5", "--trainer.check_val_every_n_epoch", "null",
-                        "--model.lr_decay", "cosine"), run=False)
+                        "--model.lr_decay", "cosine", "--trainer.num_sanity_val_steps", "1"), run=False)
     cli.trainer.loggers = [cli.trainer.logger, logger]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows = {step: row for step, row in logger.rows.items() if "train/loss" in row}
