@@ -295,34 +295,34 @@ class CausalLMModule(L.LightningModule):
         # validation inside fit (e.g. trainer.validate() before trainer.fit()).
         with torch.inference_mode(False):
             metrics.reset()
-        self._write_logs(values)
-        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, logger=False)
+        # In fit, on TRL's axes (_write_logs); a `validate`/`test` of its own goes through Lightning, which
+        # returns what is logged (trainer.validate(...)[0]) and has no optimizer step to count.
+        in_fit = self.trainer.state.fn == "fit"
+        if in_fit:
+            self._write_logs(values)
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, logger=not in_fit)
         if self.progress_bar_metric is not None:
             name, short = self.progress_bar_metric
             if f"{metrics.prefix}/{name}" in values:
                 self.log(f"{metrics.prefix}_{short}", values[f"{metrics.prefix}/{name}"], prog_bar=True, logger=False)
 
     def _write_logs(self, values: Mapping[str, Tensor]) -> None:
-        """Write ``values`` to the trainer's loggers on TRL's axes: the step is the number of optimizer steps
-        done (Lightning's own axis is one behind, counting those before the current one), and during ``fit``
+        """Write ``values`` to the trainer's loggers on TRL's axes (during ``fit``): the step is the number of
+        optimizer steps done (Lightning's own axis is one behind, counting those before the current one), and
         ``epoch`` is fractional, epochs done plus the share of this epoch's batches trained, as TRL logs it.
         (``self.log`` then keeps the values for callbacks and the progress bar, not for the loggers: a logged
         ``step`` or ``epoch`` would replace the ones checkpoint names and monitors read.)"""
         if not self.loggers or self.trainer.sanity_checking:  # (Lightning logs nothing of the sanity check either)
             return
         row = {name: float(value) for name, value in values.items()}
-        epoch = self._fractional_epoch()
-        if epoch is not None:
-            row["epoch"] = epoch
+        row["epoch"] = self._fractional_epoch()
         for logger in self.loggers:
             logger.log_metrics(row, step=self.global_step)
             logger.save()
 
-    def _fractional_epoch(self) -> float | None:
-        """TRL's ``epoch``: ``current_epoch + batches trained this epoch / batches per epoch``; None outside fit."""
+    def _fractional_epoch(self) -> float:
+        """TRL's ``epoch``: ``current_epoch + batches trained this epoch / batches per epoch``."""
         trainer = self.trainer
-        if trainer.state.fn != "fit":
-            return None
         per_epoch = trainer.num_training_batches
         if not (isinstance(per_epoch, int | float) and math.isfinite(per_epoch) and per_epoch > 0):
             return float(trainer.current_epoch)
