@@ -38,7 +38,7 @@ Sweeps (``--sweeps``; the default runs the first five, 27 runs; ``batch`` and ``
 Writes PNG figures to ``--out`` (default ``docs/figures``), prints a markdown table per sweep and
 saves the raw numbers as ``results.json`` in ``--workdir`` after every run (a later call with other
 ``--sweeps`` adds to it, reusing the SFT runs); ``--replot`` redraws the figures from that file
-without training. Needs matplotlib (``pip install matplotlib``). Not part of pytest.
+without training. Draws with matplotlib (a dependency). Not part of pytest.
 
     python benchmarks/beta_sweep.py                       # SFT per seed, then all sweeps, seeds 0 1 (27 runs)
     python benchmarks/beta_sweep.py --sweeps beta --seeds 0

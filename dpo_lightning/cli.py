@@ -14,6 +14,7 @@ conversational rows without a chat template), so a wrong pairing fails before an
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,7 @@ from dpo_lightning.callbacks import (
     StepProgressBar,
 )
 from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
+from dpo_lightning.config_errors import ShortErrors, init_error
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.errors import DataError
@@ -53,8 +55,23 @@ PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model a
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
 
+class ShortErrorParser(ShortErrors, LightningArgumentParser):
+    """The CLI's parser: LightningArgumentParser with one- or two-line errors."""
+
+
 class DPOLightningCLI(LightningCLI):
     """LightningCLI with dpo_lightning's links and default callbacks."""
+
+    def instantiate_classes(self) -> None:
+        # A class's own ValueError (an unknown loss, a bad LoRA rank) arrives wrapped in jsonargparse's union
+        # report; say it in one line, with the option group it came from.
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
+            if short is None:
+                raise
+            raise ConfigError(short) from err
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The stage (``model``) and ``data`` first, then ``trainer``: ``fit --help`` leads with what a user sets."""
@@ -233,7 +250,7 @@ def _check_data_for_stage(stage: type[CausalLMModule], data_class_path: str) -> 
     if makes is None or stage.batch_format in makes:
         return
     fits = [_path(c) for c in (PreferenceDataModule, _sft_data()) if stage.batch_format in c.batch_formats]
-    raise ValueError(
+    raise ConfigError(
         f"{stage.__name__} trains on {stage.batch_format!r} batches, which {data.__name__} does not make (it makes "
         f"{', '.join(repr(m) for m in makes)}); set data.class_path to {' or '.join(fits) or 'a data module for it'}"
     )
@@ -286,6 +303,15 @@ class GenerateCLI(LightningCLI):
         except (ValueError, FileNotFoundError) as err:  # one line from `main`, not a traceback
             raise ConfigError(f"output.judge: {err}") from err
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
+            if short is None:
+                raise
+            raise ConfigError(short) from err
+
 
 def _writer_class() -> type:
     from dpo_lightning.generation import JudgedSamplesWriter
@@ -310,6 +336,7 @@ def _generate_options() -> dict[str, Any]:
             "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",
         },
         "trainer_defaults": {"logger": False, "enable_checkpointing": False},
+        "parser_class": ShortErrorParser,
     }
 
 
@@ -359,6 +386,7 @@ def _fit_options() -> dict[str, Any]:
             },
         },
         "save_config_kwargs": {"overwrite": True},
+        "parser_class": ShortErrorParser,
     }
 
 
@@ -412,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     preempted run saved its checkpoint (a scheduler can tell that from success and from failure).
     """
     words = sys.argv[1:] if argv is None else argv
+    # The subcommands hand LightningCLI their own arguments on purpose (`generate`, and `iterate`'s stages).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
     try:
         if words[:1] == ["export"]:
             from dpo_lightning.export import main as export_main

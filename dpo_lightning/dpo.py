@@ -126,6 +126,8 @@ class DPOModule(CausalLMModule):
             rejected_logits_sum=policy.logits_sum[b:],
             chosen_tokens=policy.n_tokens[:b],
             rejected_tokens=policy.n_tokens[b:],
+            entropy_sum=policy.entropy_sum,
+            chosen_correct=None if policy.n_correct is None else policy.n_correct[:b],
             # Only eval batches on several ranks carry it: 0 for the padding that evens out shards.
             weight=batch.get("weight"),
         )

@@ -36,6 +36,7 @@ class SequenceLogps(NamedTuple):
     n_tokens: Tensor  # number of response tokens
     logits_sum: Tensor  # sum over response tokens of the mean logit over the vocabulary (detached)
     n_correct: Tensor | None = None  # response tokens whose label is the argmax of its logits (detached)
+    entropy_sum: Tensor | None = None  # sum over response tokens of the predictive entropy in nats (detached)
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -52,8 +53,8 @@ class _LabelLogProb(torch.autograd.Function):
     """``log_softmax(logits)[label]`` at selected rows of a flat ``(M, V)`` logits tensor.
 
     Forward returns the label log-probs ``(K,)`` in float32 and, non-differentiable, the mean
-    logit of each selected row ``(K,)`` and whether its label is the row's argmax ``(K,)``
-    (1.0 or 0.0). Neither pass holds more than one chunk of float32
+    logit of each selected row ``(K,)``, whether its label is the row's argmax ``(K,)``
+    (1.0 or 0.0) and the entropy of its softmax ``(K,)``. Neither pass holds more than one chunk of float32
     ``(chunk, V)`` values; backward writes the gradient into a tensor of the logits' dtype.
     """
 
@@ -62,22 +63,18 @@ class _LabelLogProb(torch.autograd.Function):
         # flat_logits: (M, V) any float dtype; rows, targets: (K,) long
         acc = torch.promote_types(flat_logits.dtype, torch.float32)  # float32, or float64 for gradcheck
         token_logps = torch.empty(rows.numel(), dtype=acc, device=flat_logits.device)
-        mean_logits = torch.empty_like(token_logps)
-        correct = torch.empty_like(token_logps)
+        mean_logits, correct, entropy = (torch.empty_like(token_logps) for _ in range(3))
         for start in range(0, rows.numel(), chunk):
             sl = slice(start, start + chunk)
             x = flat_logits.index_select(0, rows[sl]).to(acc)  # (c, V)
-            lse = torch.logsumexp(x, dim=-1)  # (c,)
-            token_logps[sl] = x.gather(1, targets[sl, None]).squeeze(1) - lse
-            mean_logits[sl] = x.mean(dim=-1)
-            correct[sl] = x.argmax(dim=-1) == targets[sl]
+            token_logps[sl], mean_logits[sl], correct[sl], entropy[sl] = _token_stats(x, targets[sl])
         ctx.save_for_backward(flat_logits, rows, targets)
         ctx.chunk, ctx.acc = chunk, acc
-        ctx.mark_non_differentiable(mean_logits, correct)
-        return token_logps, mean_logits, correct
+        ctx.mark_non_differentiable(mean_logits, correct, entropy)
+        return token_logps, mean_logits, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad_logps: Tensor, _grad_mean: Tensor, _grad_correct: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logps: Tensor, *_grad_stats: Tensor):  # type: ignore[override]
         flat_logits, rows, targets = ctx.saved_tensors
         grad = torch.zeros_like(flat_logits)  # (M, V), logits dtype
         for start in range(0, rows.numel(), ctx.chunk):
@@ -89,6 +86,16 @@ class _LabelLogProb(torch.autograd.Function):
             g.scatter_add_(1, targets[sl, None], g_out)
             grad.index_copy_(0, rows[sl], g.to(grad.dtype))
         return grad, None, None, None
+
+
+def _token_stats(z: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-position statistics of logits ``z`` ``(c, V)`` (float32) and their labels ``(c,)``: the label's
+    log-prob, the mean logit, 1.0 where the label is the argmax (the first maximum, as TRL's ``is_top1``)
+    and the entropy ``lse(z) - sum softmax(z) * z``; each ``(c,)``."""
+    lse = torch.logsumexp(z, dim=-1)  # (c,)
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)  # (c,)
+    logp = z.gather(1, targets[:, None]).squeeze(1) - lse
+    return logp, z.mean(dim=-1), (z.argmax(dim=-1) == targets).to(z.dtype), entropy
 
 
 def sequence_logps(
@@ -116,8 +123,8 @@ def sequence_logps(
     positions, targets, seq, num_sequences = _response_positions(labels, sequence_ids, num_sequences)
     chunk = max(1, chunk_elements // v)
     flat = logits.reshape(n * t, v)  # (N*T, V)
-    token_logps, mean_logits, correct = _LabelLogProb.apply(flat, positions, targets, chunk)  # (K,) x3
-    return _per_sequence(token_logps, mean_logits, correct, seq, num_sequences)
+    token_logps, mean_logits, correct, entropy = _LabelLogProb.apply(flat, positions, targets, chunk)  # (K,) x4
+    return _per_sequence(token_logps, mean_logits, correct, entropy, seq, num_sequences)
 
 
 def _response_positions(
@@ -142,7 +149,7 @@ def _response_positions(
 
 
 def _per_sequence(
-    token_logps: Tensor, mean_logits: Tensor, correct: Tensor, seq: Tensor, num_sequences: int
+    token_logps: Tensor, mean_logits: Tensor, correct: Tensor, entropy: Tensor, seq: Tensor, num_sequences: int
 ) -> SequenceLogps:
     """Sum per-token values ``(K,)`` into their sequences ``(S,)``."""
     zeros = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device)
@@ -151,6 +158,7 @@ def _per_sequence(
         n_tokens=zeros.index_add(0, seq, torch.ones_like(token_logps)),
         logits_sum=zeros.index_add(0, seq, mean_logits),
         n_correct=zeros.index_add(0, seq, correct),
+        entropy_sum=zeros.index_add(0, seq, entropy),
     )
 
 
@@ -172,22 +180,18 @@ class _HiddenLabelLogProb(torch.autograd.Function):
         # hidden: (K, H); weight: (V, H); bias: (V,) or None; targets: (K,) long
         acc = torch.promote_types(hidden.dtype, torch.float32)
         token_logps = torch.empty(hidden.shape[0], dtype=acc, device=hidden.device)
-        mean_logits = torch.empty_like(token_logps)
-        correct = torch.empty_like(token_logps)
+        mean_logits, correct, entropy = (torch.empty_like(token_logps) for _ in range(3))
         for start in range(0, hidden.shape[0], chunk):
             sl = slice(start, start + chunk)
             z = _project(hidden[sl], weight, bias, acc, scale, softcap)  # (c, V)
-            lse = torch.logsumexp(z, dim=-1)  # (c,)
-            token_logps[sl] = z.gather(1, targets[sl, None]).squeeze(1) - lse
-            mean_logits[sl] = z.mean(dim=-1)
-            correct[sl] = z.argmax(dim=-1) == targets[sl]
+            token_logps[sl], mean_logits[sl], correct[sl], entropy[sl] = _token_stats(z, targets[sl])
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.acc, ctx.scale, ctx.softcap = chunk, acc, scale, softcap
-        ctx.mark_non_differentiable(mean_logits, correct)
-        return token_logps, mean_logits, correct
+        ctx.mark_non_differentiable(mean_logits, correct, entropy)
+        return token_logps, mean_logits, correct, entropy
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_mean, _grad_correct):  # type: ignore[override]
+    def backward(ctx, grad_logps, *_grad_stats):  # type: ignore[override]
         hidden, weight, bias, targets = ctx.saved_tensors
         acc, scale, softcap = ctx.acc, ctx.scale, ctx.softcap
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -268,7 +272,7 @@ def sequence_logps_from_hidden(
     positions, targets, seq, num_sequences = _response_positions(labels, sequence_ids, num_sequences)
     response_hidden = hidden.reshape(n * t, h).index_select(0, positions)  # (K, H)
     chunk = max(1, chunk_elements // v)
-    token_logps, mean_logits, correct = _HiddenLabelLogProb.apply(
+    token_logps, mean_logits, correct, entropy = _HiddenLabelLogProb.apply(
         response_hidden, lm_head_weight, lm_head_bias, targets, chunk, float(logit_scale), logit_softcap
-    )  # (K,) x3
-    return _per_sequence(token_logps, mean_logits, correct, seq, num_sequences)
+    )  # (K,) x4
+    return _per_sequence(token_logps, mean_logits, correct, entropy, seq, num_sequences)

@@ -947,6 +947,8 @@ _RENAMED = {"aot_pair": "aot_unpaired"}
 
 def _unknown_loss(name: object) -> str:
     hint = f" (TRL 1.x renamed {name!r} to {_RENAMED[name]!r})" if name in _RENAMED else ""
+    close = difflib.get_close_matches(str(name), [*LOSSES, *UNPAIRED_LOSSES], n=1) if not hint else []
+    hint = hint or (f" (did you mean {close[0]!r}?)" if close else "")
     unpaired = ", ".join(sorted(UNPAIRED_LOSSES))
     return (
         f"Unknown loss_type {name!r}{hint}. Valid names: {', '.join(sorted(LOSSES))}; "

@@ -22,6 +22,8 @@ METRIC_NAMES = (
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "entropy",
+    "mean_token_accuracy",
 )
 
 
@@ -69,12 +71,17 @@ class PreferenceMetrics(RunningMeans):
         rejected_logits_sum: Tensor,
         chosen_tokens: Tensor,
         rejected_tokens: Tensor,
+        entropy_sum: Tensor | None = None,
+        chosen_correct: Tensor | None = None,
         weight: Tensor | None = None,
     ) -> None:
-        """Add one batch of B pairs; every argument has shape ``(B,)``.
+        """Add one batch of B pairs; every argument has shape ``(B,)``, ``entropy_sum`` ``(2B,)`` (chosen first).
 
         ``weight`` counts each pair (1) or leaves it out (0: the padding an uneven eval shard
-        repeats, see ``data/sampler.py``); every pair counts when None.
+        repeats, see ``data/sampler.py``); every pair counts when None. ``entropy_sum``: each
+        response's summed per-token entropy; ``chosen_correct``: the chosen response's tokens whose label
+        is the argmax (TRL's ``entropy`` over every response token, ``mean_token_accuracy`` over the
+        chosen ones); without them those two are not logged.
         """
         w = 1.0 if weight is None else weight.detach().float()
         per_pair = {
@@ -100,15 +107,29 @@ class PreferenceMetrics(RunningMeans):
             if keep.any():
                 tokens = (count * w)[keep]  # a padded pair's tokens count 0
                 self.means[_key(name)].update(total.detach().float()[keep] / count[keep], tokens)
+        both = torch.cat([chosen_tokens, rejected_tokens])
+        per_token = (
+            ("entropy", entropy_sum, both.detach().float(), torch.cat([w, w]) if torch.is_tensor(w) else w),
+            ("mean_token_accuracy", chosen_correct, chosen_tokens.detach().float(), w),
+        )
+        for name, total, count, pair_w in per_token:
+            keep = count > 0
+            if total is not None and keep.any():
+                self.means[_key(name)].update(total.detach().float()[keep] / count[keep], (count * pair_w)[keep])
 
     def compute(self) -> dict[str, Tensor]:
-        """Means over everything since the last reset, synced across ranks."""
-        return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in METRIC_NAMES}
+        """Means over everything since the last reset, synced across ranks (``entropy`` and
+        ``mean_token_accuracy`` only when the window had them)."""
+        return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in METRIC_NAMES
+                if n not in _OPTIONAL or self.means[_key(n)].update_count}
 
 
 
 def _key(name: str) -> str:
     return name.replace("/", "__")
+
+
+_OPTIONAL = ("entropy", "mean_token_accuracy")  # logged when the caller gives them (DPOModule does)
 
 
 # TRL KTOTrainer's metric names, in the order we log them.
@@ -219,34 +240,46 @@ class RewardMetrics(RunningMeans):
         return {f"{self.prefix}/{n}": self.means[_key(n)].compute() for n in REWARD_METRIC_NAMES}
 
 
-# What SFT logs: the loss and token accuracy are means over every loss token of the window
-# (TRL: loss, mean_token_accuracy); perplexity is exp(loss).
-SFT_METRIC_NAMES = ("loss", "token_accuracy", "perplexity")
+# What SFT logs, TRL's names: the loss, token accuracy and entropy are means over every loss token of the
+# window; perplexity is exp(loss).
+SFT_METRIC_NAMES = ("loss", "mean_token_accuracy", "entropy", "perplexity")
 
 
 class SFTMetrics(RunningMeans):
     """SFT's metrics: token-weighted over every loss token of the window on every rank.
 
     ``loss`` is the summed NLL of the loss tokens divided by their number (not a mean of
-    per-batch or per-sequence means); ``token_accuracy`` the share of loss tokens whose label is
-    the argmax of the logits; ``perplexity`` is ``exp(loss)``.
+    per-batch or per-sequence means); ``mean_token_accuracy`` the share of loss tokens whose label is
+    the argmax of the logits; ``entropy`` the mean predictive entropy at the loss tokens (nats);
+    ``perplexity`` is ``exp(loss)``. (The accuracy's state keeps its older key, ``token_accuracy``, so
+    checkpoints written before the rename resume.)
     """
 
     def __init__(self, prefix: str) -> None:
-        super().__init__(prefix, SFT_METRIC_NAMES[:2])
+        super().__init__(prefix, ("loss", "token_accuracy", "entropy"))
 
-    def update(self, *, nll: Tensor, n_tokens: Tensor, n_correct: Tensor, weight: Tensor | None = None) -> None:
-        """Per-sequence sums ``(N,)``: NLL of the loss tokens, their number, the argmax hits; ``weight`` (N,)."""
+    def update(
+        self, *, nll: Tensor, n_tokens: Tensor, n_correct: Tensor, entropy_sum: Tensor | None = None,
+        weight: Tensor | None = None,
+    ) -> None:
+        """Per-sequence sums ``(N,)``: NLL of the loss tokens, their number, the argmax hits, the entropy;
+        ``weight`` (N,)."""
         n = n_tokens.detach().float()
         w = n if weight is None else n * weight.detach().float()  # a sequence counts by its tokens
         n_safe = n.clamp_min(1.0)  # a sequence without loss tokens has weight 0 anyway
         self.means[_key("loss")].update(nll.detach().float() / n_safe, w)
         self.means[_key("token_accuracy")].update(n_correct.detach().float() / n_safe, w)
+        if entropy_sum is not None:
+            self.means[_key("entropy")].update(entropy_sum.detach().float() / n_safe, w)
 
     def compute(self) -> dict[str, Tensor]:
         loss = self.means[_key("loss")].compute()
-        return {
+        values = {
             f"{self.prefix}/loss": loss,
-            f"{self.prefix}/token_accuracy": self.means[_key("token_accuracy")].compute(),
+            f"{self.prefix}/mean_token_accuracy": self.means[_key("token_accuracy")].compute(),
+            f"{self.prefix}/entropy": self.means[_key("entropy")].compute(),
             f"{self.prefix}/perplexity": torch.exp(loss),
         }
+        if not self.means[_key("entropy")].update_count:
+            del values[f"{self.prefix}/entropy"]
+        return values

@@ -118,6 +118,8 @@ def iterate(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = evaluation or Evaluation()
+    if not _can_plot():  # said now, not when the report is written after every stage has trained
+        warn(_NO_PLOT)
     watch = PreemptionWatch("stopping at the current stage's next safe point (an optimizer step, a written batch) "
                             "or before the next stage, then exiting")
     with FolderLock(out, "iterate (output_dir)"), watch:
@@ -485,7 +487,23 @@ def write_report(
     return rows
 
 
+_NO_PLOT = ("matplotlib is not installed: report.png will not be drawn (report.csv and TensorBoard hold the same "
+            "numbers); `pip install matplotlib` to draw it")
+
+
+def _can_plot() -> bool:
+    """Whether matplotlib imports (a dependency, but an install without it must not fail after training)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    if not _can_plot():
+        warn(_NO_PLOT)
+        return
     import matplotlib
 
     matplotlib.use("Agg")
@@ -509,7 +527,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    parser = ArgumentParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
+    from dpo_lightning.config_errors import ShortErrors
+
+    class IterateParser(ShortErrors, ArgumentParser):
+        """jsonargparse's parser with one- or two-line errors."""
+
+    parser = IterateParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)

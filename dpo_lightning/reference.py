@@ -269,7 +269,11 @@ def resolve_reference(spec: str | Reference | Mapping[str, Any]) -> Reference:
             raise ValueError(f"{spec['class_path']} is not a dpo_lightning.reference.Reference")
         return cls(**dict(spec.get("init_args") or {}))
     if spec not in REFERENCES:
-        raise ValueError(f"unknown reference {spec!r}: use one of {', '.join(REFERENCES)} or a Reference class")
+        import difflib
+
+        close = difflib.get_close_matches(str(spec), list(REFERENCES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown reference {spec!r}{hint}: use one of {', '.join(REFERENCES)} or a Reference class")
     return REFERENCES[spec]()
 
 

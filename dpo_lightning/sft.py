@@ -32,8 +32,8 @@ class SFTModule(CausalLMModule):
     metrics_class = SFTMetrics
     checkpoint_monitor = ("val/loss", "min")
     batch_format = "sft"
-    progress_bar_metric = ("token_accuracy", "tok_acc")
-    progress_bar_train = (("token_accuracy", "tok_acc"),)
+    progress_bar_metric = ("mean_token_accuracy", "tok_acc")
+    progress_bar_train = (("mean_token_accuracy", "tok_acc"),)
 
     def __init__(self, model: str | PreTrainedModel | None = None, **kwargs: Any) -> None:
         """
@@ -46,7 +46,8 @@ class SFTModule(CausalLMModule):
     def step(self, batch: Mapping[str, Tensor], metrics: SFTMetrics) -> Tensor:
         out = self.sequence_logps(self.model, batch)  # per-sequence sums over loss tokens, (N,)
         nll = -out.logps  # (N,)
-        metrics.update(nll=nll, n_tokens=out.n_tokens, n_correct=out.n_correct, weight=batch.get("weight"))
+        metrics.update(nll=nll, n_tokens=out.n_tokens, n_correct=out.n_correct, entropy_sum=out.entropy_sum,
+                       weight=batch.get("weight"))
         return nll.sum() / self.loss_denominator(batch, out.n_tokens)
 
     def loss_denominator(self, batch: Mapping[str, Tensor], n_tokens: Tensor) -> Tensor:

@@ -106,7 +106,8 @@ class CausalLMModule(L.LightningModule):
             disable_dropout: Turn off dropout in the policy, as TRL does by default.
             optimizer: Optimizer factory (LightningCLI ``OptimizerCallable``); None means AdamW(lr=1e-6).
             scheduler: LR scheduler factory; None means linear warmup then ``lr_decay``, stepped per optimizer step.
-            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule.
+            warmup_ratio: Fraction of the optimizer steps spent warming up the default schedule: ceil(ratio x
+                steps) steps rising from 0 at the first, as TRL's ``warmup_steps`` given as a ratio.
             lr_decay: Decay of the default schedule after warmup: cosine, linear or constant.
             lora: Train LoRA adapters instead of every weight (r, alpha, dropout, target_modules); None: full.
             memory: Memory knobs: lean_logprobs, logprob_chunk_elements, activation_checkpointing,
@@ -166,6 +167,7 @@ class CausalLMModule(L.LightningModule):
         self._resume_rng: dict[str, Any] | None = None  # set by on_load_checkpoint, used at the next batch
         self._grad_norm: Tensor | None = None  # of the last optimizer step, logged as train/grad_norm
         self._closed_window: dict[str, Tensor] | None = None  # train metrics of the window this step closed
+        self._step_lr: float | None = None  # the learning rate the last optimizer step applied, train/lr
         # Input tokens (not padding) this rank has trained on since step 0: train/num_tokens, summed over ranks.
         self._tokens_seen = 0
 
@@ -258,6 +260,8 @@ class CausalLMModule(L.LightningModule):
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self._grad_norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # The learning rate this step applies (the scheduler moves it after the step), TRL's learning_rate.
+        self._step_lr = optimizer.param_groups[0]["lr"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # Log the window since the last log at exactly the steps Lightning writes logs, so each
@@ -265,13 +269,15 @@ class CausalLMModule(L.LightningModule):
         values, self._closed_window = self._closed_window, None
         if values is not None:
             # TRL's companions of the window: the learning rate and gradient norm of this step.
-            values["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+            lr = self._step_lr if self._step_lr is not None else self.trainer.optimizers[0].param_groups[0]["lr"]
+            values["train/lr"] = torch.tensor(lr, dtype=torch.float64)  # a float32 would log 5.0000002e-4
             if self._grad_norm is not None:
                 values["train/grad_norm"] = self._grad_norm
             # TRL's num_tokens: every input token trained on so far, on every rank (a collective: every
             # rank logs at the same steps).
             values["train/num_tokens"] = self._total_tokens()
-            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False)
+            self._write_logs(values)
+            self.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, logger=False)
             self.log("loss", values["train/loss"], prog_bar=True, logger=False, on_step=True, on_epoch=False)
             for name, short in self.progress_bar_train:
                 if f"train/{name}" in values:
@@ -297,11 +303,39 @@ class CausalLMModule(L.LightningModule):
         # validation inside fit (e.g. trainer.validate() before trainer.fit()).
         with torch.inference_mode(False):
             metrics.reset()
-        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False)
+        # In fit, on TRL's axes (_write_logs); a `validate`/`test` of its own goes through Lightning, which
+        # returns what is logged (trainer.validate(...)[0]) and has no optimizer step to count.
+        in_fit = self.trainer.state.fn == "fit"
+        if in_fit:
+            self._write_logs(values)
+        self.log_dict(values, on_step=False, on_epoch=True, sync_dist=False, logger=not in_fit)
         if self.progress_bar_metric is not None:
             name, short = self.progress_bar_metric
             if f"{metrics.prefix}/{name}" in values:
                 self.log(f"{metrics.prefix}_{short}", values[f"{metrics.prefix}/{name}"], prog_bar=True, logger=False)
+
+    def _write_logs(self, values: Mapping[str, Tensor]) -> None:
+        """Write ``values`` to the trainer's loggers on TRL's axes (during ``fit``): the step is the number of
+        optimizer steps done (Lightning's own axis is one behind, counting those before the current one), and
+        ``epoch`` is fractional, epochs done plus the share of this epoch's batches trained, as TRL logs it.
+        (``self.log`` then keeps the values for callbacks and the progress bar, not for the loggers: a logged
+        ``step`` or ``epoch`` would replace the ones checkpoint names and monitors read.)"""
+        if not self.loggers or self.trainer.sanity_checking:  # (Lightning logs nothing of the sanity check either)
+            return
+        row = {name: float(value) for name, value in values.items()}
+        row["epoch"] = self._fractional_epoch()
+        for logger in self.loggers:
+            logger.log_metrics(row, step=self.global_step)
+            logger.save()
+
+    def _fractional_epoch(self) -> float:
+        """TRL's ``epoch``: ``current_epoch + batches trained this epoch / batches per epoch``."""
+        trainer = self.trainer
+        per_epoch = trainer.num_training_batches
+        if not (isinstance(per_epoch, int | float) and math.isfinite(per_epoch) and per_epoch > 0):
+            return float(trainer.current_epoch)
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return trainer.current_epoch + done / per_epoch
 
     # ------------------------------------------------------------------ optimisation
 

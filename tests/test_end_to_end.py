@@ -51,22 +51,37 @@ def plain_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return (token_logps * mask).sum(1), mask.sum(1).float(), (logits.mean(-1) * mask).sum(1)
 
 
+def plain_token_stats(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a ``(2B, T)`` batch: (sum over response tokens of the entropy -sum p log p, the response
+    tokens whose label is the argmax), each (2B,)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]  # (2B, T-1)
+    mask = labels != -100
+    p = torch.softmax(logits, dim=-1)
+    entropy = -(p * torch.log(p)).sum(-1)  # (2B, T-1)
+    hits = (logits.argmax(-1) == labels) & mask
+    return (entropy * mask).sum(1), hits.sum(1).float()
+
+
 def dpo_metrics(policy, reference, batches, prefix: str) -> dict[str, float]:
     """The sigmoid-DPO metrics over every pair of ``batches``, written out:
 
     r_c = beta * (logp_c - ref_c), r_r = beta * (logp_r - ref_r), loss = -log sigmoid(r_c - r_r),
-    all means over pairs, except logits/* = (sum of logit sums) / (sum of response tokens) per side.
+    all means over pairs, except logits/* = (sum of logit sums) / (sum of response tokens) per side,
+    entropy = (sum of entropies) / (response tokens of both sides), mean_token_accuracy = (argmax hits) /
+    (response tokens) of the chosen side.
     """
-    cols = {k: [] for k in ("loss", "rc", "rr", "lc", "lr", "sc", "sr", "nc", "nr")}
+    cols = {k: [] for k in ("loss", "rc", "rr", "lc", "lr", "sc", "sr", "nc", "nr", "ent", "hits")}
     with torch.no_grad():
         for batch in batches:
             logps, tokens, logit_sums = plain_logps(policy, batch)
+            entropy, hits = plain_token_stats(policy, batch)
             ref, _, _ = plain_logps(reference, batch)
             b = logps.shape[0] // 2
             rc, rr = BETA * (logps[:b] - ref[:b]), BETA * (logps[b:] - ref[b:])
             for k, v in (("loss", -F.logsigmoid(rc - rr)), ("rc", rc), ("rr", rr), ("lc", logps[:b]),
                          ("lr", logps[b:]), ("sc", logit_sums[:b]), ("sr", logit_sums[b:]),
-                         ("nc", tokens[:b]), ("nr", tokens[b:])):
+                         ("nc", tokens[:b]), ("nr", tokens[b:]), ("ent", entropy), ("hits", hits[:b])):
                 cols[k].append(v)
     c = {k: torch.cat(v).double() for k, v in cols.items()}
     values = {
@@ -79,6 +94,8 @@ def dpo_metrics(policy, reference, batches, prefix: str) -> dict[str, float]:
         "logps/rejected": c["lr"].mean(),
         "logits/chosen": c["sc"].sum() / c["nc"].sum(),
         "logits/rejected": c["sr"].sum() / c["nr"].sum(),
+        "entropy": c["ent"].sum() / (c["nc"].sum() + c["nr"].sum()),
+        "mean_token_accuracy": c["hits"].sum() / c["nc"].sum(),
     }
     return {f"{prefix}/{k}": v.item() for k, v in values.items()}
 

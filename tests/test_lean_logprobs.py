@@ -51,7 +51,8 @@ def test_from_hidden_matches_plain(chunk_elements, with_bias, scale, softcap):
     )
     torch.testing.assert_close(lean.logps, plain.logps, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lean.logits_sum, plain.logits_sum, rtol=1e-5, atol=1e-5)
-    assert torch.equal(lean.n_tokens, plain.n_tokens)
+    torch.testing.assert_close(lean.entropy_sum, plain.entropy_sum, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lean.n_tokens, plain.n_tokens) and torch.equal(lean.n_correct, plain.n_correct)
 
     w = torch.linspace(-1, 2, 6)  # distinct per-sequence weights exercise every row's gradient
     for got, want in zip(_grads((lean.logps * w).sum(), [hidden, weight, bias]),

@@ -42,6 +42,10 @@ def test_matches_naive_loop_fp32(chunk_elements):
     mask = shift_labels(batch["labels"]) != IGNORE_INDEX
     expected = (logits.mean(-1) * mask).sum(-1)
     torch.testing.assert_close(out.logits_sum, expected)
+    # predictive entropy -sum p log p, summed over response positions
+    p = torch.softmax(logits.double(), -1)
+    entropy = (-(p * torch.log(p)).sum(-1) * mask).sum(-1)
+    torch.testing.assert_close(out.entropy_sum, entropy.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_logits_accumulate_in_fp32():

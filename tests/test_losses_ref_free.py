@@ -321,6 +321,7 @@ CPO_CASES = [
 ]
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize(("loss_type", "cpo_alpha", "eps", "names", "weights"), CPO_CASES)
 def test_cpo_and_simpo_match_trl(loss_type, cpo_alpha, eps, names, weights):
     cpo_trainer = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
@@ -347,6 +348,7 @@ def test_cpo_and_simpo_match_trl(loss_type, cpo_alpha, eps, names, weights):
     assert out.rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"])
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 def test_orpo_matches_trl(beta):
     orpo_trainer = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
@@ -381,6 +383,7 @@ class _KTOFusedHeadStub(torch.nn.Module):
         return SimpleNamespace(log_probs=logps, entropy=zeros, mean_logits=zeros)
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize(("weights", "seed"), [((1.0, 1.0), 0), ((1.0, 1.5), 1), ((0.8, 1.0), 2)])
 def test_kto_matches_trl(weights, seed):
     """TRL's KTOTrainer._compute_loss on chosen per-sequence log-probs: loss, gradient, kl and reward metrics."""

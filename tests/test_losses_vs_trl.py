@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.trl
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
@@ -76,20 +77,19 @@ class _FakeAccelerator:
 class _FusedHeadStub(torch.nn.Module):
     """Stands in for a model patched by ``add_fused_lm_head``: returns the per-token log-probs it is given."""
 
-    def __init__(self, per_token_logps: torch.Tensor, mean_logits: torch.Tensor | None = None) -> None:
+    def __init__(self, per_token_logps: torch.Tensor, mean_logits: torch.Tensor | None = None,
+                 entropy: torch.Tensor | None = None, is_top1: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.per_token_logps = per_token_logps  # (2B, T - 1)
-        self.mean_logits = torch.zeros_like(per_token_logps) if mean_logits is None else mean_logits  # (2B, T - 1)
+        shape = per_token_logps.shape  # (2B, T - 1)
+        self.per_token_logps = per_token_logps
+        self.mean_logits = torch.zeros(shape) if mean_logits is None else mean_logits
+        self.entropy = torch.zeros(shape) if entropy is None else entropy
+        self.is_top1 = torch.zeros(shape, dtype=torch.bool) if is_top1 is None else is_top1
 
     def forward(self, *, labels, fused_lm_head, **_):
         assert fused_lm_head
-        shape = self.per_token_logps.shape
-        return SimpleNamespace(
-            log_probs=self.per_token_logps,
-            entropy=torch.zeros(shape),
-            mean_logits=self.mean_logits,
-            is_top1=torch.zeros(shape, dtype=torch.bool),
-        )
+        return SimpleNamespace(log_probs=self.per_token_logps, entropy=self.entropy, mean_logits=self.mean_logits,
+                               is_top1=self.is_top1)
 
 
 def _inputs(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -109,16 +109,18 @@ def _inputs(seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     return inputs, completion
 
 
-def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logps, mean_logits=None):
+def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logps, mean_logits=None, entropy=None,
+              is_top1=None):
     """TRL's ``_compute_loss`` on per-sequence log-probs ``logps`` (2B,) -> (loss, metrics).
 
-    ``mean_logits`` (2B, T-1): the per-token mean logit the model reports (TRL's ``logits/*``); zeros if None.
+    ``mean_logits``, ``entropy``, ``is_top1`` (2B, T-1): the per-token mean logit, entropy and argmax hit the
+    model reports (TRL's ``logits/*``, ``entropy``, ``mean_token_accuracy``); zeros if None.
     """
     shift_mask = inputs["completion_mask"][:, 1:]  # (2B, T-1)
     first = torch.zeros_like(shift_mask, dtype=logps.dtype)
     first[torch.arange(2 * B), shift_mask.argmax(dim=1)] = 1.0  # put each sequence's log-prob on its first token
     per_token = first * logps[:, None]  # (2B, T-1), sums to logps per row
-    model = _FusedHeadStub(per_token, mean_logits).train()
+    model = _FusedHeadStub(per_token, mean_logits, entropy, is_top1).train()
     trainer = SimpleNamespace(
         model=model,
         ref_model=None,
@@ -154,8 +156,15 @@ def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, lab
     # Per-token mean logits, different on every token; TRL reads them only at response positions.
     mean_logits = torch.randn(2 * B, T - 1, generator=g, dtype=torch.float64)  # (2B, T-1)
     logits_sum = (mean_logits * completion[:, 1:]).sum(dim=1)  # (2B,) what logprobs.py reports per sequence
+    # Per-token entropies and argmax hits, also different everywhere; TRL reads them on response tokens (entropy:
+    # both sides; accuracy: the chosen side).
+    entropy = 3.0 * torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64)  # (2B, T-1)
+    is_top1 = torch.rand(2 * B, T - 1, generator=g) < 0.4  # (2B, T-1)
+    entropy_sum = (entropy * completion[:, 1:]).sum(dim=1)  # (2B,)
+    n_correct = (is_top1 & completion[:, 1:].bool()).sum(dim=1).double()  # (2B,)
 
-    trl_loss, trl_metrics = _trl_loss(loss_types, loss_weights, label_smoothing, inputs, trl_in, ref, mean_logits)
+    trl_loss, trl_metrics = _trl_loss(loss_types, loss_weights, label_smoothing, inputs, trl_in, ref, mean_logits,
+                                      entropy, is_top1)
     out = compute_loss(
         loss_types,
         PairLogps(ours_in[:B], ours_in[B:], ref[:B], ref[B:], n_tokens[:B], n_tokens[B:]),
@@ -182,27 +191,38 @@ def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, lab
         rejected_logits_sum=logits_sum[B:],
         chosen_tokens=n_tokens[:B],
         rejected_tokens=n_tokens[B:],
+        entropy_sum=entropy_sum,
+        chosen_correct=n_correct[:B],
     )
     ours_metrics = {name.removeprefix("train/"): v.item() for name, v in metrics.compute().items()}
     assert list(ours_metrics) == list(METRIC_NAMES)
     # TRL's trainer logs the loss itself; every other name is in TRL's _metrics. float32 sums on our side.
     expected = {"loss": trl_loss.item(), **{n: trl_metrics[n] for n in METRIC_NAMES if n != "loss"}}
     assert ours_metrics == pytest.approx(expected, rel=1e-6, abs=1e-6)
-    # Guard against a vacuous pass: the two sides of each statistic differ, so a swap would fail.
+    # Guard against a vacuous pass: the two sides of each statistic differ, so a swap would fail; the
+    # accuracy over the chosen tokens differs from the one over both sides.
     for side in ("rewards", "logps", "logits"):
         assert abs(expected[f"{side}/chosen"] - expected[f"{side}/rejected"]) > 1e-3, side
+    assert abs(expected["mean_token_accuracy"] - n_correct.sum().item() / n_tokens.sum().item()) > 1e-3
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_sequence_logps_match_trl_fused_head(arch):
     """TRL 1.x scores response tokens with its own chunked LM head; the per-sequence sums must agree:
-    log-probs, response-token counts and the logit sums behind ``logits/*``."""
+    log-probs, response-token counts, the logit sums behind ``logits/*``, and the entropies and argmax hits
+    behind ``entropy`` and ``mean_token_accuracy``."""
     model = load_causal_lm(None, config=tiny_config(arch)).eval()
     batch = random_batch()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # A random model seldom predicts a label: make every other response target its argmax (labels are
+        # only targets here), so the accuracy compared is not all zeros.
+        hit = torch.zeros_like(batch["labels"], dtype=torch.bool)
+        hit[:, 1::2] = batch["labels"][:, 1::2] != -100
+        batch["labels"][hit] = torch.cat([logits.argmax(-1)[:, :-1], logits.new_zeros(len(logits), 1).long()], 1)[
+            torch.roll(hit, -1, 1)]
         ours = sequence_logps(logits, batch["labels"])
-        add_fused_lm_head(model, outputs=("log_probs", "mean_logits"))
+        add_fused_lm_head(model, outputs=("log_probs", "mean_logits", "entropy", "is_top1"))
         fused = model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -214,6 +234,10 @@ def test_sequence_logps_match_trl_fused_head(arch):
     response = (batch["labels"][:, 1:] != -100).float()  # (2B, T-1)
     torch.testing.assert_close(ours.n_tokens, response.sum(dim=1), rtol=0, atol=0)
     torch.testing.assert_close(ours.logits_sum, (fused.mean_logits * response).sum(dim=1), rtol=0, atol=1e-5)
+    # entropy and mean_token_accuracy: TRL's per-token entropy and argmax hits, summed per sequence
+    torch.testing.assert_close(ours.entropy_sum, (fused.entropy * response).sum(dim=1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours.n_correct, (fused.is_top1 * response).sum(dim=1), rtol=0, atol=0)
+    assert ours.n_correct.sum() > 0 and (ours.entropy_sum > 0).all()
 
 
 def test_sigmoid_label_smoothing_is_cdpo_where_trl_ignores_it():

@@ -24,9 +24,38 @@ def _update(m, chosen_r, rejected_r, losses, logits_sum=(0.0,), tokens=(1.0,)):
 
 
 def test_names_and_prefix():
+    """Every name in TRL's order; entropy and mean_token_accuracy when the caller gives them (DPOModule does)."""
     m = PreferenceMetrics("val")
     _update(m, [1.0], [0.0], [0.5])
+    optional = ("entropy", "mean_token_accuracy")
+    assert list(m.compute()) == [f"val/{n}" for n in METRIC_NAMES if n not in optional]
+    m.update(**_pairs([(1.0, 0.0, 0.5, -1.0, -2.0, 1.0, 1.0, 1.0, 1.0)]), entropy_sum=torch.tensor([1.0, 1.0]),
+             chosen_correct=torch.tensor([1.0]))
     assert list(m.compute()) == [f"val/{n}" for n in METRIC_NAMES]
+
+
+def test_entropy_over_both_sides_and_token_accuracy_over_the_chosen_side_are_token_weighted():
+    """TRL's DPO entropy: the mean per-token entropy over every response token, both sides; its
+    mean_token_accuracy: the share of the *chosen* response tokens whose label is the argmax.
+
+        pair  chosen tokens  rejected tokens  entropy sums (c, r)  chosen hits
+         1         3               2              3.0, 4.0              2
+         2         1               0 (empty)      2.0, 0.0              1
+         3         5               5            100.0, 100.0            0     <- weight 0: left out
+
+      entropy             = (3 + 4 + 2 + 0) / (3 + 2 + 1 + 0) = 9 / 6 = 1.5   (per-sequence means: 1.5, 2.0, 2.0)
+      mean_token_accuracy = (2 + 1) / (3 + 1)                 = 0.75          (per-sequence means: 0.83)
+    """
+    m = PreferenceMetrics("train")
+    t = lambda xs: torch.tensor(xs, dtype=torch.float32)  # noqa: E731
+    zeros = t([0.0, 0.0, 0.0])
+    m.update(losses=zeros, chosen_rewards=zeros, rejected_rewards=zeros, chosen_logps=zeros, rejected_logps=zeros,
+             chosen_logits_sum=zeros, rejected_logits_sum=zeros, chosen_tokens=t([3, 1, 5]),
+             rejected_tokens=t([2, 0, 5]), entropy_sum=t([3.0, 2.0, 100.0, 4.0, 0.0, 100.0]),
+             chosen_correct=t([2, 1, 0]), weight=t([1, 1, 0]))
+    v = m.compute()
+    assert v["train/entropy"].item() == pytest.approx(1.5)
+    assert v["train/mean_token_accuracy"].item() == pytest.approx(0.75)
 
 
 def test_exact_over_several_batches():

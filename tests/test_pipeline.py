@@ -5,6 +5,7 @@ round's export, and the report is recomputed from the round folders."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,35 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
         for key in ("reward", "win_rate", "kl", "pairs"):
             assert row[key] == again_row[key] == type(row[key])(on_disk[key]), key
     assert rows[1]["pairs"] > 0 and (out / "report.png").exists() and any((out / "tensorboard").iterdir())
+
+
+def test_without_matplotlib_iterate_says_so_before_training_and_reports_without_the_figure(tmp_path, monkeypatch):
+    """An install without matplotlib trained every stage and then died drawing report.png (issue #25): now
+    the warning comes before the first stage, and the report is written without the figure."""
+    import dpo_lightning.pipeline as pipeline
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    events: list[str] = []
+    monkeypatch.setattr(pipeline, "warn", lambda message, *args: events.append(message))
+
+    def first_stage(*args, **kwargs):
+        events.append("trained")
+        raise Crash
+
+    monkeypatch.setattr(pipeline, "_run_fit_stage", first_stage)
+    with pytest.raises(Crash):
+        iterate(str(tmp_path / "pipe"), *_stages(), rounds=1)
+    assert len(events) == 2 and "matplotlib is not installed" in events[0] and events[1] == "trained"
+
+    events.clear()
+    metrics = {"reward": 0.5, "win_rate": 0.5, "kl": 0.0, "kl_stderr": 0.0}
+    monkeypatch.setattr(pipeline, "evaluate_policy", lambda *args: metrics)
+    out = tmp_path / "report"
+    out.mkdir()
+    rows = write_report(out, ["sft", "round_1"], "sft", Evaluation(), "previous")
+    assert [r["round"] for r in rows] == [0, 1] and (out / "report.csv").exists()
+    assert not (out / "report.png").exists() and any((out / "tensorboard").iterdir())
+    assert len(events) == 1 and "report.png will not be drawn" in events[0]
 
 
 @pytest.mark.parametrize("recipe", ["pipeline_tiny.yaml", "pipeline_llama.yaml"])

@@ -91,7 +91,7 @@ def test_resumed_run_is_bitwise_identical_to_uninterrupted(tmp_path):
     assert expected.keys() == resumed.keys()
     for name, value in expected.items():
         assert torch.equal(value, resumed[name]), name
-    after = [s for s in logs.rows if s >= CRASH_AT]  # Lightning logs step k+1 under step=k
+    after = [s for s in logs.rows if s > CRASH_AT]  # the rows logged after the crash (at step k, TRL's axis)
     assert after and sorted(resumed_logs.rows) == after
     for step in after:
         assert resumed_logs.rows[step] == logs.rows[step], step

@@ -85,6 +85,7 @@ def test_gradients_reach_every_weight_and_the_score_head_is_new(tmp_path):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in rm.model.parameters())
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("coefficient", [None, 0.01])
 def test_validation_metrics_equal_trl_reward_trainer_evaluate(tmp_path, coefficient):
     """Same weights, same token ids: val loss, accuracy, margin and mean reward equal TRL 1.16's

@@ -28,7 +28,8 @@ class FixedLogits(nn.Module):
 def test_loss_and_token_accuracy_by_hand():
     """Row 0: labels [-100, 1, 0, -100]: NLL -log(3/4) - log(1/4) = 0.287682 + 1.386294 = 1.673976 (2 tokens);
     row 1: labels [-100, -100, 1, 1]: 2 * 0.287682 = 0.575364 (2 tokens). Loss = 2.249340 / 4 = 0.562335;
-    argmax is 1 everywhere, so 3 of the 4 labels are hits: token accuracy 0.75; perplexity exp(0.562335)."""
+    argmax is 1 everywhere, so 3 of the 4 labels are hits: token accuracy 0.75; perplexity exp(0.562335);
+    every position's entropy is 1/4 ln 4 + 3/4 ln 4/3 = 0.346574 + 0.215762 = 0.562335 nats."""
     module = SFTModule(model_config=tiny_config())
     module.model = FixedLogits()
     batch = {
@@ -40,7 +41,8 @@ def test_loss_and_token_accuracy_by_hand():
     assert loss.item() == pytest.approx(2.249340 / 4, abs=1e-6)
     out = module.val_metrics.compute()
     assert out["val/loss"].item() == pytest.approx(0.562335, abs=1e-6)
-    assert out["val/token_accuracy"].item() == pytest.approx(0.75)
+    assert out["val/mean_token_accuracy"].item() == pytest.approx(0.75)
+    assert out["val/entropy"].item() == pytest.approx(0.562335, abs=1e-6)
     assert out["val/perplexity"].item() == pytest.approx(math.exp(0.562335), rel=1e-5)
 
 
@@ -69,7 +71,7 @@ def test_metrics_weight_tokens_not_sequences():
     metrics.update(nll=torch.tensor([1.0, 12.0]), n_tokens=torch.tensor([1.0, 3.0]), n_correct=torch.tensor([1.0, 0.0]))
     out = metrics.compute()
     assert out["train/loss"].item() == pytest.approx(3.25)
-    assert out["train/token_accuracy"].item() == pytest.approx(0.25)
+    assert out["train/mean_token_accuracy"].item() == pytest.approx(0.25)
 
 
 class Batches(torch.utils.data.Dataset):
@@ -132,9 +134,11 @@ def test_accumulated_step_equals_one_step_over_every_token():
     assert not all(torch.allclose(unnormalised[n], expected[n], rtol=1e-3, atol=1e-6) for n in expected)
 
 
+@pytest.mark.trl
 def test_loss_equals_trl_sft_trainer_on_the_same_batch(tmp_path):
     """TRL 1.16 SFTTrainer's completion-only loss (sum of NLL over completion tokens / their number)
-    equals ours on the batch TRL's own collator builds from prompt/completion rows."""
+    equals ours on the batch TRL's own collator builds from prompt/completion rows, and so do its logged
+    ``entropy`` and ``mean_token_accuracy``."""
     trl = pytest.importorskip("trl")
     import datasets
 
@@ -154,6 +158,10 @@ def test_loss_equals_trl_sft_trainer_on_the_same_batch(tmp_path):
         theirs = trainer.compute_loss(module.model, dict(batch))
         ours = module.step({k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, module.val_metrics)
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    logged = {k.removeprefix("val/"): v.item() for k, v in module.val_metrics.compute().items()}
+    for name in ("entropy", "mean_token_accuracy"):
+        assert logged[name] == pytest.approx(trainer._metrics["eval"][name][-1], rel=1e-5, abs=1e-7), name
+    assert logged["entropy"] > 0
 
 
 SFT_SCRIPT = __import__("pathlib").Path(__file__).parent / "scripts" / "sft_dist_check.py"

@@ -32,7 +32,7 @@ def test_tiny_sft_recipe_generates_correct_answers_for_a_good_share(tmp_path):
 
     cli = _fit("tiny_sft.yaml", tmp_path)
     metrics = cli.trainer.callback_metrics
-    assert metrics["val/loss"] < 0.6 and metrics["val/token_accuracy"] > 0.8
+    assert metrics["val/loss"] < 0.6 and metrics["val/mean_token_accuracy"] > 0.8
     assert torch.isclose(metrics["val/perplexity"], torch.exp(metrics["val/loss"]))
     export = Path(cli.trainer.log_dir) / "hf_export"
     solved, reward = solve_rate(str(export))

@@ -43,20 +43,35 @@ def test_cli_defaults_clip_at_one_and_log_every_ten_steps(tmp_path):
     assert cli.trainer.logger._default_hp_metric is False  # no stray hp_metric in TensorBoard
 
 
-def test_a_short_run_logs_lr_and_grad_norm_once_per_logged_step(tmp_path):
-    """20 optimizer steps, a log every 10: two rows, each with train/lr (the scheduler's value after
-    the step) and train/grad_norm (finite, > 0), besides the metric window; no lr-AdamW, no hp_metric."""
+def test_a_short_run_logs_on_trls_step_axis_with_the_rate_each_step_applied(tmp_path):
+    """20 optimizer steps, a log every 10, validation every 5 batches: train rows at steps 10 and 20, TRL's
+    ``global_step`` once the step is done (Lightning's own axis says 9 and 19), validation at 5, 10, 15, 20
+    (the sanity check before training is not logged);
+    each row has TRL's fractional ``epoch`` (batches trained / batches per epoch). train/lr is the rate the
+    logged step applied (TRL's learning_rate, read before the scheduler moves; it was the next step's),
+    train/grad_norm finite and > 0; no lr-AdamW, no hp_metric."""
+    from dpo_lightning.optim import warmup_decay_factor
+
     logger = StepLogger()
-    cli = cli_main(args(tmp_path), run=False)
+    cli = cli_main(args(tmp_path, "--data.val_split", "null", "--data.val_fraction", "0.1",
+                        "--trainer.val_check_interval", "5", "--trainer.check_val_every_n_epoch", "null",
+                        "--model.lr_decay", "cosine", "--trainer.num_sanity_val_steps", "1"), run=False)
     cli.trainer.loggers = [cli.trainer.logger, logger]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows = {step: row for step, row in logger.rows.items() if "train/loss" in row}
-    assert sorted(rows) == [9, 19]  # Lightning's step index of the 10th and 20th optimizer step
+    assert sorted(rows) == [10, 20]
+    assert sorted(step for step, row in logger.rows.items() if "val/loss" in row) == [5, 10, 15, 20]
+    per_epoch = cli.trainer.num_training_batches
+    base = cli.trainer.optimizers[0].defaults["lr"]
+    for step, row in logger.rows.items():
+        assert row["epoch"] == pytest.approx(step / per_epoch)  # accumulation 1: a batch per step
     for step, row in rows.items():
-        lr = cli.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()[0] if step == 19 else None
         assert row["train/grad_norm"] > 0 and math.isfinite(row["train/grad_norm"])
-        if lr is not None:
-            assert row["train/lr"] == pytest.approx(lr)
+        # The step-th step applies factor(step - 1) of the recipe's schedule over 20 steps.
+        hp = cli.model.hparams
+        warmup = math.ceil(20 * hp.warmup_ratio)
+        expected = base * warmup_decay_factor(step - 1, warmup_steps=warmup, total_steps=20, decay=hp.lr_decay)
+        assert row["train/lr"] == pytest.approx(expected, rel=1e-6)
     assert not any(k.startswith("lr-") or k == "hp_metric" for row in logger.rows.values() for k in row)
 
 
@@ -142,8 +157,8 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
     cli.trainer.callbacks.append(Count())
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     rows = {step: row for step, row in logger.rows.items() if "train/num_tokens" in row}
-    assert sorted(rows) == [2, 5]
-    assert rows[2]["train/num_tokens"] == sum(seen[:3]) and rows[5]["train/num_tokens"] == sum(seen)
+    assert sorted(rows) == [3, 6]
+    assert rows[3]["train/num_tokens"] == sum(seen[:3]) and rows[6]["train/num_tokens"] == sum(seen)
     packed = {"sequence_ids": torch.tensor([[0, 0, 1, -1], [2, 2, 2, 3]])}
     assert input_tokens(packed) == 7 and seen[0] < 2 * 32 * 64  # padding is not counted
 
