@@ -72,12 +72,12 @@ CORE_FACTORS = ("stage", "reference", "lora", "collator", "accumulate")  # the p
 REFERENCE_STAGES = ("dpo", "kto")
 NO_REFERENCE = "na"
 
-STAGES = {  # stage -> (model class, data class, extra model args, extra data args)
-    "dpo": ("dpo_lightning.DPOModule", "dpo_lightning.PreferenceDataModule", {}, {}),
-    "kto": ("dpo_lightning.KTOModule", "dpo_lightning.PreferenceDataModule", {}, {}),
-    "sft": ("dpo_lightning.SFTModule", "dpo_lightning.SFTDataModule", {},
+STAGES = {  # stage -> (model class, data class, extra data args)
+    "dpo": ("dpo_lightning.DPOModule", "dpo_lightning.PreferenceDataModule", {}),
+    "kto": ("dpo_lightning.KTOModule", "dpo_lightning.PreferenceDataModule", {}),  # the CLI sets unpaired
+    "sft": ("dpo_lightning.SFTModule", "dpo_lightning.SFTDataModule",
             {"columns": {"completion": "chosen"}, "drop_columns": ["rejected"]}),
-    "rm": ("dpo_lightning.RewardModule", "dpo_lightning.PreferenceDataModule", {}, {}),
+    "rm": ("dpo_lightning.RewardModule", "dpo_lightning.PreferenceDataModule", {}),
 }
 TRAIN_ROWS, VAL_ROWS = 20, 8  # pairs; KTO makes two examples of each
 BATCH = {"dpo": 4, "kto": 8, "sft": 4, "rm": 4}  # 5 training batches per epoch for every stage
@@ -92,6 +92,8 @@ LORA = {"r": 4, "alpha": 8}
 
 @dataclass(frozen=True)
 class Cell:
+    """One combination; its name (``dpo-trdpo-lora-pad-acc2-path-steps``) is its test id and folder."""
+
     stage: str
     reference: str
     lora: str
@@ -230,9 +232,9 @@ def write_inputs(folder: Path) -> dict[str, Path]:
 
 def cell_config(cell: Cell, inputs: dict[str, Path], run_dir: Path, snapshot: Path | None = None) -> dict[str, Any]:
     """The YAML config of one cell's run."""
-    model_class, data_class, model_extra, data_extra = STAGES[cell.stage]
+    model_class, data_class, data_extra = STAGES[cell.stage]
     model: dict[str, Any] = {"warmup_ratio": 0.2, "lr_decay": "linear",
-                             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}, **model_extra}
+                             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.01}}}
     if cell.source == "config":
         model["model_config"] = MODEL
     else:
@@ -533,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cell", action="append", default=[], help="a cell by name (repeatable)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).parent))
+    sys.path[:0] = [str(ROOT), str(Path(__file__).parent)]  # the checkout, not an installed copy
     cells = [Cell.parse(c) for c in args.cell] or (
         product() if args.all else full_product() if args.full else pairwise())
     inputs = write_inputs(args.out / "inputs")
