@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from dpo_lightning.logprobs import SequenceLogps
 from dpo_lightning.losses import REFERENCE_FREE, LossOutput, PairLogps, check_loss_config, compute_loss
 from dpo_lightning.metrics import PreferenceMetrics
+from dpo_lightning.preflight import check_reference
 from dpo_lightning.reference import AdapterReference, CopyReference, NoReference, Reference, resolve_reference
 from dpo_lightning.stage import CausalLMModule
 
@@ -81,6 +82,7 @@ class DPOModule(CausalLMModule):
             raise ValueError("loss_type 'kto' trains on unpaired examples: use KTOModule "
                              "(in a recipe: model.class_path: dpo_lightning.KTOModule)")
         strategy = _choose_reference(reference, ref_model, needs=not set(config.loss_type) <= NEEDS_NO_REFERENCE)
+        check_reference(strategy.name, kwargs.get("lora"), ref_model)  # before the policy loads
         super().__init__(model=model, **kwargs)
         self.loss_config = config
         self.attach_reference(strategy, ref_model)

@@ -26,6 +26,7 @@ from dpo_lightning.losses import (
     kto_weight_warning,
 )
 from dpo_lightning.metrics import KTOMetrics
+from dpo_lightning.preflight import check_reference
 from dpo_lightning.reference import NoReference, PrecomputedReference, Reference, resolve_reference
 from dpo_lightning.stage import CausalLMModule
 
@@ -69,6 +70,7 @@ class KTOModule(CausalLMModule):
         if isinstance(strategy, PrecomputedReference | NoReference):
             raise ValueError(f"KTO needs a live reference (copy or adapter), got {strategy.name!r}: its KL rows "
                              "are built per batch, so their reference log-probs cannot be precomputed")
+        check_reference(strategy.name, kwargs.get("lora"), ref_model)  # before the policy loads
         super().__init__(model=model, **kwargs)
         self.attach_reference(strategy, ref_model)
 

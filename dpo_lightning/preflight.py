@@ -10,6 +10,8 @@ module's ``setup()``, can call them on what it has:
   ignores it (flash attention) is refused: packed sequences would attend across each other.
 - `update_resolution_warning` / `warn_update_resolution`: Adam steps too small for bf16 (or fp16)
   weights round away; a warning, not an error (docs/scale_out.md, "Precision").
+- `check_reference`: an ``adapter`` reference without LoRA, or with a separate ``ref_model``, is refused
+  (the stages call it before loading the policy).
 - `check_chat_template`: conversational training rows with a tokenizer that has no chat template
   raise the `DataError` the data path would raise only after the model loaded.
 """
@@ -111,6 +113,19 @@ def check_packing_attention(collator: str | None, attn_implementation: str | Non
 
 
 # ---------------------------------------------------------------------------------------------- precision
+
+
+def check_reference(reference: str, lora: Any, ref_model: Any) -> None:
+    """``reference`` (a strategy's short name) against the ``lora`` group and ``ref_model``: the ``adapter``
+    reference is the LoRA policy with its adapters off, so it needs LoRA and no model of its own."""
+    if reference != "adapter":
+        return
+    if lora is None:
+        raise ConfigError("model.reference 'adapter' is the policy with its LoRA adapters off: set the lora group "
+                          "(model.lora, e.g. {r: 16}), or use reference: copy")
+    if ref_model is not None:
+        raise ConfigError("model.reference 'adapter' uses the policy's own base weights: leave model.ref_model "
+                          "unset, or use reference: copy to compare against it")
 
 
 def _dtype_name(dtype: Any) -> str | None:

@@ -105,9 +105,15 @@ def no_weights(*args, **kwargs):
         (lambda: DPOModule(model="gpt2", reference="none"), "reference='none' suits reference-free"),
         (lambda: KTOModule(model="gpt2", reference="precomputed"), "KTO needs a live reference"),
         (lambda: DPOModule(model="gpt2", lora=LoraOptions(r=0)), "lora.r must be >= 1"),
+        # (these two were refused only once the policy had loaded)
+        (lambda: DPOModule(model="gpt2", reference="adapter"), "adapter.*set the lora group"),
+        (lambda: KTOModule(model="gpt2", reference="adapter"), "adapter.*set the lora group"),
+        (lambda: DPOModule(model="gpt2", reference="adapter", lora=LoraOptions(), ref_model="gpt2"),
+         "adapter.*leave model.ref_model unset"),
     ],
     ids=["loss-name", "hparam-typo", "unused-hparam", "unused-smoothing", "kto-in-dpo", "reference-name",
-         "none-needs-free-loss", "kto-precomputed", "lora-rank"],
+         "none-needs-free-loss", "kto-precomputed", "lora-rank", "adapter-without-lora", "kto-adapter-without-lora",
+         "adapter-with-ref-model"],
 )
 def test_config_mistakes_are_refused_before_weights_load(monkeypatch, build, match):
     monkeypatch.setattr("dpo_lightning.stage.load_model", no_weights)
