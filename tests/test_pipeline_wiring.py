@@ -39,6 +39,7 @@ from dpo_lightning.generation import GenerationModule, _until_eos
 from dpo_lightning.models import load_causal_lm
 from dpo_lightning.pipeline import Evaluation, Stage, iterate, sample_with_ids, write_report
 from dpo_lightning.reference import REF_TABLES_KEY
+from dpo_lightning.samples_io import write_manifest
 
 from tiny import tiny_config
 
@@ -80,14 +81,18 @@ class TaggingPolicy(nn.Module):
         digits = sorted(t for t in prompt_ids if DIGIT_0 <= t <= DIGIT_0 + 9)
         return [*digits, *[DIGIT_0] * j, EOS]
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, num_return_sequences, pad_token_id,
-                 eos_token_id, **kwargs):
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id,
+                 num_return_sequences=1, **kwargs):
         assert (pad_token_id, eos_token_id) == (PAD, EOS)
-        rows = []
+        rows, previous, j = [], None, 0
         for ids, mask in zip(input_ids, attention_mask):
             prompt = ids[mask.bool()].tolist()
-            for j in range(num_return_sequences):
-                new = self.answer(prompt, j)[:max_new_tokens]
+            # The caller repeats each prompt N times in a row (or asks for N sequences per row): sample j of a
+            # prompt is its j-th consecutive row (the test's prompts are distinct).
+            j = j + 1 if prompt == previous else 0
+            previous = prompt
+            for extra in range(num_return_sequences):
+                new = self.answer(prompt, j + extra)[:max_new_tokens]
                 rows.append(ids.tolist() + new + [pad_token_id] * (max_new_tokens - len(new)))
         return torch.tensor(rows)
 
@@ -196,14 +201,18 @@ class FakeCommands:
 
         def generate(args, **kwargs):
             opts = options(args)
-            Path(opts["--output.output_dir"]).mkdir(parents=True)
-            (Path(opts["--output.output_dir"]) / "pairs.jsonl").write_text("")
+            out = Path(opts["--output.output_dir"])
+            out.mkdir(parents=True, exist_ok=True)  # the pipeline's stage record is already there
+            (out / "pairs.jsonl").write_text("")
+            write_manifest(out, {"pairs": {"count": 1}})  # what marks generate's pairs as written
             self.calls.append(("generate", opts))
 
         def report(out, policies, initial, evaluation, reference, timings=None):
             self.report = {"policies": policies, "initial": initial, "reference": reference}
             return []
 
+        # The settings a stage records: the arguments themselves (nothing is parsed, no recipe exists).
+        monkeypatch.setattr(cli, "resolved_config", lambda command, args: {"command": command, "args": list(args)})
         monkeypatch.setattr(cli, "cli_main", fit)
         monkeypatch.setattr(cli, "generate_main", generate)
         monkeypatch.setattr(pipeline, "write_report", report)
@@ -262,7 +271,6 @@ def test_different_prompts_are_sampled_with_different_streams():
     assert len({tuple(responses) for responses in samples.values()}) == 6, samples
 
 
-@pytest.mark.xfail(strict=True, reason="seeding per prompt lands with #26")
 def test_a_prompts_samples_do_not_depend_on_its_batch():
     """The same prompts alone and in batches of 3 (left-padded): each prompt's samples are the same, whatever
     its batch and its position in it."""

@@ -70,14 +70,12 @@ MUTATIONS = [
         "kto_eval_padding_counted", "dpo_lightning/kto.py",
         'kto_kl_estimate(kl_policy, kl_ref, batch.get("weight"))', "kto_kl_estimate(kl_policy, kl_ref, None)",
     ),
-    # Generation (issue #29): every batch seeded alike, whatever its prompts.
-    # TODO(#26): enable once sampling is seeded per (prompt, sample index); the target becomes that seed's
-    # prompt part, and test_pipeline_wiring.py's xfail on a prompt's batch independence comes off.
-    # Mutation(
-    #     "seed_ignores_prompt", "dpo_lightning/generation.py",
-    #     'torch.manual_seed(_batch_seed(hp.seed, batch["prompt_id"][0]))',
-    #     'torch.manual_seed(_batch_seed(hp.seed, ""))',
-    # ),
+    # Generation (issue #29): every prompt's responses drawn from the same random streams, whatever the prompt.
+    Mutation(
+        "seed_ignores_prompt", "dpo_lightning/generation.py",
+        'response_seed(hp.seed, pid, k) for pid in batch["prompt_id"]',
+        'response_seed(hp.seed, "", k) for pid in batch["prompt_id"]',
+    ),
     # A prompt's samples taken from the wrong rows of generate's (B * N, T) output.
     Mutation(
         "samples_wrong_prompt", "dpo_lightning/generation.py",
