@@ -150,7 +150,10 @@ class DPOLightningCLI(LightningCLI):
             now = {key: describe_config(init_args.get(key)) for key in ("optimizer", "scheduler")}
             restored = differences(header[FACTORIES_KEY], now, "model.", label="checkpoint")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
-            changes += changed_hparams(header["datamodule_hyper_parameters"], config.data.init_args.as_dict(), "data")
+            data_now = config.data.init_args.as_dict()
+            if "unpaired" in data_now:  # set from the stage later (before_instantiate_classes), recorded so
+                data_now["unpaired"] = _stage_class(config).batch_format == "unpaired"
+            changes += changed_hparams(header["datamodule_hyper_parameters"], data_now, "data")
         if changes:
             rank_zero_warn(
                 "resuming with settings that differ from the checkpoint's; the values given now apply:\n  "

@@ -9,6 +9,7 @@ and ``last`` means the newest ``last.ckpt`` among the runs of the same name.
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -93,12 +94,26 @@ def changed_hparams(saved: dict[str, Any], current: dict[str, Any], prefix: str)
     return lines
 
 
+def _qualified(class_path: str) -> str:
+    """The defining module's name of a class named by any import path (``dpo_lightning.CopyReference`` and
+    ``dpo_lightning.reference.CopyReference`` are one class); the path as given when it does not import."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return class_path
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _plain(value: Any) -> Any:
     """Namespaces and tuples as dicts and lists, so a parsed config compares equal to a saved one."""
     if hasattr(value, "as_dict"):
         value = value.as_dict()
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        plain = {k: _plain(v) for k, v in value.items()}
+        if isinstance(plain.get("class_path"), str):
+            plain["class_path"] = _qualified(plain["class_path"])
+        return plain
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, os.PathLike):
