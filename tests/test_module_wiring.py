@@ -39,6 +39,19 @@ def hand_logps(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tens
     return (token_logps * mask).sum(1), mask.sum(1).float(), (logits.mean(-1) * mask).sum(1)
 
 
+def hand_token_stats(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(entropy_sum, correct)``, each ``(N,)``: over the response tokens, the summed entropy (nats) of the
+    predictive distribution, and how many labels are the argmax (TRL's ``entropy``, ``mean_token_accuracy``)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()[:, :-1]
+    labels = batch["labels"][:, 1:]  # (N, T-1)
+    mask = labels != -100
+    p = logits.softmax(-1)
+    entropy = -(p * logits.log_softmax(-1)).sum(-1)  # (N, T-1)
+    correct = (logits.argmax(-1) == labels) & mask
+    return (entropy * mask).sum(1), correct.sum(1).float()
+
+
 def perturb_(model: nn.Module, seed: int, scale: float = 0.1) -> None:
     """Move a model off its copy, so policy and reference differ and every log-ratio is non-zero."""
     g = torch.Generator().manual_seed(seed)
@@ -133,6 +146,7 @@ def test_dpo_settings_reach_the_loss_and_every_logged_metric(case):
     batch = random_batch(b=B, t=10, seed=3)
 
     logps, tokens, logits_sum = hand_logps(module.model, batch)  # (2B,) each, chosen first
+    entropy_sum, correct = hand_token_stats(module.model, batch)  # (2B,) each
     ref = None if module.ref_model is None else hand_logps(module.ref_model, batch)[0]
     pair = PairLogps(
         chosen=logps[:B], rejected=logps[B:], ref_chosen=None if ref is None else ref[:B],
@@ -161,6 +175,9 @@ def test_dpo_settings_reach_the_loss_and_every_logged_metric(case):
         "val/logps/rejected": logps[B:].mean(),
         "val/logits/chosen": logits_sum[:B].sum() / tokens[:B].sum(),
         "val/logits/rejected": logits_sum[B:].sum() / tokens[B:].sum(),
+        # TRL's: entropy over every response token of both sides, token accuracy over the chosen side's
+        "val/entropy": entropy_sum.sum() / tokens.sum(),
+        "val/mean_token_accuracy": correct[:B].sum() / tokens[:B].sum(),
     }
     expected = {k: float(v) for k, v in expected.items()}
     assert list(expected) == [f"val/{n}" for n in METRIC_NAMES]
