@@ -74,7 +74,9 @@ TRL_OPTIONS = {
     "disable_dropout": "--model.disable_dropout",
     "completion_only_loss": "--data.completion_only_loss",
     "assistant_only_loss": "--data.completion_only_loss",
-    "packing": "--data.collator",
+    "packing": "--data.packing",
+    "packing_strategy": "--data.packing_strategy",
+    "eval_packing": "--data.packing",
     "dataset_text_field": "--data.columns '{text: COLUMN}'",
     "center_rewards_coefficient": "--model.center_rewards_coefficient",
 }

@@ -58,6 +58,7 @@ def test_best_fit_decreasing_worked_example():
         best_fit_decreasing([1, 5], 4)
 
 
+@pytest.mark.trl
 def test_bins_are_trls_on_random_lengths():
     """60 random length lists (many ties, capacities 4..40): the same bins, in the same order, with the
     same sequences in each, as TRL's ``pack_dataset(strategy="bfd")``."""
@@ -72,6 +73,7 @@ def test_bins_are_trls_on_random_lengths():
 
 
 @pytest.mark.parametrize(("strategy", "max_length"), [("bfd", 24), ("bfd_split", 8)])
+@pytest.mark.trl
 def test_packed_split_is_trls_pack_dataset(strategy, max_length, caplog):
     """2500 rows (three of datasets' ``map`` batches of 1000, which TRL packs one at a time): the packed
     split holds TRL's rows exactly (ids, labels and sequence lengths, in order), every token of the
