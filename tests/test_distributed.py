@@ -116,7 +116,7 @@ def test_two_process_validation_counts_every_pair_once(tmp_path):
     one = run_script(tmp_path, "single", "--strategy", "single", "--eval-odd")
     two = run_script(tmp_path, "ddp", "--strategy", "ddp", "--eval-odd")
     assert one["batches"] == [3] and two["batches"] == [2]
-    assert len(one["val"]) == 9 and one["val_plain"] == one["val"]  # one process: nothing changed
+    assert len(one["val"]) == 11 and one["val_plain"] == one["val"]  # with entropy, token accuracy
     assert two["val"].keys() == one["val"].keys()
     for key, value in one["val"].items():
         assert two["val"][key] == pytest.approx(value, rel=1e-6, abs=1e-6), key
