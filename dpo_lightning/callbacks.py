@@ -37,7 +37,13 @@ PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process t
 
 
 class Preempted(RuntimeError):
-    """``fit`` stopped on a preemption signal after saving a resumable ``last.ckpt``."""
+    """A command stopped on a preemption signal with its work durable (``fit``: a resumable ``last.ckpt``;
+    ``generate``: every record written). The message ends with how to resume; ``status`` is what was
+    done without it (for a caller, such as ``iterate``, that resumes differently)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status or message
 
 
 class PreemptionWatch:
@@ -243,10 +249,8 @@ class LatestModelCheckpoint(ModelCheckpoint):
             signal_name = received or "a preemption signal (on another rank)"
             # Raised at the next hook, once the stage has logged this step (callbacks see the batch end
             # first): the resumed run starts after it, so its logs would otherwise miss this step.
-            self._stop = Preempted(
-                f"received {signal_name}: saved {self.last_model_path} at step {step}; "
-                "resume with --ckpt_path last (or the path)"
-            )
+            status = f"received {signal_name}: saved {self.last_model_path} at step {step}"
+            self._stop = Preempted(f"{status}; resume with --ckpt_path last (or the path)", status)
 
     def _stop_if_preempted(self) -> None:
         stop, self._stop = self._stop, None

@@ -350,8 +350,9 @@ class JudgedSamplesWriter(BasePredictionWriter):
             total = len(trainer.datamodule.prompts)
             rank = f" (rank {trainer.global_rank}: its share)" if trainer.world_size > 1 else ""
             done = len(self._done) + self._prompts_done
-            raise Preempted(f"received {received}: {done} of {total} prompts are sampled in {self.output_dir}{rank}, "
-                            "each complete; run the same command again to sample the rest")
+            status = f"received {received}: {done} of {total} prompts are sampled in {self.output_dir}{rank}"
+            status += ", each complete"
+            raise Preempted(f"{status}; run the same command again to sample the rest", status)
 
     def _show_progress(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Prompts done and generated tokens/s (this rank) on the predict progress bar, when there is one."""

@@ -216,7 +216,7 @@ class _Attempt:
         self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
         write_record(self.folder / STAGE_RECORD, self.record)
         if isinstance(err, self._preempted):
-            raise self._preempted(f"{self.name} stage: {err}; run the same iterate command again to resume "
+            raise self._preempted(f"{self.name} stage: {err.status}; run the same iterate command again to resume "
                                   "(finished stages are kept)") from None
         return False
 

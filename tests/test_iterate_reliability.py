@@ -176,6 +176,25 @@ def test_sigterm_between_stages_stops_before_the_next_one(tmp_path, monkeypatch)
     assert len(again.fits) == 2 and len(again.generates) == 1  # round 1's DPO, round 2
 
 
+def test_sigterm_in_a_generate_stage_gives_the_pipelines_resume_line(tmp_path, monkeypatch):
+    """A stage preempted (here generate, stopped with its records durable) ends the pipeline with one resume
+    line, the pipeline's, and the stage stays not done (its time so far recorded)."""
+    out = tmp_path / "pipe"
+
+    def preempted():
+        status = "received SIGTERM: 3 of 24 prompts are sampled in round_1/generate, each complete"
+        raise Preempted(f"{status}; run the same command again to sample the rest", status)
+
+    FakeStages(monkeypatch, on_generate=preempted)
+    with pytest.raises(Preempted) as info:
+        iterate(str(out), *_stages(), rounds=1)
+    assert str(info.value) == ("round_1/generate stage: received SIGTERM: 3 of 24 prompts are sampled in "
+                               "round_1/generate, each complete; run the same iterate command again to resume "
+                               "(finished stages are kept)")
+    record = json.loads((out / "round_1" / "generate" / "stage.json").read_text())
+    assert not record["done"] and record["seconds"] >= 0.2
+
+
 def test_a_round_without_pairs_says_what_to_change(tmp_path, monkeypatch):
     out = tmp_path / "pipe"
     fakes = FakeStages(monkeypatch, pairs=0)
