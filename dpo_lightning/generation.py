@@ -1,14 +1,18 @@
 """Sampling N responses per prompt from a policy through ``trainer.predict``, judged and written durably.
 
 `GenerationModule` is a LightningModule whose ``predict_step`` samples ``num_samples`` responses
-for each prompt of a left-padded batch (`data.prompts.PromptDataModule`) with the model's KV cache;
-precision, devices and strategy come from the Trainer as in training, and each rank takes its own
-share of the prompts. `JudgedSamplesWriter` (a ``BasePredictionWriter``) scores each batch's
-responses with a judge (`judges.py`) and appends one record per prompt to its rank's part file
-(`samples_io.py`, flushed and fsynced), so a killed run loses at most the batch in flight; re-run
-with the same settings, it skips the prompts already written. At the end, rank 0 merges the parts
-into ``samples.jsonl`` (source order, each prompt once) and turns the scores into preference pairs
-(``pairs.jsonl``, `pairing.py`) that `PreferenceDataModule` reads.
+for each prompt of a left-padded batch (`data.prompts.PromptDataModule`) with the model's KV cache,
+each response from a random stream of its own (`sampling.RowSeededSampler`); precision, devices and
+strategy come from the Trainer as in training, and each rank takes its own share of the prompts.
+`JudgedSamplesWriter` (a ``BasePredictionWriter``) locks the output folder, checks its manifest
+against this run's settings (`samples_io.check_manifest`), scores each batch's responses with a judge
+(`judges.py`) and appends one record per prompt to its rank's part file (`samples_io.py`, flushed and
+fsynced), so a killed run loses at most the batch in flight; re-run with the same settings, it skips
+the batches already written and gives the samples an uninterrupted run gives. SIGTERM cuts the batch
+in flight short and stops the run with `Preempted`. At the end, rank 0 merges the parts into
+``samples.jsonl`` (source order, each prompt once) and turns the scores into preference pairs
+(``pairs.jsonl``, `pairing.py`) that `PreferenceDataModule` reads, unless the manifest says they are
+already made from these samples with these settings.
 """
 
 from __future__ import annotations
