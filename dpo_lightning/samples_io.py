@@ -6,6 +6,10 @@ An output folder holds::
                                (`SampleWriter`: write, flush, fsync: durable once written)
     samples.jsonl              every record once, in the source's prompt order (`merge_parts`, atomic);
                                the part files are removed once it is in place
+    pairs.jsonl                the preference pairs (`write_pairs`, atomic)
+    manifest.json              what made them (`check_manifest`, `write_manifest`, atomic, written first):
+                               the records' settings, the prompt list's fingerprint and data settings,
+                               and, once pairs.jsonl is written, the pairing settings and pair count
 
 One *sample record* per prompt (a JSON object on one line)::
 
