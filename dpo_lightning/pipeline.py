@@ -211,10 +211,14 @@ class _Attempt:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         from dpo_lightning.folders import write_record
 
         self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
         write_record(self.folder / STAGE_RECORD, self.record)
+        if isinstance(err, SIGTERMException):  # Lightning's own stop (a SystemExit, status 0), before training began
+            err = self._preempted("received SIGTERM before the stage's first step")
         if isinstance(err, self._preempted):
             raise self._preempted(f"{self.name} stage: {err.status}; run the same iterate command again to resume "
                                   "(finished stages are kept)") from None
@@ -247,8 +251,8 @@ def _check_pairs(pairs: Path, r: int, mix_with: str | None) -> None:
     made = (read_manifest(pairs.parent) or {}).get("pairs") or {}
     if made.get("count", 1) > 0:
         return
-    why = (f"round {r}'s samples gave no preference pair ({made.get('summary', '')}): every prompt's responses scored "
-           "the same (or too close)")
+    why = (f"round {r}'s samples gave no preference pair ({made.get('summary', '')}): no prompt had two scored, "
+           "non-empty responses whose scores differ by min_margin or more")
     if mix_with is not None:
         warn(f"{pairs}: {why}; the round's DPO trains on the {mix_with} pairs alone")
         return

@@ -225,7 +225,7 @@ def test_a_judge_that_ties_everything_stops_iterate_before_dpo_through_the_real_
                       "function:tests.judge_fixtures:constant"])
     dpo = Stage(str(ROOT / "recipes/tiny.yaml"))
     with pytest.raises(DataError, match=r"pairs.jsonl: round 1's samples gave no preference pair \(4 prompts, 8 "
-                                        r"responses -> 0 pairs.*\): every prompt's responses scored the same"):
+                                        r"responses -> 0 pairs.*\): no prompt had two scored, non-empty responses"):
         iterate(str(tmp_path / "pipe"), Stage(str(tmp_path / "sft")), generate, dpo, rounds=1,
                 evaluation=Evaluation(limit=2))
     assert not (tmp_path / "pipe" / "round_1" / "dpo").exists()
