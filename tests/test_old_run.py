@@ -1,0 +1,50 @@
+"""A run written by the code before the package-layout redesign (#28; tests/fixtures/make_old_run.py, main at
+04aeab6) still works with this code: its config parses (``--print_config``), its checkpoint names a stage class
+by its old path (``dpo_lightning.dpo.DPOModule``) and still exports to the same weights, and a resume continues
+to exactly the weights the old code reached."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from fixtures.make_old_run import policy, resume
+from safetensors.torch import load_file
+
+from dpo_lightning import DPOModule
+from dpo_lightning.cli import cli_main, main
+
+OLD = Path(__file__).resolve().parent / "fixtures" / "old_run"
+
+
+def test_the_old_checkpoint_names_its_stage_by_the_old_path_and_still_resolves():
+    from dpo_lightning.stage import stage_class_of
+
+    checkpoint = torch.load(OLD / "last.ckpt", weights_only=True, map_location="cpu")
+    assert checkpoint["dpo_lightning_stage"] == "dpo_lightning.dpo.DPOModule"
+    assert stage_class_of(checkpoint) is DPOModule
+
+
+def test_the_old_config_parses_and_prints(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli_main(["fit", "--config", str(OLD / "config.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"]["reference"]["class_path"].endswith("CopyReference")
+    assert printed["trainer"]["plugins"][0]["class_path"].endswith("AtomicCheckpointIO")
+
+
+def test_the_old_checkpoint_exports_to_the_old_export(tmp_path):
+    main(["export", str(OLD / "last.ckpt"), str(tmp_path / "export")])
+    new, old = load_file(tmp_path / "export" / "model.safetensors"), load_file(OLD / "hf_export" / "model.safetensors")
+    assert new.keys() == old.keys()
+    for name in old:
+        assert torch.equal(new[name], old[name]), name
+
+
+def test_the_old_checkpoint_resumes_to_the_old_codes_weights_bitwise(tmp_path):
+    new = policy(resume(OLD, tmp_path / "runs"))
+    old = load_file(OLD / "resumed_step6.safetensors")
+    assert new.keys() == old.keys()
+    for name in old:
+        assert torch.equal(new[name], old[name]), name
