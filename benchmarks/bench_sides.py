@@ -47,7 +47,7 @@ def run_ours(spec: dict) -> dict:
     from dpo_lightning.data import PreferenceExample, TokenizeConfig, build_collator, render, tokenize_pairs
     from dpo_lightning.data.collate import COLLATORS
     from dpo_lightning.data.prefix_sharing import PrefixSharingCollator, attention_cost, layout_costs
-    from dpo_lightning.options import MemoryOptions
+    from dpo_lightning.stages.options import MemoryOptions
 
     model_dir = str(Path(spec["folder"]) / "model")
     module = DPOModule(

@@ -68,7 +68,7 @@ import torch  # noqa: E402
 
 from dpo_lightning.cli import DPOLightningCLI, cli_main  # noqa: E402
 from dpo_lightning.data import synthetic  # noqa: E402
-from dpo_lightning.logprobs import IGNORE_INDEX, sequence_logps  # noqa: E402
+from dpo_lightning.models.logprobs import IGNORE_INDEX, sequence_logps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "tiny.yaml"

@@ -2,7 +2,7 @@
 
     python benchmarks/checkpoint_sizes.py      # prints the table of docs/recipes.md
 
-Checkpoint policy (dpo_lightning/checkpoint.py): a full-parameter checkpoint holds the fp32 trained weights
+Checkpoint policy (dpo_lightning/training/checkpoint.py): a full-parameter checkpoint holds the fp32 trained weights
 (4 B/param) and AdamW's exp_avg and exp_avg_sq in fp32 (8 B/param): 12 B/param. The frozen reference is not
 stored (it is rebuilt from its source), except a TR-DPO reference (``reference: {sync_steps: ...}``), which
 moves and is stored in bf16 (+2 B/param). ``best`` is a hard link to a checkpoint already on disk. A LoRA

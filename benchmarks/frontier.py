@@ -57,8 +57,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from dpo_lightning.cli import DPOLightningCLI, cli_main  # noqa: E402
 from dpo_lightning.data.synthetic import load_dataset, sort_reward  # noqa: E402
-from dpo_lightning.logprobs import IGNORE_INDEX, sequence_logps  # noqa: E402
-from dpo_lightning.sampling import decode_response  # noqa: E402
+from dpo_lightning.generation.sampling import decode_response  # noqa: E402
+from dpo_lightning.models.logprobs import IGNORE_INDEX, sequence_logps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_NEW_TOKENS = 12  # the longest answer (8 digits) + EOS, and spare

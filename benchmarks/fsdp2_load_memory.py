@@ -51,7 +51,7 @@ def run_rank(args: argparse.Namespace) -> None:
     from torch.utils.data import DataLoader
 
     from dpo_lightning import DPOModule
-    from dpo_lightning.options import MemoryOptions
+    from dpo_lightning.stages.options import MemoryOptions
 
     torch.set_num_threads(1)
     at_start: dict[str, float] = {}

@@ -22,9 +22,9 @@ import torch
 
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer
-from dpo_lightning.export import export_hf
-from dpo_lightning.generation import GenerationModule
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.generation.module import GenerationModule
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.stages.export import export_hf
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 64,

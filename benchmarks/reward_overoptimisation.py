@@ -51,11 +51,11 @@ import yaml  # noqa: E402
 from dpo_lightning.cli import cli_main  # noqa: E402
 from dpo_lightning.data.prompts import PromptDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import sort_reward  # noqa: E402
-from dpo_lightning.judges import RewardModelJudge  # noqa: E402
-from dpo_lightning.models import load_causal_lm  # noqa: E402
+from dpo_lightning.generation.judges import RewardModelJudge  # noqa: E402
+from dpo_lightning.generation.sampling import generate  # noqa: E402
+from dpo_lightning.models.loading import load_causal_lm  # noqa: E402
 from dpo_lightning.pipeline import main as iterate_main  # noqa: E402
 from dpo_lightning.pipeline import response_logps, sample_with_ids  # noqa: E402
-from dpo_lightning.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RM_RECIPE, GOLD_RECIPE = "recipes/pipeline_tiny_rm.yaml", "recipes/pipeline_tiny.yaml"

@@ -16,7 +16,7 @@ import argparse
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dpo_lightning.data.synthetic import load_dataset, sort_reward
-from dpo_lightning.sampling import generate
+from dpo_lightning.generation.sampling import generate
 
 
 def solve_rate(folder: str, seed: int = 0) -> tuple[float, float]:

@@ -6,9 +6,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-import dpo_lightning.checkpoint as ckpt_mod
+import dpo_lightning.training.checkpoint as ckpt_mod
 from dpo_lightning import DPOModule
-from dpo_lightning.checkpoint import AtomicCheckpointIO
+from dpo_lightning.training.checkpoint import AtomicCheckpointIO
 
 from tiny import random_batch, tiny_config
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
-from dpo_lightning.checkpoint import (
+from dpo_lightning.training.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     CheckpointNotFoundError,
@@ -120,7 +120,7 @@ def test_checkpoint_saved_without_crc_passes_with_a_warning(tmp_path, caplog):
         torch.save({"w": WEIGHT}, tmp_path / "nocrc.ckpt")
     finally:
         torch.serialization.set_crc32_options(True)
-    with caplog.at_level(logging.WARNING, logger="dpo_lightning.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dpo_lightning.training.checkpoint"):
         check_checkpoint(tmp_path / "nocrc.ckpt")
     assert "saved without CRC32 checksums" in caplog.text
 
@@ -174,7 +174,7 @@ def test_first_save_into_a_folder_removes_orphans_of_killed_saves(tmp_path, capl
     running = make_orphan(tmp_path, ".last.ckpt.zz11yy22.tmp", age_s=0)  # another process saving right now
     foreign = make_orphan(tmp_path, ".notes.txt.abcdefgh.tmp", age_s=3600)  # not our naming pattern
     io = AtomicCheckpointIO()
-    with caplog.at_level(logging.WARNING, logger="dpo_lightning.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="dpo_lightning.training.checkpoint"):
         io.save_checkpoint({"global_step": 1}, tmp_path / "last.ckpt")
     assert not old.exists() and running.exists() and foreign.exists()
     assert "Removed 1 temporary file(s)" in caplog.text and old.name in caplog.text
@@ -191,7 +191,7 @@ def test_a_dead_writers_temporary_is_removed_at_once_and_a_live_ones_kept(tmp_pa
     import subprocess
     import sys
 
-    from dpo_lightning.checkpoint import _HOST
+    from dpo_lightning.training.checkpoint import _HOST
 
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = make_orphan(tmp_path, f".last.ckpt.{_HOST}-{int(finished.stdout)}.abcdefgh.tmp", age_s=0)

@@ -16,17 +16,17 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.callbacks import LatestModelCheckpoint
-from dpo_lightning.checkpoint import (
+from dpo_lightning.stages.export import export_checkpoint
+from dpo_lightning.stages.options import LoraOptions, MemoryOptions
+from dpo_lightning.training.callbacks import LatestModelCheckpoint
+from dpo_lightning.training.checkpoint import (
     check_checkpoint,
     remove_orphaned_temporaries,
     replace_atomically,
     temporary_path,
 )
-from dpo_lightning.distributed import consolidate_checkpoint
-from dpo_lightning.export import export_checkpoint
-from dpo_lightning.options import LoraOptions, MemoryOptions
-from dpo_lightning.runs import read_checkpoint_header
+from dpo_lightning.training.distributed import consolidate_checkpoint
+from dpo_lightning.training.runs import read_checkpoint_header
 
 from tiny import random_batch, tiny_config
 
@@ -125,7 +125,7 @@ def test_a_sharded_save_that_fails_leaves_the_previous_checkpoint_and_no_debris(
 
 def test_a_killed_sharded_save_is_cleaned_up_by_the_next_one(tmp_path):
     """A writer killed mid-save (its pid gone) left a temporary folder: the next save removes it."""
-    from dpo_lightning.checkpoint import _HOST
+    from dpo_lightning.training.checkpoint import _HOST
 
     left = tmp_path / f".last.ckpt.{_HOST}-999999.abcd1234.tmp"  # no process has pid 999999 here
     left.mkdir()
@@ -137,7 +137,7 @@ def test_a_killed_sharded_save_is_cleaned_up_by_the_next_one(tmp_path):
 def test_replacing_a_folder_without_an_atomic_exchange_can_be_recovered(tmp_path, monkeypatch):
     """Where renameat2 exchange is unavailable, the old checkpoint goes aside first; a crash before the new one
     is renamed in leaves it aside, and the next cleanup puts it back under its name."""
-    import dpo_lightning.checkpoint as ck
+    import dpo_lightning.training.checkpoint as ck
 
     old = tmp_path / "last.ckpt"
     old.mkdir()
@@ -168,7 +168,7 @@ def test_replacing_a_folder_without_an_atomic_exchange_can_be_recovered(tmp_path
 
 
 def test_atomic_exchange_swaps_folders_on_this_machine(tmp_path):
-    from dpo_lightning.checkpoint import _exchange
+    from dpo_lightning.training.checkpoint import _exchange
 
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
@@ -238,7 +238,7 @@ def test_lora_checkpoint_exports_merged_like_the_trained_module(tmp_path, base_f
 
 def test_export_of_a_sharded_checkpoint_reads_the_policy_alone(tmp_path, monkeypatch):
     """No optimizer state and no reference are loaded, and no model is built but on the meta device."""
-    import dpo_lightning.models as models
+    import dpo_lightning.models.loading as models
 
     _fit(_module(), tmp_path / "ck", steps=2, sharded=True)
     last = tmp_path / "ck" / "last.ckpt"
@@ -281,7 +281,7 @@ def test_fsdp2_checkpoint_leaves_a_rebuildable_reference_out_and_resumes_exactly
     """A reference loaded from its source is not saved in sharded (FSDP2) checkpoints (FSDP2 loads strictly:
     the module's state dict leaves it out and puts the rebuilt one back); a resume from such a checkpoint ends
     where the uninterrupted run does, bitwise. (A config-built random policy's copy is kept: not rebuildable.)"""
-    from dpo_lightning.distributed import full_state_dict
+    from dpo_lightning.training.distributed import full_state_dict
 
     def module():
         return DPOModule(model=str(base_folder), memory=MemoryOptions(fsdp_mixed_precision=False),

@@ -111,7 +111,7 @@ def test_a_stage_given_the_other_stages_data_module_is_one_line(capsys):
 
 def test_a_bug_while_building_keeps_its_traceback(tmp_path, monkeypatch):
     """Only a class's ValueError is a config mistake: anything else (a bug) is raised as it was."""
-    import dpo_lightning.dpo as dpo
+    import dpo_lightning.stages.dpo as dpo
 
     def broken(*args, **kwargs):
         raise RuntimeError("a bug, not a setting")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
-from dpo_lightning.distributed import consolidate_checkpoint, decoder_layer_classes, decoder_layers
+from dpo_lightning.training.distributed import consolidate_checkpoint, decoder_layer_classes, decoder_layers
 
 from tiny import random_batch, tiny_config
 
@@ -159,7 +159,7 @@ def test_sharded_and_full_checkpoints_consolidate_to_the_trained_weights(runs, t
     # `python -m dpo_lightning export SHARDED_DIR OUT`: straight from the sharded folder to HF format.
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning.export import export_checkpoint
+    from dpo_lightning.stages.export import export_checkpoint
 
     out = export_checkpoint(runs["ckpt_dir"] / "sharded.ckpt", tmp_path / "hf")
     exported = AutoModelForCausalLM.from_pretrained(out)
@@ -234,7 +234,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 import dpo_lightning
 from dpo_lightning import DPOModule
-from dpo_lightning.export import HFExport
+from dpo_lightning.stages.export import HFExport
 
 # This checkout, not an installed copy.
 assert os.path.realpath(dpo_lightning.__file__) == {package!r}, dpo_lightning.__file__
@@ -245,7 +245,7 @@ trainer = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy
                     logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     default_root_dir={root!r}, callbacks=[HFExport()])
 trainer.fit(module, DataLoader([random_batch(seed=i) for i in range(2)], batch_size=None))
-from dpo_lightning.distributed import full_state_dict, is_sharded
+from dpo_lightning.training.distributed import full_state_dict, is_sharded
 assert is_sharded(module.model)
 torch.save({{k: v.float() for k, v in full_state_dict(module.model).items()}}, {root!r} + "/trained.pt")
 """

@@ -1,7 +1,7 @@
 """PreferenceDataModule + DPOModule: a few steps end to end on CPU, as in the README snippet.
 
 Every logged value is checked against the same quantity written out here, from the models' plain
-logits (``log_softmax`` over the full vocabulary, not ``logprobs.py``'s chunked path), so a metric
+logits (``log_softmax`` over the full vocabulary, not ``models/logprobs.py``'s chunked path), so a metric
 fed from the wrong side, a reference that moved, or a wrongly reduced loss fails a test.
 """
 

@@ -15,11 +15,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-import dpo_lightning.export as export_mod
+import dpo_lightning.stages.export as export_mod
 from dpo_lightning import DPOModule
-from dpo_lightning.checkpoint import AtomicCheckpointIO, CheckpointError
 from dpo_lightning.cli import main
-from dpo_lightning.export import EXPORT_MARKER, ExportError, HFExport, check_export_destination, export_hf
+from dpo_lightning.stages.export import EXPORT_MARKER, ExportError, HFExport, check_export_destination, export_hf
+from dpo_lightning.training.checkpoint import AtomicCheckpointIO, CheckpointError
 
 from tiny import random_batch, tiny_config
 
@@ -249,7 +249,7 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path):
     import sys
     import time
 
-    from dpo_lightning.checkpoint import _HOST
+    from dpo_lightning.training.checkpoint import _HOST
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import dpo_lightning.folders as folders
-from dpo_lightning.folders import OWNER_FILE, FolderError, FolderLock, differences, read_record, write_record
+import dpo_lightning.training.folders as folders
+from dpo_lightning.training.folders import OWNER_FILE, FolderError, FolderLock, differences, read_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
-HOLD = ("import sys, time; from dpo_lightning.folders import FolderLock; FolderLock(sys.argv[1]).acquire(); "
+HOLD = ("import sys, time; from dpo_lightning.training.folders import FolderLock; FolderLock(sys.argv[1]).acquire(); "
         "print('locked', flush=True); time.sleep(120)")
 
 

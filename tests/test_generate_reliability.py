@@ -16,15 +16,15 @@ import lightning as L
 import pytest
 import torch
 
-import dpo_lightning.samples_io as samples_io
-from dpo_lightning.callbacks import PREEMPTED_EXIT_CODE, Preempted
+import dpo_lightning.generation.samples_io as samples_io
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer
-from dpo_lightning.export import export_hf
-from dpo_lightning.folders import FolderError, FolderLock
-from dpo_lightning.generation import GenerationModule, JudgedSamplesWriter
-from dpo_lightning.models import load_causal_lm
-from dpo_lightning.pairing import make_pairs
+from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
+from dpo_lightning.generation.pairing import make_pairs
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.stages.export import export_hf
+from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, Preempted
+from dpo_lightning.training.folders import FolderError, FolderLock
 
 from tiny import tiny_config
 
@@ -250,7 +250,7 @@ def test_other_sampling_settings_are_refused_naming_them(policy, tmp_path):
 def test_a_second_run_on_a_folder_in_use_is_refused_naming_the_holder(policy, tmp_path):
     out = tmp_path / "out"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from dpo_lightning.folders import FolderLock; "
+        [sys.executable, "-c", "import sys, time; from dpo_lightning.training.folders import FolderLock; "
          "FolderLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)", str(out)],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dpo_lightning.logprobs import sequence_logps
 from dpo_lightning.losses import PairLogps, compute_loss, ipo, npo, sigmoid
+from dpo_lightning.models.logprobs import sequence_logps
 
 s = torch.sigmoid
 

@@ -22,14 +22,14 @@ import torch
 
 import dpo_lightning.cli as cli
 import dpo_lightning.pipeline as pipeline
-from dpo_lightning.callbacks import Preempted
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.data.synthetic import build_tokenizer
-from dpo_lightning.export import EXPORT_MARKER, export_hf
-from dpo_lightning.folders import FolderError, FolderLock
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.generation.samples_io import write_manifest
+from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.pipeline import Evaluation, Stage, iterate
-from dpo_lightning.samples_io import write_manifest
+from dpo_lightning.stages.export import EXPORT_MARKER, export_hf
+from dpo_lightning.training.callbacks import Preempted
+from dpo_lightning.training.folders import FolderError, FolderLock
 
 from tiny import tiny_config
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from dpo_lightning.data.synthetic import build_tokenizer
-from dpo_lightning.export import export_hf
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.stages.export import export_hf
 
 from tiny import tiny_config
 

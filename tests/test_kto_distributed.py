@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpo_lightning.metrics import KTO_METRIC_NAMES
+from dpo_lightning.training.metrics import KTO_METRIC_NAMES
 
 SCRIPT = Path(__file__).parent / "scripts" / "kto_dist_check.py"
 ROOT = Path(__file__).parents[1]

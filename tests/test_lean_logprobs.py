@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from dpo_lightning.lm_head import backbone_and_head, lean_sequence_logps, logit_transform
-from dpo_lightning.logprobs import sequence_logps, sequence_logps_from_hidden
-from dpo_lightning.models import load_causal_lm
-from dpo_lightning.module import DPOModule
-from dpo_lightning.options import MemoryOptions
+from dpo_lightning.models.lm_head import backbone_and_head, lean_sequence_logps, logit_transform
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.logprobs import sequence_logps, sequence_logps_from_hidden
+from dpo_lightning.stages import DPOModule
+from dpo_lightning.stages.options import MemoryOptions
 
 from tiny import random_batch, tiny_config
 

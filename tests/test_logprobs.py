@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dpo_lightning.logprobs import IGNORE_INDEX, sequence_logps, shift_labels
+from dpo_lightning.models.logprobs import IGNORE_INDEX, sequence_logps, shift_labels
 
 from tiny import random_batch
 

@@ -288,7 +288,7 @@ def _trl_pair_batch(seed: int):
 
 
 def _our_pair_logps(logits: torch.Tensor, labels: torch.Tensor) -> PairLogps:
-    """Per-sequence sums of response-token log-probs, computed here independently of logprobs.py."""
+    """Per-sequence sums of response-token log-probs, computed here independently of models/logprobs.py."""
     shifted = labels[:, 1:]
     mask = shifted != -100
     token_logps = logits[:, :-1].log_softmax(-1).gather(-1, shifted.clamp(min=0)[..., None]).squeeze(-1)

@@ -23,10 +23,10 @@ pytestmark = pytest.mark.trl
 trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from dpo_lightning.logprobs import sequence_logps  # noqa: E402
 from dpo_lightning.losses import PairLogps, compute_loss  # noqa: E402
-from dpo_lightning.metrics import METRIC_NAMES, PreferenceMetrics  # noqa: E402
-from dpo_lightning.models import load_causal_lm  # noqa: E402
+from dpo_lightning.models.loading import load_causal_lm  # noqa: E402
+from dpo_lightning.models.logprobs import sequence_logps  # noqa: E402
+from dpo_lightning.training.metrics import METRIC_NAMES, PreferenceMetrics  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
 
@@ -148,14 +148,14 @@ def _trl_loss(loss_types, loss_weights, label_smoothing, inputs, logps, ref_logp
 def test_loss_value_gradient_and_metrics_match_trl(loss_types, loss_weights, label_smoothing):
     inputs, completion = _inputs(seed=len(loss_types) + int(label_smoothing * 100))
     g = torch.Generator().manual_seed(1)
-    n_tokens = completion[:, 1:].sum(dim=1).double()  # (2B,) predicted response tokens, what logprobs.py counts
+    n_tokens = completion[:, 1:].sum(dim=1).double()  # (2B,) predicted response tokens, what models/logprobs.py counts
     base = -n_tokens * (1.0 + torch.rand(2 * B, generator=g, dtype=torch.float64))
     ref = base + torch.randn(2 * B, generator=g, dtype=torch.float64)
     ours_in = base.clone().requires_grad_(True)
     trl_in = base.clone().requires_grad_(True)
     # Per-token mean logits, different on every token; TRL reads them only at response positions.
     mean_logits = torch.randn(2 * B, T - 1, generator=g, dtype=torch.float64)  # (2B, T-1)
-    logits_sum = (mean_logits * completion[:, 1:]).sum(dim=1)  # (2B,) what logprobs.py reports per sequence
+    logits_sum = (mean_logits * completion[:, 1:]).sum(dim=1)  # (2B,) what models/logprobs.py reports per sequence
     # Per-token entropies and argmax hits, also different everywhere; TRL reads them on response tokens (entropy:
     # both sides; accuracy: the chosen side).
     entropy = 3.0 * torch.rand(2 * B, T - 1, generator=g, dtype=torch.float64)  # (2B, T-1)

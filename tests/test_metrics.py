@@ -4,7 +4,7 @@ means), weight-0 rows left out; every logged value checked against hand numbers.
 import pytest
 import torch
 
-from dpo_lightning.metrics import KTO_METRIC_NAMES, METRIC_NAMES, KTOMetrics, PreferenceMetrics
+from dpo_lightning.training.metrics import KTO_METRIC_NAMES, METRIC_NAMES, KTOMetrics, PreferenceMetrics
 
 
 def _update(m, chosen_r, rejected_r, losses, logits_sum=(0.0,), tokens=(1.0,)):

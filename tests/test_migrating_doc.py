@@ -24,7 +24,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from dpo_lightning.config_errors import TRL_OPTIONS
+from dpo_lightning.cli.config_errors import TRL_OPTIONS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "migrating_from_trl.md"

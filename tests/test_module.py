@@ -8,8 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
-from dpo_lightning.metrics import METRIC_NAMES
-from dpo_lightning.options import MemoryOptions
+from dpo_lightning.stages.options import MemoryOptions
+from dpo_lightning.training.metrics import METRIC_NAMES
 
 from tiny import VOCAB, random_batch, tiny_config
 
@@ -186,7 +186,7 @@ def test_lean_logprobs_under_fsdp2_is_refused_for_a_model_that_soft_caps_its_log
     """Under FSDP2 the lean path runs the model's own forward with an identity head, so a logit transform inside
     that forward (Gemma 2's soft-cap) would be applied to hidden states: refused when asked for explicitly (the
     default falls back to full logits). Plain heads are tested on 2 processes in tests/test_distributed.py."""
-    from dpo_lightning.lm_head import lean_unsupported
+    from dpo_lightning.models.lm_head import lean_unsupported
 
     module = make_module(memory=MemoryOptions(lean_logprobs=True))
     assert lean_unsupported(module.model, sharded=True) is None

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from dpo_lightning import DPOModule, KTOModule
 from dpo_lightning.data.kto import KTOCollator
 from dpo_lightning.losses import LOSSES, LossOutput, PairLogps, kto_loss
-from dpo_lightning.metrics import KTO_METRIC_NAMES, METRIC_NAMES
+from dpo_lightning.training.metrics import KTO_METRIC_NAMES, METRIC_NAMES
 
 from tiny import VOCAB, random_batch, tiny_config
 

@@ -18,7 +18,7 @@ OLD = Path(__file__).resolve().parent / "fixtures" / "old_run"
 
 
 def test_the_old_checkpoint_names_its_stage_by_the_old_path_and_still_resolves():
-    from dpo_lightning.stage import stage_class_of
+    from dpo_lightning.stages.base import stage_class_of
 
     checkpoint = torch.load(OLD / "last.ckpt", weights_only=True, map_location="cpu")
     assert checkpoint["dpo_lightning_stage"] == "dpo_lightning.dpo.DPOModule"

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dpo_lightning.optim import warmup_decay_factor, warmup_decay_schedule
+from dpo_lightning.training.optim import warmup_decay_factor, warmup_decay_schedule
 
 
 def test_warmup_then_cosine():

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dpo_lightning.pairing import PAIRING_STRATEGIES, Pairing, PairingTotals, make_pairs
+from dpo_lightning.generation.pairing import PAIRING_STRATEGIES, Pairing, PairingTotals, make_pairs
 
 # Response 4 is unscored; 1 and 3 tie for best (0.9); 0 is the worst (0.2).
 SCORES = [0.2, 0.9, 0.5, 0.9, None]

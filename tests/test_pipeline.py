@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dpo_lightning.cli as cli
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.pipeline import Evaluation, Stage, iterate, write_report
 
 from tiny import Crash

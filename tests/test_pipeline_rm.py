@@ -11,8 +11,8 @@ import yaml
 
 from dpo_lightning import PreferenceDataModule, RewardModule
 from dpo_lightning.data.synthetic import generate_pairs, sort_reward
-from dpo_lightning.export import export_hf
-from dpo_lightning.judges import RewardModelJudge
+from dpo_lightning.generation.judges import RewardModelJudge
+from dpo_lightning.stages.export import export_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "pipeline_tiny_rm.yaml"

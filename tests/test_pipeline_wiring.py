@@ -34,12 +34,12 @@ import dpo_lightning.pipeline as pipeline
 from dpo_lightning import DPOModule, PrecomputedReference, PreferenceDataModule
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer, generate_pairs, sort_reward
-from dpo_lightning.export import EXPORT_MARKER, export_hf
-from dpo_lightning.generation import GenerationModule, _until_eos
-from dpo_lightning.models import load_causal_lm
+from dpo_lightning.generation.module import GenerationModule, _until_eos
+from dpo_lightning.generation.samples_io import write_manifest
+from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.pipeline import Evaluation, Stage, iterate, sample_with_ids, write_report
-from dpo_lightning.reference import REF_TABLES_KEY
-from dpo_lightning.samples_io import write_manifest
+from dpo_lightning.references.strategies import REF_TABLES_KEY
+from dpo_lightning.stages.export import EXPORT_MARKER, export_hf
 
 from tiny import tiny_config
 
@@ -163,7 +163,7 @@ def test_a_judge_row_of_exactly_max_length_is_scored():
     """"sort: 5 =" + " 5" is <s> sort: 5 = 5 </s>: 6 tokens. max_length 6 scores it; 5 does not."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from dpo_lightning.judges import RewardModelJudge
+    from dpo_lightning.generation.judges import RewardModelJudge
 
     config = AutoConfig.for_model(**{**tiny_config(), "vocab_size": len(TOKENIZER)}, num_labels=1,
                                   pad_token_id=PAD)
@@ -286,7 +286,7 @@ def test_precomputed_resume_reads_the_tables_from_the_checkpoint(tmp_path, monke
     raise, the run resumes to step 4 on the checkpoint's tables, whose values are the live reference's."""
     import shutil
 
-    import dpo_lightning.reference as reference_module
+    import dpo_lightning.references.strategies as reference_module
 
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(24, seed=5)))

@@ -1,4 +1,4 @@
-"""Preflight (`dpo_lightning.preflight`): what fails or warns before any weights load, as functions and
+"""Preflight (`dpo_lightning.stages.preflight`): what fails or warns before any weights load, as functions and
 through the real CLI, with the model loader replaced by one that fails loudly if reached."""
 
 import warnings
@@ -8,11 +8,11 @@ import pytest
 from chat_data import save_tokenizer, ultrachat_rows, ultrafeedback_rows, write_jsonl
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-import dpo_lightning.stage
+import dpo_lightning.stages.base
 from dpo_lightning.cli import DPOLightningCLI, cli_main
 from dpo_lightning.data import PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.errors import DataError
-from dpo_lightning.preflight import (
+from dpo_lightning.stages.preflight import (
     check_chat_template,
     check_packing_attention,
     check_strategy,
@@ -37,7 +37,7 @@ def no_model(monkeypatch):
         calls.append(args)
         raise ModelLoaded("the model was loaded: the preflight did not stop the run first")
 
-    monkeypatch.setattr(dpo_lightning.stage, "load_model", load_model)
+    monkeypatch.setattr(dpo_lightning.stages.base, "load_model", load_model)
     return calls
 
 
@@ -208,7 +208,7 @@ def test_the_python_api_refuses_fsdp1_and_packing_under_flash_attention_at_setup
     from lightning.pytorch.strategies import FSDPStrategy
 
     from dpo_lightning import DPOModule
-    from dpo_lightning.preflight import ConfigError
+    from dpo_lightning.stages.preflight import ConfigError
 
     module = DPOModule(model_config={"model_type": "llama", "hidden_size": 16, "intermediate_size": 32,
                                      "num_hidden_layers": 1, "num_attention_heads": 2, "vocab_size": 32})
@@ -265,7 +265,7 @@ def test_sliding_window_models_pad_unless_no_sequence_outgrows_the_window(window
 
     from dpo_lightning import DPOModule, PreferenceDataModule
     from dpo_lightning.data.synthetic import generate_pairs
-    from dpo_lightning.preflight import ConfigError
+    from dpo_lightning.stages.preflight import ConfigError
 
     data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=generate_pairs(16, 0), val_split=None,
                                 max_length=64, batch_size=4, collator=collator)
@@ -304,7 +304,7 @@ def test_models_whose_positions_do_not_come_from_position_ids_pad(arch, caplog):
 
     from dpo_lightning import DPOModule, PreferenceDataModule
     from dpo_lightning.data.synthetic import generate_pairs
-    from dpo_lightning.preflight import ConfigError
+    from dpo_lightning.stages.preflight import ConfigError
 
     def fit(collator: str):
         data = PreferenceDataModule(tokenizer="synthetic:sort", dataset=generate_pairs(8, 0), val_split=None,

@@ -14,7 +14,7 @@ from dpo_lightning import CopyReference, DPOModule, KTOModule, LoraOptions, Memo
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.synthetic import generate_pairs
 from dpo_lightning.losses import kto_loss
-from dpo_lightning.reference import mix_into_reference_
+from dpo_lightning.references.strategies import mix_into_reference_
 
 from tiny import ListLogger, random_batch, tiny_config
 
@@ -51,7 +51,7 @@ def test_adapter_reference_equals_a_separately_loaded_frozen_base(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from dpo_lightning.export import export_hf
+    from dpo_lightning.stages.export import export_hf
 
     ids = batch["input_ids"][:2]
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(files) == 2  # train and validation
 
     # A second run reuses the cache: computing is never called.
-    import dpo_lightning.reference as module_mod
+    import dpo_lightning.references.strategies as module_mod
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite a valid cache")
@@ -156,7 +156,7 @@ def test_precomputed_reference_validates_and_resumes_exactly(tmp_path, monkeypat
     assert straight.ref_model is None
     assert [s for s, row in sorted(logs.rows.items()) if "val/loss" in row] == [2, 4]  # optimizer steps 2, 4
 
-    import dpo_lightning.reference as reference_module
+    import dpo_lightning.references.strategies as reference_module
 
     def boom(*a, **k):
         raise AssertionError("the resumed run computed the reference log-probs again")
@@ -169,7 +169,8 @@ def test_precomputed_reference_validates_and_resumes_exactly(tmp_path, monkeypat
 
 
 def plain_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of a ``(2B, T)`` batch, by plain ``log_softmax`` (not logprobs.py): (sum of log p(label), tokens)."""
+    """Per row of a ``(2B, T)`` batch, by plain ``log_softmax`` (not models/logprobs.py):
+    (sum of log p(label), tokens)."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]  # (2B, T-1): position t predicts token t+1
     mask = labels != -100

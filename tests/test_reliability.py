@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from dpo_lightning import DPOModule
-from dpo_lightning.callbacks import PREEMPTED_EXIT_CODE, NonFiniteError
 from dpo_lightning.cli import DPOLightningCLI, cli_main, main
-from dpo_lightning.models import load_causal_lm
-from dpo_lightning.runs import claim_version
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteError
+from dpo_lightning.training.runs import claim_version
 
 from tiny import Crash, tiny_config
 
@@ -264,7 +264,7 @@ def test_bad_checkpoint_is_named_before_the_model_is_built(tmp_path, monkeypatch
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before the checkpoint was checked")
 
-    monkeypatch.setattr("dpo_lightning.stage.load_model", no_build)
+    monkeypatch.setattr("dpo_lightning.stages.base.load_model", no_build)
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tmp_path, 2, "--ckpt_path", str(bad)))
     assert exit_info.value.code == 1

@@ -9,8 +9,8 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader, DistributedSampler
 
 from dpo_lightning import CopyReference, DPOModule, LoraOptions
-from dpo_lightning.callbacks import LatestModelCheckpoint, Preempted
 from dpo_lightning.data.sampler import ResumableSampler, ResumableTrainData
+from dpo_lightning.training.callbacks import LatestModelCheckpoint, Preempted
 
 from tiny import Crash, CrashAfterStep, ListLogger, SignalAtBatch, random_batch, tiny_config
 

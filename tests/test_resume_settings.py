@@ -9,10 +9,11 @@ import torch
 from test_cli import ParseOnlyCLI
 
 from dpo_lightning.cli import cli_main
-from dpo_lightning.runs import changed_hparams
+from dpo_lightning.training.runs import changed_hparams
 
 
 def test_one_class_under_two_import_paths_is_not_a_change():
+    # the flat layout's path (#28), as configs saved before it carry it
     saved = {"reference": {"class_path": "dpo_lightning.reference.CopyReference", "init_args": {"sync_steps": 2}}}
     same = {"reference": {"class_path": "dpo_lightning.CopyReference", "init_args": {"sync_steps": 2}}}
     assert changed_hparams(saved, same, "model") == []
@@ -31,7 +32,7 @@ def test_a_kto_resume_does_not_list_the_unpaired_flag_the_cli_sets(tmp_path, mon
     ckpt.parent.mkdir(parents=True)
     torch.save({"global_step": 2, "epoch": 0, "hyper_parameters": {},
                 "datamodule_hyper_parameters": {"unpaired": True, "batch_size": 4}}, ckpt)
-    monkeypatch.setattr("dpo_lightning.cli.check_checkpoint", lambda path: None)
+    monkeypatch.setattr("dpo_lightning.cli.commands.check_checkpoint", lambda path: None)
     args = ["fit", "--config", "recipes/tiny.yaml", "--model.class_path", "dpo_lightning.KTOModule",
             "--data.batch_size", "4", "--ckpt_path", str(ckpt)]
     with warnings.catch_warnings(record=True) as caught:

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from dpo_lightning import PreferenceDataModule, RewardModule
 from dpo_lightning.data.synthetic import generate_pairs
-from dpo_lightning.export import export_hf
 from dpo_lightning.losses import bradley_terry_loss
-from dpo_lightning.metrics import RewardMetrics
+from dpo_lightning.stages.export import export_hf
+from dpo_lightning.training.metrics import RewardMetrics
 
 from tiny import tiny_config
 

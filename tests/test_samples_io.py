@@ -12,7 +12,7 @@ import pytest
 from dpo_lightning import PreferenceDataModule
 from dpo_lightning.data.errors import RowRef
 from dpo_lightning.data.formats import Layout, to_example
-from dpo_lightning.samples_io import (
+from dpo_lightning.generation.samples_io import (
     SAMPLES_FILE,
     SampleWriter,
     done_prompt_ids,
@@ -65,7 +65,7 @@ def test_a_killed_write_is_cut_off_on_reopening(tmp_path, caplog):
     with open(path, "ab") as f:
         f.write(half)
     assert done_prompt_ids(tmp_path) == {prompt_id("sort: 2 1 =", i) for i in range(3)}
-    with caplog.at_level(logging.WARNING, logger="dpo_lightning.samples_io"):
+    with caplog.at_level(logging.WARNING, logger="dpo_lightning.generation.samples_io"):
         writer = SampleWriter(path)
     assert writer.truncated == len(half)
     assert f"removed a partial last line ({len(half)} bytes)" in caplog.text
@@ -259,7 +259,7 @@ def test_a_failed_pairs_write_leaves_the_old_file_and_no_temporary(tmp_path, mon
 def test_empty_responses_are_left_out_of_pairs_and_counted(tmp_path):
     """Scores [1.0, 0.0, 0.5] with response 1 empty: best_vs_worst pairs 0 (1.0) with 2 (0.5), not with
     the empty one (0.0); the summary counts 1 empty response."""
-    from dpo_lightning.samples_io import SampleWriter, merge_parts, part_path, prompt_id, write_pairs
+    from dpo_lightning.generation.samples_io import SampleWriter, merge_parts, part_path, prompt_id, write_pairs
 
     pid = prompt_id("sort: 2 1 =", 0)
     with SampleWriter(part_path(tmp_path, 0)) as writer:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dpo_lightning import SFTModule
-from dpo_lightning.metrics import SFTMetrics
+from dpo_lightning.training.metrics import SFTMetrics
 
 from tiny import tiny_config
 

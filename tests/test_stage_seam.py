@@ -11,7 +11,7 @@ from torch import Tensor
 
 from dpo_lightning import CausalLMModule, DPOModule, KTOModule, LoraOptions
 from dpo_lightning.cli import cli_main
-from dpo_lightning.metrics import RunningMeans
+from dpo_lightning.training.metrics import RunningMeans
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def no_weights(*args, **kwargs):
          "adapter-with-ref-model"],
 )
 def test_config_mistakes_are_refused_before_weights_load(monkeypatch, build, match):
-    monkeypatch.setattr("dpo_lightning.stage.load_model", no_weights)
+    monkeypatch.setattr("dpo_lightning.stages.base.load_model", no_weights)
     with pytest.raises(ValueError, match=match):
         build()
 

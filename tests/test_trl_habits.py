@@ -50,7 +50,7 @@ def test_a_short_run_logs_on_trls_step_axis_with_the_rate_each_step_applied(tmp_
     each row has TRL's fractional ``epoch`` (batches trained / batches per epoch). train/lr is the rate the
     logged step applied (TRL's learning_rate, read before the scheduler moves; it was the next step's),
     train/grad_norm finite and > 0; no lr-AdamW, no hp_metric."""
-    from dpo_lightning.optim import warmup_decay_factor
+    from dpo_lightning.training.optim import warmup_decay_factor
 
     logger = StepLogger()
     cli = cli_main(args(tmp_path, "--data.val_split", "null", "--data.val_fraction", "0.1",
@@ -137,7 +137,7 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
     """train/num_tokens (TRL's name) at a logged step = the non-padding input tokens of every batch trained
     on up to that step, cumulative (the 2B sequences of each pair batch, each prompt on both sides, padding
     excluded), whatever the batch layout."""
-    from dpo_lightning.stage import input_tokens
+    from dpo_lightning.stages.base import input_tokens
 
     logger = StepLogger()
     seen: list[int] = []
@@ -166,7 +166,7 @@ def test_num_tokens_counts_every_input_token_trained_on_so_far(tmp_path):
 def test_progress_bar_counts_optimizer_steps_and_shows_margin_and_accuracy(tmp_path):
     """With accumulation 2, 6 optimizer steps are 12 micro-batches: the bar reads 6/6 (Lightning's own would
     read 12/12), shows the loss, reward margin and accuracy, and a resumed run's bar starts at its step."""
-    from dpo_lightning.callbacks import StepProgressBar
+    from dpo_lightning.training.callbacks import StepProgressBar
 
     extra = ("--trainer.max_steps", "6", "--trainer.accumulate_grad_batches", "2", "--trainer.log_every_n_steps", "2",
              "--trainer.enable_progress_bar", "true", "--checkpoint.save_every_n_steps", "3")

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dpo_lightning.data.sampler import padding_weights
-from dpo_lightning.logprobs import IGNORE_INDEX
+from dpo_lightning.models.logprobs import IGNORE_INDEX
 
 
 def pad_rows(

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from dpo_lightning.data.extras import pair_extras
-from dpo_lightning.logprobs import IGNORE_INDEX
+from dpo_lightning.models.logprobs import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -100,7 +100,7 @@ class _PromptPreprocessor:
     split: str
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        from dpo_lightning.samples_io import prompt_id
+        from dpo_lightning.generation.samples_io import prompt_id
 
         special = special_tokens(self.tokenizer)
         columns = PROMPT_LAYOUT_COLUMNS[self.layout]

@@ -6,6 +6,8 @@ import logging
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dpo_lightning.models.loading import check_local_source
+
 from .bpe import BPE_PREFIX, build_bpe_tokenizer
 from .sources import SYNTHETIC_PREFIX
 
@@ -47,8 +49,15 @@ def load_tokenizer(
     elif spec.startswith(BPE_PREFIX):
         tokenizer = build_bpe_tokenizer(spec)
     else:
-        from dpo_lightning.models import check_local_source  # a mistyped path: "no such file or folder"
-
         check_local_source(spec, "tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=trust_remote_code)
     return ensure_pad_token(tokenizer)
+
+
+def resolve_tokenizer(
+    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
+) -> PreTrainedTokenizerBase | None:
+    """``load_tokenizer`` for a spec; None and tokenizer objects as they are."""
+    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
+        return tokenizer
+    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)

@@ -15,8 +15,8 @@ import torch
 from dpo_lightning.data import build_collator
 from dpo_lightning.data.collate import PaddingCollator
 from dpo_lightning.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing
-from dpo_lightning.module import DPOModule
-from dpo_lightning.options import MemoryOptions
+from dpo_lightning.stages import DPOModule
+from dpo_lightning.stages.options import MemoryOptions
 
 VOCAB = 64
 LLAMA = dict(

@@ -18,9 +18,9 @@ from dpo_lightning.data import build_collator
 from dpo_lightning.data.collate import PaddingCollator
 from dpo_lightning.data.packing import PackingCollator
 from dpo_lightning.data.prefix_sharing import PrefixSharingCollator, shared_length
-from dpo_lightning.module import DPOModule
-from dpo_lightning.options import MemoryOptions
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.stages import DPOModule
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.stages.options import MemoryOptions
 
 VOCAB = 64
 CONFIGS = {

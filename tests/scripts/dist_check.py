@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data import COLLATORS, PreferenceDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
-from dpo_lightning.distributed import full_state_dict  # noqa: E402
-from dpo_lightning.options import MemoryOptions  # noqa: E402
+from dpo_lightning.stages.options import MemoryOptions  # noqa: E402
+from dpo_lightning.training.distributed import full_state_dict  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
 

@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 
 from dpo_lightning.data.prompts import PromptDataModule  # noqa: E402
-from dpo_lightning.generation import GenerationModule, JudgedSamplesWriter  # noqa: E402
+from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter  # noqa: E402
 
 
 def main() -> None:

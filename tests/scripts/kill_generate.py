@@ -190,7 +190,7 @@ def child(argv: list[str]) -> None:
     argv = argv[1:] if argv[:1] == ["--"] else argv
     sys.path.insert(0, str(ROOT))
     if markers is not None:
-        import dpo_lightning.samples_io as samples_io
+        import dpo_lightning.generation.samples_io as samples_io
 
         original = samples_io._write_atomically
 

@@ -40,7 +40,7 @@ import dpo_lightning  # noqa: E402
 from dpo_lightning import KTOModule  # noqa: E402
 from dpo_lightning.data import PreferenceDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
-from dpo_lightning.logprobs import IGNORE_INDEX  # noqa: E402
+from dpo_lightning.models.logprobs import IGNORE_INDEX  # noqa: E402
 
 from tiny import tiny_config  # noqa: E402
 

@@ -46,68 +46,70 @@ _REDUCE = """        if self._trainer is not None and self.trainer.world_size > 
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
 """
 
+DPO = "dpo_lightning/stages/dpo.py"
+
 MUTATIONS = [
     # DPOModule passes a fixed beta, or drops a setting, on the way to check_loss_config/compute_loss.
-    Mutation("beta_fixed", "dpo_lightning/dpo.py", _CALL, _CALL.replace("beta=beta", "beta=0.1")),
-    Mutation("loss_weights_dropped", "dpo_lightning/dpo.py", _CALL, _CALL.replace("loss_weights=loss_weights, ", "")),
+    Mutation("beta_fixed", DPO, _CALL, _CALL.replace("beta=beta", "beta=0.1")),
+    Mutation("loss_weights_dropped", DPO, _CALL, _CALL.replace("loss_weights=loss_weights, ", "")),
     Mutation(
-        "label_smoothing_dropped", "dpo_lightning/dpo.py", _CALL, _CALL.replace("label_smoothing=label_smoothing, ", "")
+        "label_smoothing_dropped", DPO, _CALL, _CALL.replace("label_smoothing=label_smoothing, ", "")
     ),
-    Mutation("loss_kwargs_dropped", "dpo_lightning/dpo.py", _CALL, _CALL.replace(", loss_kwargs=loss_kwargs", "")),
+    Mutation("loss_kwargs_dropped", DPO, _CALL, _CALL.replace(", loss_kwargs=loss_kwargs", "")),
     # The metrics log one side's values under the other side's name.
     Mutation(
-        "rewards_rejected_is_chosen", "dpo_lightning/metrics.py",
+        "rewards_rejected_is_chosen", "dpo_lightning/training/metrics.py",
         '"rewards/rejected": rejected_rewards,', '"rewards/rejected": chosen_rewards,',
     ),
     Mutation(
-        "logits_rejected_is_chosen", "dpo_lightning/metrics.py",
+        "logits_rejected_is_chosen", "dpo_lightning/training/metrics.py",
         '("logits/rejected", rejected_logits_sum, rejected_tokens),',
         '("logits/rejected", chosen_logits_sum, chosen_tokens),',
     ),
     # KTO's reference point z0: without the cross-rank sum, or counting an eval shard's padding rows.
-    Mutation("kto_no_cross_rank_sum", "dpo_lightning/kto.py", _REDUCE, ""),
+    Mutation("kto_no_cross_rank_sum", "dpo_lightning/stages/kto.py", _REDUCE, ""),
     Mutation(
-        "kto_eval_padding_counted", "dpo_lightning/kto.py",
+        "kto_eval_padding_counted", "dpo_lightning/stages/kto.py",
         'kto_kl_estimate(kl_policy, kl_ref, batch.get("weight"))', "kto_kl_estimate(kl_policy, kl_ref, None)",
     ),
     # Generation (issue #29): every prompt's responses drawn from the same random streams, whatever the prompt.
     Mutation(
-        "seed_ignores_prompt", "dpo_lightning/generation.py",
+        "seed_ignores_prompt", "dpo_lightning/generation/module.py",
         'response_seed(hp.seed, pid, k) for pid in batch["prompt_id"]',
         'response_seed(hp.seed, "", k) for pid in batch["prompt_id"]',
     ),
     # A prompt's samples taken from the wrong rows of generate's (B * N, T) output.
     Mutation(
-        "samples_wrong_prompt", "dpo_lightning/generation.py",
+        "samples_wrong_prompt", "dpo_lightning/generation/module.py",
         "for row in new[i * n : (i + 1) * n].tolist():", "for row in new[i : i + n].tolist():",
     ),
     Mutation(
-        "sample_cut_after_eos", "dpo_lightning/generation.py",
+        "sample_cut_after_eos", "dpo_lightning/generation/module.py",
         "return ids[: ids.index(eos) + 1]", "return ids[: ids.index(eos) + 2]",
     ),
     # The pipeline's report: the KL with the reference on both sides (always 0), or always against SFT.
     Mutation(
-        "report_kl_reference_both_sides", "dpo_lightning/pipeline.py",
+        "report_kl_reference_both_sides", "dpo_lightning/pipeline/rounds.py",
         'kls += (response_logps(models["policy"], row["prompt_ids"], ids)',
         'kls += (response_logps(models["reference"], row["prompt_ids"], ids)',
     ),
     Mutation(
-        "report_kl_against_sft", "dpo_lightning/pipeline.py",
+        "report_kl_against_sft", "dpo_lightning/pipeline/rounds.py",
         'ref = initial if reference == "initial" or r == 0 else policies[r - 1]', "ref = initial",
     ),
     # Each round samples its pairs from the SFT model instead of the previous round's policy.
     Mutation(
-        "rounds_sample_from_sft", "dpo_lightning/pipeline.py",
+        "rounds_sample_from_sft", "dpo_lightning/pipeline/rounds.py",
         "_run_generate_stage(generate, policies[-1], ", "_run_generate_stage(generate, initial, ",
     ),
     # A precomputed reference's tables saved in checkpoints but not read back: a resume recomputes them.
     Mutation(
-        "precomputed_tables_ignored_on_resume", "dpo_lightning/reference.py",
+        "precomputed_tables_ignored_on_resume", "dpo_lightning/references/strategies.py",
         "self._tables = dict(state.get(REF_TABLES_KEY, {}))", "self._tables = {}",
     ),
     # The reward-model judge refuses a row of exactly its length limit.
     Mutation(
-        "judge_limit_off_by_one", "dpo_lightning/judges.py",
+        "judge_limit_off_by_one", "dpo_lightning/generation/judges.py",
         "len(side.input_ids) > self.limit:", "len(side.input_ids) >= self.limit:",
     ),
 ]

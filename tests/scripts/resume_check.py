@@ -36,11 +36,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import dpo_lightning.stage as dpo_module  # noqa: E402
+import dpo_lightning.stages.base as dpo_module  # noqa: E402
 from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data.sampler import ResumableTrainData  # noqa: E402
-from dpo_lightning.distributed import full_state_dict  # noqa: E402
-from dpo_lightning.options import MemoryOptions
+from dpo_lightning.stages.options import MemoryOptions
+from dpo_lightning.training.distributed import full_state_dict  # noqa: E402
 
 from tiny import Crash, CrashAfterStep, ListLogger, random_batch, tiny_config  # noqa: E402
 

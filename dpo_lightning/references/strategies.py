@@ -9,7 +9,7 @@ init_args: {sync_steps: 64}}``):
 - :class:`AdapterReference` (``adapter``): the policy is a LoRA model (``lora`` group); the reference
   is the same base weights with the adapters off, so one set of base weights is in memory.
 - :class:`PrecomputedReference` (``precomputed``): one pass over the train and validation data before
-  training computes the log-probs, cached on disk (``precompute.py``); the reference model is freed.
+  training computes the log-probs, cached on disk (``references/precompute.py``); the reference model is freed.
 - :class:`NoReference` (``none``): reference-free losses (SimPO, ORPO, CPO).
 
 A new kind (e.g. the previous round's policy in iterative DPO) is one more subclass; the stage
@@ -29,8 +29,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from dpo_lightning.models import freeze, merged_parameters
-from dpo_lightning.precompute import (
+from dpo_lightning._moved import import_module
+from dpo_lightning.models.loading import freeze, merged_parameters
+from dpo_lightning.references.precompute import (
     cache_key,
     compute_reference_logps,
     default_cache_dir,
@@ -40,7 +41,7 @@ from dpo_lightning.precompute import (
 )
 
 if TYPE_CHECKING:
-    from dpo_lightning.stage import CausalLMModule
+    from dpo_lightning.stages.base import CausalLMModule
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def _attach_frozen_reference(stage: CausalLMModule, ref_model: str | nn.Module |
     policy = stage.model
     if stage.memory.sharded_init:
         # The architecture only: its weights arrive after sharding (CausalLMModule._materialize).
-        from dpo_lightning.models import parameters_on_meta
+        from dpo_lightning.models.loading import parameters_on_meta
 
         with parameters_on_meta():
             stage.ref_model = freeze(stage.auto_model_class.from_config(policy.config, dtype=policy.dtype))
@@ -261,12 +262,11 @@ def resolve_reference(spec: str | Reference | Mapping[str, Any]) -> Reference:
     if isinstance(spec, Reference):
         return spec
     if isinstance(spec, Mapping):  # as stored in hyper-parameters (load_from_checkpoint)
-        import importlib
 
         module, _, name = str(spec["class_path"]).rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(import_module(module), name)
         if not (isinstance(cls, type) and issubclass(cls, Reference)):
-            raise ValueError(f"{spec['class_path']} is not a dpo_lightning.reference.Reference")
+            raise ValueError(f"{spec['class_path']} is not a dpo_lightning.references.strategies.Reference")
         return cls(**dict(spec.get("init_args") or {}))
     if spec not in REFERENCES:
         import difflib

@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.checkpoint import (
+from dpo_lightning.training.checkpoint import (
     _HOST,
     DCP_METADATA,
     CheckpointError,
@@ -67,7 +67,7 @@ def export_hf(
     """Write ``model`` (safetensors) and ``tokenizer`` to ``output_dir``, atomically.
 
     ``state_dict`` replaces the model's own weights, e.g. the full weights gathered from an
-    FSDP2-sharded model (:func:`dpo_lightning.distributed.full_state_dict`), or those of a
+    FSDP2-sharded model (:func:`dpo_lightning.training.distributed.full_state_dict`), or those of a
     checkpoint for a model built on the meta device. ``dtype`` casts the floating-point weights
     (and the config's ``dtype``, so ``from_pretrained`` loads them as such); None keeps them.
 
@@ -210,7 +210,7 @@ def _nonfinite(tensors: Mapping[str, Any]) -> list[str]:
 
 
 def _write_marker(folder: Path, *, source: str | None, adapter: AdapterExport) -> None:
-    from dpo_lightning import __version__
+    from dpo_lightning._version import __version__
 
     marker = {
         "dpo_lightning": __version__,
@@ -363,7 +363,7 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
-        from dpo_lightning.distributed import full_state_dict, is_sharded
+        from dpo_lightning.training.distributed import full_state_dict, is_sharded
 
         # Under FSDP2 gathering the full weights is a collective: every rank takes part.
         state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
@@ -418,12 +418,12 @@ def export_checkpoint(
     source and merges the adapters (``adapter="merged"``) or exports them alone. ``dtype`` as
     :func:`resolve_export_dtype` (``auto``: the dtype training computed in).
 
-    Raises :class:`~dpo_lightning.checkpoint.CheckpointError` for a missing, truncated or corrupt
+    Raises :class:`~dpo_lightning.training.checkpoint.CheckpointError` for a missing, truncated or corrupt
     checkpoint and :class:`ExportError` for a destination the export must not replace, both
     before loading anything.
     """
-    from dpo_lightning.models import resolve_tokenizer
-    from dpo_lightning.stage import EXPORT_DTYPE_KEY, POLICY_CONFIG_KEY, stage_class_of
+    from dpo_lightning.data.tokenizer import resolve_tokenizer
+    from dpo_lightning.stages.base import EXPORT_DTYPE_KEY, POLICY_CONFIG_KEY, stage_class_of
 
     ckpt_path = Path(ckpt_path)
     check_checkpoint(ckpt_path)
@@ -443,7 +443,7 @@ def export_checkpoint(
         return export_hf(model, tokenizer, output_dir, **common)
     # A checkpoint written before the policy's config was recorded: rebuild its whole module.
     if ckpt_path.is_dir():
-        from dpo_lightning.distributed import consolidate_checkpoint
+        from dpo_lightning.training.distributed import consolidate_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
@@ -457,10 +457,10 @@ def _read_policy(ckpt_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """The checkpoint's non-tensor part, and the policy's weights (keys without ``model.``).
 
     A file is memory-mapped, so only the policy's tensors are read; of a sharded folder only the
-    policy's entries are loaded (:func:`dpo_lightning.distributed.consolidate_checkpoint` with a prefix).
+    policy's entries are loaded (:func:`dpo_lightning.training.distributed.consolidate_checkpoint` with a prefix).
     """
     if ckpt_path.is_dir():
-        from dpo_lightning.distributed import consolidate_checkpoint
+        from dpo_lightning.training.distributed import consolidate_checkpoint
 
         checkpoint = consolidate_checkpoint(ckpt_path, only="state_dict.model.")
     else:
@@ -488,8 +488,8 @@ def _lora_policy(stage: type, checkpoint: Mapping[str, Any], hparams: Mapping[st
     adapters (and base weights, when it holds them) loaded on top."""
     from transformers import AutoConfig
 
-    from dpo_lightning.models import load_model, wrap_lora
-    from dpo_lightning.stage import FROZEN_BASE_KEY, check_frozen_base, fingerprint, frozen_parameters
+    from dpo_lightning.models.loading import load_model, wrap_lora
+    from dpo_lightning.stages.base import FROZEN_BASE_KEY, check_frozen_base, fingerprint, frozen_parameters
 
     source = hparams.get("model") if FROZEN_BASE_KEY in checkpoint else None
     load = {"dtype": hparams.get("dtype"), "trust_remote_code": hparams.get("trust_remote_code", False)}

@@ -2,7 +2,7 @@
 
 Per step: one forward of the policy over the stacked ``2B`` rows (chosen first), the reference
 log-probs from the reference strategy, per-pair losses and rewards (``losses.py``), metrics
-(``metrics.py``). Everything else (loading, LoRA, optimizer, sharding, checkpoints) is the base's.
+(``training/metrics.py``). Everything else (loading, LoRA, optimizer, sharding, checkpoints) is the base's.
 """
 
 from __future__ import annotations
@@ -15,12 +15,18 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from dpo_lightning.logprobs import SequenceLogps
 from dpo_lightning.losses import REFERENCE_FREE, LossOutput, PairLogps, check_loss_config, compute_loss
-from dpo_lightning.metrics import PreferenceMetrics
-from dpo_lightning.preflight import check_reference
-from dpo_lightning.reference import AdapterReference, CopyReference, NoReference, Reference, resolve_reference
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.models.logprobs import SequenceLogps
+from dpo_lightning.references.strategies import (
+    AdapterReference,
+    CopyReference,
+    NoReference,
+    Reference,
+    resolve_reference,
+)
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.stages.preflight import check_reference
+from dpo_lightning.training.metrics import PreferenceMetrics
 
 log = logging.getLogger(__name__)
 

@@ -9,13 +9,14 @@ and ``last`` means the newest ``last.ckpt`` among the runs of the same name.
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+
+from dpo_lightning._moved import import_module
 
 _VERSION = re.compile(r"version_(\d+)$")
 
@@ -96,10 +97,10 @@ def changed_hparams(saved: dict[str, Any], current: dict[str, Any], prefix: str)
 
 def _qualified(class_path: str) -> str:
     """The defining module's name of a class named by any import path (``dpo_lightning.CopyReference`` and
-    ``dpo_lightning.reference.CopyReference`` are one class); the path as given when it does not import."""
+    ``dpo_lightning.references.strategies.CopyReference`` are one class); the path as given when it does not import."""
     module, _, name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return class_path
     return f"{cls.__module__}.{cls.__qualname__}"

@@ -15,12 +15,13 @@ keeps the two equal), or where the valid options are listed.
 from __future__ import annotations
 
 import difflib
-import importlib
 import os
 import re
 import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn
+
+from dpo_lightning._moved import import_module
 
 # TRL 1.16's option names (DPOConfig, SFTConfig, RewardConfig, trainer arguments) -> the option here, as the
 # option map of docs/migrating_from_trl.md gives it (tests/test_migrating_doc.py checks every entry against
@@ -94,7 +95,7 @@ def _class_options(class_path: str) -> tuple[type | None, list[str]]:
     """A class and the options jsonargparse gives it (its ``__init__`` parameters, ``**kwargs`` followed)."""
     try:
         module, _, name = class_path.rpartition(".")
-        cls = getattr(importlib.import_module(module), name)
+        cls = getattr(import_module(module), name)
         from jsonargparse import ArgumentParser
 
         parser = ArgumentParser(exit_on_error=False)
@@ -199,7 +200,7 @@ def explain(message: str, parser: Any = None, command: str = "python -m dpo_ligh
         module, _, name = class_path.rpartition(".")
         names = []
         try:
-            names = [f"{module}.{n}" for n in dir(importlib.import_module(module)) if not n.startswith("_")]
+            names = [f"{module}.{n}" for n in dir(import_module(module)) if not n.startswith("_")]
         except Exception:  # noqa: BLE001
             pass
         close = did_you_mean(class_path, names)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 
+from dpo_lightning import cli
 from dpo_lightning.data.errors import warn
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,8 @@ def iterate(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if reference not in ("initial", "previous"):
         raise ValueError(f"reference must be 'initial' or 'previous', got {reference!r}")
-    from dpo_lightning.callbacks import PreemptionWatch
-    from dpo_lightning.folders import FolderLock
+    from dpo_lightning.training.callbacks import PreemptionWatch
+    from dpo_lightning.training.folders import FolderLock
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ STAGE_RECORD = "stage.json"
 
 
 def _stop_if_preempted(next_step: str) -> None:
-    from dpo_lightning.callbacks import Preempted, preemption_signal
+    from dpo_lightning.training.callbacks import Preempted, preemption_signal
 
     if received := preemption_signal():
         raise Preempted(f"received {received}: stopped before {next_step}, every stage before it is complete; run "
@@ -155,8 +156,8 @@ def _made_by(path: str | Path | None) -> str | None:
     ``<stage>/version_0/hf_export``, a pairs file ``<stage>/pairs.jsonl``), else the creation time in an
     export's marker (an export made again at the same path is another input); None for anything else (a
     hub id)."""
-    from dpo_lightning.export import EXPORT_MARKER
-    from dpo_lightning.folders import read_record
+    from dpo_lightning.stages.export import EXPORT_MARKER
+    from dpo_lightning.training.folders import read_record
 
     if path is None:
         return None
@@ -175,7 +176,14 @@ def _begin_stage(folder: Path, name: str, settings: dict[str, Any]) -> dict[str,
     settings when the recorded ones differ, or when the folder holds files but no record."""
     import uuid
 
-    from dpo_lightning.folders import FolderError, differences, plain, read_record, say_differences, write_record
+    from dpo_lightning.training.folders import (
+        FolderError,
+        differences,
+        plain,
+        read_record,
+        say_differences,
+        write_record,
+    )
 
     path = folder / STAGE_RECORD
     record = read_record(path)
@@ -203,7 +211,7 @@ class _Attempt:
         self.folder, self.record, self.name = folder, record, name
 
     def __enter__(self) -> _Attempt:
-        from dpo_lightning.callbacks import Preempted
+        from dpo_lightning.training.callbacks import Preempted
 
         _stop_if_preempted(f"the {self.name} stage")
         self.started = time.perf_counter()
@@ -213,7 +221,7 @@ class _Attempt:
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from dpo_lightning.folders import write_record
+        from dpo_lightning.training.folders import write_record
 
         self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
         write_record(self.folder / STAGE_RECORD, self.record)
@@ -230,7 +238,7 @@ class _Attempt:
 
 def _timings(out: Path, rounds: int) -> dict[str, float]:
     """Wall time per round (round 0: SFT) from the stage records: the sum of the attempts' times."""
-    from dpo_lightning.folders import read_record
+    from dpo_lightning.training.folders import read_record
 
     folders = {"round_0": [out / "sft" / "stage"]}
     for r in range(1, rounds + 1):
@@ -246,7 +254,7 @@ def _timings(out: Path, rounds: int) -> dict[str, float]:
 def _check_pairs(pairs: Path, r: int, mix_with: str | None) -> None:
     """A round whose samples gave no pair: an error saying what to change (with ``mix_with``, a warning)."""
     from dpo_lightning.data.errors import DataError
-    from dpo_lightning.samples_io import read_manifest
+    from dpo_lightning.generation.samples_io import read_manifest
 
     made = (read_manifest(pairs.parent) or {}).get("pairs") or {}
     if made.get("count", 1) > 0:
@@ -267,7 +275,7 @@ def _is_recipe(config: str) -> bool:
 
 
 def _export_done(folder: Path) -> bool:
-    from dpo_lightning.export import EXPORT_MARKER
+    from dpo_lightning.stages.export import EXPORT_MARKER
 
     return (folder / EXPORT_MARKER).exists() and (folder / "config.json").exists()
 
@@ -280,8 +288,6 @@ def _run_fit_stage(
     previous attempt was killed; skipped if its record says done and its export is complete. With ``mix``
     ((pairs, original, limit, out): `mix_pairs`' arguments), it trains on the mixed pairs. Returns the
     export folder."""
-    from dpo_lightning import cli
-
     run_dir = root / name / "version_0"
     export = run_dir / "hf_export"
     data = mix[3] if mix is not None else pairs
@@ -320,8 +326,7 @@ def _run_generate_stage(stage: Stage, policy: str, folder: Path, seed: int) -> P
     """``generate`` with the stage's recipe from ``policy`` into ``folder``; skipped when its record says done
     and its manifest says the pairs are written; resumed (prompts already written are skipped) when a
     previous attempt was stopped."""
-    from dpo_lightning import cli
-    from dpo_lightning.samples_io import PAIRS_FILE, read_manifest
+    from dpo_lightning.generation.samples_io import PAIRS_FILE, read_manifest
 
     pairs = folder / PAIRS_FILE
     args = ["--config", stage.config, *stage.args, "--model.model", policy, "--data.tokenizer", policy,
@@ -351,7 +356,7 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
     from dpo_lightning.data.errors import RowRef
     from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
     from dpo_lightning.data.sources import load_source
-    from dpo_lightning.samples_io import write_jsonl_atomically
+    from dpo_lightning.generation.samples_io import write_jsonl_atomically
 
     raw = load_source(original, default_split="train")["train"]
     layout = detect_layout(raw.column_names, original)
@@ -376,8 +381,8 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
 def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
     """For each prompt of ``data`` (a `PromptDataModule`): ``num_samples`` sampled responses, as text and as
     the exact sampled ids (up to and including EOS), with the prompt ids."""
-    from dpo_lightning.generation import _until_eos
-    from dpo_lightning.sampling import decode_response
+    from dpo_lightning.generation.module import _until_eos
+    from dpo_lightning.generation.sampling import decode_response
 
     tokenizer = data.tokenizer
     model.eval()
@@ -402,7 +407,7 @@ def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: in
 @torch.no_grad()
 def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> torch.Tensor:
     """Summed log-probs ``(n,)`` of each response's exact ids after the prompt, under ``model``."""
-    from dpo_lightning.logprobs import sequence_logps
+    from dpo_lightning.models.logprobs import sequence_logps
 
     rows = [prompt_ids + r for r in responses]
     width = max(len(r) for r in rows)
@@ -424,8 +429,8 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
     (i-th sample against i-th sample; a tie counts half), and KL(policy || reference) estimated on the
     policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error."""
     from dpo_lightning.data.prompts import PromptDataModule
-    from dpo_lightning.judges import resolve_judge
-    from dpo_lightning.models import load_causal_lm
+    from dpo_lightning.generation.judges import resolve_judge
+    from dpo_lightning.models.loading import load_causal_lm
 
     data = PromptDataModule(tokenizer=policy, dataset=evaluation.dataset, split=evaluation.split,
                             limit=evaluation.limit, batch_size=64, drop_columns=None)
@@ -531,7 +536,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml``."""
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from dpo_lightning.config_errors import ShortErrors
+    from dpo_lightning.cli.config_errors import ShortErrors
 
     class IterateParser(ShortErrors, ArgumentParser):
         """jsonargparse's parser with one- or two-line errors."""

@@ -21,8 +21,8 @@ from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from dpo_lightning.losses import bradley_terry_loss
-from dpo_lightning.metrics import RewardMetrics
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.training.metrics import RewardMetrics
 
 
 class RewardModule(CausalLMModule):
@@ -107,7 +107,7 @@ class RewardModule(CausalLMModule):
         return None
 
     def setup(self, stage: str) -> None:
-        from dpo_lightning.preflight import PACKED_COLLATORS
+        from dpo_lightning.stages.preflight import PACKED_COLLATORS
 
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

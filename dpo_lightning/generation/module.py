@@ -6,12 +6,12 @@ each response from a random stream of its own (`sampling.RowSeededSampler`); pre
 strategy come from the Trainer as in training, and each rank takes its own share of the prompts.
 `JudgedSamplesWriter` (a ``BasePredictionWriter``) locks the output folder, checks its manifest
 against this run's settings (`samples_io.check_manifest`), scores each batch's responses with a judge
-(`judges.py`) and appends one record per prompt to its rank's part file (`samples_io.py`, flushed and
-fsynced), so a killed run loses at most the batch in flight; re-run with the same settings, it skips
+(`judges.py` here) and appends one record per prompt to its rank's part file (`samples_io.py`, flushed
+and fsynced), so a killed run loses at most the batch in flight; re-run with the same settings, it skips
 the batches already written and gives the samples an uninterrupted run gives. SIGTERM cuts the batch
 in flight short and stops the run with `Preempted`. At the end, rank 0 merges the parts into
 ``samples.jsonl`` (source order, each prompt once) and turns the scores into preference pairs
-(``pairs.jsonl``, `pairing.py`) that `PreferenceDataModule` reads, unless the manifest says they are
+(``pairs.jsonl``, `generation/pairing.py`) that `PreferenceDataModule` reads, unless the manifest says they are
 already made from these samples with these settings.
 """
 
@@ -36,10 +36,11 @@ from transformers import (
     StoppingCriteriaList,
 )
 
-from dpo_lightning.callbacks import Preempted
 from dpo_lightning.data.errors import warn
-from dpo_lightning.models import load_causal_lm, resolve_tokenizer
-from dpo_lightning.sampling import RowSeededSampler, decode_response, response_seed
+from dpo_lightning.data.tokenizer import resolve_tokenizer
+from dpo_lightning.generation.sampling import RowSeededSampler, decode_response, response_seed
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.training.callbacks import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +171,8 @@ def _load_policy(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     if isinstance(model, str) and (model.endswith(".ckpt") or (Path(model).is_dir() and not
                                                                  (Path(model) / "config.json").exists()
                                                                  and any(Path(model).glob("*.distcp")))):
-        from dpo_lightning.checkpoint import check_checkpoint
-        from dpo_lightning.stage import stage_class_of
+        from dpo_lightning.stages.base import stage_class_of
+        from dpo_lightning.training.checkpoint import check_checkpoint
 
         check_checkpoint(model)
         header = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
@@ -206,8 +207,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
                 an LLM judge's ``template``, ``verdicts``); an option the class does not take is an error.
         """
         super().__init__(write_interval="batch")
-        from dpo_lightning.judges import Judge
-        from dpo_lightning.pairing import check_strategy
+        from dpo_lightning.generation.judges import Judge
+        from dpo_lightning.generation.pairing import check_strategy
 
         check_strategy(pairing, min_margin)
         self.judge_options = dict(judge_options or {})
@@ -230,8 +231,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
         a reward model given as a local path must exist, an LLM judge's template and verdict tokens are
         checked with its tokenizer, ``options`` against the judge's class (the CLI calls this before
         building anything)."""
-        from dpo_lightning.judges import Judge, check_options, judge_class, resolve_judge
-        from dpo_lightning.models import check_local_source
+        from dpo_lightning.generation.judges import Judge, check_options, judge_class, resolve_judge
+        from dpo_lightning.models.loading import check_local_source
 
         options = options or {}
         if judge is None:
@@ -254,8 +255,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
             resolve_judge(judge)  # its error lists the accepted forms
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from dpo_lightning.judges import Judge, resolve_judge
-        from dpo_lightning.samples_io import done_prompt_ids
+        from dpo_lightning.generation.judges import Judge, resolve_judge
+        from dpo_lightning.generation.samples_io import done_prompt_ids
 
         spec, options = self.judge_spec, self.judge_options
         if isinstance(spec, Judge) or spec.startswith("function:"):
@@ -292,8 +293,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
 
     def _take_folder(self, pl_module: L.LightningModule, datamodule: Any) -> None:
         """Lock the output folder and write its manifest (after `samples_io.check_manifest` checked the old one)."""
-        from dpo_lightning.folders import FolderLock
-        from dpo_lightning.samples_io import check_manifest, prompt_keys, read_manifest, write_manifest
+        from dpo_lightning.generation.samples_io import check_manifest, prompt_keys, read_manifest, write_manifest
+        from dpo_lightning.training.folders import FolderLock
 
         self._lock = FolderLock(self.output_dir, "generate (output.output_dir)").acquire()
         prompts = datamodule.prompts
@@ -315,8 +316,8 @@ class JudgedSamplesWriter(BasePredictionWriter):
         return {**pl_module.settings(), "judge": self.judge.spec()}
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from dpo_lightning.callbacks import PreemptionWatch, preemption_signal
-        from dpo_lightning.samples_io import SampleWriter, part_path
+        from dpo_lightning.generation.samples_io import SampleWriter, part_path
+        from dpo_lightning.training.callbacks import PreemptionWatch, preemption_signal
 
         self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
         self._started = time.perf_counter()
@@ -330,7 +331,7 @@ class JudgedSamplesWriter(BasePredictionWriter):
         pl_module.stop_requested = lambda: preemption_signal() is not None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        from dpo_lightning.callbacks import preemption_signal
+        from dpo_lightning.training.callbacks import preemption_signal
 
         # A batch with a prompt left to sample is sampled whole (its composition is the uninterrupted
         # run's, so are its samples); only its prompts not yet written are written.
@@ -376,7 +377,7 @@ class JudgedSamplesWriter(BasePredictionWriter):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Every rank, whether its predict loop ran or not (Lightning runs none over an empty loader: every
         batch done before): the judge's failures counted over ranks, then rank 0 merges and pairs."""
-        from dpo_lightning.judges import warn_failures
+        from dpo_lightning.generation.judges import warn_failures
 
         if stage != "predict":
             return
@@ -419,7 +420,7 @@ class JudgedSamplesWriter(BasePredictionWriter):
     def _finish(self, trainer: L.Trainer) -> None:
         """Rank 0: the parts merged into samples.jsonl (source order, each prompt once), then the pairs,
         unless the manifest says they were made from these samples with these settings."""
-        from dpo_lightning.samples_io import (
+        from dpo_lightning.generation.samples_io import (
             PAIRS_FILE,
             PART_GLOB,
             SAMPLES_FILE,

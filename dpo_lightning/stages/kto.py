@@ -16,7 +16,6 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from dpo_lightning.logprobs import SequenceLogps
 from dpo_lightning.losses import (
     KTOOutput,
     check_loss_config,
@@ -25,10 +24,11 @@ from dpo_lightning.losses import (
     kto_reference_point,
     kto_weight_warning,
 )
-from dpo_lightning.metrics import KTOMetrics
-from dpo_lightning.preflight import check_reference
-from dpo_lightning.reference import NoReference, PrecomputedReference, Reference, resolve_reference
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.models.logprobs import SequenceLogps
+from dpo_lightning.references.strategies import NoReference, PrecomputedReference, Reference, resolve_reference
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.stages.preflight import check_reference
+from dpo_lightning.training.metrics import KTOMetrics
 
 
 class KTOModule(CausalLMModule):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS
+from dpo_lightning.models.logprobs import DEFAULT_CHUNK_ELEMENTS
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
-from dpo_lightning.metrics import SFTMetrics
-from dpo_lightning.stage import CausalLMModule
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.training.metrics import SFTMetrics
 
 
 class SFTModule(CausalLMModule):

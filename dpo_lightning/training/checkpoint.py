@@ -10,7 +10,7 @@
   running window (sums since the last log), so a resumed run logs and trains as if never stopped.
   Data order is the sampler's job (``dpo_lightning/data/sampler.py``).
 * When checkpoints are written (``last.ckpt`` periodically, on preemption) is
-  ``dpo_lightning/callbacks.py``'s business.
+  ``dpo_lightning/training/callbacks.py``'s business.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torchmetrics import Metric
 
-from dpo_lightning.metrics import RunningMeans
+from dpo_lightning.training.metrics import RunningMeans
 
 RESUME_KEY = "dpo_resume"
 

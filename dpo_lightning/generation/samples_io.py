@@ -43,12 +43,12 @@ from types import TracebackType
 from typing import Any
 
 from dpo_lightning.data.errors import warn
-from dpo_lightning.folders import TEMP_SUFFIX as _TEMP_SUFFIX
-from dpo_lightning.folders import FolderError, differences, plain, read_record, say_differences, write_record
-from dpo_lightning.folders import fsync_dir as _fsync_dir
-from dpo_lightning.folders import write_atomically as _write_atomically
-from dpo_lightning.judges import as_completion
-from dpo_lightning.pairing import PairingTotals, Strategy, check_strategy, make_pairs
+from dpo_lightning.generation.judges import as_completion
+from dpo_lightning.generation.pairing import PairingTotals, Strategy, check_strategy, make_pairs
+from dpo_lightning.training.folders import TEMP_SUFFIX as _TEMP_SUFFIX
+from dpo_lightning.training.folders import FolderError, differences, plain, read_record, say_differences, write_record
+from dpo_lightning.training.folders import fsync_dir as _fsync_dir
+from dpo_lightning.training.folders import write_atomically as _write_atomically
 
 log = logging.getLogger(__name__)
 

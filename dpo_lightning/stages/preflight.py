@@ -19,7 +19,6 @@ module's ``setup()``, can call them on what it has:
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 from datasets import DatasetDict
 from lightning.pytorch.utilities import rank_zero_warn
 
+from dpo_lightning._moved import import_module
 from dpo_lightning.data.columns import select_columns
 from dpo_lightning.data.errors import DataError, RowRef
 from dpo_lightning.data.formats import to_example
@@ -57,7 +57,7 @@ def _class_from_path(path: str) -> type | None:
     if not module:
         return None
     try:
-        return getattr(importlib.import_module(module), name)
+        return getattr(import_module(module), name)
     except (ImportError, AttributeError):
         return None  # Lightning reports an unknown class itself
 

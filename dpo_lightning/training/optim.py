@@ -11,6 +11,8 @@ from typing import Any, Literal
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from dpo_lightning._moved import import_module
+
 Decay = Literal["cosine", "linear", "constant"]
 
 
@@ -74,11 +76,10 @@ def describe_config(value: Any) -> Any:
         value = {"class_path": value, "init_args": {}}
     if not isinstance(value, dict) or "class_path" not in value:
         return f"<{type(value).__name__}>"
-    import importlib
 
     module, _, name = value["class_path"].rpartition(".")
     try:
-        target = getattr(importlib.import_module(module), name)
+        target = getattr(import_module(module), name)
         class_path = f"{target.__module__}.{target.__qualname__}"
     except (ImportError, AttributeError, ValueError):
         class_path = value["class_path"]

@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dpo_lightning.checkpoint import current_umask
+from dpo_lightning.training.checkpoint import current_umask
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 It owns what stages share: loading the policy (hub id, path, config or object) and tokenizer,
 dropout, LoRA, the optimizer/scheduler factories and default schedule, the memory knobs,
 activation checkpointing and FSDP2 sharding of the models it holds, a reference strategy if the
-stage has one (``reference.py``), exact metric windows, and resume state. An objective is a
+stage has one (``references/strategies.py``), exact metric windows, and resume state. An objective is a
 subclass that declares its metrics (``metrics_class``), its default checkpoint monitor, the batch
 it consumes (``batch_format``), and implements :meth:`CausalLMModule.step`: batch -> loss, with
 its metrics updated. Shared code has no branch on the objective.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict
 from typing import Any, ClassVar
@@ -25,27 +24,28 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.callbacks import check_validation_interval
-from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
-from dpo_lightning.distributed import enable_activation_checkpointing, shard_models
-from dpo_lightning.lm_head import lean_sequence_logps
-from dpo_lightning.logprobs import SequenceLogps, sequence_logps
-from dpo_lightning.metrics import RunningMeans
-from dpo_lightning.models import (
+from dpo_lightning._moved import import_module
+from dpo_lightning.data.tokenizer import resolve_tokenizer
+from dpo_lightning.models.lm_head import lean_sequence_logps
+from dpo_lightning.models.loading import (
     check_max_length,
     check_vocab,
     empty_model,
     freeze,
     load_model,
-    resolve_tokenizer,
     text_config,
     weights_dtype,
     wrap_lora,
 )
-from dpo_lightning.models import disable_dropout as _disable_dropout
-from dpo_lightning.optim import Decay, describe_factory, warmup_decay_schedule
-from dpo_lightning.options import LoraOptions, MemoryOptions, option_group
-from dpo_lightning.reference import REF_PREFIX, Reference, resolve_reference
+from dpo_lightning.models.loading import disable_dropout as _disable_dropout
+from dpo_lightning.models.logprobs import SequenceLogps, sequence_logps
+from dpo_lightning.references.strategies import REF_PREFIX, Reference, resolve_reference
+from dpo_lightning.stages.options import LoraOptions, MemoryOptions, option_group
+from dpo_lightning.training.callbacks import check_validation_interval
+from dpo_lightning.training.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
+from dpo_lightning.training.distributed import enable_activation_checkpointing, shard_models
+from dpo_lightning.training.metrics import RunningMeans
+from dpo_lightning.training.optim import Decay, describe_factory, warmup_decay_schedule
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,6 @@ EXPORT_DTYPE_KEY = "dpo_lightning_compute_dtype"  # the dtype the policy compute
 FACTORIES_KEY = "dpo_lightning_optimizer_settings"
 FROZEN_BASE_KEY = "dpo_lightning_frozen_base"  # a LoRA checkpoint without its frozen base weights
 
-# The frozen reference is meant to be in eval mode; Lightning warns about it at every fit.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
-# The metrics are synced as sums before they are logged (metrics.py): sync_dist would re-average them.
-warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(train|val|test)(/|_)")
 
 
 class CausalLMModule(L.LightningModule):
@@ -175,7 +171,7 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def lean_logprobs(self) -> bool:
-        """Whether log-probs come from the last hidden states (``lm_head.py``) rather than full logits:
+        """Whether log-probs come from the last hidden states (``models/lm_head.py``) rather than full logits:
         ``memory.lean_logprobs``, or by default wherever the model allows it (:meth:`lean_off_because`)."""
         return self.lean_off_because() is None
 
@@ -183,7 +179,7 @@ class CausalLMModule(L.LightningModule):
         """Why this run computes full logits, or None when it takes the lean path."""
         if self.memory.lean_logprobs is not None:
             return None if self.memory.lean_logprobs else "model.memory.lean_logprobs: false"
-        from dpo_lightning.lm_head import lean_unsupported
+        from dpo_lightning.models.lm_head import lean_unsupported
 
         return lean_unsupported(self.model, sharded=self._loads_strictly)
 
@@ -398,7 +394,7 @@ class CausalLMModule(L.LightningModule):
         # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
         self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
         if self._trainer is not None:
-            from dpo_lightning.preflight import check_strategy
+            from dpo_lightning.stages.preflight import check_strategy
 
             check_strategy(self.trainer.strategy)  # FSDP1, refused from Python as from the CLI
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
@@ -427,7 +423,7 @@ class CausalLMModule(L.LightningModule):
             )
             unsupported = self.packing_unsupported() or kernel
             named = getattr(datamodule, "collator_name", None)
-            from dpo_lightning.preflight import PACKED_COLLATORS, ConfigError
+            from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError
 
             if kernel and named in PACKED_COLLATORS:
                 raise ConfigError(f"data.collator={named}: {kernel}, so packed rows would not compute what padded rows "
@@ -634,7 +630,7 @@ def _launch_rank() -> int:
 
 
 def _lean_unsupported_sharded(model: nn.Module) -> str | None:
-    from dpo_lightning.lm_head import lean_unsupported
+    from dpo_lightning.models.lm_head import lean_unsupported
 
     return lean_unsupported(model, sharded=True)
 
@@ -664,12 +660,11 @@ def check_frozen_base(saved: Mapping[str, Any], fingerprint: Tensor) -> None:
 def stage_class_of(checkpoint: Mapping[str, Any]) -> type[CausalLMModule]:
     """The stage class that wrote ``checkpoint``: recorded at save, or the CLI's ``_class_path``; DPOModule
     for checkpoints older than the stage base."""
-    import importlib
 
     hparams = checkpoint.get("hyper_parameters") or {}
-    path = checkpoint.get(STAGE_KEY) or hparams.get("_class_path") or "dpo_lightning.dpo.DPOModule"
+    path = checkpoint.get(STAGE_KEY) or hparams.get("_class_path") or "dpo_lightning.stages.dpo.DPOModule"
     module, _, name = str(path).rpartition(".")
-    cls = getattr(importlib.import_module(module), name, None)
+    cls = getattr(import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, CausalLMModule)):
         raise ValueError(f"checkpoint names {path!r} as its module, which is not a dpo_lightning stage")
     return cls

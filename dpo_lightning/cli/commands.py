@@ -7,14 +7,16 @@ once and linked, what a stage declares (the batch it consumes, the metric its be
 chosen by) configures the data module and the checkpoint, and the defaults a user expects
 (TensorBoard, progress bar, LR monitor, checkpoints, seeding, an HF export at the end of
 ``fit``) are on unless a recipe says otherwise. Before any class is built, ``fit``/``validate``/``test``
-run the preflight checks of `dpo_lightning.preflight` (FSDP1, packing with flash attention, bf16 steps,
+run the preflight checks of `dpo_lightning.stages.preflight` (FSDP1, packing with flash attention, bf16 steps,
 conversational rows without a chat template), so a wrong pairing fails before any weights load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,34 +24,58 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
-from dpo_lightning.callbacks import (
-    PREEMPTED_EXIT_CODE,
-    LatestModelCheckpoint,
-    NonFiniteError,
-    NonFiniteGuard,
-    Preempted,
-    PreemptionWatch,
-    StepProgressBar,
-)
-from dpo_lightning.checkpoint import CheckpointError, check_checkpoint
-from dpo_lightning.config_errors import ShortErrors, init_error
+from dpo_lightning._moved import import_module
+from dpo_lightning.cli.config_errors import ShortErrors, init_error
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.base import TokenizedDataModule
-from dpo_lightning.data.errors import DataError
-from dpo_lightning.dpo import DPOModule
-from dpo_lightning.export import ExportError, HFExport
-from dpo_lightning.folders import FolderError, differences
-from dpo_lightning.optim import describe_config
-from dpo_lightning.options import recorded_groups
-from dpo_lightning.preflight import (
+from dpo_lightning.stages.base import FACTORIES_KEY, CausalLMModule
+from dpo_lightning.stages.dpo import DPOModule
+from dpo_lightning.stages.export import HFExport
+from dpo_lightning.stages.options import recorded_groups
+from dpo_lightning.stages.preflight import (
     ConfigError,
     check_chat_template,
     check_packing_attention,
     check_strategy,
     warn_update_resolution,
 )
-from dpo_lightning.runs import changed_hparams, claim_version, find_last_checkpoint, read_checkpoint_header, version_of
-from dpo_lightning.stage import FACTORIES_KEY, CausalLMModule
+from dpo_lightning.training.callbacks import (
+    LatestModelCheckpoint,
+    NonFiniteGuard,
+    PreemptionWatch,
+    StepProgressBar,
+)
+from dpo_lightning.training.checkpoint import check_checkpoint
+from dpo_lightning.training.folders import differences
+from dpo_lightning.training.optim import describe_config
+from dpo_lightning.training.runs import (
+    changed_hparams,
+    claim_version,
+    find_last_checkpoint,
+    read_checkpoint_header,
+    version_of,
+)
+
+# Lightning warnings that are wrong about these stages, silenced while a command runs (never at import: the
+# process's filters are its owner's):
+KNOWN_WARNINGS = (
+    # the frozen reference is meant to be in eval mode; Lightning warns about it at every fit
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the metrics are synced as sums before they are logged (training/metrics.py): sync_dist would re-average them
+    r"It is recommended to use `self\.log\('(train|val|test)(/|_)",
+    # `generate`, `iterate`'s stages and Python callers hand LightningCLI their arguments on purpose
+    "LightningCLI's args parameter is intended to run from within Python",
+)
+
+
+@contextlib.contextmanager
+def known_warnings_silenced() -> Iterator[None]:
+    """`KNOWN_WARNINGS` ignored inside, the warning filters as they were after."""
+    with warnings.catch_warnings():
+        for message in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
 
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
@@ -235,10 +261,9 @@ def _path(cls: type) -> str:
 
 
 def _import(class_path: str) -> type:
-    import importlib
 
     module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return getattr(import_module(module), name)
 
 
 def _stage_class(config: Namespace) -> type[CausalLMModule]:
@@ -317,7 +342,7 @@ class GenerateCLI(LightningCLI):
 
 
 def _writer_class() -> type:
-    from dpo_lightning.generation import JudgedSamplesWriter
+    from dpo_lightning.generation.module import JudgedSamplesWriter
 
     return JudgedSamplesWriter
 
@@ -325,7 +350,7 @@ def _writer_class() -> type:
 def _generate_options() -> dict[str, Any]:
     """What `generate_main` gives LightningCLI besides the arguments."""
     from dpo_lightning.data.prompts import PromptDataModule
-    from dpo_lightning.generation import GenerationModule
+    from dpo_lightning.generation.module import GenerationModule
 
     return {
         "model_class": GenerationModule,
@@ -349,7 +374,7 @@ def generate_main(
     """``python -m dpo_lightning generate --config recipes/tiny_generate.yaml`` (``args`` after ``generate``).
 
     A SIGTERM from the start (while the policy loads) stops the run at its first batch with `Preempted`."""
-    with PreemptionWatch("stopping at the first batch, then exiting"):
+    with PreemptionWatch("stopping at the first batch, then exiting"), known_warnings_silenced():
         return cli_class(
             **_generate_options(),
             # Records go to disk as they finish; holding every prediction in memory too would only cost.
@@ -382,7 +407,7 @@ def _fit_options() -> dict[str, Any]:
             "gradient_clip_val": 1.0,
             "log_every_n_steps": 10,
             # Checkpoint files are written to a temporary name and renamed into place.
-            "plugins": [{"class_path": "dpo_lightning.checkpoint.AtomicCheckpointIO"}],
+            "plugins": [{"class_path": "dpo_lightning.training.checkpoint.AtomicCheckpointIO"}],
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                 "init_args": {"save_dir": "runs", "name": "dpo", "default_hp_metric": False},
@@ -397,7 +422,8 @@ def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
     """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
-    return cli_class(**_fit_options(), args=args, run=run)
+    with known_warnings_silenced():
+        return cli_class(**_fit_options(), args=args, run=run)
 
 
 class _SettingsOnly:
@@ -425,6 +451,11 @@ def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dic
     """The configuration ``python -m dpo_lightning <command> ARGS`` runs with, every default filled in, as plain
     data (``config``, the recipe files' names, left out: their content is in it); nothing is read or built.
     What a pipeline stage records as the settings that made its output."""
+    with known_warnings_silenced():
+        return _resolved_config(command, args)
+
+
+def _resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
     if command == "fit":
         config = _FitSettings(**_fit_options(), args=["fit", *args]).config["fit"]
     else:
@@ -433,36 +464,3 @@ def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dic
     out = config.as_dict()
     out.pop("config", None)
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: ``dpo-lightning`` / ``python -m dpo_lightning``.
-
-    Errors the user can act on (bad data, a bad checkpoint, a diverging run, preemption) end the
-    process with one line and a non-zero status instead of a traceback: 1 for errors, 143 when a
-    preempted run saved its checkpoint (a scheduler can tell that from success and from failure).
-    """
-    words = sys.argv[1:] if argv is None else argv
-    # The subcommands hand LightningCLI their own arguments on purpose (`generate`, and `iterate`'s stages).
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended to run from within Python")
-    try:
-        if words[:1] == ["export"]:
-            from dpo_lightning.export import main as export_main
-
-            export_main(words[1:])
-            return
-        if words[:1] == ["generate"]:
-            generate_main(words[1:])
-            return
-        if words[:1] == ["iterate"]:
-            from dpo_lightning.pipeline import main as iterate_main
-
-            iterate_main(words[1:])
-            return
-        cli_main(argv)  # None: LightningCLI reads sys.argv itself
-    except Preempted as err:
-        print(f"dpo_lightning: preempted: {err}", file=sys.stderr)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except (NonFiniteError, CheckpointError, DataError, ExportError, ConfigError, FolderError) as err:
-        print(f"dpo_lightning: error: {err}", file=sys.stderr)
-        sys.exit(1)

@@ -152,7 +152,7 @@ def _any_rank(trainer: pl.Trainer, flags: Tensor) -> Tensor:
 def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | None = None) -> str:
     """One line per checkpoint in ``folder``: which optimizer step it holds (read from its header, no
     tensors loaded), and which one is the best by ``monitor``; "" when there is none."""
-    from dpo_lightning.runs import read_checkpoint_header
+    from dpo_lightning.training.runs import read_checkpoint_header
 
     lines = []
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)):
@@ -298,7 +298,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
             return False
         linked = None
         if trainer.is_global_zero:
-            from dpo_lightning.checkpoint import link_checkpoint
+            from dpo_lightning.training.checkpoint import link_checkpoint
 
             linked = Path(source).exists() and link_checkpoint(source, filepath)
         if not trainer.strategy.broadcast(linked, src=0):
@@ -309,7 +309,7 @@ class LatestModelCheckpoint(ModelCheckpoint):
     def _save_sharded(self, trainer: pl.Trainer, filepath: str) -> None:
         """A sharded (FSDP2) checkpoint written to a temporary folder, then put in place atomically: a
         crash mid-save leaves the previous checkpoint under its name, never a half-written folder."""
-        from dpo_lightning.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
+        from dpo_lightning.training.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
 
         tmp = None
         if trainer.is_global_zero:

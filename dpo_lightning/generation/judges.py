@@ -17,13 +17,12 @@ reports as one warning line.
 
 A new kind of judge subclasses `Judge`, implements `Judge.score_rows` and `Judge.spec`, and joins
 `JUDGES` under its prefix: the class itself, or ``"module:Class"`` for one that lives in a module built on
-this one (the LLM judges, `llm_judges.py`), imported when a spec names it. A pairwise judge turns its
+this one (the LLM judges, `generation/llm_judges.py`), imported when a spec names it. A pairwise judge turns its
 comparisons of one prompt's responses into per-response scores (`LLMPairwiseJudge`: mean win probability).
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import math
@@ -39,13 +38,14 @@ from typing import Any, NamedTuple
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lightning._moved import import_module
 from dpo_lightning.data.collate import right_pad
 from dpo_lightning.data.errors import DataError, RowRef, warn
 from dpo_lightning.data.formats import Text, UnpairedExample
 from dpo_lightning.data.render import render_unpaired
 from dpo_lightning.data.tokenize import TokenizeConfig, tokenize_completions
 from dpo_lightning.data.tokenizer import load_tokenizer
-from dpo_lightning.models import check_vocab, load_model
+from dpo_lightning.models.loading import check_vocab, load_model
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def import_function(spec: str) -> Callable[..., Any]:
         raise ValueError(f"function judge {spec!r}: expected 'package.module:function', "
                          "e.g. 'dpo_lightning.data.synthetic:sort_reward'")
     try:
-        obj: Any = importlib.import_module(module_name)
+        obj: Any = import_module(module_name)
     except Exception as err:  # ImportError, or whatever importing the module raised
         problem = f"{type(err).__name__}: {err}"
         raise ValueError(f"function judge {spec!r}: cannot import {module_name!r} ({problem})") from err
@@ -446,8 +446,8 @@ class RewardModelJudge(Judge):
 JUDGES: dict[str, type[Judge] | str] = {
     "function": FunctionJudge,
     "reward_model": RewardModelJudge,
-    "llm_pairwise": "dpo_lightning.llm_judges:LLMPairwiseJudge",
-    "llm_score": "dpo_lightning.llm_judges:LLMScoreJudge",
+    "llm_pairwise": "dpo_lightning.generation.llm_judges:LLMPairwiseJudge",
+    "llm_score": "dpo_lightning.generation.llm_judges:LLMScoreJudge",
 }
 
 _FORMS = ("'function:package.module:function', 'reward_model:<path or hub id>', 'llm_pairwise:<path or hub id>', "
@@ -459,7 +459,7 @@ def judge_class(kind: str) -> type[Judge]:
     entry = JUDGES[kind]
     if isinstance(entry, str):
         module, _, name = entry.partition(":")
-        entry = getattr(importlib.import_module(module), name)
+        entry = getattr(import_module(module), name)
     return entry
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -287,16 +287,6 @@ def merged_parameters(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             yield from walk(child, f"{prefix}{name}.")
 
     yield from walk(model.get_base_model(), "")
-
-
-def resolve_tokenizer(
-    tokenizer: str | PreTrainedTokenizerBase | None, trust_remote_code: bool
-) -> PreTrainedTokenizerBase | None:
-    if tokenizer is None or isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    from dpo_lightning.data import load_tokenizer
-
-    return load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
 
 
 def text_config(config: Any) -> Any:

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dpo_lightning.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps_from_hidden
-from dpo_lightning.models import text_config
+from dpo_lightning.models.loading import text_config
+from dpo_lightning.models.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps_from_hidden
 
 # Config fields some architectures use to post-process logits that we do not reproduce.
 _UNSUPPORTED_FIELDS = ("output_multiplier", "lm_head_multiplier")

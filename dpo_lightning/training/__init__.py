@@ -1,0 +1,10 @@
+"""The training machinery every stage shares, below the stages and above the models.
+
+- `checkpoint`: atomic checkpoint files and folders, hard links, the integrity check, resume state (RNG, windows);
+- `callbacks`: when checkpoints are written, preemption, the non-finite guard, the optimizer-step progress bar;
+- `distributed`: FSDP2 sharding of the models a stage holds, sharded-checkpoint consolidation;
+- `metrics`: TRL-named running means, exact across ranks;
+- `optim`: the default warmup + decay schedule, optimizer settings as data;
+- `runs`: run folders (``version_N``) and ``--ckpt_path last``;
+- `folders`: output folders of ``generate`` and ``iterate`` (locks, settings records).
+"""
