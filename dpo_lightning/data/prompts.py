@@ -17,6 +17,7 @@ a warning. Batches are left-padded for ``generate``. Every prompt has a stable `
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,14 @@ from .errors import DataError, RowRef, warn
 from .formats import Layout, Text, check_role_order, check_text, to_example
 from .render import _apply_template, _check_chat_template
 from .tokenize import TRUNCATION_MODES, TokenizeConfig, special_tokens, truncate
+
+
+def prompt_id(prompt: Any, index: int) -> str:
+    """A prompt's id: the first 16 hex digits of the sha256 of ``index`` and the prompt's JSON (keys
+    sorted), the same in every process and run. The index keeps a prompt that occurs twice in the
+    source as two prompts."""
+    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(f"{int(index)}\n{text}".encode()).hexdigest()[:16]
 
 
 class PromptLayout(str, Enum):
@@ -100,8 +109,6 @@ class _PromptPreprocessor:
     split: str
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        from dpo_lightning.generation.samples_io import prompt_id
-
         special = special_tokens(self.tokenizer)
         columns = PROMPT_LAYOUT_COLUMNS[self.layout]
         out: dict[str, list[Any]] = {"prompt": [], "prompt_id": [], "index": [], "input_ids": [], "cut": []}

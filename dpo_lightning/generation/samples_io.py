@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Any
 
 from dpo_lightning.data.errors import warn
+from dpo_lightning.data.prompts import prompt_id
 from dpo_lightning.generation.judges import as_completion
 from dpo_lightning.generation.pairing import PairingTotals, Strategy, check_strategy, make_pairs
 from dpo_lightning.training.folders import TEMP_SUFFIX as _TEMP_SUFFIX
@@ -57,14 +58,6 @@ PAIRS_FILE = "pairs.jsonl"
 MANIFEST_FILE = "manifest.json"
 PART_GLOB = "samples.part*.jsonl"
 RECORD_KEYS = ("prompt_id", "prompt", "responses", "scores", "settings")
-
-
-def prompt_id(prompt: Any, index: int) -> str:
-    """A prompt's id: the first 16 hex digits of the sha256 of ``index`` and the prompt's JSON (keys
-    sorted), the same in every process and run. The index keeps a prompt that occurs twice in the
-    source as two prompts."""
-    text = json.dumps(prompt, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(f"{int(index)}\n{text}".encode()).hexdigest()[:16]
 
 
 def part_path(out_dir: str | Path, rank: int) -> Path:
