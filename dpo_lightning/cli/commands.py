@@ -26,8 +26,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 
 from dpo_lightning._moved import import_module
 from dpo_lightning.cli.config_errors import ShortErrors, init_error
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data import PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
+from dpo_lightning.data.prompts import PromptDataModule
+from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
 from dpo_lightning.stages.base import FACTORIES_KEY, CausalLMModule
 from dpo_lightning.stages.dpo import DPOModule
 from dpo_lightning.stages.export import HFExport
@@ -285,7 +287,6 @@ def _check_data_for_stage(stage: type[CausalLMModule], data_class_path: str) -> 
 
 
 def _sft_data() -> type:
-    from dpo_lightning.data import SFTDataModule
 
     return SFTDataModule
 
@@ -342,16 +343,12 @@ class GenerateCLI(LightningCLI):
 
 
 def _writer_class() -> type:
-    from dpo_lightning.generation.module import JudgedSamplesWriter
 
     return JudgedSamplesWriter
 
 
 def _generate_options() -> dict[str, Any]:
     """What `generate_main` gives LightningCLI besides the arguments."""
-    from dpo_lightning.data.prompts import PromptDataModule
-    from dpo_lightning.generation.module import GenerationModule
-
     return {
         "model_class": GenerationModule,
         "datamodule_class": PromptDataModule,

@@ -21,6 +21,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, NoReturn
 
+from jsonargparse import ArgumentParser
+
 from dpo_lightning._moved import import_module
 
 # TRL 1.16's option names (DPOConfig, SFTConfig, RewardConfig, trainer arguments) -> the option here, as the
@@ -96,8 +98,6 @@ def _class_options(class_path: str) -> tuple[type | None, list[str]]:
     try:
         module, _, name = class_path.rpartition(".")
         cls = getattr(import_module(module), name)
-        from jsonargparse import ArgumentParser
-
         parser = ArgumentParser(exit_on_error=False)
         parser.add_class_arguments(cls, fail_untyped=False)
         names = [a.dest for a in parser._actions if a.dest != "help" and not a.dest.endswith(".help")]

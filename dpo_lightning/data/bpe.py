@@ -14,6 +14,8 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from .sources import load_source
+
 BPE_PREFIX = "bpe:"
 SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")  # bos, eos, pad: ids 0, 1, 2
 
@@ -41,8 +43,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
 
 def build_bpe_tokenizer(spec: str, split: str = "train") -> PreTrainedTokenizerFast:
     """``bpe:<vocab size>:<dataset spec>`` -> a BPE trained on that dataset's ``split``."""
-    from .sources import load_source
-
     try:
         _, size, source = spec.split(":", 2)
         vocab_size = int(size)

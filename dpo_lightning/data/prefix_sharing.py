@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from dpo_lightning.models.loading import text_config
 from dpo_lightning.models.logprobs import IGNORE_INDEX
 
 from .extras import pair_extras
@@ -208,8 +209,6 @@ def attention_cost(config: Any) -> float | None:
     Llama-2-7B: q 4096, P 202M -> 1 / 24,700 (attention is cheap until rows of ~10k positions); the 4 x 256
     Llama of the CPU benchmarks: 1 / 2,048.
     """
-    from dpo_lightning.models.loading import text_config
-
     text = text_config(config)
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", None)

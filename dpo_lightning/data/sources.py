@@ -18,6 +18,7 @@ from typing import Any, TypeAlias
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 
+from . import synthetic
 from .diagnose import (
     decoded_kind,
     diagnose_file,
@@ -180,7 +181,6 @@ def load_source(
     if isinstance(spec, list):
         return _from_rows(spec, default_split)
     if spec.startswith(SYNTHETIC_PREFIX):
-        from . import synthetic  # lazy: only the synthetic task needs it
 
         return synthetic.load_dataset(spec, seed=seed)
     path = Path(spec).expanduser()

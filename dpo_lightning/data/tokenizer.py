@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from dpo_lightning.models.loading import check_local_source
 
+from . import synthetic
 from .bpe import BPE_PREFIX, build_bpe_tokenizer
 from .sources import SYNTHETIC_PREFIX
 
@@ -43,7 +44,6 @@ def load_tokenizer(
     if isinstance(spec, PreTrainedTokenizerBase):
         tokenizer = spec
     elif spec.startswith(SYNTHETIC_PREFIX):
-        from . import synthetic  # lazy: only the synthetic task needs it
 
         tokenizer = synthetic.build_tokenizer(spec)
     elif spec.startswith(BPE_PREFIX):

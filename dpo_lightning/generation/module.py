@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import (
@@ -38,9 +39,28 @@ from transformers import (
 
 from dpo_lightning.data.errors import warn
 from dpo_lightning.data.tokenizer import resolve_tokenizer
+from dpo_lightning.generation.judges import Judge, check_options, judge_class, resolve_judge, warn_failures
+from dpo_lightning.generation.pairing import check_strategy
+from dpo_lightning.generation.samples_io import (
+    PAIRS_FILE,
+    PART_GLOB,
+    SAMPLES_FILE,
+    SampleWriter,
+    check_manifest,
+    done_prompt_ids,
+    merge_parts,
+    part_path,
+    prompt_keys,
+    read_manifest,
+    write_manifest,
+    write_pairs,
+)
 from dpo_lightning.generation.sampling import RowSeededSampler, decode_response, response_seed
-from dpo_lightning.models.loading import load_causal_lm
-from dpo_lightning.training.callbacks import Preempted
+from dpo_lightning.models.loading import check_local_source, load_causal_lm
+from dpo_lightning.stages.base import stage_class_of
+from dpo_lightning.training.callbacks import Preempted, PreemptionWatch, preemption_signal
+from dpo_lightning.training.checkpoint import check_checkpoint
+from dpo_lightning.training.folders import FolderLock
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +191,6 @@ def _load_policy(model: str | PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     if isinstance(model, str) and (model.endswith(".ckpt") or (Path(model).is_dir() and not
                                                                  (Path(model) / "config.json").exists()
                                                                  and any(Path(model).glob("*.distcp")))):
-        from dpo_lightning.stages.base import stage_class_of
-        from dpo_lightning.training.checkpoint import check_checkpoint
 
         check_checkpoint(model)
         header = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
@@ -207,9 +225,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
                 an LLM judge's ``template``, ``verdicts``); an option the class does not take is an error.
         """
         super().__init__(write_interval="batch")
-        from dpo_lightning.generation.judges import Judge
-        from dpo_lightning.generation.pairing import check_strategy
-
         check_strategy(pairing, min_margin)
         self.judge_options = dict(judge_options or {})
         self.check_judge(judge, self.judge_options)
@@ -231,9 +246,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
         a reward model given as a local path must exist, an LLM judge's template and verdict tokens are
         checked with its tokenizer, ``options`` against the judge's class (the CLI calls this before
         building anything)."""
-        from dpo_lightning.generation.judges import Judge, check_options, judge_class, resolve_judge
-        from dpo_lightning.models.loading import check_local_source
-
         options = options or {}
         if judge is None:
             raise ValueError("set a judge: function:package.module:function, reward_model:<path>, "
@@ -255,8 +267,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
             resolve_judge(judge)  # its error lists the accepted forms
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from dpo_lightning.generation.judges import Judge, resolve_judge
-        from dpo_lightning.generation.samples_io import done_prompt_ids
 
         spec, options = self.judge_spec, self.judge_options
         if isinstance(spec, Judge) or spec.startswith("function:"):
@@ -293,9 +303,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
 
     def _take_folder(self, pl_module: L.LightningModule, datamodule: Any) -> None:
         """Lock the output folder and write its manifest (after `samples_io.check_manifest` checked the old one)."""
-        from dpo_lightning.generation.samples_io import check_manifest, prompt_keys, read_manifest, write_manifest
-        from dpo_lightning.training.folders import FolderLock
-
         self._lock = FolderLock(self.output_dir, "generate (output.output_dir)").acquire()
         prompts = datamodule.prompts
         keys = prompt_keys(prompts["prompt_id"], prompts["input_ids"])
@@ -316,8 +323,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
         return {**pl_module.settings(), "judge": self.judge.spec()}
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from dpo_lightning.generation.samples_io import SampleWriter, part_path
-        from dpo_lightning.training.callbacks import PreemptionWatch, preemption_signal
 
         self._writer = SampleWriter(part_path(self.output_dir, trainer.global_rank))
         self._started = time.perf_counter()
@@ -331,7 +336,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
         pl_module.stop_requested = lambda: preemption_signal() is not None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
-        from dpo_lightning.training.callbacks import preemption_signal
 
         # A batch with a prompt left to sample is sampled whole (its composition is the uninterrupted
         # run's, so are its samples); only its prompts not yet written are written.
@@ -377,14 +381,11 @@ class JudgedSamplesWriter(BasePredictionWriter):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Every rank, whether its predict loop ran or not (Lightning runs none over an empty loader: every
         batch done before): the judge's failures counted over ranks, then rank 0 merges and pairs."""
-        from dpo_lightning.generation.judges import warn_failures
-
         if stage != "predict":
             return
         self._close()
         stats = [self.judge.stats]
         if trainer.world_size > 1:
-            import torch.distributed as dist
 
             stats = [None] * trainer.world_size
             dist.all_gather_object(stats, self.judge.stats)
@@ -420,16 +421,6 @@ class JudgedSamplesWriter(BasePredictionWriter):
     def _finish(self, trainer: L.Trainer) -> None:
         """Rank 0: the parts merged into samples.jsonl (source order, each prompt once), then the pairs,
         unless the manifest says they were made from these samples with these settings."""
-        from dpo_lightning.generation.samples_io import (
-            PAIRS_FILE,
-            PART_GLOB,
-            SAMPLES_FILE,
-            merge_parts,
-            read_manifest,
-            write_manifest,
-            write_pairs,
-        )
-
         order = list(trainer.datamodule.prompts["prompt_id"])
         samples, pairs = self.output_dir / SAMPLES_FILE, self.output_dir / PAIRS_FILE
         if any(self.output_dir.glob(PART_GLOB)) or not samples.exists():

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from dpo_lightning.models.loading import text_config
 from dpo_lightning.models.logprobs import DEFAULT_CHUNK_ELEMENTS, SequenceLogps, sequence_logps_from_hidden
@@ -74,7 +75,6 @@ def backbone_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn
 
 
 def _is_fsdp2(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 

@@ -31,14 +31,39 @@ import json
 import logging
 import math
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.utils.tensorboard import SummaryWriter
 
 from dpo_lightning import cli
-from dpo_lightning.data.errors import warn
+from dpo_lightning.cli.config_errors import ShortErrors
+from dpo_lightning.data.errors import DataError, RowRef, warn
+from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
+from dpo_lightning.data.prompts import PromptDataModule
+from dpo_lightning.data.sources import load_source
+from dpo_lightning.generation.judges import resolve_judge
+from dpo_lightning.generation.module import _until_eos
+from dpo_lightning.generation.samples_io import PAIRS_FILE, read_manifest, write_jsonl_atomically
+from dpo_lightning.generation.sampling import decode_response
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.models.logprobs import sequence_logps
+from dpo_lightning.stages.export import EXPORT_MARKER
+from dpo_lightning.training.callbacks import Preempted, PreemptionWatch, preemption_signal
+from dpo_lightning.training.folders import (
+    FolderError,
+    FolderLock,
+    differences,
+    plain,
+    read_record,
+    say_differences,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +138,6 @@ def iterate(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if reference not in ("initial", "previous"):
         raise ValueError(f"reference must be 'initial' or 'previous', got {reference!r}")
-    from dpo_lightning.training.callbacks import PreemptionWatch
-    from dpo_lightning.training.folders import FolderLock
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = evaluation or Evaluation()
@@ -144,7 +166,6 @@ STAGE_RECORD = "stage.json"
 
 
 def _stop_if_preempted(next_step: str) -> None:
-    from dpo_lightning.training.callbacks import Preempted, preemption_signal
 
     if received := preemption_signal():
         raise Preempted(f"received {received}: stopped before {next_step}, every stage before it is complete; run "
@@ -156,9 +177,6 @@ def _made_by(path: str | Path | None) -> str | None:
     ``<stage>/version_0/hf_export``, a pairs file ``<stage>/pairs.jsonl``), else the creation time in an
     export's marker (an export made again at the same path is another input); None for anything else (a
     hub id)."""
-    from dpo_lightning.stages.export import EXPORT_MARKER
-    from dpo_lightning.training.folders import read_record
-
     if path is None:
         return None
     path = Path(path)
@@ -174,17 +192,6 @@ def _made_by(path: str | Path | None) -> str | None:
 def _begin_stage(folder: Path, name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The stage's record (``folder/stage.json``): written (not done) when there is none; `FolderError` naming the
     settings when the recorded ones differ, or when the folder holds files but no record."""
-    import uuid
-
-    from dpo_lightning.training.folders import (
-        FolderError,
-        differences,
-        plain,
-        read_record,
-        say_differences,
-        write_record,
-    )
-
     path = folder / STAGE_RECORD
     record = read_record(path)
     if record is None:
@@ -211,7 +218,6 @@ class _Attempt:
         self.folder, self.record, self.name = folder, record, name
 
     def __enter__(self) -> _Attempt:
-        from dpo_lightning.training.callbacks import Preempted
 
         _stop_if_preempted(f"the {self.name} stage")
         self.started = time.perf_counter()
@@ -219,9 +225,6 @@ class _Attempt:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        from dpo_lightning.training.folders import write_record
 
         self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
         write_record(self.folder / STAGE_RECORD, self.record)
@@ -238,8 +241,6 @@ class _Attempt:
 
 def _timings(out: Path, rounds: int) -> dict[str, float]:
     """Wall time per round (round 0: SFT) from the stage records: the sum of the attempts' times."""
-    from dpo_lightning.training.folders import read_record
-
     folders = {"round_0": [out / "sft" / "stage"]}
     for r in range(1, rounds + 1):
         folders[f"round_{r}"] = [out / f"round_{r}" / "generate", out / f"round_{r}" / "dpo"]
@@ -253,9 +254,6 @@ def _timings(out: Path, rounds: int) -> dict[str, float]:
 
 def _check_pairs(pairs: Path, r: int, mix_with: str | None) -> None:
     """A round whose samples gave no pair: an error saying what to change (with ``mix_with``, a warning)."""
-    from dpo_lightning.data.errors import DataError
-    from dpo_lightning.generation.samples_io import read_manifest
-
     made = (read_manifest(pairs.parent) or {}).get("pairs") or {}
     if made.get("count", 1) > 0:
         return
@@ -275,7 +273,6 @@ def _is_recipe(config: str) -> bool:
 
 
 def _export_done(folder: Path) -> bool:
-    from dpo_lightning.stages.export import EXPORT_MARKER
 
     return (folder / EXPORT_MARKER).exists() and (folder / "config.json").exists()
 
@@ -326,8 +323,6 @@ def _run_generate_stage(stage: Stage, policy: str, folder: Path, seed: int) -> P
     """``generate`` with the stage's recipe from ``policy`` into ``folder``; skipped when its record says done
     and its manifest says the pairs are written; resumed (prompts already written are skipped) when a
     previous attempt was stopped."""
-    from dpo_lightning.generation.samples_io import PAIRS_FILE, read_manifest
-
     pairs = folder / PAIRS_FILE
     args = ["--config", stage.config, *stage.args, "--model.model", policy, "--data.tokenizer", policy,
             "--model.seed", str(seed), "--output.output_dir", str(folder), "--trainer.enable_progress_bar", "false"]
@@ -353,11 +348,6 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
     """The round's pairs followed by the first ``limit`` pairs of ``original`` (any pair layout, read and
     checked as `PreferenceDataModule` reads it), as prompt/chosen/rejected rows in ``out``, written
     atomically, the same rows each time (the round's DPO stage writes it before each attempt)."""
-    from dpo_lightning.data.errors import RowRef
-    from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
-    from dpo_lightning.data.sources import load_source
-    from dpo_lightning.generation.samples_io import write_jsonl_atomically
-
     raw = load_source(original, default_split="train")["train"]
     layout = detect_layout(raw.column_names, original)
     if layout is Layout.UNPAIRED:
@@ -381,9 +371,6 @@ def mix_pairs(pairs: Path, original: str, limit: int | None, out: Path) -> Path:
 def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: int) -> list[dict[str, Any]]:
     """For each prompt of ``data`` (a `PromptDataModule`): ``num_samples`` sampled responses, as text and as
     the exact sampled ids (up to and including EOS), with the prompt ids."""
-    from dpo_lightning.generation.module import _until_eos
-    from dpo_lightning.generation.sampling import decode_response
-
     tokenizer = data.tokenizer
     model.eval()
     out = []
@@ -407,8 +394,6 @@ def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: in
 @torch.no_grad()
 def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> torch.Tensor:
     """Summed log-probs ``(n,)`` of each response's exact ids after the prompt, under ``model``."""
-    from dpo_lightning.models.logprobs import sequence_logps
-
     rows = [prompt_ids + r for r in responses]
     width = max(len(r) for r in rows)
     pad = model.config.pad_token_id or 0
@@ -428,10 +413,6 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
     """Mean judge score of the policy's samples on held-out prompts, win rate against ``start``'s samples
     (i-th sample against i-th sample; a tie counts half), and KL(policy || reference) estimated on the
     policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error."""
-    from dpo_lightning.data.prompts import PromptDataModule
-    from dpo_lightning.generation.judges import resolve_judge
-    from dpo_lightning.models.loading import load_causal_lm
-
     data = PromptDataModule(tokenizer=policy, dataset=evaluation.dataset, split=evaluation.split,
                             limit=evaluation.limit, batch_size=64, drop_columns=None)
     judge = resolve_judge(evaluation.judge)
@@ -485,7 +466,6 @@ def write_report(
         writer.writerows(rows)
     _plot(rows, out / "report.png")
     try:
-        from torch.utils.tensorboard import SummaryWriter
 
         with SummaryWriter(str(out / "tensorboard")) as tb:
             for row in rows:
@@ -534,10 +514,6 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """``python -m dpo_lightning iterate --config recipes/pipeline_tiny.yaml``."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from dpo_lightning.cli.config_errors import ShortErrors
-
     class IterateParser(ShortErrors, ArgumentParser):
         """jsonargparse's parser with one- or two-line errors."""
 

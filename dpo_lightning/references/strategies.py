@@ -19,6 +19,7 @@ calls only the methods below.
 from __future__ import annotations
 
 import copy
+import difflib
 import gc
 import logging
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from dpo_lightning._moved import import_module
-from dpo_lightning.models.loading import freeze, merged_parameters
+from dpo_lightning.models.loading import freeze, merged_parameters, parameters_on_meta
 from dpo_lightning.references.precompute import (
     cache_key,
     compute_reference_logps,
@@ -242,8 +243,6 @@ def _attach_frozen_reference(stage: CausalLMModule, ref_model: str | nn.Module |
     policy = stage.model
     if stage.memory.sharded_init:
         # The architecture only: its weights arrive after sharding (CausalLMModule._materialize).
-        from dpo_lightning.models.loading import parameters_on_meta
-
         with parameters_on_meta():
             stage.ref_model = freeze(stage.auto_model_class.from_config(policy.config, dtype=policy.dtype))
         return stage.policy_source is not None
@@ -269,7 +268,6 @@ def resolve_reference(spec: str | Reference | Mapping[str, Any]) -> Reference:
             raise ValueError(f"{spec['class_path']} is not a dpo_lightning.references.strategies.Reference")
         return cls(**dict(spec.get("init_args") or {}))
     if spec not in REFERENCES:
-        import difflib
 
         close = difflib.get_close_matches(str(spec), list(REFERENCES), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -12,6 +12,7 @@ its metrics updated. Shared code has no branch on the objective.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections.abc import Mapping
@@ -20,13 +21,17 @@ from typing import Any, ClassVar
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lightning._moved import import_module
+from dpo_lightning.data.prefix_sharing import attention_cost
 from dpo_lightning.data.tokenizer import resolve_tokenizer
-from dpo_lightning.models.lm_head import lean_sequence_logps
+from dpo_lightning.models.lm_head import lean_sequence_logps, lean_unsupported
 from dpo_lightning.models.loading import (
     check_max_length,
     check_vocab,
@@ -41,6 +46,7 @@ from dpo_lightning.models.loading import disable_dropout as _disable_dropout
 from dpo_lightning.models.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.references.strategies import REF_PREFIX, Reference, resolve_reference
 from dpo_lightning.stages.options import LoraOptions, MemoryOptions, option_group
+from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError, check_strategy
 from dpo_lightning.training.callbacks import check_validation_interval
 from dpo_lightning.training.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
 from dpo_lightning.training.distributed import enable_activation_checkpointing, shard_models
@@ -179,8 +185,6 @@ class CausalLMModule(L.LightningModule):
         """Why this run computes full logits, or None when it takes the lean path."""
         if self.memory.lean_logprobs is not None:
             return None if self.memory.lean_logprobs else "model.memory.lean_logprobs: false"
-        from dpo_lightning.models.lm_head import lean_unsupported
-
         return lean_unsupported(self.model, sharded=self._loads_strictly)
 
     def load_model(self, source: str | PreTrainedModel) -> PreTrainedModel:
@@ -378,8 +382,6 @@ class CausalLMModule(L.LightningModule):
     def _materialize(self, initial: dict[str, Tensor], ref_dtype: torch.dtype | None) -> None:
         """``memory.sharded_init``: rank 0 broadcasts its weights tensor by tensor; every rank keeps its shards
         of the policy, and of the reference, a copy of the policy's initial weights (in its storage dtype)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(self.model, dict(initial), options=options)  # (it replaces the dict's values)
         if self.ref_model is not None:
@@ -394,7 +396,6 @@ class CausalLMModule(L.LightningModule):
         # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
         self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
         if self._trainer is not None:
-            from dpo_lightning.stages.preflight import check_strategy
 
             check_strategy(self.trainer.strategy)  # FSDP1, refused from Python as from the CLI
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
@@ -423,13 +424,9 @@ class CausalLMModule(L.LightningModule):
             )
             unsupported = self.packing_unsupported() or kernel
             named = getattr(datamodule, "collator_name", None)
-            from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError
-
             if kernel and named in PACKED_COLLATORS:
                 raise ConfigError(f"data.collator={named}: {kernel}, so packed rows would not compute what padded rows "
                                   "compute; use data.collator: auto (which pads here) or pad")
-            from dpo_lightning.data.prefix_sharing import attention_cost
-
             chosen, reason = choose(unsupported, attention_cost(self.model.config))
             if chosen is not None:
                 lines.append(f"batches: {chosen}" + (f" ({reason})" if reason else ""))
@@ -439,8 +436,6 @@ class CausalLMModule(L.LightningModule):
             lines.append(f"log-probs: {path}")
         if lines and self.trainer.is_global_zero and not getattr(self, "_said_fast_paths", False):
             self._said_fast_paths = True
-            from lightning.pytorch.utilities import rank_zero_info
-
             rank_zero_info("; ".join(lines))
 
     def _check_datamodule(self, datamodule: Any) -> None:
@@ -591,8 +586,6 @@ def positions_unsupported(model: nn.Module) -> str | None:
     """Why a model cannot restart positions per packed sequence, or None: packed rows need a forward that
     takes ``position_ids`` and positions that come from them. Bloom and MPT take none (ALiBi biases from
     the row: measured 8e-2 nats off on MPT, a crash on Bloom); Falcon with ``alibi`` ignores them."""
-    import inspect
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     text = text_config(base.config)
     name = type(base).__name__
@@ -624,13 +617,10 @@ def sliding_window_unsupported(config: Any, max_length: int | None) -> str | Non
 def _launch_rank() -> int:
     """This process's global rank as its launcher set it (torchrun, SLURM, Lightning's re-launched ranks); 0 for
     the process that launches the others."""
-    from lightning.fabric.utilities.rank_zero import _get_rank
-
     return _get_rank() or 0
 
 
 def _lean_unsupported_sharded(model: nn.Module) -> str | None:
-    from dpo_lightning.models.lm_head import lean_unsupported
 
     return lean_unsupported(model, sharded=True)
 

@@ -1,7 +1,7 @@
 """DPOModule: Direct Preference Optimization and its pairwise relatives, on the stage base.
 
 Per step: one forward of the policy over the stacked ``2B`` rows (chosen first), the reference
-log-probs from the reference strategy, per-pair losses and rewards (``losses.py``), metrics
+log-probs from the reference strategy, per-pair losses and rewards (``losses/``), metrics
 (``training/metrics.py``). Everything else (loading, LoRA, optimizer, sharding, checkpoints) is the base's.
 """
 

@@ -28,8 +28,20 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lightning._version import __version__
+from dpo_lightning.data.tokenizer import resolve_tokenizer
+from dpo_lightning.models.loading import load_model, wrap_lora
+from dpo_lightning.stages.base import (
+    EXPORT_DTYPE_KEY,
+    FROZEN_BASE_KEY,
+    POLICY_CONFIG_KEY,
+    check_frozen_base,
+    fingerprint,
+    frozen_parameters,
+    stage_class_of,
+)
 from dpo_lightning.training.checkpoint import (
     _HOST,
     DCP_METADATA,
@@ -39,6 +51,7 @@ from dpo_lightning.training.checkpoint import (
     check_checkpoint,
     current_umask,
 )
+from dpo_lightning.training.distributed import consolidate_checkpoint, full_state_dict, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +223,6 @@ def _nonfinite(tensors: Mapping[str, Any]) -> list[str]:
 
 
 def _write_marker(folder: Path, *, source: str | None, adapter: AdapterExport) -> None:
-    from dpo_lightning._version import __version__
 
     marker = {
         "dpo_lightning": __version__,
@@ -363,8 +375,6 @@ class HFExport(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.interrupted:
             return
-        from dpo_lightning.training.distributed import full_state_dict, is_sharded
-
         # Under FSDP2 gathering the full weights is a collective: every rank takes part.
         state = full_state_dict(pl_module.model) if is_sharded(pl_module.model) else None
         # Trainer.log_dir broadcasts from rank 0, a collective too: read it on every rank.
@@ -422,9 +432,6 @@ def export_checkpoint(
     checkpoint and :class:`ExportError` for a destination the export must not replace, both
     before loading anything.
     """
-    from dpo_lightning.data.tokenizer import resolve_tokenizer
-    from dpo_lightning.stages.base import EXPORT_DTYPE_KEY, POLICY_CONFIG_KEY, stage_class_of
-
     ckpt_path = Path(ckpt_path)
     check_checkpoint(ckpt_path)
     check_export_destination(output_dir, keep=[ckpt_path])
@@ -443,7 +450,6 @@ def export_checkpoint(
         return export_hf(model, tokenizer, output_dir, **common)
     # A checkpoint written before the policy's config was recorded: rebuild its whole module.
     if ckpt_path.is_dir():
-        from dpo_lightning.training.distributed import consolidate_checkpoint
 
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(consolidate_checkpoint(ckpt_path), Path(tmp) / "full.ckpt")
@@ -460,7 +466,6 @@ def _read_policy(ckpt_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     policy's entries are loaded (:func:`dpo_lightning.training.distributed.consolidate_checkpoint` with a prefix).
     """
     if ckpt_path.is_dir():
-        from dpo_lightning.training.distributed import consolidate_checkpoint
 
         checkpoint = consolidate_checkpoint(ckpt_path, only="state_dict.model.")
     else:
@@ -472,8 +477,6 @@ def _read_policy(ckpt_path: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
 
 def _meta_policy(stage: type, config: Mapping[str, Any], dtype: torch.dtype | None) -> PreTrainedModel:
     """The policy's architecture without weights (meta device): the export writes the checkpoint's."""
-    from transformers import AutoConfig
-
     fields = dict(config)
     cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
     with torch.device("meta"):
@@ -486,11 +489,6 @@ def _meta_policy(stage: type, config: Mapping[str, Any], dtype: torch.dtype | No
 def _lora_policy(stage: type, checkpoint: Mapping[str, Any], hparams: Mapping[str, Any], state: dict[str, Any]) -> Any:
     """A LoRA policy: its base loaded from the source (or built from the recorded config), the checkpoint's
     adapters (and base weights, when it holds them) loaded on top."""
-    from transformers import AutoConfig
-
-    from dpo_lightning.models.loading import load_model, wrap_lora
-    from dpo_lightning.stages.base import FROZEN_BASE_KEY, check_frozen_base, fingerprint, frozen_parameters
-
     source = hparams.get("model") if FROZEN_BASE_KEY in checkpoint else None
     load = {"dtype": hparams.get("dtype"), "trust_remote_code": hparams.get("trust_remote_code", False)}
     if source is not None:

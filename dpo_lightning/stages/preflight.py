@@ -24,9 +24,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from datasets import DatasetDict
+from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lightning._moved import import_module
+from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.data.columns import select_columns
 from dpo_lightning.data.errors import DataError, RowRef
 from dpo_lightning.data.formats import to_example
@@ -70,7 +72,6 @@ def _strategy_class(strategy: Any) -> type | None:
     if isinstance(strategy, type):
         return strategy
     if isinstance(strategy, str):
-        from lightning.pytorch.strategies import StrategyRegistry
 
         if strategy in StrategyRegistry:
             return StrategyRegistry[strategy]["strategy"]
@@ -83,8 +84,6 @@ def _strategy_class(strategy: Any) -> type | None:
 
 def check_strategy(strategy: Any) -> None:
     """ValueError for FSDP1: dpo_lightning can neither resume nor export its checkpoints."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     cls = _strategy_class(strategy)
     if cls is None or not (isinstance(cls, type) and issubclass(cls, FSDPStrategy)):
         return
@@ -235,8 +234,6 @@ def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], ro
         init_args: its init arguments (``data.init_args``), as given to the class.
         rows: how many rows of the training split to read.
     """
-    from dpo_lightning.data.base import TokenizedDataModule
-
     cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
     if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
         return

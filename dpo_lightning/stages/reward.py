@@ -17,11 +17,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from dpo_lightning.losses import bradley_terry_loss
 from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.stages.preflight import PACKED_COLLATORS
 from dpo_lightning.training.metrics import RewardMetrics
 
 
@@ -94,7 +96,6 @@ class RewardModule(CausalLMModule):
         return scores.squeeze(-1).float()
 
     def packing_unsupported(self) -> str | None:
-        from lightning.pytorch.strategies import ModelParallelStrategy
 
         reason = super().packing_unsupported()
         if reason is not None:
@@ -107,7 +108,6 @@ class RewardModule(CausalLMModule):
         return None
 
     def setup(self, stage: str) -> None:
-        from dpo_lightning.stages.preflight import PACKED_COLLATORS
 
         super().setup(stage)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None

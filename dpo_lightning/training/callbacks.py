@@ -27,9 +27,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from dpo_lightning.training.checkpoint import (
+    link_checkpoint,
+    remove_orphaned_temporaries,
+    replace_atomically,
+    temporary_path,
+)
+from dpo_lightning.training.runs import read_checkpoint_header
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +132,6 @@ class NonFiniteError(RuntimeError):
 
 def _saves_sharded(trainer: pl.Trainer) -> bool:
     """Whether the strategy writes checkpoints as folders of shards (FSDP2's default), not through CheckpointIO."""
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
     strategy = trainer.strategy
     return isinstance(strategy, ModelParallelStrategy) and bool(getattr(strategy, "_save_distributed_checkpoint", True))
 
@@ -152,8 +159,6 @@ def _any_rank(trainer: pl.Trainer, flags: Tensor) -> Tensor:
 def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | None = None) -> str:
     """One line per checkpoint in ``folder``: which optimizer step it holds (read from its header, no
     tensors loaded), and which one is the best by ``monitor``; "" when there is none."""
-    from dpo_lightning.training.runs import read_checkpoint_header
-
     lines = []
     for path in sorted(folder.glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", p.name)):
         if path.name.startswith("."):
@@ -298,7 +303,6 @@ class LatestModelCheckpoint(ModelCheckpoint):
             return False
         linked = None
         if trainer.is_global_zero:
-            from dpo_lightning.training.checkpoint import link_checkpoint
 
             linked = Path(source).exists() and link_checkpoint(source, filepath)
         if not trainer.strategy.broadcast(linked, src=0):
@@ -309,8 +313,6 @@ class LatestModelCheckpoint(ModelCheckpoint):
     def _save_sharded(self, trainer: pl.Trainer, filepath: str) -> None:
         """A sharded (FSDP2) checkpoint written to a temporary folder, then put in place atomically: a
         crash mid-save leaves the previous checkpoint under its name, never a half-written folder."""
-        from dpo_lightning.training.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
-
         tmp = None
         if trainer.is_global_zero:
             folder = Path(filepath).parent

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import pickle
@@ -230,8 +231,6 @@ def _exchange(a: Path, b: Path) -> bool:
     False where the OS or the file system cannot."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2

@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -60,7 +65,6 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
 
@@ -85,8 +89,6 @@ def shard_models(
     all-gather casts to that dtype anyway, so their outputs are unchanged and their memory halves.
     ``None`` entries (no reference model) are skipped.
     """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     frozen = [m for m in frozen if m is not None]
@@ -111,8 +113,6 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     if not is_sharded(model):
         return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -133,10 +133,6 @@ def consolidate_checkpoint(path: str | Path, only: str | None = None) -> dict[st
         return torch.load(path, map_location="cpu", weights_only=True)
     if not (path / _METADATA_FILENAME).is_file():
         raise ValueError(f"{path} is neither a checkpoint file nor a sharded checkpoint folder ({_METADATA_FILENAME})")
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
     # An empty target plus this planner loads every tensor whole, in the saved nesting (as
     # torch's dcp_to_torch_save and Lightning's consolidate_checkpoint do, without the extra file).
     tensors: dict[str, Any] = {}
