@@ -31,7 +31,7 @@ MOVED: dict[str, str] = {
     "reference": "references.strategies",
     "precompute": "references.precompute",
     "judges": "generation.judges",
-    "llm_judges": "generation.llm_judges",
+    "llm_judges": "generation.judges.llm",
     "pairing": "generation.pairing",
     "samples_io": "generation.samples_io",
     "sampling": "generation.sampling",

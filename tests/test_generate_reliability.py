@@ -16,7 +16,7 @@ import lightning as L
 import pytest
 import torch
 
-import dpo_lightning.generation.samples_io as samples_io
+import dpo_lightning.generation.module as generation_module
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
@@ -92,7 +92,7 @@ def test_a_kill_between_samples_and_pairs_is_finished_by_the_rerun(policy, tmp_p
         raise KeyboardInterrupt("killed between the files")
 
     with monkeypatch.context() as patch:
-        patch.setattr(samples_io, "write_pairs", killed)
+        patch.setattr(generation_module, "write_pairs", killed)  # where the writer calls it
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             _generate(policy, out)
     assert (out / "samples.jsonl").exists() and not (out / "pairs.jsonl").exists()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import dpo_lightning.cli as cli
-import dpo_lightning.pipeline as pipeline
+import dpo_lightning.pipeline.rounds as pipeline
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.generation.samples_io import write_manifest

@@ -32,7 +32,7 @@ def test_each_moved_module_is_reachable_by_its_old_name(old):
         ("dpo_lightning.reward.RewardModule", dpo_lightning.RewardModule),
         ("dpo_lightning.reference.CopyReference", dpo_lightning.CopyReference),
         ("dpo_lightning.options.LoraOptions", dpo_lightning.LoraOptions),
-        ("dpo_lightning.llm_judges:LLMScoreJudge", "dpo_lightning.generation.llm_judges.LLMScoreJudge"),
+        ("dpo_lightning.llm_judges:LLMScoreJudge", "dpo_lightning.generation.judges.llm.LLMScoreJudge"),
         ("dpo_lightning.checkpoint.AtomicCheckpointIO", "dpo_lightning.training.checkpoint.AtomicCheckpointIO"),
         ("dpo_lightning.callbacks.LatestModelCheckpoint", "dpo_lightning.training.callbacks.LatestModelCheckpoint"),
     ],
@@ -91,11 +91,10 @@ NOT_YET_SPLIT = {
     "pipeline/rounds.py": 533,
     "training/callbacks.py": 557,
     "stages/export.py": 533,
-    "generation/judges.py": 508,
     "training/checkpoint.py": 487,
     "cli/commands.py": 463,
     "generation/module.py": 456,
-    "generation/llm_judges.py": 448,
+    "generation/judges/llm.py": 449,
     "generation/samples_io.py": 425,
 }
 

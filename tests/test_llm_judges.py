@@ -13,7 +13,7 @@ import torch
 
 from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.generation.judges import resolve_judge
-from dpo_lightning.generation.llm_judges import LLMPairwiseJudge, LLMScoreJudge, _combine
+from dpo_lightning.generation.judges.llm import LLMPairwiseJudge, LLMScoreJudge, _combine
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.export import export_hf
 

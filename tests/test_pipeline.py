@@ -93,7 +93,7 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
 def test_without_matplotlib_iterate_says_so_before_training_and_reports_without_the_figure(tmp_path, monkeypatch):
     """An install without matplotlib trained every stage and then died drawing report.png (issue #25): now
     the warning comes before the first stage, and the report is written without the figure."""
-    import dpo_lightning.pipeline as pipeline
+    import dpo_lightning.pipeline.rounds as pipeline
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
     events: list[str] = []

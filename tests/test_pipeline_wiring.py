@@ -30,7 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import dpo_lightning.cli as cli
-import dpo_lightning.pipeline as pipeline
+import dpo_lightning.pipeline.rounds as pipeline
 from dpo_lightning import DPOModule, PrecomputedReference, PreferenceDataModule
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer, generate_pairs, sort_reward

@@ -2,8 +2,8 @@
 
 - `module`: `GenerationModule` (N samples per prompt) and `JudgedSamplesWriter` (judge, durable output, pairs);
 - `sampling`: batched generation with per-response seeds;
-- `judges`: the `Judge` interface, function and reward-model judges, the spec -> class table;
-- `llm_judges`: LLM-as-judge (pairwise and score), named in that table as ``"module:Class"``;
+- `judges/`: the `Judge` interface (`base`), one file per kind (`function`, `reward_model`, `llm`), the spec ->
+  class table (`registry`);
 - `pairing`: judged samples -> preference pairs;
 - `samples_io`: the samples, pairs and manifest files of a generate folder.
 """

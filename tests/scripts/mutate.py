@@ -109,7 +109,7 @@ MUTATIONS = [
     ),
     # The reward-model judge refuses a row of exactly its length limit.
     Mutation(
-        "judge_limit_off_by_one", "dpo_lightning/generation/judges.py",
+        "judge_limit_off_by_one", "dpo_lightning/generation/judges/reward_model.py",
         "len(side.input_ids) > self.limit:", "len(side.input_ids) >= self.limit:",
     ),
 ]

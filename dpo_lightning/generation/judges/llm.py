@@ -37,7 +37,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_lightning.data.collate import right_pad
 from dpo_lightning.data.formats import Text
 from dpo_lightning.data.tokenizer import load_tokenizer
-from dpo_lightning.generation.judges import Failure, Judge, check_options
+from dpo_lightning.generation.judges.base import Failure, Judge
+from dpo_lightning.generation.judges.registry import check_options
 from dpo_lightning.models.loading import check_local_source, check_vocab, load_causal_lm
 
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
