@@ -32,7 +32,7 @@ def test_a_kto_resume_does_not_list_the_unpaired_flag_the_cli_sets(tmp_path, mon
     ckpt.parent.mkdir(parents=True)
     torch.save({"global_step": 2, "epoch": 0, "hyper_parameters": {},
                 "datamodule_hyper_parameters": {"unpaired": True, "batch_size": 4}}, ckpt)
-    monkeypatch.setattr("dpo_lightning.cli.commands.check_checkpoint", lambda path: None)
+    monkeypatch.setattr("dpo_lightning.cli.fit.check_checkpoint", lambda path: None)
     args = ["fit", "--config", "recipes/tiny.yaml", "--model.class_path", "dpo_lightning.KTOModule",
             "--data.batch_size", "4", "--ckpt_path", str(ckpt)]
     with warnings.catch_warnings(record=True) as caught:

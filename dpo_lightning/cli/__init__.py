@@ -2,9 +2,10 @@
 
 `SUBCOMMANDS` maps each subcommand that is not LightningCLI's own to the function that runs it, named as
 ``"module:function"`` and imported when chosen: ``iterate`` runs the pipeline, which runs the stage
-commands of `commands`, so the pipeline sits between this map and them and nothing imports upwards.
-``fit``, ``validate`` and ``test`` go to LightningCLI (`commands.cli_main`). `config_errors` turns
-jsonargparse's errors into one or two lines.
+commands of `fit` and `generate`, so the pipeline sits between this map and them and nothing imports upwards.
+``fit``, ``validate`` and ``test`` go to LightningCLI (`fit.cli_main`); `generate` wires sampling and judging;
+`settings.resolved_config` is a command's whole configuration, resolved without running it; `common` holds the
+parser with short errors (`config_errors`) and the warnings silenced while a command runs.
 """
 
 from __future__ import annotations
@@ -12,15 +13,10 @@ from __future__ import annotations
 import sys
 
 from dpo_lightning._moved import import_object
-from dpo_lightning.cli.commands import (
-    DPOLightningCLI,
-    GenerateCLI,
-    ShortErrorParser,
-    cli_main,
-    generate_main,
-    known_warnings_silenced,
-    resolved_config,
-)
+from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
+from dpo_lightning.cli.fit import DPOLightningCLI, cli_main
+from dpo_lightning.cli.generate import GenerateCLI, generate_main
+from dpo_lightning.cli.settings import resolved_config
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.stages.export import ExportError
 from dpo_lightning.stages.preflight import ConfigError
@@ -31,7 +27,7 @@ from dpo_lightning.training.folders import FolderError
 # subcommand -> "module:function(argv)"; the rest (fit, validate, test) are LightningCLI's
 SUBCOMMANDS: dict[str, str] = {
     "export": "dpo_lightning.stages.export:main",
-    "generate": "dpo_lightning.cli.commands:generate_main",
+    "generate": "dpo_lightning.cli.generate:generate_main",
     "iterate": "dpo_lightning.pipeline.rounds:main",
 }
 

@@ -13,23 +13,18 @@ conversational rows without a chat template), so a wrong pairing fails before an
 
 from __future__ import annotations
 
-import contextlib
-import sys
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from dpo_lightning._moved import import_module
-from dpo_lightning.cli.config_errors import ShortErrors, init_error
+from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
+from dpo_lightning.cli.config_errors import init_error
 from dpo_lightning.data import PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
-from dpo_lightning.data.prompts import PromptDataModule
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
 from dpo_lightning.stages.base import FACTORIES_KEY, CausalLMModule
 from dpo_lightning.stages.dpo import DPOModule
 from dpo_lightning.stages.export import HFExport
@@ -44,7 +39,6 @@ from dpo_lightning.stages.preflight import (
 from dpo_lightning.training.callbacks import (
     LatestModelCheckpoint,
     NonFiniteGuard,
-    PreemptionWatch,
     StepProgressBar,
 )
 from dpo_lightning.training.checkpoint import check_checkpoint
@@ -58,33 +52,8 @@ from dpo_lightning.training.runs import (
     version_of,
 )
 
-# Lightning warnings that are wrong about these stages, silenced while a command runs (never at import: the
-# process's filters are its owner's):
-KNOWN_WARNINGS = (
-    # the frozen reference is meant to be in eval mode; Lightning warns about it at every fit
-    r"Found \d+ module\(s\) in eval mode at the start of training",
-    # the metrics are synced as sums before they are logged (training/metrics.py): sync_dist would re-average them
-    r"It is recommended to use `self\.log\('(train|val|test)(/|_)",
-    # `generate`, `iterate`'s stages and Python callers hand LightningCLI their arguments on purpose
-    "LightningCLI's args parameter is intended to run from within Python",
-)
-
-
-@contextlib.contextmanager
-def known_warnings_silenced() -> Iterator[None]:
-    """`KNOWN_WARNINGS` ignored inside, the warning filters as they were after."""
-    with warnings.catch_warnings():
-        for message in KNOWN_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
-        yield
-
-
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
-
-
-class ShortErrorParser(ShortErrors, LightningArgumentParser):
-    """The CLI's parser: LightningArgumentParser with one- or two-line errors."""
 
 
 class DPOLightningCLI(LightningCLI):
@@ -316,70 +285,6 @@ def _claim_run_folder(config: Namespace) -> None:
     logger.version = claim_version(_run_root(logger))
 
 
-class GenerateCLI(LightningCLI):
-    """``python -m dpo_lightning generate``: sample, judge and pair through ``trainer.predict``."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.tokenizer", "model.tokenizer")
-        parser.link_arguments("data.trust_remote_code", "model.trust_remote_code")
-        parser.add_lightning_class_args(_writer_class(), "output")
-
-    def before_instantiate_classes(self) -> None:
-        # A mistyped judge fails here, before the policy's weights load.
-        output = self.config[self.subcommand].output
-        try:
-            _writer_class().check_judge(output.judge, output.judge_options)
-        except (ValueError, FileNotFoundError) as err:  # one line from `main`, not a traceback
-            raise ConfigError(f"output.judge: {err}") from err
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as err:
-            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
-            if short is None:
-                raise
-            raise ConfigError(short) from err
-
-
-def _writer_class() -> type:
-
-    return JudgedSamplesWriter
-
-
-def _generate_options() -> dict[str, Any]:
-    """What `generate_main` gives LightningCLI besides the arguments."""
-    return {
-        "model_class": GenerationModule,
-        "datamodule_class": PromptDataModule,
-        "seed_everything_default": 42,
-        "auto_configure_optimizers": False,
-        "save_config_callback": None,
-        "parser_kwargs": {
-            "prog": "python -m dpo_lightning generate",
-            "description": "Sample N responses per prompt from a policy, score them with a judge, write "
-            "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",
-        },
-        "trainer_defaults": {"logger": False, "enable_checkpointing": False},
-        "parser_class": ShortErrorParser,
-    }
-
-
-def generate_main(
-    args: list[str] | None = None, run: bool = True, cli_class: type[GenerateCLI] = GenerateCLI
-) -> GenerateCLI:
-    """``python -m dpo_lightning generate --config recipes/tiny_generate.yaml`` (``args`` after ``generate``).
-
-    A SIGTERM from the start (while the policy loads) stops the run at its first batch with `Preempted`."""
-    with PreemptionWatch("stopping at the first batch, then exiting"), known_warnings_silenced():
-        return cli_class(
-            **_generate_options(),
-            # Records go to disk as they finish; holding every prediction in memory too would only cost.
-            args=["predict", "--return_predictions", "false", *(sys.argv[2:] if args is None else args)],
-            run=run,
-        )
-
-
 def _fit_options() -> dict[str, Any]:
     """What `cli_main` gives LightningCLI besides the arguments."""
     return {
@@ -423,41 +328,3 @@ def cli_main(
         return cli_class(**_fit_options(), args=args, run=run)
 
 
-class _SettingsOnly:
-    """Parses and checks a command's configuration; reads no data, builds and runs nothing."""
-
-    def check_data(self, config: Namespace) -> None:
-        pass
-
-    def instantiate_classes(self) -> None:
-        pass
-
-    def _run_subcommand(self, subcommand: str) -> None:
-        pass
-
-
-class _FitSettings(_SettingsOnly, DPOLightningCLI):
-    pass
-
-
-class _GenerateSettings(_SettingsOnly, GenerateCLI):
-    pass
-
-
-def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
-    """The configuration ``python -m dpo_lightning <command> ARGS`` runs with, every default filled in, as plain
-    data (``config``, the recipe files' names, left out: their content is in it); nothing is read or built.
-    What a pipeline stage records as the settings that made its output."""
-    with known_warnings_silenced():
-        return _resolved_config(command, args)
-
-
-def _resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
-    if command == "fit":
-        config = _FitSettings(**_fit_options(), args=["fit", *args]).config["fit"]
-    else:
-        options = _generate_options()
-        config = _GenerateSettings(**options, args=["predict", *args]).config["predict"]
-    out = config.as_dict()
-    out.pop("config", None)
-    return out

@@ -1,0 +1,38 @@
+"""What every command of the CLI shares: the parser with short errors, and the Lightning warnings silenced
+while a command runs."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+
+from lightning.pytorch.cli import LightningArgumentParser
+
+from dpo_lightning.cli.config_errors import ShortErrors
+
+# Lightning warnings that are wrong about these stages, silenced while a command runs (never at import: the
+# process's filters are its owner's):
+KNOWN_WARNINGS = (
+    # the frozen reference is meant to be in eval mode; Lightning warns about it at every fit
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # the metrics are synced as sums before they are logged (training/metrics.py): sync_dist would re-average them
+    r"It is recommended to use `self\.log\('(train|val|test)(/|_)",
+    # `generate`, `iterate`'s stages and Python callers hand LightningCLI their arguments on purpose
+    "LightningCLI's args parameter is intended to run from within Python",
+)
+
+
+@contextlib.contextmanager
+def known_warnings_silenced() -> Iterator[None]:
+    """`KNOWN_WARNINGS` ignored inside, the warning filters as they were after."""
+    with warnings.catch_warnings():
+        for message in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+class ShortErrorParser(ShortErrors, LightningArgumentParser):
+    """The CLI's parser: LightningArgumentParser with one- or two-line errors."""
+
+

@@ -1,0 +1,52 @@
+"""The whole configuration a command runs with, resolved without building or running anything: what a pipeline
+stage records as the settings that made its output."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from jsonargparse import Namespace
+
+from dpo_lightning.cli.common import known_warnings_silenced
+from dpo_lightning.cli.fit import DPOLightningCLI, _fit_options
+from dpo_lightning.cli.generate import GenerateCLI, _generate_options
+
+
+class _SettingsOnly:
+    """Parses and checks a command's configuration; reads no data, builds and runs nothing."""
+
+    def check_data(self, config: Namespace) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+class _FitSettings(_SettingsOnly, DPOLightningCLI):
+    pass
+
+
+class _GenerateSettings(_SettingsOnly, GenerateCLI):
+    pass
+
+
+def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
+    """The configuration ``python -m dpo_lightning <command> ARGS`` runs with, every default filled in, as plain
+    data (``config``, the recipe files' names, left out: their content is in it); nothing is read or built.
+    What a pipeline stage records as the settings that made its output."""
+    with known_warnings_silenced():
+        return _resolved_config(command, args)
+
+
+def _resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
+    if command == "fit":
+        config = _FitSettings(**_fit_options(), args=["fit", *args]).config["fit"]
+    else:
+        options = _generate_options()
+        config = _GenerateSettings(**options, args=["predict", *args]).config["predict"]
+    out = config.as_dict()
+    out.pop("config", None)
+    return out
