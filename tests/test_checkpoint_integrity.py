@@ -18,13 +18,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
 from dpo_lightning import DPOModule
-from dpo_lightning.training.checkpoint import (
-    AtomicCheckpointIO,
-    CheckpointError,
-    CheckpointNotFoundError,
-    check_checkpoint,
-    remove_orphaned_temporaries,
-)
+from dpo_lightning.training.checkpoint import AtomicCheckpointIO, remove_orphaned_temporaries
+from dpo_lightning.training.integrity import CheckpointError, CheckpointNotFoundError, check_checkpoint
 
 from tiny import random_batch, tiny_config
 

@@ -19,13 +19,9 @@ from dpo_lightning import DPOModule
 from dpo_lightning.stages.export import export_checkpoint
 from dpo_lightning.stages.options import LoraOptions, MemoryOptions
 from dpo_lightning.training.callbacks import LatestModelCheckpoint
-from dpo_lightning.training.checkpoint import (
-    check_checkpoint,
-    remove_orphaned_temporaries,
-    replace_atomically,
-    temporary_path,
-)
+from dpo_lightning.training.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
 from dpo_lightning.training.distributed import consolidate_checkpoint
+from dpo_lightning.training.integrity import check_checkpoint
 from dpo_lightning.training.runs import read_checkpoint_header
 
 from tiny import random_batch, tiny_config

@@ -19,7 +19,8 @@ import dpo_lightning.stages.export as export_mod
 from dpo_lightning import DPOModule
 from dpo_lightning.cli import main
 from dpo_lightning.stages.export import EXPORT_MARKER, ExportError, HFExport, check_export_destination, export_hf
-from dpo_lightning.training.checkpoint import AtomicCheckpointIO, CheckpointError
+from dpo_lightning.training.checkpoint import AtomicCheckpointIO
+from dpo_lightning.training.integrity import CheckpointError
 
 from tiny import random_batch, tiny_config
 

@@ -91,7 +91,6 @@ NOT_YET_SPLIT = {
     "pipeline/rounds.py": 533,
     "training/callbacks.py": 557,
     "stages/export.py": 533,
-    "training/checkpoint.py": 487,
     "generation/module.py": 456,
     "generation/judges/llm.py": 449,
     "generation/samples_io.py": 425,

@@ -21,8 +21,8 @@ from dpo_lightning.data.errors import DataError
 from dpo_lightning.stages.export import ExportError
 from dpo_lightning.stages.preflight import ConfigError
 from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
-from dpo_lightning.training.checkpoint import CheckpointError
 from dpo_lightning.training.folders import FolderError
+from dpo_lightning.training.integrity import CheckpointError
 
 # subcommand -> "module:function(argv)"; the rest (fit, validate, test) are LightningCLI's
 SUBCOMMANDS: dict[str, str] = {

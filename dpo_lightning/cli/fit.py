@@ -41,8 +41,8 @@ from dpo_lightning.training.callbacks import (
     NonFiniteGuard,
     StepProgressBar,
 )
-from dpo_lightning.training.checkpoint import check_checkpoint
 from dpo_lightning.training.folders import differences
+from dpo_lightning.training.integrity import check_checkpoint
 from dpo_lightning.training.optim import describe_config
 from dpo_lightning.training.runs import (
     changed_hparams,

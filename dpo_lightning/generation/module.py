@@ -59,8 +59,8 @@ from dpo_lightning.generation.sampling import RowSeededSampler, decode_response,
 from dpo_lightning.models.loading import check_local_source, load_causal_lm
 from dpo_lightning.stages.base import stage_class_of
 from dpo_lightning.training.callbacks import Preempted, PreemptionWatch, preemption_signal
-from dpo_lightning.training.checkpoint import check_checkpoint
 from dpo_lightning.training.folders import FolderLock
+from dpo_lightning.training.integrity import check_checkpoint
 
 log = logging.getLogger(__name__)
 

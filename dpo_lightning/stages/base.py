@@ -48,10 +48,10 @@ from dpo_lightning.references.strategies import REF_PREFIX, Reference, resolve_r
 from dpo_lightning.stages.options import LoraOptions, MemoryOptions, option_group
 from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError, check_strategy
 from dpo_lightning.training.callbacks import check_validation_interval
-from dpo_lightning.training.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
 from dpo_lightning.training.distributed import enable_activation_checkpointing, shard_models
 from dpo_lightning.training.metrics import RunningMeans
 from dpo_lightning.training.optim import Decay, describe_factory, warmup_decay_schedule
+from dpo_lightning.training.resume import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
 
 log = logging.getLogger(__name__)
 

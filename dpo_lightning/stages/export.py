@@ -42,16 +42,9 @@ from dpo_lightning.stages.base import (
     frozen_parameters,
     stage_class_of,
 )
-from dpo_lightning.training.checkpoint import (
-    _HOST,
-    DCP_METADATA,
-    CheckpointError,
-    _alive,
-    _process_start_time,
-    check_checkpoint,
-    current_umask,
-)
+from dpo_lightning.training.checkpoint import _HOST, _alive, _process_start_time, current_umask
 from dpo_lightning.training.distributed import consolidate_checkpoint, full_state_dict, is_sharded
+from dpo_lightning.training.integrity import DCP_METADATA, CheckpointError, check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +421,7 @@ def export_checkpoint(
     source and merges the adapters (``adapter="merged"``) or exports them alone. ``dtype`` as
     :func:`resolve_export_dtype` (``auto``: the dtype training computed in).
 
-    Raises :class:`~dpo_lightning.training.checkpoint.CheckpointError` for a missing, truncated or corrupt
+    Raises :class:`~dpo_lightning.training.integrity.CheckpointError` for a missing, truncated or corrupt
     checkpoint and :class:`ExportError` for a destination the export must not replace, both
     before loading anything.
     """

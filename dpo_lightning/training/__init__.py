@@ -1,6 +1,7 @@
 """The training machinery every stage shares, below the stages and above the models.
 
-- `checkpoint`: atomic checkpoint files and folders, hard links, the integrity check, resume state (RNG, windows);
+- `checkpoint`: atomic checkpoint files and folders, hard links; `integrity`: is a checkpoint whole;
+  `resume`: the state an exact resume needs besides weights (RNG streams, metric windows);
 - `callbacks`: when checkpoints are written, preemption, the non-finite guard, the optimizer-step progress bar;
 - `distributed`: FSDP2 sharding of the models a stage holds, sharded-checkpoint consolidation;
 - `metrics`: TRL-named running means, exact across ranks;

@@ -1,14 +1,11 @@
-"""What a checkpoint holds beyond weights and optimizer state, and how it reaches the disk.
+"""How a checkpoint reaches the disk: atomically, linked rather than copied, orphans of crashed saves cleaned up.
 
 * :class:`AtomicCheckpointIO` writes each checkpoint file to a temporary file in the same
   folder, flushes it to disk and renames it over the final name, so a crash mid-save leaves
   either the old checkpoint or the new one under that name, never a truncated file.
-* :func:`check_checkpoint` tells a damaged checkpoint from a good one before anything loads it:
-  ``torch.load`` returns wrong weights from a file with flipped bytes without a word.
-* :func:`resume_state` / :func:`restore_resume_state` carry what Lightning does not save itself
-  and an exact resume needs: the RNG streams of every rank (dropout) and the training metrics'
-  running window (sums since the last log), so a resumed run logs and trains as if never stopped.
-  Data order is the sampler's job (``dpo_lightning/data/sampler.py``).
+* Whether a checkpoint is whole is `integrity.check_checkpoint`'s business; what an exact resume needs
+  besides (RNG streams, metric windows) is `resume`'s; data order is the sampler's
+  (``dpo_lightning/data/sampler.py``).
 * When checkpoints are written (``last.ckpt`` periodically, on preemption) is
   ``dpo_lightning/training/callbacks.py``'s business.
 """
@@ -18,7 +15,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import pickle
 import re
 import secrets
 import shutil
@@ -26,21 +22,13 @@ import socket
 import sys
 import tempfile
 import time
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torchmetrics import Metric
 
-from dpo_lightning.training.metrics import RunningMeans
-
-RESUME_KEY = "dpo_resume"
+from dpo_lightning.training.integrity import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -291,197 +279,3 @@ def link_checkpoint(source: str | Path, path: str | Path) -> bool:
         return False
     replace_atomically(tmp, path)
     return True
-
-
-# ---------------------------------------------------------------------------- integrity
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the one-line message names the path and what is wrong."""
-
-
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
-    """Nothing at the checkpoint path (also a ``FileNotFoundError``, what Lightning raises there)."""
-
-
-# Files of Lightning's sharded checkpoint folders: torch.distributed.checkpoint's own index,
-# and the non-tensor part Lightning saves last (``lightning.fabric.utilities.load``).
-DCP_METADATA = ".metadata"
-SHARDED_META = "meta.pt"
-
-
-def check_checkpoint(path: str | Path, *, verify_crc: bool = True) -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a complete, uncorrupted Lightning checkpoint.
-
-    ``torch.load`` reads only the zip directory and the records it needs: a truncated file fails
-    with an unpickling error that names no file, and a flipped byte inside tensor data loads as
-    a silently wrong weight. ``torch.save`` stores a CRC32 for every record of its zip archive,
-    so one sequential read through ``zipfile`` verifies every byte (docs/reliability.md has the
-    measured speed). A folder is a sharded (FSDP2, distributed) checkpoint: its ``.metadata``
-    must exist, the shard files it names must be long enough, and Lightning's ``meta.pt`` is
-    checked as a file. Remote paths (``s3://`` ...) are not checked. ``verify_crc=False`` checks
-    the archive's structure only (its directory at the end), without reading the data.
-    """
-    if "://" in str(path):
-        return
-    path = Path(path)
-    what = f"checkpoint {path}"
-    if not path.exists():
-        raise CheckpointNotFoundError(f"{what}: no such file or folder")
-    if path.is_dir():
-        _check_sharded(path, what, verify_crc)
-        return
-    try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(16)
-    except OSError as e:
-        raise CheckpointError(f"{what}: cannot be read: {e.strerror or e}") from None
-    if size == 0:
-        raise CheckpointError(f"{what}: empty: an interrupted save?")
-    if path.suffix == ".safetensors" or _is_safetensors(head, size):
-        raise CheckpointError(
-            f"{what}: a safetensors weights file, not a training checkpoint: "
-            "give it as the model, e.g. --model.model <folder>"
-        )
-    if not head.startswith(b"PK"):
-        raise CheckpointError(f"{what}: not a zip archive, so not a checkpoint torch.save wrote (or a pre-1.6 one)")
-    _check_zip(path, what, verify_crc)
-
-
-def _is_safetensors(head: bytes, size: int) -> bool:
-    """A safetensors file opens with the length of its JSON header (u64, little-endian), then ``{``."""
-    if len(head) < 9:
-        return False
-    header_len = int.from_bytes(head[:8], "little")
-    return 2 <= header_len <= size - 8 and head[8:9] == b"{"
-
-
-def _check_zip(path: Path, what: str, verify_crc: bool) -> None:
-    try:
-        with zipfile.ZipFile(path) as archive:  # parses the directory at the end: a cut-off file fails here
-            if not verify_crc:
-                return
-            records = [r for r in archive.infolist() if r.file_size]
-            if records and all(r.CRC == 0 for r in records):
-                # Saved under torch.serialization.set_crc32_options(False): nothing to verify against.
-                log.warning("%s was saved without CRC32 checksums: its data cannot be verified", what)
-                return
-            bad = archive.testzip()  # reads every record and compares its CRC32
-    except zipfile.BadZipFile as e:
-        raise CheckpointError(f"{what}: truncated or damaged, not a complete zip archive ({e})") from None
-    except (EOFError, zlib.error) as e:
-        raise CheckpointError(f"{what}: damaged zip archive ({e}): the file is corrupt") from None
-    except OSError as e:
-        raise CheckpointError(f"{what}: cannot be read: {e.strerror or e}") from None
-    if bad is not None:
-        raise CheckpointError(f"{what}: record {bad} fails its CRC check: the file is corrupt")
-
-
-def _check_sharded(path: Path, what: str, verify_crc: bool) -> None:
-    if (path / "config.json").is_file() or any(path.glob("*.safetensors")):
-        raise CheckpointError(
-            f"{what}: a Hugging Face model folder, not a training checkpoint: "
-            "give it as the model, e.g. --model.model <folder>"
-        )
-    if not (path / DCP_METADATA).is_file():
-        raise CheckpointError(f"{what}: a folder without {DCP_METADATA}: not a sharded checkpoint, or a broken save")
-    try:
-        with (path / DCP_METADATA).open("rb") as f:
-            metadata = pickle.load(f)  # as torch.distributed.checkpoint.FileSystemReader reads it
-        needed: dict[str, int] = {}
-        for info in metadata.storage_data.values():
-            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    except Exception as e:  # whatever fails to unpickle, the index is unusable
-        raise CheckpointError(f"{what}: {DCP_METADATA} cannot be read ({type(e).__name__}): it is corrupt") from None
-    for name, end in sorted(needed.items()):
-        shard = path / name
-        if not shard.is_file():
-            raise CheckpointError(f"{what}: shard {name} named in {DCP_METADATA} is missing")
-        if shard.stat().st_size < end:
-            raise CheckpointError(f"{what}: shard {name} is truncated ({shard.stat().st_size} of {end} bytes)")
-    if not (path / SHARDED_META).is_file():
-        raise CheckpointError(f"{what}: no {SHARDED_META}: the save was interrupted before its last file")
-    check_checkpoint(path / SHARDED_META, verify_crc=verify_crc)
-
-
-# ---------------------------------------------------------------------------- resume state
-
-
-def resume_state(metrics: RunningMeans) -> dict[str, Any]:
-    """RNG states and ``metrics``' window of every rank, and the window synced across ranks.
-
-    Runs on every rank (``on_save_checkpoint`` does): it uses collectives.
-    """
-    rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
-    # NumPy's key array would need weights_only=False to load: store it as a list of ints.
-    rng["numpy"] = tuple(v.tolist() if isinstance(v, np.ndarray) else v for v in rng["numpy"])
-    own = {"rng": rng, "metrics": {k: _local_states(m) for k, m in metrics.means.items()}}
-    if _world_size() > 1:
-        gathered: list[Any] = [None] * _world_size()
-        dist.all_gather_object(gathered, own)
-        per_rank = gathered
-    else:
-        per_rank = [own]
-    return {
-        "rng_per_rank": [r["rng"] for r in per_rank],
-        "metrics_per_rank": [r["metrics"] for r in per_rank],
-        # For a resume on another number of ranks, which cannot split the window back per rank.
-        "metrics": {k: _synced_states(m) for k, m in metrics.means.items()},
-    }
-
-
-def restore_resume_state(rank: int, metrics: RunningMeans, state: dict[str, Any]) -> dict[str, Any]:
-    """Put the metric window back; return the RNG states this rank must restore.
-
-    The RNG is returned, not set: Lightning draws from the global RNG between loading the
-    checkpoint and the first batch (the DataLoader's base seed), so the caller sets it at the
-    first ``on_train_batch_start``, the same point in the stream the saving run was at.
-    """
-    per_rank = state["rng_per_rank"]
-    window = state.get("metrics_per_rank")
-    if window is not None and len(window) == _world_size():
-        # Same ranks: each takes its own window back, so the next cross-rank sum adds the same
-        # numbers in the same order as the uninterrupted run's (bitwise equal logs).
-        for key, saved in window[rank].items():
-            _load_states(metrics.means[key], saved, keep=True)
-    else:
-        # Another number of ranks (or an older checkpoint): the window saved as sums over all
-        # ranks goes to rank 0, the others hold zeros; the next cross-rank sum is the same value
-        # up to float rounding of the changed summation order.
-        for key, saved in state["metrics"].items():
-            _load_states(metrics.means[key], saved, keep=rank == 0)
-    return per_rank[rank] if rank < len(per_rank) else per_rank[0]
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`resume_state` collected for this rank."""
-    name, keys, *rest = states["numpy"]
-    _set_rng_states({**states, "numpy": (name, np.asarray(keys, dtype=np.uint32), *rest)})
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _local_states(metric: Metric) -> dict[str, Any]:
-    states = {name: getattr(metric, name).detach().clone().cpu() for name in metric._defaults}
-    return {"states": states, "update_count": metric._update_count}
-
-
-def _synced_states(metric: Metric) -> dict[str, Any]:
-    names = list(metric._defaults)
-    with metric.sync_context(should_sync=_world_size() > 1):
-        states = {name: getattr(metric, name).detach().clone().cpu() for name in names}
-    return {"states": states, "update_count": metric._update_count}
-
-
-def _load_states(metric: Metric, saved: dict[str, Any], *, keep: bool) -> None:
-    for name, value in saved["states"].items():
-        current = getattr(metric, name)
-        # Ranks that do not keep the window start empty: the metric's default (0 for sums, inf for a min).
-        value = value if keep else torch.as_tensor(metric._defaults[name]).expand_as(value).clone()
-        setattr(metric, name, value.to(current.device, current.dtype))
-    # Same count on every rank: ``has_updates`` decides whether all ranks enter the synced compute.
-    metric._update_count = saved["update_count"]
-    metric._computed = None

@@ -18,7 +18,7 @@ Some trials kill the first resumed run too (``--second-kill``), so a resume resu
 resumed run starts at once (``--restart-delay 0``), as a restart loop would start it.
 
 Per trial it checks: every ``*.ckpt`` in the trial folder passes
-:func:`dpo_lightning.training.checkpoint.check_checkpoint` after every kill and at the end; no temporary
+:func:`dpo_lightning.training.integrity.check_checkpoint` after every kill and at the end; no temporary
 file or folder (checkpoint ``.tmp``, ``.hf_export.*``) is left once the resumed run finished; the
 final ``last.ckpt`` (policy and reference weights, optimizer and scheduler state, step, RNG and
 metric window) and the ``hf_export`` safetensors equal, bitwise (``torch.equal``), those of an
@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT))  # the checkout, not an installed copy
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from dpo_lightning.training.checkpoint import CheckpointError, check_checkpoint  # noqa: E402
+from dpo_lightning.training.integrity import CheckpointError, check_checkpoint  # noqa: E402
 
 STEPS = 24
 BASE = [
