@@ -466,9 +466,16 @@ class CausalLMModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._restore_fp32_buffers()
+        self._prepare_evaluation()
 
     def on_test_start(self) -> None:
         self._restore_fp32_buffers()
+        self._prepare_evaluation()
+
+    def _prepare_evaluation(self) -> None:
+        """A ``validate``/``test`` of its own (outside ``fit``): the reference prepares the split it reads."""
+        if self.reference is not None and self.trainer.state.fn != "fit":
+            self.reference.on_evaluation_start(self, "test" if self.trainer.testing else "validation")
 
     def _restore_fp32_buffers(self) -> None:
         """Put back in float32 the buffers a cast to bf16/fp16 rounded (``bf16-true`` casts the whole module):
