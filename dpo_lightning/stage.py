@@ -25,7 +25,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.callbacks import check_validation_interval
+from dpo_lightning.callbacks import align_checkpoint_saves, check_validation_interval
 from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
 from dpo_lightning.distributed import enable_activation_checkpointing, shard_models
 from dpo_lightning.lm_head import lean_sequence_logps
@@ -405,6 +405,7 @@ class CausalLMModule(L.LightningModule):
             self._choose_fast_paths(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
             check_validation_interval(self.trainer)
+            align_checkpoint_saves(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
 
