@@ -38,7 +38,7 @@ from transformers import (
 
 from dpo_lightning.callbacks import Preempted
 from dpo_lightning.data.errors import warn
-from dpo_lightning.models import load_causal_lm, resolve_tokenizer
+from dpo_lightning.models import float32_buffers, load_causal_lm, resolve_tokenizer, restore_float32_buffers
 from dpo_lightning.sampling import RowSeededSampler, decode_response, response_seed
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,14 @@ class GenerationModule(L.LightningModule):
         self.model.eval()
         self.generated_tokens = 0  # new tokens (up to EOS) sampled by this rank, for tokens/s
         self.stop_requested: Callable[[], bool] | None = None  # set by the writer: ends a batch early when true
+        self._fp32_buffers: dict[str, torch.Tensor] = {}  # taken at setup, restored after a bf16-true/16-true cast
+
+    def setup(self, stage: str) -> None:
+        # Before the precision plugin casts the module (bf16-true): RoPE's inv_freq and other float32 buffers.
+        self._fp32_buffers = float32_buffers(self)
+
+    def on_predict_start(self) -> None:
+        restore_float32_buffers(self, self._fp32_buffers)
 
     def settings(self) -> dict[str, Any]:
         """What decided the samples, written with every record (``sampler``: how the random numbers are drawn)."""

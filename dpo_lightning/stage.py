@@ -35,9 +35,11 @@ from dpo_lightning.models import (
     check_max_length,
     check_vocab,
     empty_model,
+    float32_buffers,
     freeze,
     load_model,
     resolve_tokenizer,
+    restore_float32_buffers,
     text_config,
     weights_dtype,
     wrap_lora,
@@ -396,7 +398,7 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
-        self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
+        self._fp32_buffers = float32_buffers(self)
         if self._trainer is not None:
             from dpo_lightning.preflight import check_strategy
 
@@ -479,20 +481,8 @@ class CausalLMModule(L.LightningModule):
             self.reference.on_evaluation_start(self, "test" if self.trainer.testing else "validation")
 
     def _restore_fp32_buffers(self) -> None:
-        """Put back in float32 the buffers a cast to bf16/fp16 rounded (``bf16-true`` casts the whole module):
-        RoPE's ``inv_freq`` in bf16 shifts the rotary phase by up to ~1 rad at position 1000, so the model
-        attends differently from the one that was trained; weights keep the precision's dtype."""
-        saved = getattr(self, "_fp32_buffers", None) or {}
-        for name, value in list(saved.items()):
-            owner_name, _, leaf = name.rpartition(".")
-            try:
-                owner = self.get_submodule(owner_name) if owner_name else self
-            except AttributeError:  # a model freed since setup (the precomputed reference): nothing to restore
-                del saved[name]
-                continue
-            current = owner._buffers.get(leaf)
-            if current is not None and current.dtype != torch.float32:
-                owner._buffers[leaf] = value.to(current.device)
+        """The float32 buffers a ``bf16-true``/``16-true`` cast rounded, back in float32 (``models.py``)."""
+        restore_float32_buffers(self, getattr(self, "_fp32_buffers", None) or {})
 
     # ------------------------------------------------------------------ checkpoints
 
