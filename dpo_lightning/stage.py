@@ -353,7 +353,32 @@ class CausalLMModule(L.LightningModule):
             scheduler = warmup_decay_schedule(
                 optimizer, total_steps=int(total), warmup_ratio=self.hparams.warmup_ratio, decay=self.hparams.lr_decay
             )
+        self._check_loaded_dtype(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_loaded_dtype(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn, before the first step, when ``model.dtype`` was left unset and the weights loaded in half
+        precision (transformers 5 loads a checkpoint's own dtype: Qwen2.5 in bf16) with an Adam step too small
+        for them: the CLI's check of the configuration (`preflight.update_resolution_warning`) could not see it."""
+        from dpo_lightning.preflight import update_resolution_warning
+
+        configured = self.hparams.get("dtype")
+        if configured not in (None, "auto") or self.lora is not None:
+            return  # the configuration says the dtype (the CLI checked it); LoRA adapters train in float32
+        trained = {p.dtype for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        half = [d for d in (torch.bfloat16, torch.float16) if d in trained]
+        if not half:
+            return
+        group = optimizer.param_groups[0]
+        lr = group.get("initial_lr", group["lr"])  # (a warmup scheduler has already scaled "lr" to its start)
+        precision = str(self.trainer.precision)
+        if update_resolution_warning(precision, lr, configured, optimizer=_class_path(optimizer)):
+            return  # the precision converts the weights: the configuration check said it already
+        message = update_resolution_warning(precision, lr, half[0], optimizer=_class_path(optimizer), loaded=True)
+        if message:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ scale-out
 
@@ -687,6 +712,10 @@ def input_tokens(batch: Mapping[str, Any]) -> int:
         if mask is not None and mask.dim() == 2:
             count += int(mask.sum())
     return count
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _logs_this_step(trainer: L.Trainer) -> bool:
