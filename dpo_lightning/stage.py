@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from dpo_lightning.callbacks import align_checkpoint_saves, check_validation_interval
 from dpo_lightning.checkpoint import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
-from dpo_lightning.distributed import enable_activation_checkpointing, shard_models
+from dpo_lightning.distributed import enable_activation_checkpointing, is_sharded, shard_models
 from dpo_lightning.lm_head import lean_sequence_logps
 from dpo_lightning.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.metrics import RunningMeans
@@ -243,6 +243,10 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         self._tokens_seen += input_tokens(batch)
+        if is_sharded(self.model):
+            # FSDP2: reduce-scatter the gradients once per optimizer step, at its last micro-batch (Lightning's
+            # no_backward_sync covers DDP only); until then each rank accumulates them unsharded.
+            self.model.set_requires_gradient_sync(not self.trainer.fit_loop.epoch_loop._should_accumulate())
         return self.step(batch, self.train_metrics)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
