@@ -194,8 +194,8 @@ class PrecomputedReference(Reference):
         if split is not None:
             # A validate/test of its own: Lightning builds the loader (and fetches its first batch) before
             # on_validation_start, where the table is computed; the batches say which rows they hold instead.
-            dm = self._datamodule(stage)
-            if dm.splits.get(split) is not None:
+            dm = getattr(stage.trainer, "datamodule", None)
+            if hasattr(dm, "add_index") and dm.splits.get(split) is not None:  # (other loaders: batches with ref_logps)
                 self._evaluated_data = dm.splits[split]._fingerprint  # the cache key's, as a fit's pass keys it
                 dm.add_index(split)
 
@@ -223,8 +223,8 @@ class PrecomputedReference(Reference):
 
     def on_evaluation_start(self, stage: CausalLMModule, split: str) -> None:
         # The reference as it stands now (a checkpoint's tables are of its fit's data, which may not be this).
-        dm = self._datamodule(stage)
-        dataset = dm.splits.get(split)
+        dm = getattr(stage.trainer, "datamodule", None)
+        dataset = dm.splits.get(split) if hasattr(dm, "add_index") else None  # (other loaders: batches with ref_logps)
         if dataset is None or "ref_chosen_logps" in dataset.column_names:  # no data, or attached by a fit
             return
         self._evaluated = self._table(stage, dm, split, dataset, self._evaluated_data)

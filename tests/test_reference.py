@@ -445,3 +445,13 @@ def test_precomputed_reference_validates_and_tests_on_its_own_from_a_checkpoint_
         assert exported[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
     with pytest.warns(UserWarning, match="reference is a copy of the policy being evaluated"):
         assert run("validate", *export)["val/rewards/margins"] == 0
+
+
+def test_precomputed_reference_validates_a_loader_whose_batches_carry_ref_logps():
+    """Outside PreferenceDataModule the batches bring their own reference log-probs, in validate too: the
+    evaluated split's pass (for the data module) leaves such a loader alone."""
+    batch = random_batch()
+    batch["ref_logps"] = torch.zeros(batch["input_ids"].shape[0])
+    module = DPOModule(model_config=tiny_config("llama"), reference="precomputed")
+    (metrics,) = trainer().validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)
+    assert math.isfinite(metrics["val/loss"])
