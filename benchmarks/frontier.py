@@ -21,6 +21,10 @@ Everything runs offline on a CPU, through the real CLI (``dpo_lightning.cli.cli_
    mean of its reward. Its KL to the SFT model is the standard analytic expression
    ``log N - (N - 1) / N`` (Stiennon et al. 2020; Beirami et al. 2024 show it is an upper bound, not
    exact when responses tie, as they do here).
+5. Iterative DPO (``--iterate runs/pipeline_tiny``): each round's export of a ``python -m dpo_lightning
+   iterate`` run, measured as in 3 against the SFT model (KL to SFT, not to the round's reference),
+   drawn as a path from the SFT point. Give ``--sft <that run>/sft/stage/version_0/hf_export`` so that
+   every point shares its SFT model.
 
 Prints a markdown table and the wall time; draws the figure (matplotlib, Agg) to ``--out``. Runs
 with one torch thread by default (``--threads``): the model is tiny, and on a shared 2-core machine
@@ -30,6 +34,8 @@ two threads were up to 10x slower. The numbers do not depend on it.
     python benchmarks/frontier.py --quick          # smoke run (under a minute), figure under --workdir
     python benchmarks/frontier.py --sft runs/tiny_sft/version_0/hf_export   # reuse an SFT export
     python benchmarks/frontier.py --replot         # redraw from runs/frontier/frontier.json
+    python benchmarks/frontier.py --sft runs/pipeline_tiny/sft/stage/version_0/hf_export \
+        --iterate runs/pipeline_tiny              # the iterative rounds beside DPO and best-of-N
 
 Not part of pytest.
 """
@@ -264,6 +270,16 @@ def plot(rows: Sequence[dict], path: Path, caption: str) -> None:
         ax.plot([], [], marker="o", color=color, ls="none", label=f"DPO beta={beta:g} (steps {steps})")
         ax.annotate(f"β={beta:g}", (run[-1]["kl"], run[-1]["reward"]), textcoords="offset points",
                     xytext=(5, 4 if i % 2 == 0 else -13), fontsize=8, color=color)  # alternate: neighbours
+    rounds = sorted((r for r in rows if r["method"] == "iterate"), key=lambda r: r["round"])
+    if rounds:
+        ax.errorbar([sft["kl"], *(r["kl"] for r in rounds)], [sft["reward"], *(r["reward"] for r in rounds)],
+                    color="tab:red", lw=1.2, ls="-")
+        for r in rounds:
+            ax.errorbar(r["kl"], r["reward"], xerr=r["kl_se"], yerr=r["reward_se"], marker="D", ms=6,
+                        color="tab:red", capsize=2)
+            ax.annotate(f"round {r['round']}", (r["kl"], r["reward"]), textcoords="offset points",
+                        xytext=(6, -4), fontsize=8, color="tab:red")
+        ax.plot([], [], marker="D", color="tab:red", label=f"iterate ({rounds[0]['setting'].split(',')[0]})")
     ax.set_xlabel("KL(policy || SFT), nats per response")
     ax.set_ylabel("ground-truth reward (sort_reward), mean over samples")
     ax.grid(alpha=0.3)
@@ -290,6 +306,14 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
             m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
             rows.append({"method": "DPO", "setting": f"beta={beta:g}, step {step}", "beta": beta, "step": step, **m})
             print(f"[frontier] DPO beta={beta:g} step {step}: {m}", flush=True)
+    for folder in args.iterate:
+        exports = sorted(Path(folder).glob("round_*/dpo/version_0/hf_export"), key=lambda p: int(p.parts[-4][6:]))
+        for export in exports:
+            r = int(export.parts[-4][6:])
+            policy = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+            m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
+            rows.append({"method": "iterate", "setting": f"{Path(folder).name}, round {r}", "round": r, **m})
+            print(f"[frontier] iterate {folder} round {r}: {m}", flush=True)
     print(f"\nSFT model: {sft_path}; {len(prompts)} held-out prompts; {args.samples} samples per prompt "
           f"(DPO, SFT); best-of-N from {max(args.best_of)} per prompt")
     return rows
@@ -298,6 +322,8 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", type=Path, help="an SFT export to start from (default: run recipes/tiny_sft.yaml)")
+    parser.add_argument("--iterate", nargs="*", default=[], type=Path,
+                        help="output folders of `python -m dpo_lightning iterate` runs whose rounds to add")
     parser.add_argument("--betas", nargs="+", type=float, default=[0.05, 0.1, 0.3, 1.0])
     parser.add_argument("--steps", type=int, default=300, help="DPO optimizer steps per beta")
     parser.add_argument("--snapshots", nargs="*", type=int, default=[100, 200],

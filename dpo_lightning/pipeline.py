@@ -89,6 +89,7 @@ def iterate(
     mix_with: str | None = None,
     mix_limit: int | None = None,
     evaluation: Evaluation | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the pipeline; returns the report rows (round 0 is the SFT model).
 
@@ -107,6 +108,8 @@ def iterate(
             round's own pairs only.
         mix_limit: How many original pairs (its first ones) to add; None: all.
         evaluation: How each round's policy is measured; see `Evaluation`.
+        seed: Seed of the rounds' sampling: round r samples with seed ``1000 * seed + r`` (the stages'
+            training seeds are their recipes' ``seed_everything``, set in their ``args``).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -127,7 +130,7 @@ def iterate(
         policies = [initial]
         for r in range(1, rounds + 1):
             round_dir = out / f"round_{r}"
-            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=1000 * seed + r)
             _check_pairs(pairs, r, mix_with)
             mixed = None
             if mix_with is not None:
@@ -541,7 +544,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)
     init = parser.instantiate_classes(config)
-    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation")
+    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation",
+             "seed")
     kwargs = {k: init[k] for k in names}
     rows = iterate(**kwargs)
     for row in rows:

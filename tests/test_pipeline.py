@@ -148,3 +148,19 @@ def test_pipeline_tiny_raises_the_held_out_reward(tmp_path):
     # Not every round rises: with per-response seeds (#26) round 3 falls back (0.593 -> 0.683 -> 0.769 -> 0.695
     # on 2026-12-07): the default recipe does not yet improve every round, which #27 is about.
     assert rows[-1]["win_rate"] > 0.5
+
+
+def test_seed_sets_each_rounds_sampling_seed(tmp_path, monkeypatch):
+    """Round r samples with seed 1000 * seed + r: seed 0 keeps the seeds 1, 2, 3 of earlier runs, and
+    seed 2 gives 2001, 2002, 2003, so repeated runs of a recipe differ in their samples too."""
+    import dpo_lightning.pipeline as pipeline
+
+    seeds = []
+    monkeypatch.setattr(pipeline, "_run_generate_stage",
+                        lambda stage, policy, folder, seed: seeds.append(seed) or folder)
+    monkeypatch.setattr(pipeline, "_run_fit_stage", lambda *args, **kwargs: "policy")
+    monkeypatch.setattr(pipeline, "write_report", lambda *args, **kwargs: [])
+    sft, generate, dpo = _stages()
+    iterate(str(tmp_path), Stage("an/export"), generate, dpo, rounds=3)
+    iterate(str(tmp_path), Stage("an/export"), generate, dpo, rounds=3, seed=2)
+    assert seeds == [1, 2, 3, 2001, 2002, 2003]

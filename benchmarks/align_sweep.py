@@ -1,0 +1,321 @@
+"""What makes iterative DPO rounds improve the true objective: variants of ``recipes/pipeline_tiny.yaml``
+from one SFT start, scored by ``align_score.py`` (greedy exact sort, rewards, KL to SFT).
+
+Every variant is a ``python -m dpo_lightning iterate`` config that starts from the same SFT export
+(``sft.config: <export>``, so no SFT runs) and changes one thing or a few in the shipped recipe; the
+baselines that are not rounds (a longer SFT, offline DPO on the task's own pairs) are ``fit`` commands
+from the same export. Each run is a subprocess with one torch thread (``OMP_NUM_THREADS=1``), its wall
+and CPU time recorded; each round's export is then scored on the 200 held-out prompts (round 0: the
+SFT export). Seeds: ``--seeds 0 1 2`` runs each variant with ``seed: s`` (the rounds' sampling) and
+``--seed_everything s`` in its training stages. Rows go to ``<workdir>/results.jsonl`` (one per run and
+round, with the command); a re-run skips the runs already there.
+
+    python benchmarks/align_sweep.py --sft runs/tiny_sft/version_0/hf_export --variants rpo_1 dpo --seeds 0 1
+    python benchmarks/align_sweep.py --table      # the markdown table of every run in results.jsonl
+    python benchmarks/align_sweep.py --plot docs/figures/align_sweep.png
+
+``--list`` prints the variants. Not part of pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+# The shipped recipe's stages, spelled out so that a variant can change any part.
+GENERATE_ARGS = {"--data.limit": "1000"}
+DPO_ARGS = {"--model.optimizer.init_args.lr": "1.0e-4", "--trainer.max_steps": "150",
+            "--trainer.val_check_interval": "50"}
+SOLVED = "function:dpo_lightning.data.synthetic:sort_solved"
+RPO = {"--model.loss_type": "[sigmoid, sft]", "--model.loss_weights": "[1.0, 1.0]"}
+
+
+def rpo(alpha: float) -> dict[str, str]:
+    return {**RPO, "--model.loss_weights": f"[1.0, {alpha}]"}
+
+
+# name -> what it changes: "generate" / "dpo" args (merged over the shipped ones), "pipeline" keys, or a
+# "fit" command (a baseline that is not rounds). Compute: the shipped recipe samples 1000 prompts x 8 and
+# trains 150 steps of 32 pairs per round; a variant that changes one keeps the product where it can.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "dpo": {},  # as shipped: sigmoid, best_vs_worst, 8 samples at T=1, lr 1e-4, 150 steps, reference previous
+    "rpo_0.2": {"dpo": rpo(0.2)},
+    "rpo_0.5": {"dpo": rpo(0.5)},
+    "rpo_1": {"dpo": rpo(1.0)},
+    "rpo_2": {"dpo": rpo(2.0)},
+    "rpo_1_best_vs_rest": {"dpo": rpo(1.0), "generate": {"--output.pairing": "best_vs_rest"}},
+    "rpo_1_all": {"dpo": rpo(1.0), "generate": {"--output.pairing": "all"}},
+    "rpo_1_margin0.3": {"dpo": rpo(1.0), "generate": {"--output.min_margin": "0.3"}},
+    "rpo_1_T0.7": {"dpo": rpo(1.0), "generate": {"--model.temperature": "0.7"}},
+    "rpo_1_n16_p500": {"dpo": rpo(1.0), "generate": {"--model.num_samples": "16", "--data.limit": "500"}},
+    "rpo_1_n4_p2000": {"dpo": rpo(1.0), "generate": {"--model.num_samples": "4", "--data.limit": "2000"}},
+    "rpo_1_initial": {"dpo": rpo(1.0), "pipeline": {"reference": "initial"}},
+    "rpo_1_beta0.5": {"dpo": {**rpo(1.0), "--model.beta": "0.5"}},
+    "rpo_1_beta0.03": {"dpo": {**rpo(1.0), "--model.beta": "0.03"}},
+    "rpo_1_lr3e-4": {"dpo": {**rpo(1.0), "--model.optimizer.init_args.lr": "3.0e-4"}},
+    "rpo_1_lr3e-5": {"dpo": {**rpo(1.0), "--model.optimizer.init_args.lr": "3.0e-5"}},
+    "rpo_1_mix1000": {"dpo": rpo(1.0), "pipeline": {"mix_with": "synthetic:sort", "mix_limit": 1000}},
+    "rft": {"dpo": {"--model.loss_type": "sft"}},  # NLL on each round's best sample only (ReST / RAFT)
+    # pass/fail judge (sort_solved): chosen always a right answer, rejected a wrong one
+    "rpo_1_solved": {"dpo": rpo(1.0), "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_all": {"dpo": rpo(1.0), "generate": {"--output.judge": SOLVED, "--output.pairing": "all"}},
+    "rpo_2_solved": {"dpo": rpo(2.0), "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_lr3e-4": {"dpo": {**rpo(1.0), "--model.optimizer.init_args.lr": "3.0e-4"},
+                            "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_best_vs_rest": {"dpo": rpo(1.0), "generate": {"--output.judge": SOLVED,
+                                                                "--output.pairing": "best_vs_rest"}},
+    "rpo_1_solved_initial": {"dpo": rpo(1.0), "generate": {"--output.judge": SOLVED},
+                             "pipeline": {"reference": "initial"}},
+    "rpo_w0.2_solved": {"dpo": {**RPO, "--model.loss_weights": "[0.2, 1.0]"}, "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_beta0.5": {"dpo": {**rpo(1.0), "--model.beta": "0.5"}, "generate": {"--output.judge": SOLVED}},
+    "rft_solved_lr3e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "3.0e-4"},
+                          "generate": {"--output.judge": SOLVED}},
+    "rft_solved": {"dpo": {"--model.loss_type": "sft"}, "generate": {"--output.judge": SOLVED}},
+    # baselines that are not rounds: 450 more steps from the SFT export (3 rounds x 150)
+    "sft_longer": {"fit": ["--config", "recipes/tiny_sft.yaml", "--trainer.max_steps", "450",
+                           "--trainer.val_check_interval", "150"]},
+    "offline_dpo": {"fit": ["--config", "recipes/tiny.yaml", "--model.optimizer.init_args.lr", "1.0e-4",
+                            "--trainer.max_steps", "450", "--trainer.val_check_interval", "150"]},
+    "offline_rpo": {"fit": ["--config", "recipes/tiny.yaml", "--model.optimizer.init_args.lr", "1.0e-4",
+                            "--trainer.max_steps", "450", "--trainer.val_check_interval", "150",
+                            "--model.loss_type", "[sigmoid, sft]", "--model.loss_weights", "[1.0, 1.0]"]},
+}
+
+
+def _args(base: dict[str, str], change: dict[str, str]) -> list[str]:
+    return [x for k, v in {**base, **change}.items() for x in (k, v)]
+
+
+def pipeline_config(variant: dict[str, Any], sft: str, out: Path, seed: int) -> dict[str, Any]:
+    """The iterate config of ``variant`` from the SFT export ``sft``; the pipeline's own report is cut to 8
+    prompts (the rounds are scored by align_score)."""
+    seed_args = {"--seed_everything": str(seed)} if seed else {}
+    config = {
+        "output_dir": str(out), "rounds": 3, "reference": "previous", "seed": seed,
+        "sft": {"config": sft},
+        "generate": {"config": "recipes/tiny_generate.yaml", "args": _args(GENERATE_ARGS, variant.get("generate", {}))},
+        "dpo": {"config": "recipes/tiny.yaml", "args": _args(DPO_ARGS, {**variant.get("dpo", {}), **seed_args})},
+        "evaluation": {"limit": 8, "num_samples": 2},
+    }
+    config.update(variant.get("pipeline", {}))
+    return config
+
+
+def run(command: list[str], log: Path) -> tuple[float, float]:
+    """Run ``command`` with one torch thread, output to ``log``; (wall seconds, CPU seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    with log.open("w") as f:
+        code = subprocess.call(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if code:
+        raise RuntimeError(f"{' '.join(command)} failed ({code}); see {log}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def run_variant(name: str, seed: int, sft: str, workdir: Path) -> list[dict[str, Any]]:
+    """Train one variant at one seed; its rows (one per round), unscored."""
+    variant = VARIANTS[name]
+    out = workdir / name / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    if "fit" in variant:
+        args = ["fit", *variant["fit"], "--model.model_config", "null", "--model.model", sft,
+                "--data.tokenizer", sft, "--seed_everything", str(seed),
+                "--trainer.logger.init_args.save_dir", str(out), "--trainer.logger.init_args.name", "fit",
+                "--trainer.logger.init_args.version", "0", "--trainer.enable_progress_bar", "false"]
+        command = [sys.executable, "-m", "dpo_lightning", *args]
+        wall, cpu = run(command, out / "log.txt")
+        exports = [(3, out / "fit" / "version_0" / "hf_export")]
+    else:
+        config = out / "pipeline.yaml"
+        config.write_text(yaml.safe_dump(pipeline_config(variant, sft, out, seed), sort_keys=False))
+        command = [sys.executable, "-m", "dpo_lightning", "iterate", "--config", str(config)]
+        wall, cpu = run(command, out / "log.txt")
+        exports = [(r, out / f"round_{r}" / "dpo" / "version_0" / "hf_export") for r in (1, 2, 3)]
+    shown = " ".join(a if " " not in a else repr(a) for a in command[1:])
+    return [{"variant": name, "seed": seed, "round": r, "export": str(e), "command": f"python {shown}",
+             "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)} for r, e in exports]
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def sweep(args: argparse.Namespace) -> None:
+    import torch
+    from align_score import held_out_prompts, load, score
+
+    torch.set_num_threads(1)
+    store = args.workdir / "results.jsonl"
+    done = {(r["variant"], r["seed"]) for r in load_rows(store)}
+    prompts, sft_model = held_out_prompts(), load(args.sft)
+    if ("sft", 0) not in done:
+        row = {"variant": "sft", "seed": 0, "round": 0, "export": args.sft, "command": "-", "wall_s": 0, "cpu_s": 0}
+        with store.open("a") as f:
+            f.write(json.dumps({**row, **score(args.sft, args.sft, prompts, sft_model=sft_model)}) + "\n")
+    for seed in args.seeds:
+        for name in args.variants:
+            if (name, seed) in done:
+                continue
+            print(f"[align_sweep] {name} seed {seed} ...", flush=True)
+            rows = run_variant(name, seed, args.sft, args.workdir)
+            scored = [{**r, **score(r["export"], args.sft, prompts, sft_model=sft_model)} for r in rows]
+            with store.open("a") as f:
+                for r in scored:
+                    f.write(json.dumps(r) + "\n")
+            trail = " -> ".join(f"{r['exact']:.3f}" for r in scored)
+            print(f"[align_sweep] {name} seed {seed}: exact {trail}, reward {scored[-1]['reward']:.3f}, "
+                  f"KL {scored[-1]['kl']:.2f}, {rows[0]['wall_s']:.0f} s wall, {rows[0]['cpu_s']:.0f} s CPU",
+                  flush=True)
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _fmt(values: list[float], digits: int = 3) -> str:
+    mean, se = _mean_se(values)
+    return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per variant: the per-round exact rates and the final round's measures, over its seeds."""
+    runs: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        runs[r["variant"]][r["seed"]][r["round"]] = r
+    sft = runs.pop("sft")[0][0]
+    out = []
+    for name, seeds in runs.items():
+        finals = [by_round[max(by_round)] for by_round in seeds.values()]
+        rounds = sorted({k for by_round in seeds.values() for k in by_round})
+        trail = [sft["exact"]] + [_mean_se([s[k]["exact"] for s in seeds.values() if k in s])[0] for k in rounds]
+        rising = None  # a baseline that is not rounds has no trajectory
+        if rounds == [1, 2, 3]:
+            rising = all(all(a < b for a, b in zip([sft["exact"], *(s[k]["exact"] for k in rounds)],
+                                                   [s[k]["exact"] for k in rounds])) for s in seeds.values())
+        out.append({
+            "variant": name, "seeds": sorted(seeds), "trail": trail, "rising": rising,
+            "exact": [f["exact"] for f in finals], "exact_se_run": finals[0]["exact_se"],
+            "greedy_reward": [f["greedy_reward"] for f in finals], "reward": [f["reward"] for f in finals],
+            "kl": [f["kl"] for f in finals], "wall_s": [f["wall_s"] for f in finals],
+            "cpu_s": [f["cpu_s"] for f in finals], "command": finals[0]["command"],
+        })
+    return sorted(out, key=lambda r: -_mean_se(r["exact"])[0])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    sft = next(r for r in rows if r["variant"] == "sft")
+    lines = [f"SFT start: greedy exact {sft['exact']:.3f} ± {sft['exact_se']:.3f}, greedy reward "
+             f"{sft['greedy_reward']:.3f}, sampled reward {sft['reward']:.3f} ± {sft['reward_se']:.3f}\n",
+             "| variant | seeds | greedy exact by round (0 = SFT) | final greedy exact | final sampled reward "
+             "| KL to SFT (nats) | wall s / CPU s per run |",
+             "|---|---|---|---|---|---|---|"]
+    for s in summarise(rows):
+        trail = " → ".join(f"{x:.3f}" for x in s["trail"])
+        lines.append(f"| {s['variant']} | {','.join(map(str, s['seeds']))} | {trail} | {_fmt(s['exact'])} "
+                     f"| {_fmt(s['reward'])} | {_fmt(s['kl'], 2)} | {_mean_se(s['wall_s'])[0]:.0f} / "
+                     f"{_mean_se(s['cpu_s'])[0]:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], sft_path: str, path: Path, highlight: list[str]) -> None:
+    """Left: greedy exact rate by round (mean over seeds) for each variant, ``highlight`` drawn bold. Right:
+    the final round's sampled reward against its KL to SFT, beside best-of-N from the SFT model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from align_score import SAMPLES, SEED, held_out_prompts, load
+    from frontier import best_of_n
+    from transformers import AutoTokenizer
+
+    summary = summarise(rows)
+    sft = next(r for r in rows if r["variant"] == "sft")
+    bon = best_of_n(load(sft_path), AutoTokenizer.from_pretrained(sft_path), held_out_prompts(), [1, 2, 4, 8, 16],
+                    SEED)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
+    colors = plt.cm.tab20.colors
+    for i, s in enumerate(summary):
+        if s["rising"] is None:  # a baseline with one point: a horizontal tick at round 3
+            left.plot([3], [s["trail"][-1]], marker="_", ms=18, mew=2, color=colors[i % 20], label=s["variant"])
+            continue
+        bold = s["variant"] in highlight
+        left.plot(range(len(s["trail"])), s["trail"], marker="o", lw=2.2 if bold else 0.8, ms=5 if bold else 3,
+                  color=colors[i % 20], alpha=1 if bold else 0.6, label=s["variant"])
+    left.axhline(0.9, color="gray", ls=":", lw=1)
+    left.set_xticks(range(4))
+    left.set_xlabel("round (0 = SFT)")
+    left.set_ylabel("greedy exact sort, 200 held-out prompts")
+    left.grid(alpha=0.3)
+    left.legend(fontsize=6.5, ncol=2, loc="lower left")
+    right.plot([b["kl"] for b in bon], [b["reward"] for b in bon], marker="s", color="black",
+               label="best-of-N from SFT (KL: log N - (N-1)/N, an upper bound)")
+    for b in bon:
+        right.annotate(b["setting"], (b["kl"], b["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    right.plot([0], [sft["reward"]], marker="*", ms=12, color="gray", ls="none", label="SFT")
+    for i, s in enumerate(summary):
+        kl, kl_se = _mean_se(s["kl"])
+        reward, reward_se = _mean_se(s["reward"])
+        right.errorbar(kl, reward, xerr=0 if math.isnan(kl_se) else kl_se,
+                       yerr=0 if math.isnan(reward_se) else reward_se, marker="o", color=colors[i % 20], capsize=2)
+        if s["variant"] in highlight:
+            right.annotate(s["variant"], (kl, reward), textcoords="offset points", xytext=(5, 3), fontsize=7)
+    right.set_xlabel("KL(final policy || SFT), nats per response (samples at T=1)")
+    right.set_ylabel(f"sampled (T=1) mean sort_reward, {SAMPLES} per prompt")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft", help="the SFT export every variant starts from")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "align_sweep")
+    parser.add_argument("--table", action="store_true", help="print the table of results.jsonl and stop")
+    parser.add_argument("--list", action="store_true", help="print the variants and stop")
+    parser.add_argument("--plot", type=Path, help="draw the figure of results.jsonl to this file and stop")
+    parser.add_argument("--highlight", nargs="*", default=[], help="variants drawn bold in the figure")
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.list:
+        for name, variant in VARIANTS.items():
+            print(name, json.dumps(variant))
+    elif args.plot:
+        rows = load_rows(args.workdir / "results.jsonl")
+        plot(rows, args.sft or next(r["export"] for r in rows if r["variant"] == "sft"), args.plot, args.highlight)
+    elif args.table:
+        print(table(load_rows(args.workdir / "results.jsonl")))
+    else:
+        if not args.sft:
+            parser.error("--sft is required to run variants")
+        sweep(args)
+
+
+if __name__ == "__main__":
+    main()
