@@ -84,6 +84,32 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rpo_1_solved_beta0.5": {"dpo": {**rpo(1.0), "--model.beta": "0.5"}, "generate": {"--output.judge": SOLVED}},
     "rft_solved_lr3e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "3.0e-4"},
                           "generate": {"--output.judge": SOLVED}},
+    "rft_solved_lr2e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "2.0e-4"},
+                          "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_lr3e-4_beta0.5": {"dpo": {**rpo(1.0), "--model.optimizer.init_args.lr": "3.0e-4",
+                                            "--model.beta": "0.5"}, "generate": {"--output.judge": SOLVED}},
+    "rft_solved_n4_p2000": {"dpo": {"--model.loss_type": "sft"},
+                            "generate": {"--output.judge": SOLVED, "--model.num_samples": "4", "--data.limit": "2000"}},
+    "rft_solved_p4000": {"dpo": {"--model.loss_type": "sft"},  # 4x the sampling
+                         "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
+    "rft_solved_n16": {"dpo": {"--model.loss_type": "sft"},  # 2x the sampling
+                       "generate": {"--output.judge": SOLVED, "--model.num_samples": "16"}},
+    "rft_solved_mix1000": {"dpo": {"--model.loss_type": "sft"}, "generate": {"--output.judge": SOLVED},
+                           "pipeline": {"mix_with": "synthetic:sort", "mix_limit": 1000}},
+    "rpo_1_solved_mix1000": {"dpo": rpo(1.0), "generate": {"--output.judge": SOLVED},
+                             "pipeline": {"mix_with": "synthetic:sort", "mix_limit": 1000}},
+    "rpo_w0.2_solved_lr2e-4": {"dpo": {**RPO, "--model.loss_weights": "[0.2, 1.0]",
+                                       "--model.optimizer.init_args.lr": "2.0e-4"},
+                               "generate": {"--output.judge": SOLVED}},
+    "rpo_1_solved_beta0.03": {"dpo": {**rpo(1.0), "--model.beta": "0.03"}, "generate": {"--output.judge": SOLVED}},
+    "rft_solved_lr1.5e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "1.5e-4"},
+                            "generate": {"--output.judge": SOLVED}},
+    "rft_solved_p4000_lr1.5e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "1.5e-4"},
+                                  "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
+    "rft_solved_p4000_lr1.25e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "1.25e-4"},
+                                   "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
+    "rft_solved_p4000_lr2e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "2.0e-4"},
+                                "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
     "rft_solved": {"dpo": {"--model.loss_type": "sft"}, "generate": {"--output.judge": SOLVED}},
     # baselines that are not rounds: 450 more steps from the SFT export (3 rounds x 150)
     "sft_longer": {"fit": ["--config", "recipes/tiny_sft.yaml", "--trainer.max_steps", "450",
@@ -145,10 +171,12 @@ def run_variant(name: str, seed: int, sft: str, workdir: Path) -> list[dict[str,
         exports = [(3, out / "fit" / "version_0" / "hf_export")]
     else:
         config = out / "pipeline.yaml"
-        config.write_text(yaml.safe_dump(pipeline_config(variant, sft, out, seed), sort_keys=False))
+        settings = pipeline_config(variant, sft, out, seed)
+        config.write_text(yaml.safe_dump(settings, sort_keys=False))
         command = [sys.executable, "-m", "dpo_lightning", "iterate", "--config", str(config)]
         wall, cpu = run(command, out / "log.txt")
-        exports = [(r, out / f"round_{r}" / "dpo" / "version_0" / "hf_export") for r in (1, 2, 3)]
+        exports = [(r, out / f"round_{r}" / "dpo" / "version_0" / "hf_export")
+                   for r in range(1, settings["rounds"] + 1)]
     shown = " ".join(a if " " not in a else repr(a) for a in command[1:])
     return [{"variant": name, "seed": seed, "round": r, "export": str(e), "command": f"python {shown}",
              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1)} for r, e in exports]
@@ -211,7 +239,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rounds = sorted({k for by_round in seeds.values() for k in by_round})
         trail = [sft["exact"]] + [_mean_se([s[k]["exact"] for s in seeds.values() if k in s])[0] for k in rounds]
         rising = None  # a baseline that is not rounds has no trajectory
-        if rounds == [1, 2, 3]:
+        if "fit" not in VARIANTS.get(name, {}):
             rising = all(all(a < b for a, b in zip([sft["exact"], *(s[k]["exact"] for k in rounds)],
                                                    [s[k]["exact"] for k in rounds])) for s in seeds.values())
         out.append({
@@ -224,16 +252,39 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: -_mean_se(r["exact"])[0])
 
 
+def describe(name: str) -> str:
+    """What a variant changes in the shipped rounds, in short: ``loss [sigmoid, sft] x [1.0, 0.5]; lr 3e-4``."""
+    variant = VARIANTS[name]
+    if "fit" in variant:
+        args = variant["fit"]
+        recipe = args[args.index("--config") + 1]
+        extra = {a: b for a, b in zip(args[2::2], args[3::2])}
+        steps = extra.get("--trainer.max_steps")
+        loss = extra.get("--model.loss_type", "")
+        return f"`fit` {Path(recipe).name} from SFT, {steps} steps" + (f", loss {loss}" if loss else "")
+    short = {"--model.loss_type": "loss", "--model.loss_weights": "x", "--model.optimizer.init_args.lr": "lr",
+             "--model.beta": "beta", "--output.pairing": "pairing", "--output.min_margin": "min_margin",
+             "--output.judge": "judge", "--model.temperature": "T", "--model.num_samples": "samples",
+             "--data.limit": "prompts"}
+    parts = [f"{short.get(k, k)} {v.split(':')[-1]}" for k, v in {**variant.get("dpo", {}),
+                                                                   **variant.get("generate", {})}.items()]
+    parts += [f"{k} {v}" for k, v in variant.get("pipeline", {}).items()]
+    return "; ".join(parts) or "as shipped (DPO)"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     sft = next(r for r in rows if r["variant"] == "sft")
     lines = [f"SFT start: greedy exact {sft['exact']:.3f} ± {sft['exact_se']:.3f}, greedy reward "
              f"{sft['greedy_reward']:.3f}, sampled reward {sft['reward']:.3f} ± {sft['reward_se']:.3f}\n",
-             "| variant | seeds | greedy exact by round (0 = SFT) | final greedy exact | final sampled reward "
-             "| KL to SFT (nats) | wall s / CPU s per run |",
-             "|---|---|---|---|---|---|---|"]
+             "| variant | change to the shipped rounds | seeds | greedy exact by round (0 = SFT), mean "
+             "| rises every round | final greedy exact | final sampled reward | KL to SFT (nats) "
+             "| wall s / CPU s per run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summarise(rows):
         trail = " → ".join(f"{x:.3f}" for x in s["trail"])
-        lines.append(f"| {s['variant']} | {','.join(map(str, s['seeds']))} | {trail} | {_fmt(s['exact'])} "
+        rises = "-" if s["rising"] is None else "yes" if s["rising"] else "no"
+        lines.append(f"| {s['variant']} | {describe(s['variant'])} | {','.join(map(str, s['seeds']))} | {trail} "
+                     f"| {rises} | {_fmt(s['exact'])} "
                      f"| {_fmt(s['reward'])} | {_fmt(s['kl'], 2)} | {_mean_se(s['wall_s'])[0]:.0f} / "
                      f"{_mean_se(s['cpu_s'])[0]:.0f} |")
     return "\n".join(lines)

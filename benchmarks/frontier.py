@@ -215,14 +215,44 @@ def measure(policy, reference, tokenizer, prompts: Sequence[str], k: int, seed: 
     return {"kl": kl, "kl_se": kl_se, "reward": reward, "reward_se": reward_se}
 
 
-def best_of_n(sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int) -> list[dict]:
-    """Best-of-N from the SFT model for each N, from one draw of max(ns) samples per prompt."""
+def best_of_n_kl(table: torch.Tensor, n: int) -> torch.Tensor:
+    """KL(best-of-n || policy) per prompt ``(P,)`` given each prompt's reward distribution, estimated from
+    the rewards ``table`` ``(P, M)`` of M samples of the policy.
+
+    Best-of-n keeps the first of the n samples with the highest reward, so every response y with reward r
+    has its probability multiplied by the same factor, and the n-th-order-statistic argument gives, with
+    F<(r) = P(R < r) and F<=(r) = P(R <= r), best-of-n's mass on the level r: F<=(r)^n - F<(r)^n. Hence
+    KL = sum_r (F<=^n - F<^n) log((F<=^n - F<^n) / p_r), with p_r = P(R = r): exact for a known reward
+    distribution (Beirami et al. 2024, Lemma 1, with ties), here with the empirical p_r of the M samples.
+    It equals log n - (n - 1) / n when no two responses tie, and is smaller when they do."""
+    out = torch.empty(len(table), dtype=torch.float64)
+    for i, row in enumerate(table.double()):
+        levels, counts = torch.unique(row, return_counts=True)  # ascending
+        p = counts.double() / len(row)
+        below = torch.cumsum(p, 0) - p  # F<
+        mass = (below + p) ** n - below**n
+        keep = mass > 0
+        out[i] = (mass[keep] * torch.log(mass[keep] / p[keep])).sum()
+    return out
+
+
+def best_of_n(
+    sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int, kl_samples: int = 0
+) -> list[dict]:
+    """Best-of-N from the SFT model for each N, from one draw of max(ns) samples per prompt; with
+    ``kl_samples``, also ``kl_est`` (`best_of_n_kl` from a second draw of that many samples per prompt)."""
     table = rewards(tokenizer, prompts, draw(sft, tokenizer, prompts, max(ns), seed), max(ns))  # (P, max N)
+    wide = None
+    if kl_samples:
+        wide = rewards(tokenizer, prompts, draw(sft, tokenizer, prompts, kl_samples, seed + 1), kl_samples)
     rows = []
     for n in ns:
         reward, reward_se = mean_se(table[:, :n].max(1).values)  # max: ties keep the same value
-        rows.append({"method": "best-of-N", "setting": f"N={n}", "kl": math.log(n) - (n - 1) / n,
-                     "kl_se": 0.0, "reward": reward, "reward_se": reward_se})
+        row = {"method": "best-of-N", "setting": f"N={n}", "kl": math.log(n) - (n - 1) / n,
+               "kl_se": 0.0, "reward": reward, "reward_se": reward_se}
+        if wide is not None:
+            row["kl_est"], row["kl_est_se"] = mean_se(best_of_n_kl(wide, n))
+        rows.append(row)
     return rows
 
 
@@ -233,7 +263,11 @@ def best_of_n(sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: i
 def table(rows: Sequence[dict]) -> str:
     lines = ["| method | setting | KL(policy \\|\\| SFT), nats | ground-truth reward |", "|---|---|---|---|"]
     for r in rows:
-        kl = f"{r['kl']:.3f} (formula)" if r["method"] == "best-of-N" else f"{r['kl']:.3f} ± {r['kl_se']:.3f}"
+        kl = f"{r['kl']:.3f} ± {r['kl_se']:.3f}"
+        if r["method"] == "best-of-N":
+            kl = f"{r['kl']:.3f} (formula)"
+            if "kl_est" in r:
+                kl += f"; {r['kl_est']:.3f} ± {r['kl_est_se']:.3f} (from its reward distribution)"
         lines.append(f"| {r['method']} | {r['setting']} | {kl} | {r['reward']:.3f} ± {r['reward_se']:.3f} |")
     return "\n".join(lines)
 
@@ -252,6 +286,11 @@ def plot(rows: Sequence[dict], path: Path, caption: str) -> None:
     ax.plot([], [], marker="s", color="black", label="best-of-N from SFT, by ground truth\n(KL: log N - (N-1)/N)")
     for r in bon:
         ax.annotate(r["setting"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    if all("kl_est" in r for r in bon):
+        ax.errorbar([r["kl_est"] for r in bon], [r["reward"] for r in bon], xerr=[r["kl_est_se"] for r in bon],
+                    marker="s", mfc="white", color="black", ls="--", lw=0.8, capsize=2)
+        ax.plot([], [], marker="s", mfc="white", color="black", ls="--",
+                label="the same best-of-N, KL from the SFT model's\nreward distribution (its true KL, estimated)")
     sft = next(r for r in rows if r["method"] == "SFT")
     ax.errorbar(sft["kl"], sft["reward"], yerr=sft["reward_se"], marker="*", ms=12, color="gray", ls="none")
     ax.plot([], [], marker="*", ms=12, color="gray", ls="none", label="SFT model (its samples)")
@@ -300,7 +339,7 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
     sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(sft_path)
     rows = [{"method": "SFT", "setting": "-", **measure(sft, sft, tokenizer, prompts, args.samples, args.seed)}]
-    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed)
+    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed, args.bon_kl_samples)
     for beta in args.betas:
         for step, policy in train_dpo(sft_path, beta, args.steps, args.snapshots, args.workdir).items():
             m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
@@ -330,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="earlier steps at which each DPO policy is also measured")
     parser.add_argument("--samples", type=int, default=16, help="samples per held-out prompt for DPO and SFT")
     parser.add_argument("--best-of", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--bon-kl-samples", type=int, default=128,
+                        help="SFT samples per prompt behind best-of-N's estimated KL (0: the formula only)")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed (the same stream for every model)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: the model is tiny, and more threads lose on a shared machine)")
