@@ -111,6 +111,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "rft_solved_p4000_lr2e-4": {"dpo": {"--model.loss_type": "sft", "--model.optimizer.init_args.lr": "2.0e-4"},
                                 "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
     "rft_solved": {"dpo": {"--model.loss_type": "sft"}, "generate": {"--output.judge": SOLVED}},
+    # the DPO term at the default's settings (pass/fail judge, 4000 prompts): RPO with a small DPO weight
+    "rpo_w0.2_solved_p4000_lr1.5e-4": {"dpo": {**RPO, "--model.loss_weights": "[0.2, 1.0]",
+                                               "--model.optimizer.init_args.lr": "1.5e-4"},
+                                       "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
+    "rpo_w0.1_solved_p4000_lr1.5e-4": {"dpo": {**RPO, "--model.loss_weights": "[0.1, 1.0]",
+                                               "--model.optimizer.init_args.lr": "1.5e-4"},
+                                       "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
+    "rpo_w0.2_solved_p4000_lr2e-4": {"dpo": {**RPO, "--model.loss_weights": "[0.2, 1.0]",
+                                             "--model.optimizer.init_args.lr": "2.0e-4"},
+                                     "generate": {"--output.judge": SOLVED, "--data.limit": "4000"}},
     # baselines that are not rounds: 450 more steps from the SFT export (3 rounds x 150)
     "sft_longer": {"fit": ["--config", "recipes/tiny_sft.yaml", "--trainer.max_steps", "450",
                            "--trainer.val_check_interval", "150"]},
@@ -186,6 +196,15 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
+def code_version() -> str:
+    """The commit the runs measure (``+`` when the checkout has changes): rows of other versions are kept
+    apart, since a change to the library (a warmup, a seed) moves every trajectory."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def sweep(args: argparse.Namespace) -> None:
     import torch
     from align_score import held_out_prompts, load, score
@@ -194,17 +213,22 @@ def sweep(args: argparse.Namespace) -> None:
     store = args.workdir / "results.jsonl"
     done = {(r["variant"], r["seed"]) for r in load_rows(store)}
     prompts, sft_model = held_out_prompts(), load(args.sft)
+    code = code_version()
     if ("sft", 0) not in done:
-        row = {"variant": "sft", "seed": 0, "round": 0, "export": args.sft, "command": "-", "wall_s": 0, "cpu_s": 0}
+        row = {"variant": "sft", "seed": 0, "round": 0, "export": args.sft, "command": "-", "wall_s": 0, "cpu_s": 0,
+               "code": code}
         with store.open("a") as f:
             f.write(json.dumps({**row, **score(args.sft, args.sft, prompts, sft_model=sft_model)}) + "\n")
+    if ("best_of_16", 0) not in done:
+        with store.open("a") as f:
+            f.write(json.dumps({**best_of_16(args.sft, prompts, sft_model), "code": code}) + "\n")
     for seed in args.seeds:
         for name in args.variants:
             if (name, seed) in done:
                 continue
             print(f"[align_sweep] {name} seed {seed} ...", flush=True)
             rows = run_variant(name, seed, args.sft, args.workdir)
-            scored = [{**r, **score(r["export"], args.sft, prompts, sft_model=sft_model)} for r in rows]
+            scored = [{**r, **score(r["export"], args.sft, prompts, sft_model=sft_model), "code": code} for r in rows]
             with store.open("a") as f:
                 for r in scored:
                     f.write(json.dumps(r) + "\n")
@@ -212,6 +236,20 @@ def sweep(args: argparse.Namespace) -> None:
             print(f"[align_sweep] {name} seed {seed}: exact {trail}, reward {scored[-1]['reward']:.3f}, "
                   f"KL {scored[-1]['kl']:.2f}, {rows[0]['wall_s']:.0f} s wall, {rows[0]['cpu_s']:.0f} s CPU",
                   flush=True)
+
+
+def best_of_16(sft: str, prompts: list[str], sft_model) -> dict[str, Any]:
+    """Best-of-16 from the SFT model, as frontier.py measures it: the reward of the best of the same 16
+    samples per prompt that score the SFT row; its KL to SFT by the analytic bound log 16 - 15/16 and
+    estimated from the SFT model's reward distribution (128 more samples per prompt, `best_of_n_kl`)."""
+    from align_score import SAMPLES, SEED
+    from frontier import best_of_n
+    from transformers import AutoTokenizer
+
+    row = best_of_n(sft_model, AutoTokenizer.from_pretrained(sft), prompts, [SAMPLES], SEED, kl_samples=128)[0]
+    return {"variant": "best_of_16", "seed": 0, "round": 0, "export": sft, "command": "-", "wall_s": 0, "cpu_s": 0,
+            "reward": row["reward"], "reward_se": row["reward_se"], "kl": row["kl"], "kl_se": 0.0,
+            "kl_est": row["kl_est"], "kl_est_se": row["kl_est_se"]}
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -227,12 +265,23 @@ def _fmt(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(se) else f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
+def versions(rows: list[dict[str, Any]]) -> list[str]:
+    """The code versions in ``rows``, newest (last run) first."""
+    seen: list[str] = []
+    for r in rows:
+        if r.get("code", "?") not in seen:
+            seen.append(r.get("code", "?"))
+    return seen[::-1]
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant: the per-round exact rates and the final round's measures, over its seeds."""
+    """Per variant (of one code version): the per-round exact rates and the final round's measures, over
+    its seeds."""
     runs: dict[str, dict[int, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
     for r in rows:
         runs[r["variant"]][r["seed"]][r["round"]] = r
     sft = runs.pop("sft")[0][0]
+    runs.pop("best_of_16", None)
     out = []
     for name, seeds in runs.items():
         finals = [by_round[max(by_round)] for by_round in seeds.values()]
@@ -249,11 +298,14 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "kl": [f["kl"] for f in finals], "wall_s": [f["wall_s"] for f in finals],
             "cpu_s": [f["cpu_s"] for f in finals], "command": finals[0]["command"],
         })
-    return sorted(out, key=lambda r: -_mean_se(r["exact"])[0])
+    return sorted(out, key=lambda r: (r["variant"] != DEFAULT, -_mean_se(r["exact"])[0]))
+
+
+DEFAULT = "rft_solved_p4000_lr1.5e-4"  # what recipes/pipeline_tiny.yaml runs
 
 
 def describe(name: str) -> str:
-    """What a variant changes in the shipped rounds, in short: ``loss [sigmoid, sft] x [1.0, 0.5]; lr 3e-4``."""
+    """What a variant changes in the original DPO rounds, in short: ``loss [sigmoid, sft] x [1.0, 0.5]; lr 3e-4``."""
     variant = VARIANTS[name]
     if "fit" in variant:
         args = variant["fit"]
@@ -269,73 +321,84 @@ def describe(name: str) -> str:
     parts = [f"{short.get(k, k)} {v.split(':')[-1]}" for k, v in {**variant.get("dpo", {}),
                                                                    **variant.get("generate", {})}.items()]
     parts += [f"{k} {v}" for k, v in variant.get("pipeline", {}).items()]
-    return "; ".join(parts) or "as shipped (DPO)"
+    return "; ".join(parts) or "none (plain DPO)"
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    sft = next(r for r in rows if r["variant"] == "sft")
-    lines = [f"SFT start: greedy exact {sft['exact']:.3f} ± {sft['exact_se']:.3f}, greedy reward "
-             f"{sft['greedy_reward']:.3f}, sampled reward {sft['reward']:.3f} ± {sft['reward_se']:.3f}\n",
-             "| variant | change to the shipped rounds | seeds | greedy exact by round (0 = SFT), mean "
-             "| rises every round | final greedy exact | final sampled reward | KL to SFT (nats) "
-             "| wall s / CPU s per run |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for s in summarise(rows):
-        trail = " → ".join(f"{x:.3f}" for x in s["trail"])
-        rises = "-" if s["rising"] is None else "yes" if s["rising"] else "no"
-        lines.append(f"| {s['variant']} | {describe(s['variant'])} | {','.join(map(str, s['seeds']))} | {trail} "
-                     f"| {rises} | {_fmt(s['exact'])} "
-                     f"| {_fmt(s['reward'])} | {_fmt(s['kl'], 2)} | {_mean_se(s['wall_s'])[0]:.0f} / "
-                     f"{_mean_se(s['cpu_s'])[0]:.0f} |")
-    return "\n".join(lines)
+    """One markdown table per code version (newest first): every variant against the default's final greedy
+    exact rate, each with the command that runs it."""
+    out = []
+    for code in versions(rows):
+        mine = [r for r in rows if r.get("code", "?") == code]
+        if not any(r["variant"] == "sft" for r in mine):
+            continue
+        sft = next(r for r in mine if r["variant"] == "sft")
+        summary = summarise(mine)
+        default = next((s for s in summary if s["variant"] == DEFAULT), None)
+        out += [f"Measured at `{code}`. SFT start: greedy exact {sft['exact']:.3f} ± {sft['exact_se']:.3f}, greedy "
+                f"reward {sft['greedy_reward']:.3f}, sampled reward {sft['reward']:.3f} ± {sft['reward_se']:.3f}.",
+                ""]
+        bon = next((r for r in mine if r["variant"] == "best_of_16"), None)
+        if bon is not None:
+            out += [f"Best-of-16 from it: sampled reward {bon['reward']:.3f} ± {bon['reward_se']:.3f} at KL to SFT "
+                    f"<= {bon['kl']:.3f} (bound), {bon['kl_est']:.3f} ± {bon['kl_est_se']:.3f} (estimated).", ""]
+        out += ["| variant | change to the original DPO rounds | seeds | greedy exact by round (0 = SFT), mean "
+                "| rises every round, every seed | final greedy exact | vs default | final sampled reward "
+                "| KL to SFT (nats) | wall s / CPU s per run | command |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for s in summary:
+            trail = " → ".join(f"{x:.3f}" for x in s["trail"])
+            rises = "-" if s["rising"] is None else "yes" if s["rising"] else "no"
+            delta = "-" if default is None or s is default else \
+                f"{_mean_se(s['exact'])[0] - _mean_se(default['exact'])[0]:+.3f}"
+            name = f"**{s['variant']}** (default)" if s is default else s["variant"]
+            command = (f"`python benchmarks/align_sweep.py --sft <sft> --variants {s['variant']} "
+                       f"--seeds {' '.join(map(str, s['seeds']))}`")
+            out.append(f"| {name} | {describe(s['variant'])} | {','.join(map(str, s['seeds']))} | {trail} "
+                       f"| {rises} | {_fmt(s['exact'])} | {delta} "
+                       f"| {_fmt(s['reward'])} | {_fmt(s['kl'], 2)} | {_mean_se(s['wall_s'])[0]:.0f} / "
+                       f"{_mean_se(s['cpu_s'])[0]:.0f} | {command} |")
+        out.append("")
+    return "\n".join(out)
 
 
-def plot(rows: list[dict[str, Any]], sft_path: str, path: Path, highlight: list[str]) -> None:
-    """Left: greedy exact rate by round (mean over seeds) for each variant, ``highlight`` drawn bold. Right:
-    the final round's sampled reward against its KL to SFT, beside best-of-N from the SFT model."""
+def plot(rows: list[dict[str, Any]], path: Path, highlight: list[str]) -> None:
+    """Greedy exact rate by round (mean over seeds, error bars: standard error over seeds) for the ``highlight``
+    variants and the baselines, one panel per code version (newest first); a baseline that is not rounds is a
+    tick at round 3."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from align_score import SAMPLES, SEED, held_out_prompts, load
-    from frontier import best_of_n
-    from transformers import AutoTokenizer
 
-    summary = summarise(rows)
-    sft = next(r for r in rows if r["variant"] == "sft")
-    bon = best_of_n(load(sft_path), AutoTokenizer.from_pretrained(sft_path), held_out_prompts(), [1, 2, 4, 8, 16],
-                    SEED)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5.2))
-    colors = plt.cm.tab20.colors
-    for i, s in enumerate(summary):
-        if s["rising"] is None:  # a baseline with one point: a horizontal tick at round 3
-            left.plot([3], [s["trail"][-1]], marker="_", ms=18, mew=2, color=colors[i % 20], label=s["variant"])
-            continue
-        bold = s["variant"] in highlight
-        left.plot(range(len(s["trail"])), s["trail"], marker="o", lw=2.2 if bold else 0.8, ms=5 if bold else 3,
-                  color=colors[i % 20], alpha=1 if bold else 0.6, label=s["variant"])
-    left.axhline(0.9, color="gray", ls=":", lw=1)
-    left.set_xticks(range(4))
-    left.set_xlabel("round (0 = SFT)")
-    left.set_ylabel("greedy exact sort, 200 held-out prompts")
-    left.grid(alpha=0.3)
-    left.legend(fontsize=6.5, ncol=2, loc="lower left")
-    right.plot([b["kl"] for b in bon], [b["reward"] for b in bon], marker="s", color="black",
-               label="best-of-N from SFT (KL: log N - (N-1)/N, an upper bound)")
-    for b in bon:
-        right.annotate(b["setting"], (b["kl"], b["reward"]), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    right.plot([0], [sft["reward"]], marker="*", ms=12, color="gray", ls="none", label="SFT")
-    for i, s in enumerate(summary):
-        kl, kl_se = _mean_se(s["kl"])
-        reward, reward_se = _mean_se(s["reward"])
-        right.errorbar(kl, reward, xerr=0 if math.isnan(kl_se) else kl_se,
-                       yerr=0 if math.isnan(reward_se) else reward_se, marker="o", color=colors[i % 20], capsize=2)
-        if s["variant"] in highlight:
-            right.annotate(s["variant"], (kl, reward), textcoords="offset points", xytext=(5, 3), fontsize=7)
-    right.set_xlabel("KL(final policy || SFT), nats per response (samples at T=1)")
-    right.set_ylabel(f"sampled (T=1) mean sort_reward, {SAMPLES} per prompt")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=7, loc="lower right")
+    codes = [c for c in versions(rows) if any(r["variant"] == "sft" and r.get("code", "?") == c for r in rows)]
+    fig, axes = plt.subplots(1, len(codes), figsize=(6.5 * len(codes), 5), squeeze=False, sharey=True)
+    colors = plt.cm.tab10.colors
+    for ax, code in zip(axes[0], codes):
+        mine = [r for r in rows if r.get("code", "?") == code]
+        shown = [s for s in summarise(mine) if s["variant"] in highlight or s["rising"] is None]
+        for i, s in enumerate(shown):
+            label = f"{s['variant']} ({len(s['seeds'])} seeds)"
+            color = colors[i % 10]
+            if s["rising"] is None:
+                mean, se = _mean_se(s["exact"])
+                ax.errorbar([3], [mean], yerr=0 if math.isnan(se) else se, marker="_", ms=18, mew=2, color=color,
+                            ls="none", label=f"{label}: {describe(s['variant'])}")
+                continue
+            runs: dict[int, dict[int, float]] = defaultdict(dict)
+            for r in mine:
+                if r["variant"] == s["variant"]:
+                    runs[r["seed"]][r["round"]] = r["exact"]
+            se = [0.0] + [_mean_se([runs[seed][k] for seed in runs])[1] for k in range(1, len(s["trail"]))]
+            ax.errorbar(range(len(s["trail"])), s["trail"], yerr=[0 if math.isnan(e) else e for e in se],
+                        marker="o", lw=2.4 if s["variant"] == DEFAULT else 1.2, color=color, capsize=2, label=label)
+        ax.axhline(0.9, color="gray", ls=":", lw=1)
+        ax.set_xticks(range(4))
+        ax.set_xlabel("round (0 = SFT)")
+        ax.set_title(f"measured at {code}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("greedy exact sort, 200 held-out prompts")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -348,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "align_sweep")
+    parser.add_argument("--results", type=Path,
+                        help="the rows --table and --plot read (default: <workdir>/results.jsonl)")
     parser.add_argument("--table", action="store_true", help="print the table of results.jsonl and stop")
     parser.add_argument("--list", action="store_true", help="print the variants and stop")
     parser.add_argument("--plot", type=Path, help="draw the figure of results.jsonl to this file and stop")
@@ -358,10 +423,9 @@ def main(argv: list[str] | None = None) -> None:
         for name, variant in VARIANTS.items():
             print(name, json.dumps(variant))
     elif args.plot:
-        rows = load_rows(args.workdir / "results.jsonl")
-        plot(rows, args.sft or next(r["export"] for r in rows if r["variant"] == "sft"), args.plot, args.highlight)
+        plot(load_rows(args.results or args.workdir / "results.jsonl"), args.plot, args.highlight)
     elif args.table:
-        print(table(load_rows(args.workdir / "results.jsonl")))
+        print(table(load_rows(args.results or args.workdir / "results.jsonl")))
     else:
         if not args.sft:
             parser.error("--sft is required to run variants")
