@@ -196,13 +196,18 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
+LIBRARY = ["dpo_lightning", "recipes/tiny_sft.yaml", "recipes/tiny_generate.yaml", "recipes/tiny.yaml"]
+
+
 def code_version() -> str:
-    """The commit the runs measure (``+`` when the checkout has changes): rows of other versions are kept
-    apart, since a change to the library (a warmup, a seed) moves every trajectory."""
+    """The last commit that changed the library or the stage recipes the variants run (``+``: the checkout
+    changes them): rows of other versions are kept apart, since a change there (a warmup, a seed) moves
+    every trajectory."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", *LIBRARY)
+    return git("log", "-1", "--format=%h", "--", *LIBRARY) + ("+" if dirty else "")
 
 
 def sweep(args: argparse.Namespace) -> None:

@@ -236,11 +236,26 @@ def best_of_n_kl(table: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
+def best_of_n_reward(table: torch.Tensor, n: int) -> torch.Tensor:
+    """Expected reward of best-of-n per prompt ``(P,)`` under the empirical reward distribution of the
+    ``(P, M)`` samples ``table``: sum_r r (F<=(r)^n - F<(r)^n), the same masses as `best_of_n_kl`'s."""
+    out = torch.empty(len(table), dtype=torch.float64)
+    for i, row in enumerate(table.double()):
+        levels, counts = torch.unique(row, return_counts=True)
+        p = counts.double() / len(row)
+        below = torch.cumsum(p, 0) - p
+        out[i] = (levels * ((below + p) ** n - below**n)).sum()
+    return out
+
+
 def best_of_n(
-    sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int, kl_samples: int = 0
+    sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int, kl_samples: int = 0,
+    more: Sequence[int] = (),
 ) -> list[dict]:
     """Best-of-N from the SFT model for each N, from one draw of max(ns) samples per prompt; with
-    ``kl_samples``, also ``kl_est`` (`best_of_n_kl` from a second draw of that many samples per prompt)."""
+    ``kl_samples``, also ``kl_est`` (`best_of_n_kl` from a second draw of that many samples per prompt), and
+    for each N of ``more`` a row ``best-of-N (estimated)`` whose reward and KL both come from that draw's
+    reward distribution (`best_of_n_reward`, `best_of_n_kl`): best-of-N beyond the N drawn per prompt."""
     table = rewards(tokenizer, prompts, draw(sft, tokenizer, prompts, max(ns), seed), max(ns))  # (P, max N)
     wide = None
     if kl_samples:
@@ -253,6 +268,11 @@ def best_of_n(
         if wide is not None:
             row["kl_est"], row["kl_est_se"] = mean_se(best_of_n_kl(wide, n))
         rows.append(row)
+    for n in more if wide is not None else ():
+        kl, kl_se = mean_se(best_of_n_kl(wide, n))
+        reward, reward_se = mean_se(best_of_n_reward(wide, n))
+        rows.append({"method": "best-of-N (estimated)", "setting": f"N={n}", "kl": kl, "kl_se": kl_se,
+                     "reward": reward, "reward_se": reward_se})
     return rows
 
 
@@ -287,8 +307,13 @@ def plot(rows: Sequence[dict], path: Path, caption: str) -> None:
     for r in bon:
         ax.annotate(r["setting"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
     if all("kl_est" in r for r in bon):
-        ax.errorbar([r["kl_est"] for r in bon], [r["reward"] for r in bon], xerr=[r["kl_est_se"] for r in bon],
+        more = [r for r in rows if r["method"] == "best-of-N (estimated)"]
+        ax.errorbar([r["kl_est"] for r in bon] + [r["kl"] for r in more], [r["reward"] for r in bon + more],
+                    xerr=[r["kl_est_se"] for r in bon] + [r["kl_se"] for r in more],
                     marker="s", mfc="white", color="black", ls="--", lw=0.8, capsize=2)
+        for r in more:
+            ax.annotate(r["setting"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8)
         ax.plot([], [], marker="s", mfc="white", color="black", ls="--",
                 label="the same best-of-N, KL from the SFT model's\nreward distribution (its true KL, estimated)")
     sft = next(r for r in rows if r["method"] == "SFT")
@@ -339,7 +364,7 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
     sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(sft_path)
     rows = [{"method": "SFT", "setting": "-", **measure(sft, sft, tokenizer, prompts, args.samples, args.seed)}]
-    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed, args.bon_kl_samples)
+    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed, args.bon_kl_samples, args.bon_more)
     for beta in args.betas:
         for step, policy in train_dpo(sft_path, beta, args.steps, args.snapshots, args.workdir).items():
             m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
@@ -371,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--best-of", nargs="+", type=int, default=[1, 2, 4, 8, 16])
     parser.add_argument("--bon-kl-samples", type=int, default=128,
                         help="SFT samples per prompt behind best-of-N's estimated KL (0: the formula only)")
+    parser.add_argument("--bon-more", nargs="*", type=int, default=[32, 64],
+                        help="larger N whose best-of-N reward and KL are estimated from those samples")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed (the same stream for every model)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: the model is tiny, and more threads lose on a shared machine)")
