@@ -377,14 +377,15 @@ def plot(rows: list[dict[str, Any]], path: Path, highlight: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     codes = [c for c in versions(rows) if any(r["variant"] == "sft" and r.get("code", "?") == c for r in rows)]
-    fig, axes = plt.subplots(1, len(codes), figsize=(6.5 * len(codes), 5), squeeze=False, sharey=True)
-    colors = plt.cm.tab10.colors
+    fig, axes = plt.subplots(1, len(codes), figsize=(6.5 * len(codes), 6.5), squeeze=False, sharey=True)
+    names = list(dict.fromkeys([*highlight, *(n for n, v in VARIANTS.items() if "fit" in v)]))
+    colors = {name: plt.cm.tab10.colors[i % 10] for i, name in enumerate(names)}  # one colour per variant
     for ax, code in zip(axes[0], codes):
         mine = [r for r in rows if r.get("code", "?") == code]
         shown = [s for s in summarise(mine) if s["variant"] in highlight or s["rising"] is None]
-        for i, s in enumerate(shown):
-            label = f"{s['variant']} ({len(s['seeds'])} seeds)"
-            color = colors[i % 10]
+        for s in shown:
+            label = f"{s['variant']} ({len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"
+            color = colors[s["variant"]]
             if s["rising"] is None:
                 mean, se = _mean_se(s["exact"])
                 ax.errorbar([3], [mean], yerr=0 if math.isnan(se) else se, marker="_", ms=18, mew=2, color=color,
@@ -396,13 +397,15 @@ def plot(rows: list[dict[str, Any]], path: Path, highlight: list[str]) -> None:
                     runs[r["seed"]][r["round"]] = r["exact"]
             se = [0.0] + [_mean_se([runs[seed][k] for seed in runs])[1] for k in range(1, len(s["trail"]))]
             ax.errorbar(range(len(s["trail"])), s["trail"], yerr=[0 if math.isnan(e) else e for e in se],
-                        marker="o", lw=2.4 if s["variant"] == DEFAULT else 1.2, color=color, capsize=2, label=label)
+                        marker="o", lw=2.4 if s["variant"] == DEFAULT else 1.2, color=color, capsize=2,
+                        label=f"{label} (default)" if s["variant"] == DEFAULT else label)
         ax.axhline(0.9, color="gray", ls=":", lw=1)
         ax.set_xticks(range(4))
         ax.set_xlabel("round (0 = SFT)")
         ax.set_title(f"measured at {code}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.set_ylim(0.3, 1.0)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     axes[0][0].set_ylabel("greedy exact sort, 200 held-out prompts")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
