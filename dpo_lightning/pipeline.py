@@ -68,6 +68,8 @@ class Evaluation:
         num_samples: Samples per prompt (temperature 1) for reward, win rate and KL.
         max_new_tokens: Longest sampled response.
         seed: Sampling seed.
+        data_seed: Seed of a ``synthetic:`` dataset: the stage recipes' 0, whose validation prompts none of
+            their training prompts repeat (with another seed, short prompts would).
     """
 
     dataset: str = "synthetic:sort"
@@ -77,6 +79,7 @@ class Evaluation:
     num_samples: int = 4
     max_new_tokens: int = 12
     seed: int = 0
+    data_seed: int = 0
 
 
 def iterate(
@@ -89,6 +92,7 @@ def iterate(
     mix_with: str | None = None,
     mix_limit: int | None = None,
     evaluation: Evaluation | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the pipeline; returns the report rows (round 0 is the SFT model).
 
@@ -107,6 +111,8 @@ def iterate(
             round's own pairs only.
         mix_limit: How many original pairs (its first ones) to add; None: all.
         evaluation: How each round's policy is measured; see `Evaluation`.
+        seed: Seed of the rounds' sampling: round r samples with seed ``1000 * seed + r`` (the stages'
+            training seeds are their recipes' ``seed_everything``, set in their ``args``).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -127,7 +133,7 @@ def iterate(
         policies = [initial]
         for r in range(1, rounds + 1):
             round_dir = out / f"round_{r}"
-            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=1000 * seed + r)
             _check_pairs(pairs, r, mix_with)
             mixed = None
             if mix_with is not None:
@@ -419,16 +425,53 @@ def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> 
     return sequence_logps(logits, labels).logps
 
 
+def evaluation_prompts(evaluation: Evaluation, tokenizer: Any):
+    """The held-out prompts of ``evaluation`` as a `PromptDataModule` (batches of 64)."""
+    from dpo_lightning.data.prompts import PromptDataModule
+
+    return PromptDataModule(tokenizer=tokenizer, dataset=evaluation.dataset, split=evaluation.split,
+                            limit=evaluation.limit, batch_size=64, seed=evaluation.data_seed, drop_columns=None)
+
+
+def exact_check(dataset: str):
+    """The task's ground-truth pass/fail check ``(prompt, response) -> bool``, or None when it has none."""
+    if dataset == "synthetic:sort":
+        from dpo_lightning.data.synthetic import sort_exact
+
+        return sort_exact
+    return None
+
+
+@torch.no_grad()
+def greedy_exact_rate(model, data, check, max_new_tokens: int) -> float:
+    """The share of ``data``'s prompts whose greedy answer (at most ``max_new_tokens``) passes ``check``."""
+    from dpo_lightning.generation import _until_eos
+    from dpo_lightning.sampling import decode_response
+
+    tokenizer = data.tokenizer
+    passed = total = 0
+    for batch in data._loader(data.prompts, data.hparams.batch_size, shuffle=False):
+        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for i, (prompt, row) in enumerate(zip(batch["prompt"], ids[:, batch["input_ids"].shape[1]:].tolist())):
+            prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            passed += bool(check(json.loads(prompt), decode_response(tokenizer, prompt_ids, row)))
+            total += 1
+    return passed / max(total, 1)
+
+
 def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluation) -> dict[str, float]:
     """Mean judge score of the policy's samples on held-out prompts, win rate against ``start``'s samples
     (i-th sample against i-th sample; a tie counts half), and KL(policy || reference) estimated on the
-    policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error."""
-    from dpo_lightning.data.prompts import PromptDataModule
+    policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error. For a
+    task with a ground-truth pass/fail check (`exact_check`), first ``exact``: the share of the prompts
+    whose greedy answer passes it."""
     from dpo_lightning.judges import resolve_judge
     from dpo_lightning.models import load_causal_lm
 
-    data = PromptDataModule(tokenizer=policy, dataset=evaluation.dataset, split=evaluation.split,
-                            limit=evaluation.limit, batch_size=64, drop_columns=None)
+    data = evaluation_prompts(evaluation, policy)
     judge = resolve_judge(evaluation.judge)
     models = {name: load_causal_lm(path).eval() for name, path in
               {"policy": policy, "start": start, "reference": reference}.items()}
@@ -448,7 +491,11 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
                 - response_logps(models["reference"], row["prompt_ids"], ids)).tolist()
     kl = torch.tensor(kls, dtype=torch.float64)
     scored = [s for s in mine if s is not None]
+    check = exact_check(evaluation.dataset)
+    exact = {} if check is None else {
+        "exact": greedy_exact_rate(models["policy"], data, check, evaluation.max_new_tokens)}
     return {
+        **exact,
         "reward": sum(scored) / max(len(scored), 1),
         "win_rate": sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1),
         "kl": kl.mean().item(),
@@ -484,8 +531,9 @@ def write_report(
 
         with SummaryWriter(str(out / "tensorboard")) as tb:
             for row in rows:
-                for key in ("reward", "win_rate", "kl", "pairs"):
-                    tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
+                for key in ("exact", "reward", "win_rate", "kl", "pairs"):
+                    if key in row:
+                        tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
     except ImportError:  # pragma: no cover - tensorboard is a dependency
         warn("tensorboard is not installed: the report is in report.csv and report.png only")
     return rows
@@ -514,9 +562,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("reward", "win_rate", "kl"),
-                              ("held-out reward", "win rate vs SFT", "KL(policy || reference)")):
+    panels = [("reward", "held-out reward"), ("win_rate", "win rate vs SFT"), ("kl", "KL(policy || reference)")]
+    if "exact" in rows[0]:
+        panels.insert(0, ("exact", "greedy exact rate"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
+    for ax, (key, label) in zip(axes, panels):
         ax.plot(rounds, [r[key] for r in rows], marker="o")
         ax.set_xlabel("round (0 = SFT)")
         ax.set_title(label)
@@ -541,7 +591,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)
     init = parser.instantiate_classes(config)
-    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation")
+    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation",
+             "seed")
     kwargs = {k: init[k] for k in names}
     rows = iterate(**kwargs)
     for row in rows:
