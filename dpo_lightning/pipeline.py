@@ -70,6 +70,12 @@ class Evaluation:
         seed: Sampling seed.
         data_seed: Seed of a ``synthetic:`` dataset: the stage recipes' 0, whose validation prompts none of
             their training prompts repeat (with another seed, short prompts would).
+        enabled: False: no report is computed (each round's folders are still written; the reason is logged),
+            for runs where sampling the held-out prompts on one device would take longer than it is worth.
+        device: Where the report's models run: ``auto`` (the first CUDA device if there is one, else the
+            CPU), ``cpu``, ``cuda``, ``cuda:1``... The report runs on the global rank 0 process only.
+        dtype: The report's models' dtype (``bfloat16``...); None: as saved (a 7B policy, its start and its
+            reference in float32 take ~81 GB, more than one 80 GB GPU holds: use ``bfloat16`` there).
     """
 
     dataset: str = "synthetic:sort"
@@ -80,6 +86,9 @@ class Evaluation:
     max_new_tokens: int = 12
     seed: int = 0
     data_seed: int = 0
+    enabled: bool = True
+    device: str = "auto"
+    dtype: str | None = None
 
 
 def iterate(
@@ -142,7 +151,24 @@ def iterate(
             policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref, mix=mixed)
             policies.append(policy)
         _stop_if_preempted("the report")
+        if not _report_runs_here(evaluation, out):
+            return []
         return write_report(out, policies, initial, evaluation, reference, _timings(out, rounds))
+
+
+def _report_runs_here(evaluation: Evaluation, out: Path) -> bool:
+    """Whether this process writes the report: the global rank 0 one (every rank of a multi-GPU run runs
+    ``iterate``; each stage's Trainer has set the rank), and only when ``evaluation.enabled``."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if not evaluation.enabled:
+        log.warning("the report is skipped (evaluation.enabled is false): %s holds every round's folders, "
+                    "and no report.csv", out)
+        return False
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        log.info("rank %d: the report is written by the global rank 0 process only", rank_zero_only.rank)
+        return False
+    return True
 
 
 STAGE_RECORD = "stage.json"
@@ -391,14 +417,15 @@ def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: in
     torch.manual_seed(seed)
     loader = data._loader(data.prompts, data.hparams.batch_size, shuffle=False)
     for batch in loader:
-        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+        ids = model.generate(input_ids=batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device), do_sample=True,
                              num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         width = batch["input_ids"].shape[1]
         for i, prompt in enumerate(batch["prompt"]):
             prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             samples = []
-            for row in ids[i * num_samples : (i + 1) * num_samples, width:].tolist():
+            for row in ids[i * num_samples : (i + 1) * num_samples, width:].cpu().tolist():
                 row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 samples.append((row, decode_response(tokenizer, prompt_ids, row)))
             out.append({"prompt": json.loads(prompt), "prompt_ids": prompt_ids, "samples": samples})
@@ -421,8 +448,8 @@ def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> 
         mask[i, : len(row)] = 1
         if response:
             labels[i, len(prompt_ids) : len(row)] = torch.tensor(response, dtype=torch.long)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    return sequence_logps(logits, labels).logps
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    return sequence_logps(logits, labels.to(model.device)).logps.cpu()
 
 
 def evaluation_prompts(evaluation: Evaluation, tokenizer: Any):
@@ -451,10 +478,11 @@ def greedy_exact_rate(model, data, check, max_new_tokens: int) -> float:
     tokenizer = data.tokenizer
     passed = total = 0
     for batch in data._loader(data.prompts, data.hparams.batch_size, shuffle=False):
-        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False,
+        ids = model.generate(input_ids=batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id)
-        for i, (prompt, row) in enumerate(zip(batch["prompt"], ids[:, batch["input_ids"].shape[1]:].tolist())):
+        for i, (prompt, row) in enumerate(zip(batch["prompt"], ids[:, batch["input_ids"].shape[1]:].cpu().tolist())):
             prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
             passed += bool(check(json.loads(prompt), decode_response(tokenizer, prompt_ids, row)))
@@ -473,7 +501,10 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
 
     data = evaluation_prompts(evaluation, policy)
     judge = resolve_judge(evaluation.judge)
-    models = {name: load_causal_lm(path).eval() for name, path in
+    device = evaluation.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: load_causal_lm(path, dtype=evaluation.dtype).to(device).eval() for name, path in
               {"policy": policy, "start": start, "reference": reference}.items()}
     ours = sample_with_ids(models["policy"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
     theirs = sample_with_ids(models["start"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
