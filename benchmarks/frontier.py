@@ -21,6 +21,10 @@ Everything runs offline on a CPU, through the real CLI (``dpo_lightning.cli.cli_
    mean of its reward. Its KL to the SFT model is the standard analytic expression
    ``log N - (N - 1) / N`` (Stiennon et al. 2020; Beirami et al. 2024 show it is an upper bound, not
    exact when responses tie, as they do here).
+5. Iterative DPO (``--iterate runs/pipeline_tiny``): each round's export of a ``python -m dpo_lightning
+   iterate`` run, measured as in 3 against the SFT model (KL to SFT, not to the round's reference),
+   drawn as a path from the SFT point. Give ``--sft <that run>/sft/stage/version_0/hf_export`` so that
+   every point shares its SFT model.
 
 Prints a markdown table and the wall time; draws the figure (matplotlib, Agg) to ``--out``. Runs
 with one torch thread by default (``--threads``): the model is tiny, and on a shared 2-core machine
@@ -30,6 +34,8 @@ two threads were up to 10x slower. The numbers do not depend on it.
     python benchmarks/frontier.py --quick          # smoke run (under a minute), figure under --workdir
     python benchmarks/frontier.py --sft runs/tiny_sft/version_0/hf_export   # reuse an SFT export
     python benchmarks/frontier.py --replot         # redraw from runs/frontier/frontier.json
+    python benchmarks/frontier.py --sft runs/pipeline_tiny/sft/stage/version_0/hf_export \
+        --iterate runs/pipeline_tiny              # the iterative rounds beside DPO and best-of-N
 
 Not part of pytest.
 """
@@ -209,14 +215,64 @@ def measure(policy, reference, tokenizer, prompts: Sequence[str], k: int, seed: 
     return {"kl": kl, "kl_se": kl_se, "reward": reward, "reward_se": reward_se}
 
 
-def best_of_n(sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int) -> list[dict]:
-    """Best-of-N from the SFT model for each N, from one draw of max(ns) samples per prompt."""
+def best_of_n_kl(table: torch.Tensor, n: int) -> torch.Tensor:
+    """KL(best-of-n || policy) per prompt ``(P,)`` given each prompt's reward distribution, estimated from
+    the rewards ``table`` ``(P, M)`` of M samples of the policy.
+
+    Best-of-n keeps the first of the n samples with the highest reward, so every response y with reward r
+    has its probability multiplied by the same factor, and the n-th-order-statistic argument gives, with
+    F<(r) = P(R < r) and F<=(r) = P(R <= r), best-of-n's mass on the level r: F<=(r)^n - F<(r)^n. Hence
+    KL = sum_r (F<=^n - F<^n) log((F<=^n - F<^n) / p_r), with p_r = P(R = r): exact for a known reward
+    distribution (Beirami et al. 2024, Lemma 1, with ties), here with the empirical p_r of the M samples.
+    It equals log n - (n - 1) / n when no two responses tie, and is smaller when they do."""
+    out = torch.empty(len(table), dtype=torch.float64)
+    for i, row in enumerate(table.double()):
+        levels, counts = torch.unique(row, return_counts=True)  # ascending
+        p = counts.double() / len(row)
+        below = torch.cumsum(p, 0) - p  # F<
+        mass = (below + p) ** n - below**n
+        keep = mass > 0
+        out[i] = (mass[keep] * torch.log(mass[keep] / p[keep])).sum()
+    return out
+
+
+def best_of_n_reward(table: torch.Tensor, n: int) -> torch.Tensor:
+    """Expected reward of best-of-n per prompt ``(P,)`` under the empirical reward distribution of the
+    ``(P, M)`` samples ``table``: sum_r r (F<=(r)^n - F<(r)^n), the same masses as `best_of_n_kl`'s."""
+    out = torch.empty(len(table), dtype=torch.float64)
+    for i, row in enumerate(table.double()):
+        levels, counts = torch.unique(row, return_counts=True)
+        p = counts.double() / len(row)
+        below = torch.cumsum(p, 0) - p
+        out[i] = (levels * ((below + p) ** n - below**n)).sum()
+    return out
+
+
+def best_of_n(
+    sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: int, kl_samples: int = 0,
+    more: Sequence[int] = (),
+) -> list[dict]:
+    """Best-of-N from the SFT model for each N, from one draw of max(ns) samples per prompt; with
+    ``kl_samples``, also ``kl_est`` (`best_of_n_kl` from a second draw of that many samples per prompt), and
+    for each N of ``more`` a row ``best-of-N (estimated)`` whose reward and KL both come from that draw's
+    reward distribution (`best_of_n_reward`, `best_of_n_kl`): best-of-N beyond the N drawn per prompt."""
     table = rewards(tokenizer, prompts, draw(sft, tokenizer, prompts, max(ns), seed), max(ns))  # (P, max N)
+    wide = None
+    if kl_samples:
+        wide = rewards(tokenizer, prompts, draw(sft, tokenizer, prompts, kl_samples, seed + 1), kl_samples)
     rows = []
     for n in ns:
         reward, reward_se = mean_se(table[:, :n].max(1).values)  # max: ties keep the same value
-        rows.append({"method": "best-of-N", "setting": f"N={n}", "kl": math.log(n) - (n - 1) / n,
-                     "kl_se": 0.0, "reward": reward, "reward_se": reward_se})
+        row = {"method": "best-of-N", "setting": f"N={n}", "kl": math.log(n) - (n - 1) / n,
+               "kl_se": 0.0, "reward": reward, "reward_se": reward_se}
+        if wide is not None:
+            row["kl_est"], row["kl_est_se"] = mean_se(best_of_n_kl(wide, n))
+        rows.append(row)
+    for n in more if wide is not None else ():
+        kl, kl_se = mean_se(best_of_n_kl(wide, n))
+        reward, reward_se = mean_se(best_of_n_reward(wide, n))
+        rows.append({"method": "best-of-N (estimated)", "setting": f"N={n}", "kl": kl, "kl_se": kl_se,
+                     "reward": reward, "reward_se": reward_se})
     return rows
 
 
@@ -227,7 +283,11 @@ def best_of_n(sft, tokenizer, prompts: Sequence[str], ns: Sequence[int], seed: i
 def table(rows: Sequence[dict]) -> str:
     lines = ["| method | setting | KL(policy \\|\\| SFT), nats | ground-truth reward |", "|---|---|---|---|"]
     for r in rows:
-        kl = f"{r['kl']:.3f} (formula)" if r["method"] == "best-of-N" else f"{r['kl']:.3f} ± {r['kl_se']:.3f}"
+        kl = f"{r['kl']:.3f} ± {r['kl_se']:.3f}"
+        if r["method"] == "best-of-N":
+            kl = f"{r['kl']:.3f} (formula)"
+            if "kl_est" in r:
+                kl += f"; {r['kl_est']:.3f} ± {r['kl_est_se']:.3f} (from its reward distribution)"
         lines.append(f"| {r['method']} | {r['setting']} | {kl} | {r['reward']:.3f} ± {r['reward_se']:.3f} |")
     return "\n".join(lines)
 
@@ -246,6 +306,16 @@ def plot(rows: Sequence[dict], path: Path, caption: str) -> None:
     ax.plot([], [], marker="s", color="black", label="best-of-N from SFT, by ground truth\n(KL: log N - (N-1)/N)")
     for r in bon:
         ax.annotate(r["setting"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -12), fontsize=8)
+    if all("kl_est" in r for r in bon):
+        more = [r for r in rows if r["method"] == "best-of-N (estimated)"]
+        ax.errorbar([r["kl_est"] for r in bon] + [r["kl"] for r in more], [r["reward"] for r in bon + more],
+                    xerr=[r["kl_est_se"] for r in bon] + [r["kl_se"] for r in more],
+                    marker="s", mfc="white", color="black", ls="--", lw=0.8, capsize=2)
+        for r in more:
+            ax.annotate(r["setting"], (r["kl"], r["reward"]), textcoords="offset points", xytext=(4, -12),
+                        fontsize=8)
+        ax.plot([], [], marker="s", mfc="white", color="black", ls="--",
+                label="the same best-of-N, KL from the SFT model's\nreward distribution (its true KL, estimated)")
     sft = next(r for r in rows if r["method"] == "SFT")
     ax.errorbar(sft["kl"], sft["reward"], yerr=sft["reward_se"], marker="*", ms=12, color="gray", ls="none")
     ax.plot([], [], marker="*", ms=12, color="gray", ls="none", label="SFT model (its samples)")
@@ -264,6 +334,16 @@ def plot(rows: Sequence[dict], path: Path, caption: str) -> None:
         ax.plot([], [], marker="o", color=color, ls="none", label=f"DPO beta={beta:g} (steps {steps})")
         ax.annotate(f"β={beta:g}", (run[-1]["kl"], run[-1]["reward"]), textcoords="offset points",
                     xytext=(5, 4 if i % 2 == 0 else -13), fontsize=8, color=color)  # alternate: neighbours
+    rounds = sorted((r for r in rows if r["method"] == "iterate"), key=lambda r: r["round"])
+    if rounds:
+        ax.errorbar([sft["kl"], *(r["kl"] for r in rounds)], [sft["reward"], *(r["reward"] for r in rounds)],
+                    color="tab:red", lw=1.2, ls="-")
+        for r in rounds:
+            ax.errorbar(r["kl"], r["reward"], xerr=r["kl_se"], yerr=r["reward_se"], marker="D", ms=6,
+                        color="tab:red", capsize=2)
+            ax.annotate(f"round {r['round']}", (r["kl"], r["reward"]), textcoords="offset points",
+                        xytext=(6, -4), fontsize=8, color="tab:red")
+        ax.plot([], [], marker="D", color="tab:red", label=f"iterate ({rounds[0]['setting'].split(',')[0]})")
     ax.set_xlabel("KL(policy || SFT), nats per response")
     ax.set_ylabel("ground-truth reward (sort_reward), mean over samples")
     ax.grid(alpha=0.3)
@@ -284,12 +364,20 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
     sft = AutoModelForCausalLM.from_pretrained(sft_path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(sft_path)
     rows = [{"method": "SFT", "setting": "-", **measure(sft, sft, tokenizer, prompts, args.samples, args.seed)}]
-    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed)
+    rows += best_of_n(sft, tokenizer, prompts, args.best_of, args.seed, args.bon_kl_samples, args.bon_more)
     for beta in args.betas:
         for step, policy in train_dpo(sft_path, beta, args.steps, args.snapshots, args.workdir).items():
             m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
             rows.append({"method": "DPO", "setting": f"beta={beta:g}, step {step}", "beta": beta, "step": step, **m})
             print(f"[frontier] DPO beta={beta:g} step {step}: {m}", flush=True)
+    for folder in args.iterate:
+        exports = sorted(Path(folder).glob("round_*/dpo/version_0/hf_export"), key=lambda p: int(p.parts[-4][6:]))
+        for export in exports:
+            r = int(export.parts[-4][6:])
+            policy = AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+            m = measure(policy, sft, tokenizer, prompts, args.samples, args.seed)
+            rows.append({"method": "iterate", "setting": f"{Path(folder).name}, round {r}", "round": r, **m})
+            print(f"[frontier] iterate {folder} round {r}: {m}", flush=True)
     print(f"\nSFT model: {sft_path}; {len(prompts)} held-out prompts; {args.samples} samples per prompt "
           f"(DPO, SFT); best-of-N from {max(args.best_of)} per prompt")
     return rows
@@ -298,12 +386,18 @@ def measure_all(args: argparse.Namespace, prompts: Sequence[str], sft_steps: int
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft", type=Path, help="an SFT export to start from (default: run recipes/tiny_sft.yaml)")
+    parser.add_argument("--iterate", nargs="*", default=[], type=Path,
+                        help="output folders of `python -m dpo_lightning iterate` runs whose rounds to add")
     parser.add_argument("--betas", nargs="+", type=float, default=[0.05, 0.1, 0.3, 1.0])
     parser.add_argument("--steps", type=int, default=300, help="DPO optimizer steps per beta")
     parser.add_argument("--snapshots", nargs="*", type=int, default=[100, 200],
                         help="earlier steps at which each DPO policy is also measured")
     parser.add_argument("--samples", type=int, default=16, help="samples per held-out prompt for DPO and SFT")
     parser.add_argument("--best-of", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    parser.add_argument("--bon-kl-samples", type=int, default=128,
+                        help="SFT samples per prompt behind best-of-N's estimated KL (0: the formula only)")
+    parser.add_argument("--bon-more", nargs="*", type=int, default=[32, 64],
+                        help="larger N whose best-of-N reward and KL are estimated from those samples")
     parser.add_argument("--seed", type=int, default=1234, help="sampling seed (the same stream for every model)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: the model is tiny, and more threads lose on a shared machine)")

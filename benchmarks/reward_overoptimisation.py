@@ -8,8 +8,9 @@ runs on a CPU in minutes, through the real CLI (in-process):
 1. The reward model: ``recipes/tiny_rm.yaml`` (Bradley-Terry on the task's own pairs), or ``--rm``.
 2. The SFT model: ``recipes/tiny_sft.yaml``, or ``--sft``. Both pipelines below start from this one export.
 3. Two pipelines, the same in all but the judge that turns samples into pairs:
-   ``recipes/pipeline_tiny_rm.yaml`` (the reward model judges) and ``recipes/pipeline_tiny.yaml`` (the ground
-   truth judges), ``--rounds`` rounds each (``iterate --sft.config <export> --rounds N``).
+   ``recipes/pipeline_tiny_rm.yaml`` (the reward model judges) and the same recipe with the ground truth
+   (``sort_reward``) judging (what ``recipes/pipeline_tiny.yaml`` ran before #27), ``--rounds`` rounds each
+   (``iterate --sft.config <export> --rounds N``).
 4. Every round's policy (round 0: SFT) samples ``--samples`` answers per held-out prompt (the 200 validation
    prompts of ``synthetic:sort``, temperature 1, seed ``--seed``), and the same samples are scored by both:
    - gold: mean ``sort_reward``; the share of exact sorts; the greedy exact rate (one greedy answer per prompt);
@@ -58,7 +59,10 @@ from dpo_lightning.pipeline import main as iterate_main  # noqa: E402
 from dpo_lightning.pipeline import response_logps, sample_with_ids  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-RM_RECIPE, GOLD_RECIPE = "recipes/pipeline_tiny_rm.yaml", "recipes/pipeline_tiny.yaml"
+RM_RECIPE = GOLD_RECIPE = "recipes/pipeline_tiny_rm.yaml"
+# The control: the same recipe, its pairs judged by the ground truth (partial credit), which is what
+# recipes/pipeline_tiny.yaml ran before #27 made its rounds pass/fail-judged rejection-sampling fine-tuning.
+GOLD_JUDGE = "function:dpo_lightning.data.synthetic:sort_reward"
 RECIPE_RM_PATH = "runs/tiny_rm/version_0/hf_export"  # what recipes/pipeline_tiny_rm.yaml names
 MAX_NEW_TOKENS = 12
 
@@ -85,9 +89,15 @@ def train(recipe: str, workdir: Path, steps: int | None) -> tuple[Path, float]:
 
 def run_pipeline(recipe: str, out: Path, sft: Path, rounds: int, rm: Path | None, quick: bool) -> list[dict]:
     """``iterate --config recipe`` from the SFT export ``sft`` (the reward model's path substituted in the
-    generate stage's arguments); the report rows (policy, seconds)."""
+    generate stage's arguments; without ``rm``, the ground truth judges instead); the report rows (policy,
+    seconds)."""
     config = yaml.safe_load((ROOT / recipe).read_text())
-    gen_args = [a.replace(RECIPE_RM_PATH, str(rm)) if rm is not None else a for a in config["generate"]["args"]]
+    gen_args = list(config["generate"]["args"])
+    at = gen_args.index("--output.judge") + 1
+    gen_args[at] = gen_args[at].replace(RECIPE_RM_PATH, str(rm)) if rm is not None else GOLD_JUDGE
+    if rm is None and "--output.judge_options" in gen_args:  # the reward model's batch size
+        i = gen_args.index("--output.judge_options")
+        del gen_args[i:i + 2]
     dpo_args = list(config["dpo"]["args"])
     if quick:
         gen_args += ["--data.limit", "100"]
@@ -173,7 +183,8 @@ def calibrate(rows: list[dict]) -> tuple[float, float]:
 
 def table(result: dict) -> str:
     a, b = result["calibration"]
-    recipes = {"reward model": RM_RECIPE, "ground truth": GOLD_RECIPE}
+    recipes = {"reward model": f"`{Path(RM_RECIPE).name}`",
+               "ground truth": f"`{Path(GOLD_RECIPE).name}`, judge `sort_reward`"}
     lines = [
         "| pairs judged by (recipe) | round | seeds | KL(policy \\|\\| SFT) | true reward | judged reward (RM, gold "
         "units) | gap | RM score | exact (sampled) | exact (greedy) | RM ranking accuracy | pairs trained on: truly "
@@ -187,7 +198,7 @@ def table(result: dict) -> str:
             pairs = (f"{r['pairs_better']:.2f} / {r['pairs_equal']:.2f} / {r['pairs_worse']:.2f} ({r['pairs']})"
                      if "pairs" in r else "-")
             lines.append(
-                f"| {name} (`{Path(recipes[name]).name}`) | {r['round']} | {seeds} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
+                f"| {name} ({recipes[name]}) | {r['round']} | {seeds} | {r['kl']:.2f} ± {r['kl_se']:.2f} "
                 f"| {r['gold']:.3f} ± {r['gold_se']:.3f} | {judged:.3f} ± {abs(b) * r['rm_se']:.3f} "
                 f"| {judged - r['gold']:+.3f} | {r['rm']:.2f} "
                 f"| {r['exact']:.3f} | {r['greedy_exact']:.3f} | {r['rank_accuracy']:.3f} | {pairs} "
@@ -298,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         "commands": {"reward model": f"python -m dpo_lightning iterate --config {RM_RECIPE} --sft.config <sft> "
                                      f"--rounds {rounds} (RM path substituted)",
                      "ground truth": f"python -m dpo_lightning iterate --config {GOLD_RECIPE} --sft.config <sft> "
-                                     f"--rounds {rounds}"},
+                                     f"--rounds {rounds} (judge {GOLD_JUDGE})"},
         "seconds": time.perf_counter() - start,
     }
     saved.write_text(json.dumps(result))

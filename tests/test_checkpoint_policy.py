@@ -325,3 +325,34 @@ def test_fsdp2_bf16_reference_keeps_rope_buffers_in_float32(tmp_path, base_folde
     reference = trainer.lightning_module.ref_model
     assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
     assert _inv_freqs(reference) and all(v.dtype == torch.float32 for v in _inv_freqs(reference).values())
+
+
+def test_a_save_holds_at_most_three_checkpoints_at_once_as_the_disk_budget_says(tmp_path, monkeypatch):
+    """The peak disk of a run's checkpoints (issue #30 item 6): while ``last.ckpt`` is replaced, the best
+    (an earlier step), the previous ``last.ckpt`` and the new one being put in place exist at once: 3
+    copies, counted as distinct files (hard links count once) at the moment of each atomic swap. Best at
+    step 3 (validation, linked to last), last at 4, then the save of step 5. docs/recipes.md budgets
+    that many copies (a 7B DPO run: 3 x 80.9 + 13.5 GB), not the 2 it said before."""
+    import dpo_lightning.training.callbacks as callbacks
+    import dpo_lightning.training.checkpoint as checkpoint
+
+    real, peaks = checkpoint.replace_atomically, []
+
+    def counting(tmp, path):
+        inodes = {}
+        for p in Path(path).parent.rglob("*"):
+            if p.is_file():
+                inodes[p.stat().st_ino] = p.stat().st_size
+        peaks.append(sum(inodes.values()))
+        real(tmp, path)
+
+    monkeypatch.setattr(checkpoint, "replace_atomically", counting)
+    monkeypatch.setattr(callbacks, "replace_atomically", counting)
+    _, callback = _fit(_module(), tmp_path, steps=5, sharded=True, val_every=3, save_every_n_steps=1,
+                       save_every_minutes=None)
+    one = sum(s.st_size for s in _files(tmp_path / "last.ckpt").values())
+    copies = [round(p / one, 2) for p in peaks]
+    assert max(copies) == 3.0 and copies[-1] == 3.0, copies  # the last swap: best (3) + last (4) + new (5)
+    assert Path(callback.best_model_path).name == "stepstep=3.ckpt"
+    recipes = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    assert "3 x 80.9 + 13.5 = 256 GB" in recipes

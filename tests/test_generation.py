@@ -262,3 +262,27 @@ def test_prompt_ids_are_the_training_prompt_ids_for_strings_and_chat_templates()
         for pair, prompt in zip(pairs, prompts):
             assert prompt["input_ids"] == pair["chosen_input_ids"][: pair["chosen_response_start"]]
             assert prompt["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_bf16_true_keeps_the_float32_buffers_and_greedy_output_of_a_bf16_model(policy):
+    """Issue #30 item 1: ``trainer.precision: bf16-true`` casts the whole module, RoPE's ``inv_freq`` included,
+    and generation (unlike the training stages) did not put the float32 buffers back: the rotary phases were
+    off at long positions, and greedy decoding followed another model. Now the buffers are
+    float32 during and after predict, and the greedy responses equal those of the policy loaded in bf16
+    (weights bf16, buffers float32) and run without a cast."""
+    data = _prompts(limit=4, batch_size=2)
+
+    def greedy(precision: str, **kwargs) -> tuple[GenerationModule, list[dict]]:
+        module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=1, do_sample=False,
+                                  max_new_tokens=24, **kwargs)
+        trainer = L.Trainer(accelerator="cpu", precision=precision, logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        return module, [r for batch in trainer.predict(module, datamodule=data) for r in batch]
+
+    cast, got = greedy("bf16-true")
+    assert cast.model.dtype == torch.bfloat16
+    buffers = {name: b.dtype for name, b in cast.model.named_buffers()}
+    assert buffers and set(buffers.values()) == {torch.float32}, buffers
+    loaded, want = greedy("32-true", dtype="bfloat16")
+    assert loaded.model.dtype == torch.bfloat16 and loaded.model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert [r["responses"] for r in got] == [r["responses"] for r in want]

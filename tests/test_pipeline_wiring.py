@@ -76,6 +76,8 @@ class TaggingPolicy(nn.Module):
     sorted, j extra ``0`` digits as a tag, then EOS; a row longer than ``max_new_tokens`` is cut there
     (no EOS). So each response names the prompt and the sample it belongs to."""
 
+    device = torch.device("cpu")  # as a Hugging Face model reports where it runs
+
     @staticmethod
     def answer(prompt_ids: list[int], j: int) -> list[int]:
         digits = sorted(t for t in prompt_ids if DIGIT_0 <= t <= DIGIT_0 + 9)
@@ -216,6 +218,26 @@ class FakeCommands:
         monkeypatch.setattr(cli, "cli_main", fit)
         monkeypatch.setattr(cli, "generate_main", generate)
         monkeypatch.setattr(pipeline, "write_report", report)
+
+
+@pytest.mark.parametrize("rank, enabled, written", [(0, True, True), (1, True, False), (0, False, False)])
+def test_the_report_is_written_by_global_rank_0_only(tmp_path, monkeypatch, caplog, rank, enabled, written):
+    """Every rank of a multi-GPU run runs ``iterate``; the report (which loads three policies and samples the
+    held-out prompts) runs on the global rank 0 process only, and not at all with ``evaluation.enabled``
+    false, which is logged (issue #30 item 2: every rank loaded each round's 7B policy on CPU)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    commands = FakeCommands(monkeypatch)
+    monkeypatch.setattr(rank_zero_only, "rank", rank)  # as each stage's Trainer sets it
+    with caplog.at_level("INFO", logger="dpo_lightning.pipeline"):
+        rows = iterate(str(tmp_path), Stage("sft.yaml"), Stage("generate.yaml"), Stage("dpo.yaml"), rounds=1,
+                       evaluation=Evaluation(enabled=enabled))
+    assert rows == [] and bool(commands.report) is written
+    assert [kind for kind, _ in commands.calls] == ["fit", "generate", "fit"]  # every rank trains every stage
+    if not enabled:
+        assert "the report is skipped (evaluation.enabled is false)" in caplog.text
+    elif rank:
+        assert "rank 1: the report is written by the global rank 0 process only" in caplog.text
 
 
 @pytest.mark.parametrize("reference", ["previous", "initial"])

@@ -201,6 +201,41 @@ def test_the_cli_warns_about_bf16_steps_before_anything_is_built(inputs):
     assert not [w for w in caught if "round away" in str(w.message)]
 
 
+def test_weights_loaded_in_bf16_without_model_dtype_are_warned_about_before_the_first_step(tmp_path):
+    """Issue #30 item 4: with ``model.dtype`` unset, transformers 5 loads a checkpoint in its own dtype (bf16 for
+    Qwen2.5); under ``bf16-mixed`` AdamW at lr 1e-6 then updates bf16 weights and most steps round away, which
+    the configuration check could not see (no dtype in it). A tiny Llama saved in bf16 and loaded back with no
+    dtype, trained one step through the CLI: warned once the weights are loaded, naming model.dtype and the
+    precision; with ``--model.dtype float32`` (fp32 master weights) nothing is said."""
+    import torch
+
+    from dpo_lightning.data.synthetic import build_tokenizer
+    from dpo_lightning.models.loading import load_causal_lm
+
+    from tiny import tiny_config
+
+    saved = tmp_path / "bf16_policy"
+    load_causal_lm(None, config={**tiny_config(), "vocab_size": len(build_tokenizer())}).to(torch.bfloat16) \
+        .save_pretrained(saved)
+    args = ["fit", "--config", TINY, "--model.model", str(saved), "--model.model_config", "null",
+            "--trainer.precision", "bf16-mixed", "--model.optimizer.init_args.lr", "1e-6", "--trainer.max_steps",
+            "1", "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary",
+            "false", "--data.batch_size", "8", "--data.val_split", "null"]
+
+    def warned(*extra: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli = cli_main([*args, *extra])
+        assert cli.trainer.global_step == 1
+        return [str(w.message) for w in caught if "round away" in str(w.message)]
+
+    (message,) = warned()
+    assert "model.dtype unset (the weights loaded in the checkpoint's bfloat16)" in message
+    assert "trainer.precision=bf16-mixed" in message and "lr=1e-06" in message and "model.dtype float32" in message
+    assert warned("--model.dtype", "float32") == []
+
+
 def test_the_python_api_refuses_fsdp1_and_packing_under_flash_attention_at_setup():
     """Without the CLI: the stage's setup runs the same checks before anything trains."""
     from types import SimpleNamespace

@@ -3,6 +3,7 @@
 import copy
 import json
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -382,3 +383,76 @@ def test_precomputed_with_max_epochs(tmp_path):
     assert len(seen) == 3  # 12 training pairs in batches of 4
     for carried, live in seen:
         torch.testing.assert_close(carried, live, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow  # six CLI runs
+def test_precomputed_reference_validates_and_tests_on_its_own_from_a_checkpoint_and_an_export(tmp_path, monkeypatch):
+    """``validate`` and ``test`` outside ``fit`` with ``--model.reference precomputed`` used to fail at their
+    first batch ("the batch carries no ref_logps": only ``fit`` ran the pass). Now the split they read is
+    precomputed (or read from the cache) after the checkpoint loads:
+
+    - ``validate --ckpt_path`` of the fit's step-2 checkpoint gives the fit's own step-2 validation metrics,
+      bitwise (a cache hit on the fit's table), and again with the cache deleted (the pass recomputed);
+    - ``test --ckpt_path`` gives what the live ``copy`` reference gives on the same checkpoint;
+    - ``validate`` of the export against ``--model.ref_model`` (the initial policy) gives the checkpoint's
+      metrics, and without it says that the reference is the evaluated model itself (rewards 0)."""
+    from dpo_lightning.cli import cli_main
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DPO_LIGHTNING_CACHE", str(cache))
+    rows = generate_pairs(32, seed=5)
+    data = tmp_path / "data"
+    data.mkdir()
+    for split, part in (("train", rows[:16]), ("validation", rows[16:24]), ("test", rows[24:])):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    initial = tmp_path / "initial"  # a policy on disk, so the export can be compared against it
+    torch.manual_seed(0)
+    policy = DPOModule(model_config=tiny_config("llama", vocab_size=16), tokenizer="synthetic:sort").model
+    policy.save_pretrained(initial)
+    common = ["--config", str(root / "recipes" / "tiny.yaml"), "--data.dataset", str(data), "--data.batch_size", "4",
+              "--data.eval_batch_size", "4", "--data.test_split", "test", "--model.model_config", "null",
+              "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+              "--trainer.default_root_dir", str(tmp_path)]  # (without a logger the config is saved there)
+
+    def run(subcommand: str, *args: str) -> dict[str, float]:
+        cli = cli_main([subcommand, *common, *args])
+        return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if "/" in k}
+
+    fitted = run("fit", "--model.model", str(initial), "--model.reference", "precomputed", "--trainer.max_steps", "2",
+                 "--trainer.val_check_interval", "2", "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                 "--checkpoint.save_every_minutes", "null", "--checkpoint.save_top_k", "-1")
+    run_dir = next((tmp_path / "runs" / "tiny").iterdir())
+    (checkpoint,) = (run_dir / "checkpoints").glob("step2-*.ckpt")
+    val = {k: v for k, v in fitted.items() if k.startswith("val/")}
+    assert val and val["val/rewards/margins"] != 0  # a trained policy against its initial reference
+
+    own = ["--model.model", str(initial), "--trainer.logger", "false", "--ckpt_path", str(checkpoint)]
+    assert run("validate", *own, "--model.reference", "precomputed") == val
+    for table in cache.glob("*.pt"):
+        table.unlink()
+    assert run("validate", *own, "--model.reference", "precomputed") == val
+    tested = run("test", *own, "--model.reference", "precomputed")
+    live = run("test", *own, "--model.reference", "copy")
+    assert tested.keys() == live.keys() and "test/loss" in tested
+    for name, value in live.items():
+        assert tested[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+
+    export = ["--model.model", str(run_dir / "hf_export"), "--trainer.logger", "false",
+              "--model.reference", "precomputed"]
+    # the export holds the final (step-2) policy: the checkpoint's validation, against the initial reference
+    exported = run("validate", *export, "--model.ref_model", str(initial))
+    for name, value in val.items():
+        assert exported[name] == pytest.approx(value, rel=1e-6, abs=1e-7), name
+    with pytest.warns(UserWarning, match="reference is a copy of the policy being evaluated"):
+        assert run("validate", *export)["val/rewards/margins"] == 0
+
+
+def test_precomputed_reference_validates_a_loader_whose_batches_carry_ref_logps():
+    """Outside PreferenceDataModule the batches bring their own reference log-probs, in validate too: the
+    evaluated split's pass (for the data module) leaves such a loader alone."""
+    batch = random_batch()
+    batch["ref_logps"] = torch.zeros(batch["input_ids"].shape[0])
+    module = DPOModule(model_config=tiny_config("llama"), reference="precomputed")
+    (metrics,) = trainer().validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)
+    assert math.isfinite(metrics["val/loss"])

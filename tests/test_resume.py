@@ -214,6 +214,45 @@ def test_epoch_2_checkpoints_with_accumulation_resume_exactly(tmp_path):
             assert torch.equal(value, resumed.state_dict()[name]), (ckpt.name, name)
 
 
+def test_a_time_based_checkpoint_due_mid_accumulation_waits_for_the_optimizer_step(tmp_path, monkeypatch):
+    """A plain ``ModelCheckpoint(train_time_interval=3s)`` on a clock that reads one second per batch, under
+    accumulation 2 over epochs of 5 batches (steps end at batches 2, 4, 5, 7, 9, 10): Lightning's saver fell due
+    at batches 3, 6 and 9, each the first micro-batch of a step, and saved there (the partial gradients lost).
+    Its saves now wait for the step's last micro-batch: batches 4, 7 and 10, steps 2, 4 and 6 (the CLI test in
+    test_resume_cli.py resumes from each)."""
+    import datetime
+
+    import lightning.pytorch.callbacks.model_checkpoint as lightning_checkpoint
+
+    from dpo_lightning.stages.base import CausalLMModule
+
+    class Clock:
+        now = 0.0
+
+        @classmethod
+        def monotonic(cls) -> float:
+            return cls.now
+
+    monkeypatch.setattr(lightning_checkpoint, "time", Clock)
+    start = CausalLMModule.on_train_batch_start
+
+    def tick(self, batch, batch_idx):
+        Clock.now += 1
+        return start(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMModule, "on_train_batch_start", tick)
+    saves = []
+
+    class Record(L.Callback):
+        def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+            saves.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.current.processed))
+
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, train_time_interval=datetime.timedelta(seconds=3))
+    make_trainer(ListLogger(), [Record(), saver], max_steps=6, accumulate_grad_batches=2).fit(
+        make_module(), datamodule=PairData())
+    assert saves == [(2, 4), (4, 2), (6, 5)]  # (optimizer steps, batches of the epoch done)
+
+
 def test_validation_by_fraction_of_an_epoch_waits_for_the_optimizer_step():
     """7 batches per epoch, accumulation 2 (steps end at batches 2, 4, 6, 7), validation twice an epoch:
     Lightning's batch 3 falls inside the step ending at batch 4, so validation runs after that step."""

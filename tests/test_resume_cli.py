@@ -57,7 +57,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 def assert_resumes_exactly(tmp_path: Path, straight: Path, checkpoint: Path, *args: str, recipe: str = "tiny.yaml"):
     """Resume from (a copy of) ``checkpoint`` of the run ``straight``: same final weights, bitwise, and the
-    same scalars at every step from the checkpoint's on."""
+    same scalars at every step after the checkpoint's (whose own logs the run wrote before it stopped)."""
     copy = tmp_path / "saved" / checkpoint.name
     copy.parent.mkdir(exist_ok=True)
     shutil.copy(checkpoint, copy)
@@ -67,7 +67,7 @@ def assert_resumes_exactly(tmp_path: Path, straight: Path, checkpoint: Path, *ar
     assert expected.keys() == got.keys()
     for key in expected:
         assert torch.equal(expected[key], got[key]), (checkpoint.name, key)
-    after = {k: v for k, v in scalars(straight).items() if k[1] >= step and k[0] != "hp_metric"}
+    after = {k: v for k, v in scalars(straight).items() if k[1] > step and k[0] != "hp_metric"}
     logged = {k: v for k, v in scalars(resumed).items() if k[0] != "hp_metric"}
     assert any(tag == "train/loss" for tag, _ in after) and any(tag.startswith("val/") for tag, _ in after)
     assert logged == after, checkpoint.name
@@ -137,3 +137,64 @@ def test_lora_with_tr_dpo_trains_and_resumes_exactly(tmp_path):
     assert len(step3) == 1
     assert any(k.startswith("ref_model.") for k in torch.load(step3[0], weights_only=True)["state_dict"])
     assert_resumes_exactly(tmp_path, straight, step3[0], *args)
+
+
+class BatchClock:
+    """The time the checkpoint callbacks read (``time.monotonic``): one second per training batch started."""
+
+    now = 0.0
+
+    @classmethod
+    def monotonic(cls) -> float:
+        return cls.now
+
+
+def test_time_based_checkpoints_land_on_optimizer_steps_and_resume_exactly(tmp_path, monkeypatch):
+    """Accumulation 2, and three time-based savers due every 3 s on a clock that reads one second per batch:
+    a ``lightning.pytorch.callbacks.ModelCheckpoint(train_time_interval=3s)`` added to the recipe's
+    callbacks, the CLI's own ``--checkpoint.train_time_interval`` and ``--checkpoint.save_every_minutes``.
+    Lightning's saver used to write when due, at batch 3, the first micro-batch of step 2 (named step 1),
+    and at batch 9: a resume from there lost the micro-batch's gradient. Every checkpoint the run writes now
+    holds 2 x its step batches, and the run resumed from each continues bitwise, its logs too."""
+    import lightning.pytorch.callbacks.model_checkpoint as lightning_checkpoint
+
+    import dpo_lightning.training.callbacks as our_callbacks
+    from dpo_lightning.stages.base import CausalLMModule
+    from dpo_lightning.training.checkpoint import AtomicCheckpointIO
+
+    monkeypatch.setattr(lightning_checkpoint, "time", BatchClock)
+    monkeypatch.setattr(our_callbacks, "time", BatchClock)
+    start = CausalLMModule.on_train_batch_start
+
+    def tick(self, batch, batch_idx):
+        BatchClock.now += 1
+        return start(self, batch, batch_idx)
+
+    monkeypatch.setattr(CausalLMModule, "on_train_batch_start", tick)
+    written = []  # (file, optimizer steps, micro-batches done) of every checkpoint written
+    save = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, storage_options=None):
+        done = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["total"]["processed"]
+        written.append((Path(path).name, checkpoint["global_step"], done))
+        return save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+
+    data = write_pairs(tmp_path / "data", 48, 8)  # 12 batches of 4: one epoch of 6 optimizer steps
+    args = ["--data.dataset", str(data), "--data.batch_size", "4", "--trainer.accumulate_grad_batches", "2",
+            "--trainer.max_steps", "6", "--trainer.val_check_interval", "12", "--trainer.log_every_n_steps", "1",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks.filename", "user-{step}", "--trainer.callbacks.save_top_k", "-1",
+            "--trainer.callbacks.train_time_interval", "0:00:03",
+            "--checkpoint.monitor", "null", "--checkpoint.filename", "ours-{step}", "--checkpoint.save_top_k", "-1",
+            "--checkpoint.train_time_interval", "0:00:03"]
+    BatchClock.now = 0.0
+    straight = fit(tmp_path, "straight", *args, "--checkpoint.save_every_minutes", "0.05")
+    assert written and all(done == 2 * step for _, step, done in written), written
+    saved = sorted(p for p in (straight / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt")
+    assert {p.name.split("-")[0] for p in saved} == {"user", "ours"}
+    for checkpoint in saved:
+        if torch.load(checkpoint, weights_only=True)["global_step"] < 6:  # (step 6 has nothing left to train)
+            BatchClock.now = 0.0
+            assert_resumes_exactly(tmp_path, straight, checkpoint, *args)

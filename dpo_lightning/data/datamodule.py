@@ -177,6 +177,12 @@ class PreferenceDataModule(TokenizedDataModule):
             dataset = dataset.add_column("index", list(range(len(dataset))))
         return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
 
+    def add_index(self, split: str) -> None:
+        """Give ``split`` an ``index`` column, so its batches say which pairs they hold (``index``, ``(B,)``)."""
+        dataset = self.splits[split]
+        if "index" not in dataset.column_names:
+            self._splits[split] = dataset.add_column("index", list(range(len(dataset))))
+
     def tokenization_settings(self) -> dict[str, Any]:
         """What, besides the data and the reference weights, decides the reference log-probs."""
         hp = self.hparams

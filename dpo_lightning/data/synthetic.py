@@ -54,7 +54,9 @@ __all__ = [
     "build_tokenizer",
     "generate_pairs",
     "load_dataset",
+    "sort_exact",
     "sort_reward",
+    "sort_solved",
 ]
 
 NAMES = ("synthetic:sort",)
@@ -131,6 +133,21 @@ def sort_reward(prompt: str, response: str) -> float:
         return 1.0
     hits = sum(a == b for a, b in zip(words, target))
     return hits / max(len(words), len(target))
+
+
+def sort_exact(prompt: str, response: str) -> bool:
+    """Whether ``response`` is exactly the ascending sort of the prompt's digits: the task's pass/fail
+    check, apart from the partial credit of `sort_reward`. Whitespace between words does not matter
+    (" 1 1 3" and "1 1 3 " pass for "sort: 3 1 1 ="); anything else does ("1,1,3", " 1 1 3 3" fail)."""
+    return response.split() == [str(d) for d in sorted(_parse_prompt(prompt))]
+
+
+def sort_solved(prompt: str, response: str) -> float:
+    """Pass/fail reward: 1.0 if ``response`` is exactly the sort (`sort_exact`), else 0.0, with no partial
+    credit, as a verifier scores a math answer. As a judge (``function:dpo_lightning.data.synthetic:
+    sort_solved``) it pairs a correct answer against a wrong one only: a prompt whose samples are all
+    right, or all wrong, gives no pair (ties)."""
+    return 1.0 if sort_exact(prompt, response) else 0.0
 
 
 def _near_miss(target: list[int], present: set[int], kind: str, rng: random.Random) -> list[int]:

@@ -56,7 +56,7 @@ from dpo_lightning.generation.samples_io import (
     write_pairs,
 )
 from dpo_lightning.generation.sampling import RowSeededSampler, decode_response, response_seed
-from dpo_lightning.models.loading import check_local_source, load_causal_lm
+from dpo_lightning.models.loading import check_local_source, float32_buffers, load_causal_lm, restore_float32_buffers
 from dpo_lightning.stages.base import stage_class_of
 from dpo_lightning.training.callbacks import Preempted, PreemptionWatch, preemption_signal
 from dpo_lightning.training.folders import FolderLock
@@ -119,6 +119,14 @@ class GenerationModule(L.LightningModule):
         self.model.eval()
         self.generated_tokens = 0  # new tokens (up to EOS) sampled by this rank, for tokens/s
         self.stop_requested: Callable[[], bool] | None = None  # set by the writer: ends a batch early when true
+        self._fp32_buffers: dict[str, torch.Tensor] = {}  # taken at setup, restored after a bf16-true/16-true cast
+
+    def setup(self, stage: str) -> None:
+        # Before the precision plugin casts the module (bf16-true): RoPE's inv_freq and other float32 buffers.
+        self._fp32_buffers = float32_buffers(self)
+
+    def on_predict_start(self) -> None:
+        restore_float32_buffers(self, self._fp32_buffers)
 
     def settings(self) -> dict[str, Any]:
         """What decided the samples, written with every record (``sampler``: how the random numbers are drawn)."""

@@ -52,6 +52,29 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def float32_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of ``module``'s float32 buffers by name: taken in ``setup``, before a precision plugin casts the
+    module (``bf16-true``, ``16-true``), for :func:`restore_float32_buffers`."""
+    return {k: v.detach().clone() for k, v in module.named_buffers() if v.dtype == torch.float32}
+
+
+def restore_float32_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put back in float32 the buffers of ``saved`` that a cast to bf16/fp16 rounded (``bf16-true`` casts the
+    whole module): RoPE's ``inv_freq`` in bf16 shifts the rotary phase by up to ~1 rad at position 1000, so
+    the model attends differently from the one that was trained; weights keep the precision's dtype. A buffer
+    whose submodule is gone (a model freed since) is dropped from ``saved``."""
+    for name, value in list(saved.items()):
+        owner_name, _, leaf = name.rpartition(".")
+        try:
+            owner = module.get_submodule(owner_name) if owner_name else module
+        except AttributeError:  # a model freed since setup (the precomputed reference): nothing to restore
+            del saved[name]
+            continue
+        current = owner._buffers.get(leaf)
+        if current is not None and current.dtype != torch.float32:
+            owner._buffers[leaf] = value.to(current.device)
+
+
 def weights_dtype(source: str | None, config: dict[str, Any] | None, dtype: str | torch.dtype | None,
                   trust_remote_code: bool = False) -> torch.dtype:
     """The dtype a model will hold: ``dtype`` if given, else its config's (the checkpoint's), else float32.

@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.tensorboard import SummaryWriter
 
@@ -47,6 +48,7 @@ from dpo_lightning.data.errors import DataError, RowRef, warn
 from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.sources import load_source
+from dpo_lightning.data.synthetic import sort_exact
 from dpo_lightning.generation.judges import resolve_judge
 from dpo_lightning.generation.module import _until_eos
 from dpo_lightning.generation.samples_io import PAIRS_FILE, read_manifest, write_jsonl_atomically
@@ -94,6 +96,14 @@ class Evaluation:
         num_samples: Samples per prompt (temperature 1) for reward, win rate and KL.
         max_new_tokens: Longest sampled response.
         seed: Sampling seed.
+        data_seed: Seed of a ``synthetic:`` dataset: the stage recipes' 0, whose validation prompts none of
+            their training prompts repeat (with another seed, short prompts would).
+        enabled: False: no report is computed (each round's folders are still written; the reason is logged),
+            for runs where sampling the held-out prompts on one device would take longer than it is worth.
+        device: Where the report's models run: ``auto`` (the first CUDA device if there is one, else the
+            CPU), ``cpu``, ``cuda``, ``cuda:1``... The report runs on the global rank 0 process only.
+        dtype: The report's models' dtype (``bfloat16``...); None: as saved (a 7B policy, its start and its
+            reference in float32 take ~81 GB, more than one 80 GB GPU holds: use ``bfloat16`` there).
     """
 
     dataset: str = "synthetic:sort"
@@ -103,6 +113,10 @@ class Evaluation:
     num_samples: int = 4
     max_new_tokens: int = 12
     seed: int = 0
+    data_seed: int = 0
+    enabled: bool = True
+    device: str = "auto"
+    dtype: str | None = None
 
 
 def iterate(
@@ -115,6 +129,7 @@ def iterate(
     mix_with: str | None = None,
     mix_limit: int | None = None,
     evaluation: Evaluation | None = None,
+    seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Run (or resume) the pipeline; returns the report rows (round 0 is the SFT model).
 
@@ -133,6 +148,8 @@ def iterate(
             round's own pairs only.
         mix_limit: How many original pairs (its first ones) to add; None: all.
         evaluation: How each round's policy is measured; see `Evaluation`.
+        seed: Seed of the rounds' sampling: round r samples with seed ``1000 * seed + r`` (the stages'
+            training seeds are their recipes' ``seed_everything``, set in their ``args``).
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -150,7 +167,7 @@ def iterate(
         policies = [initial]
         for r in range(1, rounds + 1):
             round_dir = out / f"round_{r}"
-            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=r)
+            pairs = _run_generate_stage(generate, policies[-1], round_dir / "generate", seed=1000 * seed + r)
             _check_pairs(pairs, r, mix_with)
             mixed = None
             if mix_with is not None:
@@ -159,7 +176,22 @@ def iterate(
             policy = _run_fit_stage(dpo, round_dir, "dpo", model=policies[-1], pairs=pairs, ref_model=ref, mix=mixed)
             policies.append(policy)
         _stop_if_preempted("the report")
+        if not _report_runs_here(evaluation, out):
+            return []
         return write_report(out, policies, initial, evaluation, reference, _timings(out, rounds))
+
+
+def _report_runs_here(evaluation: Evaluation, out: Path) -> bool:
+    """Whether this process writes the report: the global rank 0 one (every rank of a multi-GPU run runs
+    ``iterate``; each stage's Trainer has set the rank), and only when ``evaluation.enabled``."""
+    if not evaluation.enabled:
+        log.warning("the report is skipped (evaluation.enabled is false): %s holds every round's folders, "
+                    "and no report.csv", out)
+        return False
+    if getattr(rank_zero_only, "rank", 0) != 0:
+        log.info("rank %d: the report is written by the global rank 0 process only", rank_zero_only.rank)
+        return False
+    return True
 
 
 STAGE_RECORD = "stage.json"
@@ -377,14 +409,15 @@ def sample_with_ids(model, data, num_samples: int, max_new_tokens: int, seed: in
     torch.manual_seed(seed)
     loader = data._loader(data.prompts, data.hparams.batch_size, shuffle=False)
     for batch in loader:
-        ids = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=True,
+        ids = model.generate(input_ids=batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device), do_sample=True,
                              num_return_sequences=num_samples, max_new_tokens=max_new_tokens,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         width = batch["input_ids"].shape[1]
         for i, prompt in enumerate(batch["prompt"]):
             prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
             samples = []
-            for row in ids[i * num_samples : (i + 1) * num_samples, width:].tolist():
+            for row in ids[i * num_samples : (i + 1) * num_samples, width:].cpu().tolist():
                 row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
                 samples.append((row, decode_response(tokenizer, prompt_ids, row)))
             out.append({"prompt": json.loads(prompt), "prompt_ids": prompt_ids, "samples": samples})
@@ -405,18 +438,53 @@ def response_logps(model, prompt_ids: list[int], responses: list[list[int]]) -> 
         mask[i, : len(row)] = 1
         if response:
             labels[i, len(prompt_ids) : len(row)] = torch.tensor(response, dtype=torch.long)
-    logits = model(input_ids=input_ids, attention_mask=mask).logits
-    return sequence_logps(logits, labels).logps
+    logits = model(input_ids=input_ids.to(model.device), attention_mask=mask.to(model.device)).logits
+    return sequence_logps(logits, labels.to(model.device)).logps.cpu()
+
+
+def evaluation_prompts(evaluation: Evaluation, tokenizer: Any):
+    """The held-out prompts of ``evaluation`` as a `PromptDataModule` (batches of 64)."""
+    return PromptDataModule(tokenizer=tokenizer, dataset=evaluation.dataset, split=evaluation.split,
+                            limit=evaluation.limit, batch_size=64, seed=evaluation.data_seed, drop_columns=None)
+
+
+def exact_check(dataset: str):
+    """The task's ground-truth pass/fail check ``(prompt, response) -> bool``, or None when it has none."""
+    if dataset == "synthetic:sort":
+        return sort_exact
+    return None
+
+
+@torch.no_grad()
+def greedy_exact_rate(model, data, check, max_new_tokens: int) -> float:
+    """The share of ``data``'s prompts whose greedy answer (at most ``max_new_tokens``) passes ``check``."""
+    tokenizer = data.tokenizer
+    passed = total = 0
+    for batch in data._loader(data.prompts, data.hparams.batch_size, shuffle=False):
+        ids = model.generate(input_ids=batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device), do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=tokenizer.eos_token_id)
+        for i, (prompt, row) in enumerate(zip(batch["prompt"], ids[:, batch["input_ids"].shape[1]:].cpu().tolist())):
+            prompt_ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+            row = _until_eos(row, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            passed += bool(check(json.loads(prompt), decode_response(tokenizer, prompt_ids, row)))
+            total += 1
+    return passed / max(total, 1)
 
 
 def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluation) -> dict[str, float]:
     """Mean judge score of the policy's samples on held-out prompts, win rate against ``start``'s samples
     (i-th sample against i-th sample; a tie counts half), and KL(policy || reference) estimated on the
-    policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error."""
-    data = PromptDataModule(tokenizer=policy, dataset=evaluation.dataset, split=evaluation.split,
-                            limit=evaluation.limit, batch_size=64, drop_columns=None)
+    policy's samples as the mean of sum_t [log pi(y_t) - log ref(y_t)], with its standard error. For a
+    task with a ground-truth pass/fail check (`exact_check`), first ``exact``: the share of the prompts
+    whose greedy answer passes it."""
+    data = evaluation_prompts(evaluation, policy)
     judge = resolve_judge(evaluation.judge)
-    models = {name: load_causal_lm(path).eval() for name, path in
+    device = evaluation.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {name: load_causal_lm(path, dtype=evaluation.dtype).to(device).eval() for name, path in
               {"policy": policy, "start": start, "reference": reference}.items()}
     ours = sample_with_ids(models["policy"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
     theirs = sample_with_ids(models["start"], data, evaluation.num_samples, evaluation.max_new_tokens, evaluation.seed)
@@ -434,7 +502,11 @@ def evaluate_policy(policy: str, start: str, reference: str, evaluation: Evaluat
                 - response_logps(models["reference"], row["prompt_ids"], ids)).tolist()
     kl = torch.tensor(kls, dtype=torch.float64)
     scored = [s for s in mine if s is not None]
+    check = exact_check(evaluation.dataset)
+    exact = {} if check is None else {
+        "exact": greedy_exact_rate(models["policy"], data, check, evaluation.max_new_tokens)}
     return {
+        **exact,
         "reward": sum(scored) / max(len(scored), 1),
         "win_rate": sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in pairs) / max(len(pairs), 1),
         "kl": kl.mean().item(),
@@ -469,8 +541,9 @@ def write_report(
 
         with SummaryWriter(str(out / "tensorboard")) as tb:
             for row in rows:
-                for key in ("reward", "win_rate", "kl", "pairs"):
-                    tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
+                for key in ("exact", "reward", "win_rate", "kl", "pairs"):
+                    if key in row:
+                        tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
     except ImportError:  # pragma: no cover - tensorboard is a dependency
         warn("tensorboard is not installed: the report is in report.csv and report.png only")
     return rows
@@ -499,9 +572,11 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rounds = [r["round"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, label in zip(axes, ("reward", "win_rate", "kl"),
-                              ("held-out reward", "win rate vs SFT", "KL(policy || reference)")):
+    panels = [("reward", "held-out reward"), ("win_rate", "win rate vs SFT"), ("kl", "KL(policy || reference)")]
+    if "exact" in rows[0]:
+        panels.insert(0, ("exact", "greedy exact rate"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.7 * len(panels), 3.2))
+    for ax, (key, label) in zip(axes, panels):
         ax.plot(rounds, [r[key] for r in rows], marker="o")
         ax.set_xlabel("round (0 = SFT)")
         ax.set_title(label)
@@ -522,7 +597,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)
     init = parser.instantiate_classes(config)
-    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation")
+    names = ("output_dir", "sft", "generate", "dpo", "rounds", "reference", "mix_with", "mix_limit", "evaluation",
+             "seed")
     kwargs = {k: init[k] for k in names}
     rows = iterate(**kwargs)
     for row in rows:

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
@@ -36,8 +36,10 @@ from dpo_lightning.models.loading import (
     check_max_length,
     check_vocab,
     empty_model,
+    float32_buffers,
     freeze,
     load_model,
+    restore_float32_buffers,
     text_config,
     weights_dtype,
     wrap_lora,
@@ -46,9 +48,9 @@ from dpo_lightning.models.loading import disable_dropout as _disable_dropout
 from dpo_lightning.models.logprobs import SequenceLogps, sequence_logps
 from dpo_lightning.references.strategies import REF_PREFIX, Reference, resolve_reference
 from dpo_lightning.stages.options import LoraOptions, MemoryOptions, option_group
-from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError, check_strategy
-from dpo_lightning.training.callbacks import check_validation_interval
-from dpo_lightning.training.distributed import enable_activation_checkpointing, shard_models
+from dpo_lightning.stages.preflight import PACKED_COLLATORS, ConfigError, check_strategy, update_resolution_warning
+from dpo_lightning.training.callbacks import align_checkpoint_saves, check_validation_interval
+from dpo_lightning.training.distributed import enable_activation_checkpointing, is_sharded, shard_models
 from dpo_lightning.training.metrics import RunningMeans
 from dpo_lightning.training.optim import Decay, describe_factory, warmup_decay_schedule
 from dpo_lightning.training.resume import RESUME_KEY, restore_resume_state, resume_state, set_rng_states
@@ -241,6 +243,10 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         self._tokens_seen += input_tokens(batch)
+        if is_sharded(self.model):
+            # FSDP2: reduce-scatter the gradients once per optimizer step, at its last micro-batch (Lightning's
+            # no_backward_sync covers DDP only); until then each rank accumulates them unsharded.
+            self.model.set_requires_gradient_sync(not self.trainer.fit_loop.epoch_loop._should_accumulate())
         return self.step(batch, self.train_metrics)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -351,7 +357,28 @@ class CausalLMModule(L.LightningModule):
             scheduler = warmup_decay_schedule(
                 optimizer, total_steps=int(total), warmup_ratio=self.hparams.warmup_ratio, decay=self.hparams.lr_decay
             )
+        self._check_loaded_dtype(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _check_loaded_dtype(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn, before the first step, when ``model.dtype`` was left unset and the weights loaded in half
+        precision (transformers 5 loads a checkpoint's own dtype: Qwen2.5 in bf16) with an Adam step too small
+        for them: the CLI's check of the configuration (`preflight.update_resolution_warning`) could not see it."""
+        configured = self.hparams.get("dtype")
+        if configured not in (None, "auto") or self.lora is not None:
+            return  # the configuration says the dtype (the CLI checked it); LoRA adapters train in float32
+        trained = {p.dtype for group in optimizer.param_groups for p in group["params"] if p.requires_grad}
+        half = [d for d in (torch.bfloat16, torch.float16) if d in trained]
+        if not half:
+            return
+        group = optimizer.param_groups[0]
+        lr = group.get("initial_lr", group["lr"])  # (a warmup scheduler has already scaled "lr" to its start)
+        precision = str(self.trainer.precision)
+        if update_resolution_warning(precision, lr, configured, optimizer=_class_path(optimizer)):
+            return  # the precision converts the weights: the configuration check said it already
+        message = update_resolution_warning(precision, lr, half[0], optimizer=_class_path(optimizer), loaded=True)
+        if message:
+            rank_zero_warn(message)
 
     # ------------------------------------------------------------------ scale-out
 
@@ -394,7 +421,7 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         # Before configure_model and the precision plugin may cast the modules (bf16-true, FSDP2's bf16 reference).
-        self._fp32_buffers = {k: v.detach().clone() for k, v in self.named_buffers() if v.dtype == torch.float32}
+        self._fp32_buffers = float32_buffers(self)
         if self._trainer is not None:
 
             check_strategy(self.trainer.strategy)  # FSDP1, refused from Python as from the CLI
@@ -402,6 +429,7 @@ class CausalLMModule(L.LightningModule):
             self._choose_fast_paths(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
             check_validation_interval(self.trainer)
+            align_checkpoint_saves(self.trainer)
         if self.reference is not None:
             self.reference.setup(self)
 
@@ -457,25 +485,20 @@ class CausalLMModule(L.LightningModule):
 
     def on_validation_start(self) -> None:
         self._restore_fp32_buffers()
+        self._prepare_evaluation()
 
     def on_test_start(self) -> None:
         self._restore_fp32_buffers()
+        self._prepare_evaluation()
+
+    def _prepare_evaluation(self) -> None:
+        """A ``validate``/``test`` of its own (outside ``fit``): the reference prepares the split it reads."""
+        if self.reference is not None and self.trainer.state.fn != "fit":
+            self.reference.on_evaluation_start(self, "test" if self.trainer.testing else "validation")
 
     def _restore_fp32_buffers(self) -> None:
-        """Put back in float32 the buffers a cast to bf16/fp16 rounded (``bf16-true`` casts the whole module):
-        RoPE's ``inv_freq`` in bf16 shifts the rotary phase by up to ~1 rad at position 1000, so the model
-        attends differently from the one that was trained; weights keep the precision's dtype."""
-        saved = getattr(self, "_fp32_buffers", None) or {}
-        for name, value in list(saved.items()):
-            owner_name, _, leaf = name.rpartition(".")
-            try:
-                owner = self.get_submodule(owner_name) if owner_name else self
-            except AttributeError:  # a model freed since setup (the precomputed reference): nothing to restore
-                del saved[name]
-                continue
-            current = owner._buffers.get(leaf)
-            if current is not None and current.dtype != torch.float32:
-                owner._buffers[leaf] = value.to(current.device)
+        """The float32 buffers a ``bf16-true``/``16-true`` cast rounded, back in float32 (``models.py``)."""
+        restore_float32_buffers(self, getattr(self, "_fp32_buffers", None) or {})
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -674,6 +697,10 @@ def input_tokens(batch: Mapping[str, Any]) -> int:
         if mask is not None and mask.dim() == 2:
             count += int(mask.sum())
     return count
+
+
+def _class_path(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
 def _logs_this_step(trainer: L.Trainer) -> bool:

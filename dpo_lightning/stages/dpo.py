@@ -21,6 +21,7 @@ from dpo_lightning.references.strategies import (
     AdapterReference,
     CopyReference,
     NoReference,
+    PrecomputedReference,
     Reference,
     resolve_reference,
 )
@@ -92,7 +93,8 @@ class DPOModule(CausalLMModule):
         super().__init__(model=model, **kwargs)
         self.loss_config = config
         self.attach_reference(strategy, ref_model)
-        self._reference_is_own_copy = ref_model is None and isinstance(strategy, CopyReference | AdapterReference)
+        self._reference_is_own_copy = ref_model is None and isinstance(
+            strategy, CopyReference | AdapterReference | PrecomputedReference)
 
     def forward(self, batch: Mapping[str, Tensor]) -> StepOutput:
         """Losses and rewards of a batch of pairs: ``StepOutput(loss, policy, ref_logps)``."""
@@ -113,7 +115,8 @@ class DPOModule(CausalLMModule):
         super().on_validation_start()
         # `validate`/`test` of a model on its own: the default reference is a copy of that very
         # model, so every reward is 0 by construction. Say so rather than report accuracy 0.0.
-        if not self.trainer.training and self.global_step == 0 and self._reference_is_own_copy:
+        # (From a checkpoint the policy is the trained one: Lightning restores no step count outside fit.)
+        if not self.trainer.training and self.trainer.ckpt_path is None and self._reference_is_own_copy:
             rank_zero_warn(
                 "the reference is a copy of the policy being evaluated, so rewards, margins and accuracies are 0 "
                 "by construction; to compare against the model training started from, set model.ref_model"

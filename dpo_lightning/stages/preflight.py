@@ -158,6 +158,7 @@ def update_resolution_warning(
     *,
     lora: bool = False,
     optimizer: str | None = None,
+    loaded: bool = False,
 ) -> str | None:
     """The warning for Adam-family updates that round away in half-precision weights, or None.
 
@@ -172,6 +173,8 @@ def update_resolution_warning(
         dtype: ``model.dtype``, or the trained parameters' dtype when called from a module.
         lora: LoRA adapters are trained (kept in float32 unless ``precision`` converts them).
         optimizer: the optimizer's class path; only the Adam family moves weights by ~lr per step.
+        loaded: ``dtype`` is the dtype the weights loaded in with ``model.dtype`` unset (the checkpoint's own,
+            transformers 5's default), not one the configuration asked for.
     """
     if optimizer is not None and "adam" not in optimizer.rsplit(".", 1)[-1].lower():
         return None
@@ -186,8 +189,10 @@ def update_resolution_warning(
         "keep fp32 master weights: trainer.precision bf16-mixed with model.dtype float32, or under FSDP2 "
         "precision 32-true, model.dtype float32 and model.memory.fsdp_mixed_precision: true (bf16 compute)"
     )
+    setting = (f"model.dtype unset (the weights loaded in the checkpoint's {_dtype_name(dtype)})" if loaded
+               else f"model.dtype={_dtype_name(dtype)}")
     return (
-        f"trainer.precision={precision} with model.dtype={_dtype_name(dtype)} trains {weights} weights, and lr={lr:g} "
+        f"trainer.precision={precision} with {setting} trains {weights} weights, and lr={lr:g} "
         f"is below {floor:.1e}: an Adam step moves a weight by ~lr, less than half the spacing of {weights} numbers "
         f"around |w|={TYPICAL_WEIGHT:g} ({SIGNIFICAND_BITS[weights]} significant bits), so most updates round away "
         f"and training stalls; {fix} (docs/scale_out.md, Precision)"

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import shutil
@@ -171,7 +172,40 @@ def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | Non
     return f"checkpoints in {folder}:\n" + "\n".join(lines) if lines else ""
 
 
-class LatestModelCheckpoint(ModelCheckpoint):
+class StepAlignedSaves(ModelCheckpoint):
+    """``ModelCheckpoint`` that saves at optimizer-step boundaries only.
+
+    Under ``accumulate_grad_batches`` k > 1, Lightning's ``train_time_interval`` saves when the time is
+    due, which can be between the micro-batches of one optimizer step: the checkpoint cannot hold their
+    partial gradients, so a resume from it is not exact. Here a save due there waits for the step's last
+    micro-batch (at most k - 1 batches later). Step-, validation- and epoch-based saves are on boundaries
+    already. :func:`align_checkpoint_saves` gives every ``ModelCheckpoint`` of a fit this behaviour.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if _between_optimizer_steps(trainer):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+@functools.cache
+def _step_aligned(cls: type[ModelCheckpoint]) -> type[ModelCheckpoint]:
+    # The same name: the callback's state key in checkpoints (qualname + settings) stays what it was.
+    return type(cls.__name__, (StepAlignedSaves, cls), {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+
+
+def align_checkpoint_saves(trainer: pl.Trainer) -> None:
+    """Make every ``ModelCheckpoint`` of ``trainer`` (a user's own too) save at optimizer-step boundaries only
+    (:class:`StepAlignedSaves`) when gradients are accumulated; the callbacks keep their settings and state."""
+    if trainer.accumulate_grad_batches == 1:
+        return
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and not isinstance(callback, StepAlignedSaves):
+            callback.__class__ = _step_aligned(type(callback))  # same state, one hook changed
+
+
+class LatestModelCheckpoint(StepAlignedSaves):
     """``ModelCheckpoint`` whose ``save_last=True`` keeps ``last.ckpt`` current, also without validation.
 
     Lightning's own ``save_last=True`` rewrites ``last.ckpt`` only when a top-k checkpoint is
@@ -179,8 +213,8 @@ class LatestModelCheckpoint(ModelCheckpoint):
     validation runs: with no validation data a run was written once, at its end, so a kill lost
     everything. Here ``last.ckpt`` is also written every ``save_every_n_steps`` optimizer steps,
     every ``save_every_minutes`` minutes, at each validation, at the end of training, and on
-    preemption. Periodic saves happen between optimizer steps only (never mid-accumulation), so a
-    run resumed from any ``last.ckpt`` continues exactly.
+    preemption. Periodic saves (``train_time_interval`` too) happen between optimizer steps only (never
+    mid-accumulation), so a run resumed from any of its checkpoints continues exactly.
     """
 
     def __init__(
@@ -237,9 +271,9 @@ class LatestModelCheckpoint(ModelCheckpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if not _between_optimizer_steps(trainer):
-            return
+            return  # (Lightning's own time-based save too: StepAlignedSaves)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
         by_steps = self.save_every_n_steps is not None and step % self.save_every_n_steps == 0
         minutes = self.save_every_minutes
@@ -550,6 +584,8 @@ __all__ = [
     "Preempted",
     "PreemptionWatch",
     "StepAlignedEpochLoop",
+    "StepAlignedSaves",
+    "align_checkpoint_saves",
     "preemption_signal",
     "StepProgressBar",
     "check_validation_interval",

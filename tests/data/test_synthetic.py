@@ -7,7 +7,9 @@ from dpo_lightning.data.synthetic import (
     build_tokenizer,
     generate_pairs,
     load_dataset,
+    sort_exact,
     sort_reward,
+    sort_solved,
 )
 
 
@@ -92,6 +94,20 @@ def test_reward_hand_values():
     assert sort_reward(prompt, "") == 0.0
     with pytest.raises(ValueError, match="not a sort prompt"):
         sort_reward("3 1 4", " 1 3 4")
+
+
+def test_exact_and_solved_pass_only_the_sort():
+    """sort_exact / sort_solved: the pass/fail check (no partial credit); every chosen answer passes and
+    every near miss fails, which is where sort_reward gives 1.0 and < 1.0."""
+    prompt = "sort: 3 1 4 1 5 ="
+    for response, right in [(" 1 1 3 4 5", True), ("1 1 3 4 5 ", True), (" 1 1 4 3 5", False),
+                            (" 1 1 3 4", False), (" 1 1 3 4 5 5", False), ("1,1,3,4,5", False), ("", False)]:
+        assert sort_exact(prompt, response) is right, response
+        assert sort_solved(prompt, response) == (1.0 if right else 0.0), response
+    with pytest.raises(ValueError, match="not a sort prompt"):
+        sort_solved("3 1 4", " 1 3 4")
+    for row in generate_pairs(200, 3):
+        assert sort_exact(row["prompt"], row["chosen"]) and not sort_exact(row["prompt"], row["rejected"])
 
 
 def test_train_and_validation_prompts_are_disjoint_and_unique(dataset):

@@ -35,7 +35,7 @@ from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data import COLLATORS, PreferenceDataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
 from dpo_lightning.stages.options import MemoryOptions  # noqa: E402
-from dpo_lightning.training.distributed import full_state_dict  # noqa: E402
+from dpo_lightning.training.distributed import decoder_layers, full_state_dict  # noqa: E402
 
 from tiny import random_batch, tiny_config  # noqa: E402
 
@@ -80,10 +80,10 @@ class Data(L.LightningDataModule):
     """The global batches, each rank taking its pairs; with ``collator`` the pairs (prompts shared by both
     sides, `pair_features`) are batched by that collator of ours instead."""
 
-    def __init__(self, collator: str | None = None) -> None:
+    def __init__(self, collator: str | None = None, batches: int = STEPS) -> None:
         super().__init__()
         self.collator = collator
-        self.train, self.val = global_batches(STEPS, 0), global_batches(2, 100)
+        self.train, self.val = global_batches(batches, 0), global_batches(2, 100)
 
     def _loader(self, batches):
         rank, world = self.trainer.global_rank, self.trainer.world_size
@@ -113,6 +113,29 @@ class Capture(L.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step == 0:
             self.grads = {n: _full(p.grad) for n, p in pl_module.model.named_parameters() if p.grad is not None}
+
+
+class SyncEveryMicroBatch(L.Callback):
+    """Reduce-scatter the gradients of every micro-batch (FSDP2's behaviour before the stage synced once per
+    optimizer step): the reference the once-per-step result is compared with."""
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        pl_module.model.set_requires_gradient_sync(True)
+
+
+def count_reduce_scatters() -> list[int]:
+    """Count FSDP2's gradient reduce-scatters (``dist.reduce_scatter_single``, what its default comm calls)."""
+    import torch.distributed as dist
+
+    calls = [0]
+    original = dist.reduce_scatter_single
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    dist.reduce_scatter_single = counted
+    return calls
 
 
 class ListLogger(Logger):
@@ -174,6 +197,8 @@ def main() -> None:
     parser.add_argument("--lean", choices=["auto", "on", "off"], default="auto", help="model.memory.lean_logprobs")
     parser.add_argument("--sharded-init", action="store_true", help="model.memory.sharded_init (fsdp2)")
     parser.add_argument("--collator", choices=sorted(COLLATORS), help="batch the pairs with this collator of ours")
+    parser.add_argument("--accumulate", type=int, default=1, help="trainer.accumulate_grad_batches")
+    parser.add_argument("--sync-every-micro-batch", action="store_true", help="FSDP2: reduce-scatter every micro-batch")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -197,12 +222,15 @@ def main() -> None:
         ),
     )
     capture, logger = Capture(), ListLogger()
+    callbacks = [capture, *([SyncEveryMicroBatch()] if args.sync_every_micro_batch else [])]
     trainer = L.Trainer(
         accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS, logger=logger, log_every_n_steps=1,
-        callbacks=[capture], enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=callbacks, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, use_distributed_sampler=False, accumulate_grad_batches=args.accumulate,
     )
-    trainer.fit(module, datamodule=Data(args.collator))
+    reduce_scatters = count_reduce_scatters()
+    trainer.fit(module, datamodule=Data(args.collator, batches=STEPS * args.accumulate))
+    reduce_scatters = reduce_scatters[0]  # (validation runs no backward)
     params = {n: _full(p) for n, p in module.model.named_parameters()}  # collective under FSDP2
     export_state = full_state_dict(module.model)  # collective under FSDP2; what an HF export would save
     # The dtypes of what is stored (sharded parameters), not of a root left unsharded by validation.
@@ -227,6 +255,7 @@ def main() -> None:
                 "export_state": {k: v.float() for k, v in export_state.items()},
                 "gradient_checkpointing": module.model.is_gradient_checkpointing,
                 "lean_logprobs": module.lean_logprobs,
+                "reduce_scatters": reduce_scatters, "fsdp_units": len(decoder_layers(module.model)) + 1,
             },
             args.out,
         )
