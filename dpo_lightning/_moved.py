@@ -28,7 +28,7 @@ MOVED: dict[str, str] = {
     "options": "stages.options",
     "preflight": "stages.preflight",
     "export": "stages.export",
-    "reference": "references.strategies",
+    "reference": "references",
     "precompute": "references.precompute",
     "judges": "generation.judges",
     "llm_judges": "generation.judges.llm",

@@ -287,7 +287,7 @@ def test_fsdp2_checkpoint_leaves_a_rebuildable_reference_out_and_resumes_exactly
     _fit(module(), tmp_path / "first", steps=6, sharded=True)  # one epoch of the 6 batches
     saved = consolidate_checkpoint(tmp_path / "first" / "last.ckpt")
     assert saved["global_step"] == 6 and saved["state_dict"]
-    assert not any(k.startswith("ref_model.") for k in saved["state_dict"])
+    assert not any(k.startswith("reference.model.") for k in saved["state_dict"])
     resumed, _ = _fit(module(), tmp_path / "second", steps=8, sharded=True,
                       ckpt_path=str(tmp_path / "first" / "last.ckpt"))
     a, b = full_state_dict(whole.lightning_module.model), full_state_dict(resumed.lightning_module.model)

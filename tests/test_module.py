@@ -147,7 +147,7 @@ def test_learns_a_preference_far_above_chance():
 
 def _ref_keys(path):
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-    return [k for k in state if k.startswith("ref_model.")]
+    return [k for k in state if k.startswith("reference.model.")]
 
 
 def test_loads_from_a_saved_model_and_checkpoints_leave_the_rebuildable_reference_out(tmp_path):

@@ -3,6 +3,7 @@
 by its old path (``dpo_lightning.dpo.DPOModule``) and still exports to the same weights, and a resume continues
 to exactly the weights the old code reached."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,12 @@ def test_the_old_checkpoint_exports_to_the_old_export(tmp_path):
 
 
 def test_the_old_checkpoint_resumes_to_the_old_codes_weights_bitwise(tmp_path):
-    new = policy(resume(OLD, tmp_path / "runs"))
+    """... and without a warning that the settings changed: the checkpoint records ``reference: copy``, the old
+    config its expansion ``{class_path: dpo_lightning.reference.CopyReference, init_args: {defaults}}``."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        new = policy(resume(OLD, tmp_path / "runs"))
+    assert not [w for w in seen if "differ from the checkpoint" in str(w.message)], [str(w.message) for w in seen]
     old = load_file(OLD / "resumed_step6.safetensors")
     assert new.keys() == old.keys()
     for name in old:

@@ -38,7 +38,7 @@ from dpo_lightning.generation.module import GenerationModule, _until_eos
 from dpo_lightning.generation.samples_io import write_manifest
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.pipeline import Evaluation, Stage, iterate, sample_with_ids, write_report
-from dpo_lightning.references.strategies import REF_TABLES_KEY
+from dpo_lightning.references import REF_TABLES_KEY
 from dpo_lightning.stages.export import EXPORT_MARKER, export_hf
 
 from tiny import tiny_config
@@ -308,7 +308,7 @@ def test_precomputed_resume_reads_the_tables_from_the_checkpoint(tmp_path, monke
     raise, the run resumes to step 4 on the checkpoint's tables, whose values are the live reference's."""
     import shutil
 
-    import dpo_lightning.references.strategies as reference_module
+    import dpo_lightning.references.precomputed as reference_module
 
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(24, seed=5)))

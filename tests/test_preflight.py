@@ -8,7 +8,7 @@ import pytest
 from chat_data import save_tokenizer, ultrachat_rows, ultrafeedback_rows, write_jsonl
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
-import dpo_lightning.stages.base
+import dpo_lightning.models.loading
 from dpo_lightning.cli import DPOLightningCLI, cli_main
 from dpo_lightning.data import PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.errors import DataError
@@ -37,7 +37,7 @@ def no_model(monkeypatch):
         calls.append(args)
         raise ModelLoaded("the model was loaded: the preflight did not stop the run first")
 
-    monkeypatch.setattr(dpo_lightning.stages.base, "load_model", load_model)
+    monkeypatch.setattr(dpo_lightning.models.loading, "load_model", load_model)
     return calls
 
 
@@ -260,7 +260,7 @@ def test_the_python_api_refuses_fsdp1_and_packing_under_flash_attention_at_setup
 
     module.model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="flash_attention_2.*would not compute what padded rows compute"):
-        module._choose_fast_paths(PackedData())
+        module.choose_fast_paths(PackedData())
 
 
 # ------------------------------------------------------------------------------- sliding-window attention

@@ -15,7 +15,7 @@ from dpo_lightning import CopyReference, DPOModule, KTOModule, LoraOptions, Memo
 from dpo_lightning.data import PreferenceDataModule
 from dpo_lightning.data.synthetic import generate_pairs
 from dpo_lightning.losses import kto_loss
-from dpo_lightning.references.strategies import mix_into_reference_
+from dpo_lightning.references import mix_into_reference_
 
 from tiny import ListLogger, random_batch, tiny_config
 
@@ -107,7 +107,7 @@ def test_precomputed_equals_live_is_cached_and_frees_the_reference(tmp_path, mon
     assert len(files) == 2  # train and validation
 
     # A second run reuses the cache: computing is never called.
-    import dpo_lightning.references.strategies as module_mod
+    import dpo_lightning.references.precomputed as module_mod
 
     def boom(*a, **k):
         raise AssertionError("recomputed despite a valid cache")
@@ -157,7 +157,7 @@ def test_precomputed_reference_validates_and_resumes_exactly(tmp_path, monkeypat
     assert straight.ref_model is None
     assert [s for s, row in sorted(logs.rows.items()) if "val/loss" in row] == [2, 4]  # optimizer steps 2, 4
 
-    import dpo_lightning.references.strategies as reference_module
+    import dpo_lightning.references.precomputed as reference_module
 
     def boom(*a, **k):
         raise AssertionError("the resumed run computed the reference log-probs again")
@@ -456,3 +456,18 @@ def test_precomputed_reference_validates_a_loader_whose_batches_carry_ref_logps(
     module = DPOModule(model_config=tiny_config("llama"), reference="precomputed")
     (metrics,) = trainer().validate(module, dataloaders=DataLoader([batch], batch_size=None), verbose=False)
     assert math.isfinite(metrics["val/loss"])
+
+
+def test_a_reference_and_its_expansion_are_one_setting():
+    """``copy`` is recorded as ``copy``; a config's class_path expansion with the default settings (by any import
+    path of the class) compares equal to it, settings that differ do not, and a value that does not resolve is
+    returned as given (the stage reports it)."""
+    from dpo_lightning.references import reference_spec
+
+    expansion = {"class_path": "dpo_lightning.reference.CopyReference", "init_args": {"sync_steps": None,
+                                                                                     "sync_alpha": 1.0}}
+    assert reference_spec(expansion) == reference_spec("copy") == "copy"
+    synced = {**expansion, "init_args": {"sync_steps": 4, "sync_alpha": 0.5}}
+    assert reference_spec(synced) == {"class_path": "dpo_lightning.references.copy.CopyReference",
+                                      "init_args": {"sync_steps": 4, "sync_alpha": 0.5}}
+    assert reference_spec("cpoy") == "cpoy"

@@ -264,7 +264,7 @@ def test_bad_checkpoint_is_named_before_the_model_is_built(tmp_path, monkeypatch
     def no_build(*args, **kwargs):
         raise AssertionError("the model was built before the checkpoint was checked")
 
-    monkeypatch.setattr("dpo_lightning.stages.base.load_model", no_build)
+    monkeypatch.setattr("dpo_lightning.models.loading.load_model", no_build)
     with pytest.raises(SystemExit) as exit_info:
         main(fit_args(tmp_path, 2, "--ckpt_path", str(bad)))
     assert exit_info.value.code == 1

@@ -113,7 +113,7 @@ def test_tr_dpo_resume_continues_from_the_synced_reference(tmp_path):
     expected, _ = uninterrupted(PairData, build)
     resumed, _ = interrupted_then_resumed(PairData, tmp_path / "run", build)
     saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
-    assert any(k.startswith("ref_model.") for k in saved)
+    assert any(k.startswith("reference.model.") for k in saved)
     for name, value in expected.items():
         assert torch.equal(value, resumed[name]), name
 
@@ -135,9 +135,9 @@ def test_lora_tr_dpo_resume_continues_from_the_synced_reference(tmp_path):
     expected, logs = uninterrupted(PairData, build)
     resumed, resumed_logs = interrupted_then_resumed(PairData, tmp_path / "run", build)
     saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["state_dict"]
-    assert any(k.startswith("ref_model.") for k in saved) and not any("base_layer" in k for k in saved)
+    assert any(k.startswith("reference.model.") for k in saved) and not any("base_layer" in k for k in saved)
     base = build()
-    moved = [k for k, v in base.ref_model.state_dict().items() if not torch.equal(v, expected[f"ref_model.{k}"])]
+    moved = [k for k, v in base.ref_model.state_dict().items() if not torch.equal(v, expected[f"reference.model.{k}"])]
     assert any("c_attn" in k for k in moved)  # the syncs did move the reference
     for name, value in expected.items():
         assert torch.equal(value, resumed[name]), name

@@ -135,7 +135,7 @@ def test_lora_with_tr_dpo_trains_and_resumes_exactly(tmp_path):
     straight = fit(tmp_path, "straight", *args)
     step3 = [p for p in (straight / "checkpoints").glob("step3-*.ckpt")]
     assert len(step3) == 1
-    assert any(k.startswith("ref_model.") for k in torch.load(step3[0], weights_only=True)["state_dict"])
+    assert any(k.startswith("reference.model.") for k in torch.load(step3[0], weights_only=True)["state_dict"])
     assert_resumes_exactly(tmp_path, straight, step3[0], *args)
 
 

@@ -80,7 +80,7 @@ def test_tiny_rm_recipe_ranks_held_out_pairs_and_exports_a_scorer(tmp_path):
     ids=["sft-on-pairs", "rm-on-sft-data"],
 )
 def test_a_stage_on_the_wrong_data_module_is_refused_before_loading(tmp_path, monkeypatch, args, match):
-    monkeypatch.setattr("dpo_lightning.stages.base.load_model", _no_weights)
+    monkeypatch.setattr("dpo_lightning.models.loading.load_model", _no_weights)
     with pytest.raises(ValueError, match=match):
         cli_main(["fit", "--config", str(ROOT / "recipes" / "tiny.yaml"), "--model.model_config", "null",
                   "--model.model", "some/model", "--trainer.logger.init_args.save_dir", str(tmp_path), *args])

@@ -116,7 +116,7 @@ def no_weights(*args, **kwargs):
          "adapter-with-ref-model"],
 )
 def test_config_mistakes_are_refused_before_weights_load(monkeypatch, build, match):
-    monkeypatch.setattr("dpo_lightning.stages.base.load_model", no_weights)
+    monkeypatch.setattr("dpo_lightning.models.loading.load_model", no_weights)
     with pytest.raises(ValueError, match=match):
         build()
 

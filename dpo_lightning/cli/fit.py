@@ -25,7 +25,9 @@ from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
 from dpo_lightning.cli.config_errors import init_error
 from dpo_lightning.data import PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
-from dpo_lightning.stages.base import FACTORIES_KEY, CausalLMModule
+from dpo_lightning.references import reference_spec
+from dpo_lightning.stages.base import CausalLMModule
+from dpo_lightning.stages.checkpointing import FACTORIES_KEY
 from dpo_lightning.stages.dpo import DPOModule
 from dpo_lightning.stages.export import HFExport
 from dpo_lightning.stages.options import recorded_groups
@@ -139,6 +141,8 @@ class DPOLightningCLI(LightningCLI):
         if "hyper_parameters" in header and config.get("model") is not None:
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
             current = recorded_groups(config.model.init_args.as_dict())
+            if "reference" in current:  # `copy` and its class_path expansion are one setting
+                current["reference"] = reference_spec(current["reference"])
             changes += changed_hparams(header["hyper_parameters"], current, "model")
         restored = []
         if FACTORIES_KEY in header and config.get("model") is not None:

@@ -208,6 +208,38 @@ def load_model(
     return auto_class.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs, **config_overrides)
 
 
+def load_policy(
+    source: str | PreTrainedModel | None,
+    config: dict[str, Any] | None,
+    *,
+    tokenizer: Any,
+    max_length: int | None,
+    load_kwargs: dict[str, Any],
+    auto_class: type = AutoModelForCausalLM,
+    overrides: dict[str, Any] | None = None,
+    on_meta: bool = False,
+    no_dropout: bool = True,
+    lora: dict[str, Any] | None = None,
+    lora_task_type: str = "CAUSAL_LM",
+) -> nn.Module:
+    """A stage's trained model, in train mode: loaded (:func:`load_model`), or its architecture on the meta device
+    (``on_meta``: FSDP2's sharded init on the ranks that receive rank 0's weights), checked against the tokenizer's
+    vocabulary and the data's ``max_length``, its pad token set, dropout off and LoRA adapters on if asked."""
+    vocab_size = len(tokenizer) if tokenizer is not None else None
+    build = {"auto_class": auto_class, "config": config, "vocab_size": vocab_size, **load_kwargs, **(overrides or {})}
+    model = empty_model(source, **build) if on_meta else load_model(source, **build)
+    check_vocab(model, vocab_size)
+    check_max_length(model, max_length)
+    if tokenizer is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if no_dropout:
+        disable_dropout(model)
+    if lora is not None:
+        model = wrap_lora(model, **lora, task_type=lora_task_type)
+    model.train()  # from_pretrained returns eval mode, and Lightning no longer calls train()
+    return model
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability in ``model`` to 0, as TRL does by default for DPO.
 

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 
 from dpo_lightning.losses import REFERENCE_FREE, LossOutput, PairLogps, check_loss_config, compute_loss
 from dpo_lightning.models.logprobs import SequenceLogps
-from dpo_lightning.references.strategies import (
+from dpo_lightning.references import (
     AdapterReference,
     CopyReference,
     NoReference,

@@ -33,14 +33,14 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedModel, PreTrain
 from dpo_lightning._version import __version__
 from dpo_lightning.data.tokenizer import resolve_tokenizer
 from dpo_lightning.models.loading import load_model, wrap_lora
-from dpo_lightning.stages.base import (
+from dpo_lightning.stages.base import stage_class_of
+from dpo_lightning.stages.checkpointing import (
     EXPORT_DTYPE_KEY,
     FROZEN_BASE_KEY,
     POLICY_CONFIG_KEY,
     check_frozen_base,
     fingerprint,
     frozen_parameters,
-    stage_class_of,
 )
 from dpo_lightning.training.checkpoint import _HOST, _alive, _process_start_time, current_umask
 from dpo_lightning.training.distributed import consolidate_checkpoint, full_state_dict, is_sharded

@@ -25,7 +25,7 @@ from dpo_lightning.losses import (
     kto_weight_warning,
 )
 from dpo_lightning.models.logprobs import SequenceLogps
-from dpo_lightning.references.strategies import NoReference, PrecomputedReference, Reference, resolve_reference
+from dpo_lightning.references import NoReference, PrecomputedReference, Reference, resolve_reference
 from dpo_lightning.stages.base import CausalLMModule
 from dpo_lightning.stages.preflight import check_reference
 from dpo_lightning.training.metrics import KTOMetrics

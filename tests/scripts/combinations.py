@@ -333,14 +333,14 @@ class Result:
 
 
 class _CountLoads:
-    """Counts model weight loads (``dpo_lightning.stages.base.load_model`` / ``empty_model``) while active."""
+    """Counts model weight loads (``dpo_lightning.models.loading.load_model`` / ``empty_model``) while active."""
 
     def __init__(self) -> None:
         self.count = 0
 
     @contextlib.contextmanager
     def active(self) -> Iterator[_CountLoads]:
-        import dpo_lightning.stages.base as stage
+        import dpo_lightning.models.loading as stage
 
         originals = stage.load_model, stage.empty_model
 

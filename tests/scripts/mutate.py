@@ -104,7 +104,7 @@ MUTATIONS = [
     ),
     # A precomputed reference's tables saved in checkpoints but not read back: a resume recomputes them.
     Mutation(
-        "precomputed_tables_ignored_on_resume", "dpo_lightning/references/strategies.py",
+        "precomputed_tables_ignored_on_resume", "dpo_lightning/references/precomputed.py",
         "self._tables = dict(state.get(REF_TABLES_KEY, {}))", "self._tables = {}",
     ),
     # The reward-model judge refuses a row of exactly its length limit.

@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import Logger  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-import dpo_lightning.stages.base as dpo_module  # noqa: E402
+import dpo_lightning.stages.checkpointing as dpo_module  # noqa: E402
 from dpo_lightning import DPOModule  # noqa: E402
 from dpo_lightning.data.sampler import ResumableTrainData  # noqa: E402
 from dpo_lightning.stages.options import MemoryOptions
