@@ -1,5 +1,9 @@
 """Callbacks that keep a run's work safe: when checkpoints are written, and when a run must stop.
 
+This file holds the checkpoint saving policy; the preemption signal handling is ``training/preemption.py``, the
+non-finite guard ``training/guards.py``, the progress bar ``training/progress.py`` (their names are importable
+from here too).
+
 * :class:`LatestModelCheckpoint` is ``ModelCheckpoint`` whose ``last.ckpt`` always holds the
   latest state: written at each validation, every N optimizer steps and every M minutes (with or
   without validation data), at the end of training, and when the job is preempted (SIGTERM, or
@@ -13,25 +17,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from weakref import proxy
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
 
 from dpo_lightning.training.checkpoint import (
     link_checkpoint,
@@ -39,97 +36,12 @@ from dpo_lightning.training.checkpoint import (
     replace_atomically,
     temporary_path,
 )
+from dpo_lightning.training.guards import NonFiniteError, NonFiniteGuard, any_rank, finite_weights, likely_causes
+from dpo_lightning.training.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionWatch, preemption_signal
+from dpo_lightning.training.progress import StepProgressBar
 from dpo_lightning.training.runs import read_checkpoint_header
 
 log = logging.getLogger(__name__)
-
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
-
-
-class Preempted(RuntimeError):
-    """A command stopped on a preemption signal with its work durable (``fit``: a resumable ``last.ckpt``;
-    ``generate``: every record written). The message ends with how to resume; ``status`` is what was
-    done without it (for a caller, such as ``iterate``, that resumes differently)."""
-
-    def __init__(self, message: str, status: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status or message
-
-
-class PreemptionWatch:
-    """While started, SIGTERM (and SIGUSR1, unless another handler owns it: SLURM auto-requeue) only
-    records that the job is being preempted (`preemption_signal`) and logs ``message``; the code
-    that started the watch stops at its next safe point. Watches nest (``iterate`` around each stage's
-    own): a signal received under any of them is seen by all, until the outermost one stops; the
-    outermost one starts with nothing received. Outside the main thread (no signal handlers there)
-    a watch does nothing.
-    """
-
-    received: str | None = None  # the name of the signal received while a watch was started
-    _stack: list[PreemptionWatch] = []
-
-    def __init__(self, message: str, forward: Callable[[int], None] | None = None) -> None:
-        """
-        Args:
-            message: What the code that started the watch does on the signal (logged once).
-            forward: Called with the signal number on the first signal, e.g. to pass it on to the ranks
-                this process started (what Lightning's own SIGTERM handler does, which a watch replaces).
-        """
-        self.message = message
-        self.forward = forward
-        self._previous: dict[int, Any] = {}
-        self._started = False
-
-    def start(self) -> PreemptionWatch:
-        if self._started or threading.current_thread() is not threading.main_thread():
-            return self
-        if not PreemptionWatch._stack:
-            PreemptionWatch.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            current = signal.getsignal(sig)
-            if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None, _on_preemption_signal):
-                continue
-            self._previous[sig] = current
-            signal.signal(sig, _on_preemption_signal)
-        PreemptionWatch._stack.append(self)
-        self._started = True
-        return self
-
-    def stop(self) -> None:
-        if not self._started:
-            return
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        PreemptionWatch._stack.remove(self)
-        self._started = False
-
-    def __enter__(self) -> PreemptionWatch:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def _on_preemption_signal(signum: int, frame: FrameType | None) -> None:
-    # Only set a flag: each watcher stops at its own safe point (an optimizer step, a written batch, a stage).
-    first = PreemptionWatch.received is None
-    PreemptionWatch.received = PreemptionWatch.received or signal.Signals(signum).name
-    if first and PreemptionWatch._stack:
-        log.warning("received %s: %s", PreemptionWatch.received, PreemptionWatch._stack[-1].message)
-        for watch in PreemptionWatch._stack:
-            if watch.forward is not None:
-                watch.forward(signum)
-
-
-def preemption_signal() -> str | None:
-    """The name of the preemption signal received while a `PreemptionWatch` was started, else None."""
-    return PreemptionWatch.received if PreemptionWatch._stack else None
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped: a loss or gradient was not finite. The step was not applied."""
-
 
 def _saves_sharded(trainer: pl.Trainer) -> bool:
     """Whether the strategy writes checkpoints as folders of shards (FSDP2's default), not through CheckpointIO."""
@@ -148,13 +60,6 @@ def _validates_after_this_batch(trainer: pl.Trainer) -> bool:
     if not trainer.enable_validation or loop._data_fetcher is None:
         return False
     return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
-
-
-def _any_rank(trainer: pl.Trainer, flags: Tensor) -> Tensor:
-    """Element-wise max of ``flags`` over ranks: every rank takes the same decision."""
-    if trainer.world_size > 1:
-        flags = trainer.strategy.reduce(flags, reduce_op="max")
-    return flags
 
 
 def checkpoint_summary(folder: Path, best: str | None = None, monitor: str | None = None) -> str:
@@ -280,7 +185,7 @@ class LatestModelCheckpoint(StepAlignedSaves):
         by_time = minutes is not None and time.monotonic() - self._last_write >= 60 * minutes
         received = preemption_signal() if self.save_on_preemption else None
         flags = torch.tensor([float(received is not None), float(by_time)], device=pl_module.device)
-        preempted, by_time = (bool(v) for v in _any_rank(trainer, flags).tolist())
+        preempted, by_time = (bool(v) for v in any_rank(trainer, flags).tolist())
         if preempted or ((by_steps or by_time) and not _validates_after_this_batch(trainer)):
             # (a validation right after this batch writes last.ckpt itself, with its metrics)
             self._save_last_if_behind(trainer)
@@ -320,7 +225,7 @@ class LatestModelCheckpoint(StepAlignedSaves):
             lr = trainer.optimizers[0].param_groups[0].get("lr", float("nan")) if trainer.optimizers else float("nan")
             raise NonFiniteError(
                 f"the weights hold NaN or inf after optimizer step {trainer.global_step}: not saving {filepath}; "
-                f"the previous checkpoint is the last good state. {_likely_causes(trainer, lr)}"
+                f"the previous checkpoint is the last good state. {likely_causes(trainer, lr)}"
             )
         if _saves_sharded(trainer):
             self._save_sharded(trainer, filepath)
@@ -391,124 +296,6 @@ class LatestModelCheckpoint(StepAlignedSaves):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_signal_handlers()
         super().on_exception(trainer, pl_module, exception)
-
-
-class StepProgressBar(TQDMProgressBar):
-    """Lightning's progress bar, counting optimizer steps as TRL's does.
-
-    Lightning's training bar counts the micro-batches of each epoch: with gradient accumulation 8
-    it reads 800/800 when 100 optimizer steps were taken, and it restarts every epoch. This one
-    shows one bar for the whole fit, ``global_step / max_steps`` (or the estimated total from
-    ``max_epochs``), starting at the resumed step, with the stage's loss and its chosen metrics
-    (DPO: reward margin and accuracy) as of the last logged step. The CLI uses it by default.
-    """
-
-    def _total_steps(self, trainer: pl.Trainer) -> int | None:
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            return trainer.max_steps
-        total = trainer.estimated_stepping_batches
-        return int(total) if math.isfinite(total) else None
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        bar = self.train_progress_bar
-        bar.reset(total=self._total_steps(trainer))
-        bar.initial = 0
-        bar.n = trainer.global_step  # a resumed run starts where it left off
-        bar.set_description("Training")
-        bar.refresh()
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch}")
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        bar, step = self.train_progress_bar, trainer.global_step
-        if step == bar.n:  # mid-accumulation: no optimizer step yet
-            return
-        if self._should_update(step, bar.total):
-            bar.n = step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
-            bar.refresh()
-
-
-class NonFiniteGuard(Callback):
-    """Stop ``fit`` before an optimizer step whose loss or gradients hold NaN or inf.
-
-    Checked once per optimizer step, agreed across ranks (one tiny all-reduce): the losses of the
-    accumulated micro-batches and every local gradient. Under fp16 mixed precision the gradient
-    check is left to the gradient scaler, which skips overflowing steps by design. A non-finite
-    validation loss stops the run too, before a checkpoint can record it as the best.
-    """
-
-    def __init__(self, check_gradients: bool = True) -> None:
-        """
-        Args:
-            check_gradients: Also check the gradients (one pass over them per optimizer step).
-        """
-        self.check_gradients = check_gradients
-        self._bad_loss: Tensor | None = None
-
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        bad = ~torch.isfinite(loss.detach()).all()  # stays on device: no sync per micro-batch
-        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        bad_loss = self._bad_loss if self._bad_loss is not None else torch.tensor(False, device=pl_module.device)
-        self._bad_loss = None
-        bad_grad = torch.tensor(False, device=bad_loss.device)
-        if self.check_gradients and not str(trainer.precision).startswith("16"):
-            bad_grad = ~_all_finite([p.grad for p in pl_module.parameters() if p.grad is not None], bad_loss.device)
-        flags = _any_rank(trainer, torch.stack([bad_loss, bad_grad]).float())
-        if flags.any():
-            what = "loss" if flags[0] else "gradients"
-            lr = optimizer.param_groups[0].get("lr", float("nan"))
-            raise NonFiniteError(
-                f"non-finite {what} at optimizer step {trainer.global_step + 1}: training stopped before the "
-                f"step was applied (the last checkpoint is the last good state; nothing is exported). "
-                f"{_likely_causes(trainer, lr)}"
-            )
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        loss = trainer.callback_metrics.get("val/loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            raise NonFiniteError(
-                f"non-finite val/loss ({float(loss)}) at step {trainer.global_step}: stopped before a checkpoint "
-                f"could record it; check precision {trainer.precision!r} and the learning rate"
-            )
-
-
-def _all_finite(tensors: list[Tensor], device: torch.device) -> Tensor:
-    """Whether every element of ``tensors`` is finite, as a 0-d bool tensor (no host sync).
-
-    One fused norm per tensor: a NaN or inf anywhere makes that tensor's norm non-finite.
-    FSDP2 parameters and gradients are DTensors: their local shards are checked.
-    """
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
-    local = [t for t in local if t.numel()]
-    if not local:
-        return torch.tensor(True, device=device)
-    norms = torch._foreach_norm([t.detach() for t in local])
-    return torch.isfinite(torch.stack([n.float().to(device) for n in norms])).all()
-
-
-def finite_weights(trainer: pl.Trainer, module: torch.nn.Module) -> bool:
-    """Whether every parameter of ``module`` is finite on every rank (a collective under several ranks)."""
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    ok = _all_finite(list(module.parameters()), device)
-    return not bool(_any_rank(trainer, (~ok).float().reshape(1)).item())
-
-
-def _likely_causes(trainer: pl.Trainer, lr: float) -> str:
-    causes = f"Likely causes: a learning rate too high (lr={lr:.3g})"
-    if not str(trainer.precision).startswith("32"):
-        causes += f", or overflow at precision {trainer.precision!r} (try bf16-mixed or 32-true)"
-    return causes + "; gradient clipping (trainer.gradient_clip_val) can help"
 
 
 def check_validation_interval(trainer: pl.Trainer) -> None:
