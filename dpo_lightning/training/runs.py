@@ -97,7 +97,7 @@ def changed_hparams(saved: dict[str, Any], current: dict[str, Any], prefix: str)
 
 def _qualified(class_path: str) -> str:
     """The defining module's name of a class named by any import path (``dpo_lightning.CopyReference`` and
-    ``dpo_lightning.references.strategies.CopyReference`` are one class); the path as given when it does not import."""
+    ``dpo_lightning.references.copy.CopyReference`` are one class); the path as given when it does not import."""
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(import_module(module), name)
