@@ -35,8 +35,8 @@ cross-rank value; when it is omitted the local batch is used, as TRL does (for `
 TRL 1.16). The helpers ``kto_pair_batch_kl``, ``bco_batch_reward_mean`` and ``rank_matched`` compute them.
 
 The functions live by family: `pairwise`, `reference_free`, `unpaired` (KTO), `reward` (Bradley-Terry);
-`base` holds what they share, `hparams` reads their hyper-parameters from the signatures, `registry` the
-selection by name.
+`statistics` computes the batch statistics, `base` holds what they share, `hparams` reads their
+hyper-parameters from the signatures, `registry` selects by name.
 """
 
 from dpo_lightning.losses.base import HParam, LossFn, LossOutput, PairLogps, Range
@@ -46,16 +46,13 @@ from dpo_lightning.losses.pairwise import (
     aot_unpaired,
     apo_down,
     apo_zero,
-    bco_batch_reward_mean,
     bco_pair,
     discopop,
     exo_pair,
     hinge,
     ipo,
     kto_pair,
-    kto_pair_batch_kl,
     nca_pair,
-    rank_matched,
     robust,
     sft,
     sigmoid,
@@ -77,6 +74,7 @@ from dpo_lightning.losses.registry import (
     statistic_names,
 )
 from dpo_lightning.losses.reward import bradley_terry_loss
+from dpo_lightning.losses.statistics import bco_batch_reward_mean, kto_pair_batch_kl, rank_matched
 from dpo_lightning.losses.unpaired import KTOOutput, kto_kl_estimate, kto_loss, kto_reference_point, kto_weight_warning
 
 __all__ = [
