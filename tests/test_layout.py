@@ -90,7 +90,6 @@ NOT_YET_SPLIT = {
     "stages/base.py": 713,
     "training/callbacks.py": 593,
     "stages/export.py": 526,
-    "generation/samples_io.py": 425,
 }
 
 

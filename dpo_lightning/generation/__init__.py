@@ -6,7 +6,7 @@
 - `judges/`: the `Judge` interface (`base`), one file per kind (`function`, `reward_model`, `llm`), the spec ->
   class table (`registry`);
 - `pairing`: judged samples -> preference pairs;
-- `samples_io`: the samples, pairs and manifest files of a generate folder.
+- `samples_io`: the samples and pairs files of a generate folder; `manifest`: its manifest.json.
 """
 
 from dpo_lightning.generation.module import GenerationModule, decode_response

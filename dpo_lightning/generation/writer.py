@@ -1,7 +1,7 @@
 """Judging and writing what `GenerationModule` samples, durably (`JudgedSamplesWriter`).
 
 `JudgedSamplesWriter` (a ``BasePredictionWriter``) locks the output folder, checks its manifest
-against this run's settings (`samples_io.check_manifest`), scores each batch's responses with a judge
+against this run's settings (`manifest.check_manifest`), scores each batch's responses with a judge
 (`judges.py` here) and appends one record per prompt to its rank's part file (`samples_io.py`, flushed
 and fsynced), so a killed run loses at most the batch in flight; re-run with the same settings, it skips
 the batches already written and gives the samples an uninterrupted run gives. SIGTERM cuts the batch
@@ -25,19 +25,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dpo_lightning.data.errors import warn
 from dpo_lightning.generation.judges import Judge, check_options, judge_class, resolve_judge, warn_failures
+from dpo_lightning.generation.manifest import check_manifest, prompt_keys, read_manifest, write_manifest
 from dpo_lightning.generation.pairing import check_strategy
 from dpo_lightning.generation.samples_io import (
     PAIRS_FILE,
     PART_GLOB,
     SAMPLES_FILE,
     SampleWriter,
-    check_manifest,
     done_prompt_ids,
     merge_parts,
     part_path,
-    prompt_keys,
-    read_manifest,
-    write_manifest,
     write_pairs,
 )
 from dpo_lightning.models.loading import check_local_source
@@ -144,7 +141,7 @@ class JudgedSamplesWriter(BasePredictionWriter):
                                                                              f"{len(order) - finished}"))
 
     def _take_folder(self, pl_module: L.LightningModule, datamodule: Any) -> None:
-        """Lock the output folder and write its manifest (after `samples_io.check_manifest` checked the old one)."""
+        """Lock the output folder and write its manifest (after `manifest.check_manifest` checked the old one)."""
         self._lock = FolderLock(self.output_dir, "generate (output.output_dir)").acquire()
         prompts = datamodule.prompts
         keys = prompt_keys(prompts["prompt_id"], prompts["input_ids"])

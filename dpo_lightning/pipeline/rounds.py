@@ -34,7 +34,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from dpo_lightning.cli.config_errors import ShortErrors
 from dpo_lightning.data.errors import DataError, warn
-from dpo_lightning.generation.samples_io import read_manifest
+from dpo_lightning.generation.manifest import read_manifest
 from dpo_lightning.pipeline.evaluation import Evaluation
 from dpo_lightning.pipeline.report import _NO_PLOT, _can_plot, write_report
 from dpo_lightning.pipeline.stage_runs import (

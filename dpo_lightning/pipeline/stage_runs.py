@@ -19,7 +19,8 @@ from dpo_lightning import cli
 from dpo_lightning.data.errors import RowRef
 from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout, to_example
 from dpo_lightning.data.sources import load_source
-from dpo_lightning.generation.samples_io import PAIRS_FILE, read_manifest, write_jsonl_atomically
+from dpo_lightning.generation.manifest import read_manifest
+from dpo_lightning.generation.samples_io import PAIRS_FILE, write_jsonl_atomically
 from dpo_lightning.stages.export import EXPORT_MARKER
 from dpo_lightning.training.callbacks import Preempted, preemption_signal
 from dpo_lightning.training.folders import (
