@@ -16,11 +16,12 @@ import lightning as L
 import pytest
 import torch
 
-import dpo_lightning.generation.module as generation_module
+import dpo_lightning.generation.writer as generation_writer
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
+from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.pairing import make_pairs
+from dpo_lightning.generation.writer import JudgedSamplesWriter
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.export import export_hf
 from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, Preempted
@@ -92,7 +93,7 @@ def test_a_kill_between_samples_and_pairs_is_finished_by_the_rerun(policy, tmp_p
         raise KeyboardInterrupt("killed between the files")
 
     with monkeypatch.context() as patch:
-        patch.setattr(generation_module, "write_pairs", killed)  # where the writer calls it
+        patch.setattr(generation_writer, "write_pairs", killed)  # where the writer calls it
         with pytest.raises((KeyboardInterrupt, SystemExit)):
             _generate(policy, out)
     assert (out / "samples.jsonl").exists() and not (out / "pairs.jsonl").exists()

@@ -13,7 +13,8 @@ import torch
 from dpo_lightning import PreferenceDataModule
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer, sort_reward
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
+from dpo_lightning.generation.module import GenerationModule
+from dpo_lightning.generation.writer import JudgedSamplesWriter
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.export import export_hf
 

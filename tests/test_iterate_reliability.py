@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import dpo_lightning.cli as cli
-import dpo_lightning.pipeline.rounds as pipeline
+import dpo_lightning.pipeline.report as pipeline_report
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.generation.samples_io import write_manifest
@@ -72,7 +72,7 @@ class FakeStages:
 
         monkeypatch.setattr(cli, "cli_main", fit)
         monkeypatch.setattr(cli, "generate_main", generate)
-        monkeypatch.setattr(pipeline, "evaluate_policy",
+        monkeypatch.setattr(pipeline_report, "evaluate_policy",
                             lambda policy, start, reference, evaluation: {"reward": 0.5, "win_rate": 0.5, "kl": 0.0,
                                                                           "kl_stderr": 0.0})
 

@@ -254,7 +254,7 @@ def test_resolve_judge_lists_the_forms_for_anything_else(spec):
 def test_judge_options_reach_the_judge_and_a_stray_one_is_named(tmp_path):
     """``output.judge_options`` in a generate recipe: passed to the judge's class when it is built; an option
     the class does not take fails when the writer is made (the CLI: before any weights load), naming it."""
-    from dpo_lightning.generation.module import JudgedSamplesWriter
+    from dpo_lightning.generation.writer import JudgedSamplesWriter
 
     writer = JudgedSamplesWriter(output_dir=str(tmp_path), judge=f"function:{SORT_REWARD}",
                                  judge_options={"timeout_s": 5})

@@ -96,6 +96,7 @@ def test_killed_mid_fit_resumes_there_and_reports_from_the_folders(tmp_path, mon
 def test_without_matplotlib_iterate_says_so_before_training_and_reports_without_the_figure(tmp_path, monkeypatch):
     """An install without matplotlib trained every stage and then died drawing report.png (issue #25): now
     the warning comes before the first stage, and the report is written without the figure."""
+    import dpo_lightning.pipeline.report as pipeline_report
     import dpo_lightning.pipeline.rounds as pipeline
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
@@ -113,7 +114,8 @@ def test_without_matplotlib_iterate_says_so_before_training_and_reports_without_
 
     events.clear()
     metrics = {"reward": 0.5, "win_rate": 0.5, "kl": 0.0, "kl_stderr": 0.0}
-    monkeypatch.setattr(pipeline, "evaluate_policy", lambda *args: metrics)
+    monkeypatch.setattr(pipeline_report, "warn", lambda message, *args: events.append(message))
+    monkeypatch.setattr(pipeline_report, "evaluate_policy", lambda *args: metrics)
     out = tmp_path / "report"
     out.mkdir()
     rows = write_report(out, ["sft", "round_1"], "sft", Evaluation(), "previous")
@@ -181,7 +183,7 @@ def test_greedy_exact_rate_checks_each_held_out_prompts_greedy_answer():
 
     from dpo_lightning.data.synthetic import sort_exact
     from dpo_lightning.generation.sampling import generate
-    from dpo_lightning.pipeline.rounds import evaluation_prompts, exact_check, greedy_exact_rate
+    from dpo_lightning.pipeline.evaluation import evaluation_prompts, exact_check, greedy_exact_rate
 
     torch.manual_seed(0)
     data = evaluation_prompts(Evaluation(limit=10), "synthetic:sort")
@@ -213,7 +215,8 @@ def test_report_exact_column_is_the_greedy_pass_rate_of_each_round_folder(tmp_pa
     column, and the report is drawn without that panel."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import dpo_lightning.pipeline.rounds as pipeline
+    import dpo_lightning.pipeline.evaluation as pipeline_evaluation
+    import dpo_lightning.pipeline.report as pipeline_report
     from dpo_lightning.data.synthetic import build_tokenizer
     from dpo_lightning.generation.sampling import generate
 
@@ -231,11 +234,11 @@ def test_report_exact_column_is_the_greedy_pass_rate_of_each_round_folder(tmp_pa
     expected = {p: generate(policy, tokenizer, [p], max_new_tokens=8)[0] for p in prompts}
     sft = load_causal_lm(str(exports[0])).eval()
     assert all(generate(sft, tokenizer, [p], max_new_tokens=8)[0] != expected[p] for p in prompts[:5])
-    monkeypatch.setattr(pipeline, "exact_check", lambda dataset: (
+    monkeypatch.setattr(pipeline_evaluation, "exact_check", lambda dataset: (
         (lambda prompt, response: prompt in prompts[:5] and response == expected[prompt])
         if dataset == "synthetic:sort" else None))
     plots = []
-    monkeypatch.setattr(pipeline, "_plot", lambda rows, path: plots.append(sorted(rows[0])))
+    monkeypatch.setattr(pipeline_report, "_plot", lambda rows, path: plots.append(sorted(rows[0])))
 
     evaluation = Evaluation(limit=10, num_samples=2, max_new_tokens=8)
     policies = [str(exports[0]), str(exports[1])]

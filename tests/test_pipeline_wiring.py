@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 import dpo_lightning.cli as cli
+import dpo_lightning.pipeline.report as pipeline_report
 import dpo_lightning.pipeline.rounds as pipeline
 from dpo_lightning import DPOModule, PrecomputedReference, PreferenceDataModule
 from dpo_lightning.data.prompts import PromptDataModule
@@ -409,7 +410,7 @@ def test_report_kl_is_each_rounds_policy_against_its_reference(three_policies, t
     want = {(1, sft): _hand_kls(round_1, sft, evaluation), (2, round_1): _hand_kls(round_2, round_1, evaluation),
             (2, sft): _hand_kls(round_2, sft, evaluation)}
     assert abs(want[2, round_1].mean() - want[2, sft].mean()) > 0.5 and want[1, sft].mean().abs() > 0.5
-    monkeypatch.setattr(pipeline, "_plot", lambda rows, path: None)  # the figure is not what is tested here
+    monkeypatch.setattr(pipeline_report, "_plot", lambda rows, path: None)  # the figure is not what is tested here
     for reference in ("previous", "initial"):
         out = tmp_path / reference
         out.mkdir()

@@ -11,7 +11,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
 from dpo_lightning.cli.config_errors import init_error
 from dpo_lightning.data.prompts import PromptDataModule
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter
+from dpo_lightning.generation.module import GenerationModule
+from dpo_lightning.generation.writer import JudgedSamplesWriter
 from dpo_lightning.stages.preflight import (
     ConfigError,
 )

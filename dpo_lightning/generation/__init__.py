@@ -1,13 +1,15 @@
 """Sample and judge: responses from a policy through ``trainer.predict``, judged, paired, written crash-safe.
 
-- `module`: `GenerationModule` (N samples per prompt) and `JudgedSamplesWriter` (judge, durable output, pairs);
+- `module`: `GenerationModule` (N samples per prompt); `writer`: `JudgedSamplesWriter` (judge, durable output,
+  pairs);
 - `sampling`: batched generation with per-response seeds;
 - `judges/`: the `Judge` interface (`base`), one file per kind (`function`, `reward_model`, `llm`), the spec ->
   class table (`registry`);
 - `pairing`: judged samples -> preference pairs;
-- `samples_io`: the samples, pairs and manifest files of a generate folder.
+- `samples_io`: the samples and pairs files of a generate folder; `manifest`: its manifest.json.
 """
 
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter, decode_response
+from dpo_lightning.generation.module import GenerationModule, decode_response
+from dpo_lightning.generation.writer import JudgedSamplesWriter
 
 __all__ = ["GenerationModule", "JudgedSamplesWriter", "decode_response"]

@@ -3,10 +3,10 @@
 Every function here is pure: no model calls, no reduction over the batch, no distributed code, no state.
 A loss is chosen by name through ``LOSSES`` (names and formulas follow TRL 1.x ``DPOConfig.loss_type``);
 ``compute_loss`` sums a weighted list of them, as TRL does for ``loss_type=[...]`` with ``loss_weights``.
-Each loss's user hyper-parameters (besides beta) are declared, with defaults and valid intervals, in
-``LOSS_HPARAMS``; ``check_loss_config`` validates a whole configuration against it before any model is
-loaded (unknown names, unused or misspelled hyper-parameters, out-of-range values) and returns the
-``LossConfig`` that ``compute_loss`` applies.
+Each loss's user hyper-parameters (besides beta) are declared once, on its signature (default and a ``Range``
+of valid values), and tabulated from there in ``LOSS_HPARAMS``; ``check_loss_config`` validates a whole
+configuration against it before any model is loaded (unknown names, unused or misspelled hyper-parameters,
+out-of-range values) and returns the ``LossConfig`` that ``compute_loss`` applies.
 
 Notation used in the docstrings (all tensors are ``(B,)``, one entry per preference pair):
 
@@ -35,26 +35,24 @@ cross-rank value; when it is omitted the local batch is used, as TRL does (for `
 TRL 1.16). The helpers ``kto_pair_batch_kl``, ``bco_batch_reward_mean`` and ``rank_matched`` compute them.
 
 The functions live by family: `pairwise`, `reference_free`, `unpaired` (KTO), `reward` (Bradley-Terry);
-`base` holds what they share, `hparams` their declared hyper-parameters, `registry` the selection by name.
+`statistics` computes the batch statistics, `base` holds what they share, `hparams` reads their
+hyper-parameters from the signatures, `registry` selects by name.
 """
 
-from dpo_lightning.losses.base import HParam, LossFn, LossOutput, PairLogps
-from dpo_lightning.losses.hparams import LOSS_HPARAMS
+from dpo_lightning.losses.base import HParam, LossFn, LossOutput, PairLogps, Range
+from dpo_lightning.losses.hparams import declared_hparams
 from dpo_lightning.losses.pairwise import (
     aot,
     aot_unpaired,
     apo_down,
     apo_zero,
-    bco_batch_reward_mean,
     bco_pair,
     discopop,
     exo_pair,
     hinge,
     ipo,
     kto_pair,
-    kto_pair_batch_kl,
     nca_pair,
-    rank_matched,
     robust,
     sft,
     sigmoid,
@@ -64,6 +62,7 @@ from dpo_lightning.losses.pairwise import (
 from dpo_lightning.losses.reference_free import cpo, npo, orpo, simpo
 from dpo_lightning.losses.registry import (
     BATCH_STATISTICS,
+    LOSS_HPARAMS,
     LOSSES,
     REFERENCE_FREE,
     UNPAIRED_LOSSES,
@@ -75,6 +74,7 @@ from dpo_lightning.losses.registry import (
     statistic_names,
 )
 from dpo_lightning.losses.reward import bradley_terry_loss
+from dpo_lightning.losses.statistics import bco_batch_reward_mean, kto_pair_batch_kl, rank_matched
 from dpo_lightning.losses.unpaired import KTOOutput, kto_kl_estimate, kto_loss, kto_reference_point, kto_weight_warning
 
 __all__ = [
@@ -88,6 +88,7 @@ __all__ = [
     "LossOutput",
     "PairLogps",
     "REFERENCE_FREE",
+    "Range",
     "UNPAIRED_LOSSES",
     "aot",
     "aot_unpaired",
@@ -99,6 +100,7 @@ __all__ = [
     "check_loss_config",
     "compute_loss",
     "cpo",
+    "declared_hparams",
     "discopop",
     "exo_pair",
     "get_loss_fn",

@@ -1,10 +1,11 @@
 """What every loss shares: the inputs (`PairLogps`), the output (`LossOutput`), the hyper-parameter
-declaration (`HParam`) and the small checks and pieces the loss functions are built from.
+declaration (`Range` on a loss's signature; `HParam`, an entry of the table derived from it) and the small
+checks and pieces the loss functions are built from.
 """
 
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Annotated, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,6 @@ class LossOutput(NamedTuple):
 LossFn = Callable[..., LossOutput]
 
 
-
 # --------------------------------------------------------------------------------------------------------
 # shared pieces
 
@@ -43,12 +43,31 @@ def _check_beta(beta: float) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-class HParam(NamedTuple):
-    """A user hyper-parameter of a loss (an entry of ``LOSS_HPARAMS``): its default and its valid interval.
+class Range(NamedTuple):
+    """The valid values of a loss hyper-parameter, declared where the loss function takes it::
 
-    A bound is excluded where ``low_open``/``high_open`` say so, and always when it is infinite, so a valid
-    value is finite. ``note`` is added to the error message (e.g. the value a paper recommends).
+        def robust(logps, *, beta: float, label_smoothing: Annotated[float, Range(0.0, 0.5, high_open=True)] = 0.0)
+
+    The signature is the one declaration: its default and this interval become the loss's ``LOSS_HPARAMS``
+    entry (``hparams.declared_hparams``). A bound is excluded where ``low_open``/``high_open`` say so, and
+    always when it is infinite, so a valid value is finite. ``note`` is added to the error message (e.g. the
+    value a paper recommends).
     """
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+
+# cDPO's flip probability eps, a hyper-parameter of several losses; 0.5 makes the loss constant
+LabelSmoothing = Annotated[float, Range(0.0, 0.5)]
+
+
+class HParam(NamedTuple):
+    """A user hyper-parameter of a loss (an entry of ``LOSS_HPARAMS``): its default and its valid interval,
+    read from the loss function's signature (see ``Range``)."""
 
     default: float
     low: float = -math.inf

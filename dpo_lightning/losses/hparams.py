@@ -1,46 +1,37 @@
-"""The user hyper-parameters of each loss besides beta: defaults and valid intervals (`LOSS_HPARAMS`).
+"""The user hyper-parameters of a loss besides beta, read from its signature (`declared_hparams`), and the
+check a loss function runs on its own arguments (`_check_hparams`).
+
+A hyper-parameter is declared once, where the loss takes it: a keyword-only argument annotated with a
+``Range`` (``label_smoothing: Annotated[float, Range(0.0, 0.5)] = 0.0``). Its default and interval make the
+``HParam`` that ``registry.LOSS_HPARAMS`` holds: the functions check their arguments against it,
+``check_loss_config`` validates a configuration with it, docs/losses.md tabulates it.
 """
 
-import math
+import functools
+import inspect
+import typing
 
-from dpo_lightning.losses.base import HParam
+from dpo_lightning.losses.base import HParam, LossFn, Range
 
-_CDPO_SMOOTHING = HParam(0.0, 0.0, 0.5)  # cDPO's flip probability eps; 0.5 makes the loss constant
 
-# The user hyper-parameters of each loss besides beta, with the function's default and the valid interval.
-# The one declaration: the functions check their arguments against it, ``check_loss_config`` validates a
-# configuration with it, docs/losses.md tabulates it, and tests check it against the signatures.
-LOSS_HPARAMS: dict[str, dict[str, HParam]] = {
-    "sigmoid": {"label_smoothing": _CDPO_SMOOTHING},
-    "hinge": {},
-    "ipo": {},
-    "robust": {"label_smoothing": HParam(0.0, 0.0, 0.5, high_open=True)},
-    "exo_pair": {
-        "label_smoothing": HParam(
-            0.0, 0.0, 1.0, low_open=True, high_open=True, note="required; the EXO paper recommends 1e-3"
-        )
-    },
-    "nca_pair": {},
-    "bco_pair": {},
-    "sppo_hard": {},
-    "apo_zero": {},
-    "apo_down": {},
-    "aot": {"label_smoothing": _CDPO_SMOOTHING},
-    "aot_unpaired": {"label_smoothing": _CDPO_SMOOTHING},
-    "discopop": {"discopop_tau": HParam(0.05, 0.0, math.inf, low_open=True)},
-    "sigmoid_norm": {},
-    "sft": {},
-    "kto_pair": {},
-    "simpo": {"simpo_gamma": HParam(0.5, 0.0), "label_smoothing": _CDPO_SMOOTHING},
-    "cpo": {"label_smoothing": _CDPO_SMOOTHING, "cpo_alpha": HParam(1.0, 0.0)},
-    "orpo": {},
-    "npo": {},
-}
+@functools.cache
+def declared_hparams(fn: LossFn) -> dict[str, HParam]:
+    """``{name: HParam(default, *range)}`` for each keyword-only argument of ``fn`` annotated with a ``Range``,
+    in signature order. An argument without a ``Range`` (beta, a batch statistic) is not a hyper-parameter."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    declared = {}
+    for param in inspect.signature(fn).parameters.values():
+        ranges = [m for m in getattr(hints.get(param.name), "__metadata__", ()) if isinstance(m, Range)]
+        if not ranges:
+            continue
+        if param.kind is not inspect.Parameter.KEYWORD_ONLY or param.default is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__}: hyper-parameter {param.name!r} must be keyword-only with a default")
+        declared[param.name] = HParam(param.default, *ranges[0])
+    return declared
 
-# Keyword arguments of the losses that are statistics of the batch, not settings: omitted, the loss computes
-# them from its inputs; a module may compute them (e.g. across ranks) and pass them to ``compute_loss``.
 
-def _check_hparams(loss: str, **values: object) -> None:
-    """Check a loss function's hyper-parameters against its declaration in ``LOSS_HPARAMS``."""
+def _check_hparams(fn: LossFn, **values: object) -> None:
+    """Check a loss function's hyper-parameters against its signature's declaration (``declared_hparams``)."""
+    declared = declared_hparams(fn)
     for name, value in values.items():
-        LOSS_HPARAMS[loss][name].check(loss, name, value)
+        declared[name].check(fn.__name__, name, value)

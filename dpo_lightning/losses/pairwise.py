@@ -1,16 +1,17 @@
-"""The pair losses that compare the policy with a reference (TRL 1.x ``loss_type`` names), and the
-batch statistics some of them take.
-"""
+"""The pair losses that compare the policy with a reference (TRL 1.x ``loss_type`` names)."""
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpo_lightning.losses.base import (
+    LabelSmoothing,
     LossOutput,
     PairLogps,
+    Range,
     _as_tensor,
     _cdpo,
     _check_beta,
@@ -19,59 +20,13 @@ from dpo_lightning.losses.base import (
     _per_token,
 )
 from dpo_lightning.losses.hparams import _check_hparams
-
-# --------------------------------------------------------------------------------------------------------
-# statistics the module may compute across ranks and pass in
-
-
-def kto_pair_batch_kl(logps: PairLogps) -> tuple[Tensor, Tensor]:
-    """Batch KL estimates for ``kto_pair``: (mean(c - rc), mean(r - rr)), detached, 0-dim, NOT clamped.
-
-    Across ranks with equal per-rank batch sizes, average these over ranks and pass them as
-    ``chosen_kl``/``rejected_kl``; ``kto_pair`` clamps them at 0 itself.
-    """
-    chosen_logratios, rejected_logratios = _logratios(logps)
-    return chosen_logratios.detach().mean(), rejected_logratios.detach().mean()
-
-
-def bco_batch_reward_mean(logps: PairLogps, *, beta: float) -> Tensor:
-    """Mean implicit reward of the batch, mean(cat(beta * hc, beta * hr)), detached, 0-dim.
-
-    This is what TRL 0.x fed into its ``RunningMoments`` each step to get BCO's baseline ``delta``; a caller
-    that wants that behaviour keeps the running mean itself and passes it as ``bco_delta``. ``DPOModule``
-    does not: it passes no ``bco_delta``, so ``bco_pair`` trains with delta = 0, as TRL 1.16 does.
-    """
-    _check_beta(beta)
-    chosen_logratios, rejected_logratios = _logratios(logps)
-    return (beta * torch.cat((chosen_logratios, rejected_logratios))).detach().mean()
-
-
-def rank_matched(values: Tensor, targets: Tensor) -> Tensor:
-    """For each ``values[i]``, the element of ``targets`` of equal rank: sorted(targets)[rank(values[i])].
-
-    Both are ``(N,)``. Pairing the i-th smallest of ``values`` with the i-th smallest of ``targets`` is what
-    AOT's sort does. A module running on several ranks gathers ``values``/``targets`` of all ranks (detached),
-    calls this, and keeps its own slice as ``aot_ref_matched`` / ``aot_chosen_matched`` /
-    ``aot_rejected_matched``. The result is detached.
-    """
-    if values.shape != targets.shape or values.dim() != 1:
-        raise ValueError(
-            "values and targets must be (N,) of equal shape, "
-            f"got {tuple(values.shape)} and {tuple(targets.shape)}"
-        )
-    values, targets = values.detach(), targets.detach()
-    order = torch.argsort(values)  # (N,) positions of values in ascending order
-    ranks = torch.empty_like(order)
-    ranks[order] = torch.arange(order.numel(), device=order.device)  # (N,) rank of each value
-    return torch.sort(targets).values[ranks]  # (N,)
-
-
+from dpo_lightning.losses.statistics import kto_pair_batch_kl, rank_matched
 
 # --------------------------------------------------------------------------------------------------------
 # the losses (TRL 1.x ``loss_type`` names)
 
 
-def sigmoid(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+def sigmoid(logps: PairLogps, *, beta: float, label_smoothing: LabelSmoothing = 0.0) -> LossOutput:
     """DPO: the logistic (Bradley-Terry) loss on the margin, optionally label-smoothed (cDPO).
 
         loss = -(1 - eps) * ls(beta * D) - eps * ls(-beta * D),    eps = label_smoothing in [0, 0.5]
@@ -82,7 +37,7 @@ def sigmoid(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> L
     ``label_smoothing`` here; TRL 1.x ignores it for ``sigmoid`` (both agree at the default 0).
     """
     _check_beta(beta)
-    _check_hparams("sigmoid", label_smoothing=label_smoothing)
+    _check_hparams(sigmoid, label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     return _output(_cdpo(beta * (hc - hr), label_smoothing), beta, hc, hr)
 
@@ -118,7 +73,9 @@ def ipo(logps: PairLogps, *, beta: float) -> LossOutput:
     return _output((margin - 1 / (2 * beta)) ** 2, beta, hc, hr)
 
 
-def robust(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+def robust(
+    logps: PairLogps, *, beta: float, label_smoothing: Annotated[float, Range(0.0, 0.5, high_open=True)] = 0.0
+) -> LossOutput:
     """Robust DPO: an unbiased DPO loss under labels flipped with probability eps.
 
         loss = ((1 - eps) * -ls(beta * D) - eps * -ls(-beta * D)) / (1 - 2 * eps),    eps in [0, 0.5)
@@ -127,7 +84,7 @@ def robust(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Lo
     Language Models with Noisy Feedback", arXiv:2403.00409. TRL name: ``robust``.
     """
     _check_beta(beta)
-    _check_hparams("robust", label_smoothing=label_smoothing)
+    _check_hparams(robust, label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     eps = label_smoothing
@@ -135,7 +92,14 @@ def robust(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> Lo
     return _output(losses, beta, hc, hr)
 
 
-def exo_pair(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> LossOutput:
+def exo_pair(
+    logps: PairLogps,
+    *,
+    beta: float,
+    label_smoothing: Annotated[
+        float, Range(0.0, 1.0, low_open=True, high_open=True, note="required; the EXO paper recommends 1e-3")
+    ] = 0.0,
+) -> LossOutput:
     """EXO (pairwise): reverse KL from the label distribution (1 - eps, eps) to softmax(beta * (hc, hr)).
 
         loss = s(beta * D) * (ls(beta * D) - log(1 - eps)) + s(-beta * D) * (ls(-beta * D) - log(eps))
@@ -146,7 +110,7 @@ def exo_pair(logps: PairLogps, *, beta: float, label_smoothing: float = 0.0) -> 
     TRL name: ``exo_pair``.
     """
     _check_beta(beta)
-    _check_hparams("exo_pair", label_smoothing=label_smoothing)
+    _check_hparams(exo_pair, label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     eps = label_smoothing
@@ -234,7 +198,7 @@ def aot(
     logps: PairLogps,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: LabelSmoothing = 0.0,
     aot_ref_matched: Tensor | None = None,
 ) -> LossOutput:
     """AOT (paired): first-order stochastic dominance of the policy margin over the reference margin.
@@ -251,7 +215,7 @@ def aot(
     arXiv:2406.05882. TRL name: ``aot``.
     """
     _check_beta(beta)
-    _check_hparams("aot", label_smoothing=label_smoothing)
+    _check_hparams(aot, label_smoothing=label_smoothing)
     hc, hr = _logratios(logps)
     policy_margin = logps.chosen - logps.rejected  # (B,)
     if aot_ref_matched is None:
@@ -268,7 +232,7 @@ def aot_unpaired(
     logps: PairLogps,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
+    label_smoothing: LabelSmoothing = 0.0,
     aot_chosen_matched: Tensor | None = None,
     aot_rejected_matched: Tensor | None = None,
 ) -> LossOutput:
@@ -286,7 +250,7 @@ def aot_unpaired(
     TRL name: ``aot_unpaired`` (``aot_pair`` in TRL 0.x).
     """
     _check_beta(beta)
-    _check_hparams("aot_unpaired", label_smoothing=label_smoothing)
+    _check_hparams(aot_unpaired, label_smoothing=label_smoothing)
     if (aot_chosen_matched is None) != (aot_rejected_matched is None):
         raise ValueError("aot_unpaired needs both aot_chosen_matched and aot_rejected_matched, or neither")
     hc, hr = _logratios(logps)
@@ -299,7 +263,9 @@ def aot_unpaired(
     return _output(losses, beta, hc, hr)
 
 
-def discopop(logps: PairLogps, *, beta: float, discopop_tau: float = 0.05) -> LossOutput:
+def discopop(
+    logps: PairLogps, *, beta: float, discopop_tau: Annotated[float, Range(0.0, math.inf, low_open=True)] = 0.05
+) -> LossOutput:
     """DiscoPOP: a log-ratio-modulated blend of the logistic and exponential losses (found by LLM search).
 
         m = beta * D,    w = s(m / tau)
@@ -310,7 +276,7 @@ def discopop(logps: PairLogps, *, beta: float, discopop_tau: float = 0.05) -> Lo
     Models", arXiv:2406.08414, Eq. 5. TRL name: ``discopop``.
     """
     _check_beta(beta)
-    _check_hparams("discopop", discopop_tau=discopop_tau)
+    _check_hparams(discopop, discopop_tau=discopop_tau)
     hc, hr = _logratios(logps)
     margin = beta * (hc - hr)  # (B,)
     weight = torch.sigmoid(margin / discopop_tau)

@@ -2,14 +2,17 @@
 """
 
 import math
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dpo_lightning.losses.base import (
+    LabelSmoothing,
     LossOutput,
     PairLogps,
+    Range,
     _as_tensor,
     _cdpo,
     _check_beta,
@@ -39,7 +42,11 @@ def _log1mexp(x: Tensor) -> Tensor:
 
 
 def simpo(
-    logps: PairLogps, *, beta: float, simpo_gamma: float = 0.5, label_smoothing: float = 0.0
+    logps: PairLogps,
+    *,
+    beta: float,
+    simpo_gamma: Annotated[float, Range(0.0)] = 0.5,
+    label_smoothing: LabelSmoothing = 0.0,
 ) -> LossOutput:
     """SimPO: the logistic loss on the length-averaged policy margin, minus a target margin gamma; no reference.
 
@@ -55,7 +62,7 @@ def simpo(
     arXiv:2405.14734, Eq. 6. TRL: ``CPOTrainer`` with ``loss_type="simpo"``, ``simpo_gamma``.
     """
     _check_beta(beta)
-    _check_hparams("simpo", simpo_gamma=simpo_gamma, label_smoothing=label_smoothing)
+    _check_hparams(simpo, simpo_gamma=simpo_gamma, label_smoothing=label_smoothing)
     _check_logps(logps)
     chosen = _per_token(logps.chosen, logps.chosen_tokens)  # (B,) average log-prob per token
     rejected = _per_token(logps.rejected, logps.rejected_tokens)  # (B,)
@@ -67,8 +74,8 @@ def cpo(
     logps: PairLogps,
     *,
     beta: float,
-    label_smoothing: float = 0.0,
-    cpo_alpha: float = 1.0,
+    label_smoothing: LabelSmoothing = 0.0,
+    cpo_alpha: Annotated[float, Range(0.0)] = 1.0,
     sft_num_tokens: Tensor | float | None = None,
 ) -> LossOutput:
     """CPO: DPO's logistic loss without the reference (summed log-probs), plus alpha times the chosen NLL.
@@ -85,7 +92,7 @@ def cpo(
     with ``loss_type="sigmoid"``, ``cpo_alpha``.
     """
     _check_beta(beta)
-    _check_hparams("cpo", label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
+    _check_hparams(cpo, label_smoothing=label_smoothing, cpo_alpha=cpo_alpha)
     _check_logps(logps)
     losses = _cdpo(beta * (logps.chosen - logps.rejected), label_smoothing)  # (B,)
     if cpo_alpha:

@@ -12,12 +12,13 @@ from typing import NamedTuple
 from torch import Tensor
 
 from dpo_lightning.losses.base import (
+    HParam,
     LossFn,
     LossOutput,
     PairLogps,
     _check_beta,
 )
-from dpo_lightning.losses.hparams import LOSS_HPARAMS
+from dpo_lightning.losses.hparams import declared_hparams
 from dpo_lightning.losses.pairwise import (
     aot,
     aot_unpaired,
@@ -64,6 +65,10 @@ LOSSES: dict[str, LossFn] = {
     "orpo": orpo,
     "npo": npo,
 }
+
+# The user hyper-parameters of each loss besides beta, with its default and valid interval: read from the
+# loss function's signature, where each is declared once (``Range``; see ``hparams.declared_hparams``).
+LOSS_HPARAMS: dict[str, dict[str, HParam]] = {name: declared_hparams(fn) for name, fn in LOSSES.items()}
 
 
 BATCH_STATISTICS: dict[str, str] = {
@@ -113,7 +118,8 @@ def _keyword_names(fn: LossFn) -> frozenset[str]:
 
 def hparam_names(fn: LossFn) -> frozenset[str]:
     """The user hyper-parameters a loss function takes: keyword-only arguments other than ``beta`` that are
-    not ``BATCH_STATISTICS``. Read from the signature; tests check it equals the ``LOSS_HPARAMS`` entry."""
+    not ``BATCH_STATISTICS``. Read from the signature; tests check it equals the ``LOSS_HPARAMS`` entry
+    (the arguments declared with a ``Range``)."""
     return _keyword_names(fn).difference(BATCH_STATISTICS)
 
 

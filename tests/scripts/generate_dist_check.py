@@ -17,7 +17,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 
 from dpo_lightning.data.prompts import PromptDataModule  # noqa: E402
-from dpo_lightning.generation.module import GenerationModule, JudgedSamplesWriter  # noqa: E402
+from dpo_lightning.generation.module import GenerationModule  # noqa: E402
+from dpo_lightning.generation.writer import JudgedSamplesWriter  # noqa: E402
 
 
 def main() -> None:
