@@ -27,7 +27,6 @@ import torch
 from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lightning._moved import import_module
@@ -43,7 +42,12 @@ from dpo_lightning.stages.options import LoraOptions, MemoryOptions, option_grou
 from dpo_lightning.stages.preflight import check_strategy
 from dpo_lightning.stages.step_logs import StepLogs, input_tokens
 from dpo_lightning.training.callbacks import align_checkpoint_saves, check_validation_interval
-from dpo_lightning.training.distributed import enable_activation_checkpointing, is_sharded, shard_models
+from dpo_lightning.training.distributed import (
+    broadcast_initial_weights,
+    enable_activation_checkpointing,
+    is_sharded,
+    shard_models,
+)
 from dpo_lightning.training.metrics import RunningMeans
 from dpo_lightning.training.optim import Decay
 
@@ -224,12 +228,7 @@ class CausalLMModule(CheckpointHooks, FastPaths, StepLogs, Optimization, L.Light
         frozen = list(self.frozen_models().values())
         shard_models(self.model, [f.model for f in frozen], self.device_mesh, param_dtype=param_dtype)
         if initial is not None:
-            # memory.sharded_init: rank 0 broadcasts its weights tensor by tensor; every rank keeps its shards of
-            # the policy, and a frozen copy of the policy takes the same initial weights (in its storage dtype).
-            options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-            set_model_state_dict(self.model, dict(initial), options=options)  # (it replaces the dict's values)
-            for model in frozen:
-                model.materialize(initial, param_dtype, options)
+            broadcast_initial_weights(self.model, frozen, initial, param_dtype)
             self._materialized = True
 
     def _check_datamodule(self, datamodule: Any) -> None:

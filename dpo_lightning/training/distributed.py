@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
@@ -103,6 +103,19 @@ def shard_models(
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
         fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def broadcast_initial_weights(
+    policy: nn.Module, frozen: list[Any], initial: dict[str, torch.Tensor], frozen_dtype: torch.dtype | None
+) -> None:
+    """``memory.sharded_init``, after :func:`shard_models`: rank 0 broadcasts its weights (``initial``, its
+    ``state_dict()`` taken before sharding; empty on the other ranks) tensor by tensor; every rank keeps its shards
+    of the policy, and each frozen model (``models.frozen.FrozenModel``) built on the meta device as a copy of the
+    policy takes the same weights in its storage dtype (``FrozenModel.materialize``)."""
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(policy, dict(initial), options=options)  # (it replaces the dict's values)
+    for model in frozen:
+        model.materialize(initial, frozen_dtype, options)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
