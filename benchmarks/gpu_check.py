@@ -194,11 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dry-run", action="store_true", help="the same code path on the CPU with a tiny model")
     p.add_argument("--out", default=os.environ.get("OUT"), help="folder for gpu_check.json (default: $OUT)")
     p.add_argument("--steps", type=int, help="timed training steps (default 6; dry run 2)")
+    p.add_argument("--precision", help="training precision of both sides (default bf16-mixed; dry run 32-true)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     s = dict(DRY if args.dry_run else FULL)
     if args.steps:
         s["steps"] = args.steps
+    if args.precision:
+        s["precision"] = args.precision
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; use --dry-run on a CPU")
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="gpu_check_"))
