@@ -96,15 +96,16 @@ def keep_pairs(rows: list[dict[str, str]], tokenizer, max_length: int) -> list[d
     return kept
 
 
-def llama_config(vocab_size: int, max_length: int, layers: int = 4, hidden: int = 256) -> AutoConfig:
+def llama_config(vocab_size: int, max_length: int, layers: int = 4, hidden: int = 256, heads: int = 4,
+                 kv_heads: int | None = None, intermediate: int | None = None) -> AutoConfig:
     return AutoConfig.for_model(
         "llama",
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=4 * hidden,
+        intermediate_size=intermediate or 4 * hidden,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=max(max_length, 2048),
         tie_word_embeddings=False,
         attention_dropout=0.0,

@@ -108,6 +108,7 @@ def run_ours(spec: dict) -> dict:
     trainer = L.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=1,
+        precision=spec.get("precision", "32-true"),
         max_steps=spec["warmup"] + spec["steps"],
         logger=False,
         enable_checkpointing=False,
@@ -153,7 +154,9 @@ def run_trl(spec: dict) -> dict:
         disable_dropout=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,  # TRL 1.x defaults to bf16 autocast (on CPU too); both sides run fp32 here
+        # TRL 1.x defaults to bf16 autocast (on CPU too); both sides run the spec's precision (default fp32):
+        # its bf16 is autocast, ours "bf16-mixed".
+        bf16=spec.get("precision", "32-true").startswith("bf16"),
         # TRL 1.x defaults to gradient checkpointing; both sides use the same setting.
         gradient_checkpointing=spec.get("checkpointing", True),
         gradient_checkpointing_kwargs={"use_reentrant": False},

@@ -31,15 +31,20 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
         "tie_word_embeddings": False}
 
 
-def batched(folder: str, prompts: int, samples: int, max_new_tokens: int, batch_size: int) -> tuple[int, float]:
-    data = PromptDataModule(tokenizer=folder, dataset="synthetic:sort", split="validation", limit=prompts,
+def batched(folder: str, prompts: int, samples: int, max_new_tokens: int, batch_size: int, dataset="synthetic:sort",
+            accelerator: str = "cpu", precision: str = "32-true") -> tuple[int, float]:
+    """Our side: ``trainer.predict`` of a `GenerationModule` (the ``generate`` command's path); (tokens, seconds)."""
+    data = PromptDataModule(tokenizer=folder, dataset=dataset, split="validation", limit=prompts,
                             batch_size=batch_size, drop_columns=None)
     data.prompts  # noqa: B018 - tokenize before the clock starts
     module = GenerationModule(model=folder, tokenizer=data.tokenizer, num_samples=samples,
                               max_new_tokens=max_new_tokens, seed=0)
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()
     trainer.predict(module, datamodule=data, return_predictions=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return module.generated_tokens, time.perf_counter() - start
 
 

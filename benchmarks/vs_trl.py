@@ -39,11 +39,11 @@ DEFAULT_DATA = ROOT / "../shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 TOLERANCE = 1e-4  # relative, on the step-0 loss and every sequence log-prob
 
 
-def gemm_peak_flops(threads: int, n: int = 2048, reps: int = 8) -> float:
-    """Measured fp32 matmul rate (FLOP/s) on this machine with ``threads`` threads (or the GPU)."""
+def gemm_peak_flops(threads: int, n: int = 2048, reps: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """Measured ``dtype`` (default fp32) matmul rate (FLOP/s) on this machine with ``threads`` threads (or the GPU)."""
     torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
     if device == "cuda":
@@ -59,7 +59,8 @@ def gemm_peak_flops(threads: int, n: int = 2048, reps: int = 8) -> float:
 def train_flops(config, lengths: list[int]) -> float:
     """Model FLOPs of one DPO step over sequences of the given lengths (see the module docstring)."""
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
-    per_layer = 4 * d * d + 3 * d * config.intermediate_size  # q, k, v, o (no GQA here) + gated MLP
+    kv = d * (config.num_key_value_heads or config.num_attention_heads) // config.num_attention_heads  # GQA: k, v
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size  # q, o + k, v + gated MLP
     matmul_params = layers * per_layer + vocab * d  # + LM head
     return sum(4 * (2 * matmul_params * n + 2 * layers * d * n * n) for n in lengths)
 
