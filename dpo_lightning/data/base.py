@@ -136,6 +136,7 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
                 bad}``, ``{messages: conversation}``.
             drop_columns: Dataset columns to leave out without the warning that names unread columns.
         """
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", "tokenizer", "dataset")}
         super().__init__()
         check_settings(
             max_length=max_length,
@@ -150,8 +151,11 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
             drop_columns=drop_columns,
             fields=self._layouts.fields,
         )
-        # Every __init__ argument of the class chain (Lightning collects the subclasses' too).
+        # Every __init__ argument of the class chain (Lightning collects the subclasses' too; under LightningCLI,
+        # the config's), and the shared settings a subclass set itself (PromptDataModule's train_split, say).
         self.save_hyperparameters(ignore=object_arguments(tokenizer, dataset))
+        for name, value in settings.items():
+            self.hparams.setdefault(name, value)
         self._tokenizer_spec = tokenizer
         self._dataset_spec = dataset
         self._tokenizer: PreTrainedTokenizerBase | None = None
