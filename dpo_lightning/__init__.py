@@ -6,7 +6,7 @@ The folders are the pipeline's parts (docs/architecture.md): `cli` -> `pipeline`
 
 from dpo_lightning._moved import MOVED, import_module
 from dpo_lightning._version import __version__
-from dpo_lightning.data import PreferenceDataModule, SFTDataModule
+from dpo_lightning.data import KTODataModule, PreferenceDataModule, SFTDataModule
 from dpo_lightning.losses import LOSSES, LossOutput, PairLogps, check_loss_config, compute_loss, get_loss_fn
 from dpo_lightning.references import AdapterReference, CopyReference, NoReference, PrecomputedReference, Reference
 from dpo_lightning.stages import CausalLMModule, DPOModule, KTOModule, RewardModule, SFTModule
@@ -26,6 +26,7 @@ __all__ = [
     "CausalLMModule",
     "CopyReference",
     "DPOModule",
+    "KTODataModule",
     "KTOModule",
     "LOSSES",
     "LoraOptions",

@@ -10,7 +10,7 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParalle
 
 import dpo_lightning.models.loading
 from dpo_lightning.cli import DPOLightningCLI, cli_main
-from dpo_lightning.data import PreferenceDataModule, SFTDataModule
+from dpo_lightning.data import KTODataModule, PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.stages.preflight import (
     check_chat_template,
@@ -73,8 +73,7 @@ def test_the_chat_template_check_covers_sft_and_kto_data(inputs):
     with pytest.raises(DataError, match="no chat_template"):
         check_chat_template(SFTDataModule, {"tokenizer": inputs["base"], "dataset": inputs["conversations"]})
     with pytest.raises(DataError, match="no chat_template"):  # KTO: the pairs read as unpaired examples
-        check_chat_template(PreferenceDataModule, {"tokenizer": inputs["base"], "dataset": inputs["pairs"],
-                                                   "unpaired": True})
+        check_chat_template(KTODataModule, {"tokenizer": inputs["base"], "dataset": inputs["pairs"]})
     # With a chat template, or with plain-text rows (no template needed), nothing to say.
     check_chat_template(SFTDataModule, {"tokenizer": inputs["chat"], "dataset": inputs["conversations"]})
     check_chat_template("dpo_lightning.data.PreferenceDataModule", {"tokenizer": inputs["chat"],

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from dpo_lightning import CopyReference, DPOModule, KTOModule, LoraOptions, MemoryOptions, PrecomputedReference
-from dpo_lightning.data import PreferenceDataModule
+from dpo_lightning.data import KTODataModule, PreferenceDataModule
 from dpo_lightning.data.synthetic import generate_pairs
 from dpo_lightning.losses import kto_loss
 from dpo_lightning.references import mix_into_reference_
@@ -66,8 +66,8 @@ def test_adapter_reference_equals_a_separately_loaded_frozen_base(tmp_path):
     assert any("lora_" in n for n, _ in module.model.named_parameters())  # the module kept its adapters
 
 
-def _datamodule(path, **kw) -> PreferenceDataModule:
-    return PreferenceDataModule(
+def _datamodule(path, cls=PreferenceDataModule, **kw) -> PreferenceDataModule | KTODataModule:
+    return cls(
         tokenizer="synthetic:sort", dataset=str(path), val_fraction=0.25, max_length=32, batch_size=4, seed=1, **kw
     )
 
@@ -301,7 +301,7 @@ def test_kto_z0_and_loss_match_a_hand_computation():
 def test_kto_trains_with_shuffling_through_the_data_module(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(48, seed=7)))
-    data = _datamodule(path, unpaired=True)
+    data = _datamodule(path, KTODataModule)
     module = KTOModule(
         model_config=tiny_config("llama", vocab_size=16), beta=1.0, tokenizer=data.tokenizer,
         optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), warmup_ratio=0.0,
@@ -336,7 +336,7 @@ def test_kto_warns_when_weights_leave_the_papers_range(tmp_path):
     """Balanced data, w_D = 1, w_U = 3: w_D n_D / (w_U n_U) = 1/3, outside [1, 4/3]."""
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in generate_pairs(16, seed=7)))
-    data = _datamodule(path, unpaired=True)
+    data = _datamodule(path, KTODataModule)
     module = KTOModule(model_config=tiny_config("llama", vocab_size=16), undesirable_weight=3.0)
     with pytest.warns(UserWarning, match="weight"):
         trainer(max_steps=1, limit_val_batches=0).fit(module, datamodule=data)

@@ -27,7 +27,8 @@ def test_one_class_under_two_import_paths_is_not_a_change():
 
 
 def test_a_kto_resume_does_not_list_the_unpaired_flag_the_cli_sets(tmp_path, monkeypatch):
-    """The CLI sets ``data.unpaired`` from the stage after the resume check; the check compares what will run."""
+    """A KTO checkpoint saved before `KTODataModule` recorded ``unpaired: true``; the CLI now maps the config to
+    KTODataModule (no ``unpaired``) before the resume check, which compares what will run."""
     ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"global_step": 2, "epoch": 0, "hyper_parameters": {},

@@ -1,11 +1,12 @@
 """LightningCLI over every training stage and data module: ``python -m dpo_lightning fit --config ...``.
 
 Recipes (``recipes/*.yaml``) choose the stage (``model.class_path``; DPOModule when absent), the
-data module (``data.class_path``; PreferenceDataModule when absent, SFTDataModule for SFT), the
-model, data, precision, strategy and devices; this file only wires them: shared values are given
-once and linked, what a stage declares (the batch it consumes, the metric its best checkpoint is
-chosen by) configures the data module and the checkpoint, and the defaults a user expects
-(TensorBoard, progress bar, LR monitor, checkpoints, seeding, an HF export at the end of
+data module (``data.class_path``; PreferenceDataModule when absent, which a KTO stage turns into
+KTODataModule; SFTDataModule for SFT), the model, data, precision, strategy and devices; this file
+only wires them: shared values are given once and linked, what a stage declares (the batch it
+consumes, the metric its best checkpoint is chosen by) configures the data module and the
+checkpoint, and the defaults a user expects (TensorBoard, progress bar, LR monitor, checkpoints,
+seeding, an HF export at the end of
 ``fit``) are on unless a recipe says otherwise. Before any class is built, ``fit``/``validate``/``test``
 run the preflight checks of `dpo_lightning.stages.preflight` (FSDP1, packing with flash attention, bf16 steps,
 conversational rows without a chat template), so a wrong pairing fails before any weights load.
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zer
 from dpo_lightning._moved import import_module
 from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
 from dpo_lightning.cli.config_errors import init_error
-from dpo_lightning.data import PreferenceDataModule, SFTDataModule
+from dpo_lightning.data import KTODataModule, PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.references import reference_spec
 from dpo_lightning.stages.base import CausalLMModule
@@ -54,6 +55,7 @@ from dpo_lightning.training.runs import (
     version_of,
 )
 
+DATA_MODULES = (PreferenceDataModule, KTODataModule, SFTDataModule)  # named in the error for a stage's wrong data
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
@@ -71,6 +73,12 @@ class DPOLightningCLI(LightningCLI):
             if short is None:
                 raise
             raise ConfigError(short) from err
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        config = self.config.get(self.config.get("subcommand")) if self.config.get("subcommand") else self.config
+        if config is not None and config.get("model") is not None:
+            _data_for_stage(config)  # before the resume check compares the data settings with the checkpoint's
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """The stage (``model``) and ``data`` first, then ``trainer``: ``fit --help`` leads with what a user sets."""
@@ -152,8 +160,6 @@ class DPOLightningCLI(LightningCLI):
             restored = differences(header[FACTORIES_KEY], now, "model.", label="checkpoint")
         if "datamodule_hyper_parameters" in header and config.get("data") is not None:
             data_now = config.data.init_args.as_dict()
-            if "unpaired" in data_now:  # set from the stage later (before_instantiate_classes), recorded so
-                data_now["unpaired"] = _stage_class(config).batch_format == "unpaired"
             changes += changed_hparams(header["datamodule_hyper_parameters"], data_now, "data")
         if changes:
             rank_zero_warn(
@@ -175,8 +181,6 @@ class DPOLightningCLI(LightningCLI):
         if data is not None:
             # The data module produces the batch the stage consumes (KTO: unpaired examples).
             _check_data_for_stage(stage, data.class_path)
-            if "unpaired" in data.init_args:
-                data.init_args.unpaired = stage.batch_format == "unpaired"
         if self.subcommand in PREFLIGHT_SUBCOMMANDS:
             # Before any weights load: a bad combination fails in seconds, not after every rank loaded the model.
             self.check_settings(config)
@@ -252,16 +256,45 @@ def _check_data_for_stage(stage: type[CausalLMModule], data_class_path: str) -> 
     makes = getattr(data, "batch_formats", None)
     if makes is None or stage.batch_format in makes:
         return
-    fits = [_path(c) for c in (PreferenceDataModule, _sft_data()) if stage.batch_format in c.batch_formats]
+    fits = [_path(c) for c in DATA_MODULES if stage.batch_format in c.batch_formats]
     raise ConfigError(
         f"{stage.__name__} trains on {stage.batch_format!r} batches, which {data.__name__} does not make (it makes "
         f"{', '.join(repr(m) for m in makes)}); set data.class_path to {' or '.join(fits) or 'a data module for it'}"
     )
 
 
-def _sft_data() -> type:
-
-    return SFTDataModule
+def _data_for_stage(config: Namespace) -> None:
+    """The data module a stage that trains on unpaired examples (KTO) needs is `KTODataModule`: a config that
+    gives such a stage `PreferenceDataModule` (the CLI's default, or a config written before KTODataModule, whose
+    ``data.unpaired: true`` chose unpaired examples) gets KTODataModule with the same settings. ``data.unpaired``
+    (deprecated: the data module's class says it) is dropped, with a warning naming the new setting."""
+    data = config.get("data")
+    if data is None or not isinstance(data.get("class_path"), str):
+        return
+    if _import(data.class_path) is not PreferenceDataModule:
+        return
+    init_args = data.init_args
+    unpaired = init_args.get("unpaired")
+    if "unpaired" in init_args:
+        del init_args["unpaired"]
+    if _stage_class(config).batch_format != KTODataModule.batch_formats[0]:
+        if unpaired is not None:
+            rank_zero_warn(
+                f"data.unpaired is deprecated and ignored (it was {unpaired}): unpaired (KTO) examples are "
+                "data.class_path: dpo_lightning.KTODataModule; remove data.unpaired from the config",
+                category=FutureWarning,
+            )
+        return
+    if init_args.get("collator") in ("pad", "kto"):  # what KTO's collator was asked for before it had its own class
+        init_args.collator = "auto"
+    data.class_path = _path(KTODataModule)
+    if unpaired is not None:
+        rank_zero_warn(
+            f"data.unpaired is deprecated: {_stage_class(config).__name__} trains on unpaired examples, which "
+            "dpo_lightning.KTODataModule makes; data.class_path PreferenceDataModule + data.unpaired is read as "
+            "data.class_path: dpo_lightning.KTODataModule (set that, and remove data.unpaired)",
+            category=FutureWarning,
+        )
 
 
 def _logger_init_args(config: Namespace) -> Namespace | None:

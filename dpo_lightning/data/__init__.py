@@ -1,5 +1,5 @@
-"""Preference and SFT data: rows -> token ids with the exact prompt/response boundary -> padded or
-packed batches.
+"""Preference, KTO, SFT and prompt data: rows -> token ids with the exact prompt/response boundary -> padded
+or packed batches.
 
 See docs/data.md for the accepted formats, the boundary, truncation and the errors.
 """
@@ -10,9 +10,10 @@ from .columns import Layouts
 from .datamodule import PreferenceDataModule
 from .errors import DataError
 from .formats import Layout, PreferenceExample, UnpairedExample, detect_layout, to_example, unpair
-from .kto import KTOCollator
+from .kto import KTOCollator, KTODataModule
+from .kto_preprocess import UNPAIRED_FIELDS, preprocess_unpaired_split
 from .packing import Packer, PackingCollator
-from .preprocess import TOKENIZED_FIELDS, UNPAIRED_FIELDS, preprocess_split
+from .preprocess import TOKENIZED_FIELDS, preprocess_split
 from .render import RenderedPair, render
 from .sft import SFTDataModule
 from .sft_collate import SFT_COLLATORS, SFTPackingCollator, SFTPaddingCollator
@@ -34,6 +35,7 @@ __all__ = [
     "Conversation",
     "DataError",
     "KTOCollator",
+    "KTODataModule",
     "Layout",
     "Layouts",
     "Packer",
@@ -58,6 +60,7 @@ __all__ = [
     "load_source",
     "load_tokenizer",
     "preprocess_split",
+    "preprocess_unpaired_split",
     "preprocess_sft_split",
     "render",
     "to_example",

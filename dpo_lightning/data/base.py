@@ -1,5 +1,6 @@
-"""`TokenizedDataModule`: what every stage's data module shares (sources, column selection, splits,
-hold-out, loaders, resumable sampling); `PreferenceDataModule` and `SFTDataModule` fill its hooks.
+"""`TokenizedDataModule`: what every data module shares (its settings, declared once in ``__init__``; sources,
+column selection, splits, hold-out, loaders, resumable sampling); `PreferenceDataModule`, `KTODataModule`,
+`SFTDataModule` and `PromptDataModule` fill its hooks.
 
 The hooks, each small:
 
@@ -13,8 +14,8 @@ The hooks, each small:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Literal
 
 import torch
 from datasets import Dataset, DatasetDict
@@ -23,12 +24,13 @@ from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase
 
-from .columns import Layouts, check_column_options, select_columns
+from .columns import Layouts, select_columns
 from .errors import DataError, warn
 from .holdout import count_in, hold_out
 from .sampler import MarkPadding, PaddedEvalSampler, ResumableTrainData
+from .settings import AUTO, check_settings, object_arguments
 from .sources import DatasetSpec, describe, load_source
-from .tokenize import TRUNCATION_MODES, TokenizeConfig
+from .tokenize import TokenizeConfig
 from .tokenizer import load_tokenizer
 
 
@@ -48,7 +50,6 @@ class LiveSplit(TorchDataset):
         return self.splits[self.name].__getitems__(indices)  # one columnar read (datasets' fast path)
 
 
-AUTO = "auto"  # collator: the data module's fast collator when the stage and its model take it, else padded rows
 # What ``auto`` says when it picks each fast collator.
 FAST_COLLATOR_REASONS = {
     "pack": "no padding; data.collator: pad for padded rows",
@@ -58,49 +59,14 @@ FAST_COLLATOR_REASONS = {
 }
 
 
-def check_settings(
-    *,
-    max_length: int,
-    max_prompt_length: int | None,
-    truncation_mode: str,
-    val_fraction: float | None,
-    collator: str,
-    collators: Mapping[str, Any],
-    columns: Mapping[str, str] | None,
-    drop_columns: Sequence[str] | None,
-    fields: Sequence[str],
-) -> None:
-    """The settings every data module has: those that cannot work raise `ValueError`; a
-    ``truncation_mode`` that nothing reads is named in a warning."""
-    if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
-    if truncation_mode not in TRUNCATION_MODES:
-        raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if collator != AUTO and collator not in collators:
-        raise ValueError(f"unknown collator {collator!r}; choose one of {sorted([AUTO, *collators])}")
-    check_column_options(columns, drop_columns, fields)
-    if max_prompt_length is None and truncation_mode != "keep_end":
-        warn(f"truncation_mode={truncation_mode!r} is ignored: with max_prompt_length=None no prompt is cut")
-
-
-def object_arguments(tokenizer: Any, dataset: Any) -> list[str]:
-    """The arguments given as objects: not hyperparameters (they neither serialise nor print well)."""
-    return [name for name, value in (("tokenizer", tokenizer), ("dataset", dataset)) if not isinstance(value, str)]
-
-
 class TokenizedDataModule(ResumableTrainData, LightningDataModule):
     """A data source tokenized once into ``train`` / ``validation`` / ``test`` splits, with seeded,
     resumable training loaders and evaluation loaders sharded evenly over ranks (docs/data.md).
 
-    Subclasses call ``save_hyperparameters`` in their ``__init__`` (the signature is the config
-    surface), with at least ``train_split``, ``val_split``, ``val_fraction``, ``test_split``,
-    ``dataset_config``, ``max_length``, ``max_prompt_length``, ``truncation_mode``, ``batch_size``,
-    ``eval_batch_size``, ``num_workers``, ``seed``, ``pad_to_multiple_of``, ``num_proc``, ``collator``,
-    ``trust_remote_code``, ``cache_dir``, ``columns`` and ``drop_columns``; and fill the hooks.
+    Its ``__init__`` declares the settings every data module shares (the config surface: jsonargparse
+    documents them in ``--help`` of each subclass, which passes them on as ``*args, **kwargs``), checks
+    them and saves them, with the subclass's own, as hyper-parameters. A subclass declares only its own
+    settings (and ``collator``, whose choices are its own), then fills the hooks.
     """
 
     collators: ClassVar[Mapping[str, Callable[..., Callable]]]  # name -> factory(pad_token_id=, pad_to_multiple_of=)
@@ -114,8 +80,82 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
         """The batches this instance makes: ``pairs``, ``unpaired`` or ``sft``."""
         return self.batch_formats[0]
 
-    def __init__(self, tokenizer: str | PreTrainedTokenizerBase, dataset: DatasetSpec) -> None:
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase,
+        dataset: DatasetSpec,
+        dataset_config: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = "validation",
+        val_fraction: float | None = None,
+        test_split: str | None = None,
+        max_length: int = 1024,
+        max_prompt_length: int | None = 512,
+        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 42,
+        pad_to_multiple_of: int | None = None,
+        num_proc: int | None = None,
+        collator: str = AUTO,
+        trust_remote_code: bool = False,
+        cache_dir: str | None = None,
+        columns: dict[str, str] | None = None,
+        drop_columns: list[str] | None = None,
+    ) -> None:
+        """
+        Args:
+            tokenizer: Hub id or local path of the tokenizer (the policy's), ``synthetic:<name>``, or a tokenizer
+                object.
+            dataset: Hub dataset name, local file (.jsonl/.json/.parquet/.csv, optionally .gz) or folder
+                (``save_to_disk`` or data files), ``synthetic:<name>``, or a Dataset/DatasetDict/list of rows.
+            dataset_config: Configuration name of a Hub dataset.
+            train_split: Split to train on.
+            val_split: Split to validate on; skipped (with a warning) when the source has no such split.
+            val_fraction: Fraction of the train split held out for validation (seeded); overrides val_split.
+                Rows of the held-out part that also occur in train (duplicated data) are counted in a warning.
+            test_split: Split for ``trainer.test``; None for no test data.
+            max_length: Longest sequence (prompt + response) in tokens; longer responses lose their end (and rows
+                left with nothing to train on are dropped, with a warning).
+            max_prompt_length: Longest prompt in tokens, applied before max_length; None for no limit.
+            truncation_mode: Which end of a long prompt to keep: ``keep_end`` (next to the response) or
+                ``keep_start``.
+            batch_size: Training examples per batch: pairs (the model sees 2 x batch_size rows), unpaired
+                examples (KTO), SFT rows (with ``packing``, packed rows), or prompts (generation).
+            eval_batch_size: Examples per validation/test batch; batch_size when None.
+            num_workers: DataLoader worker processes.
+            seed: Seed for shuffling, the held-out split and synthetic data.
+            pad_to_multiple_of: Round the padded (or packed) length up to a multiple of this (e.g. 8 for tensor
+                cores).
+            num_proc: Processes for the one-off tokenization pass (``datasets.map``).
+            collator: How a batch is laid out; each data module lists its choices.
+            trust_remote_code: Let the tokenizer run code from its repository.
+            cache_dir: Cache folder for ``datasets``; its default when None.
+            columns: Our field names -> the dataset's columns, e.g. ``{prompt: question, chosen: good, rejected:
+                bad}``, ``{messages: conversation}``.
+            drop_columns: Dataset columns to leave out without the warning that names unread columns.
+        """
+        settings = {k: v for k, v in locals().items() if k not in ("self", "__class__", "tokenizer", "dataset")}
         super().__init__()
+        check_settings(
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation_mode=truncation_mode,
+            val_fraction=val_fraction,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            collator=collator,
+            collators=self.collators,
+            columns=columns,
+            drop_columns=drop_columns,
+            fields=self._layouts.fields,
+        )
+        # Every __init__ argument of the class chain (Lightning collects the subclasses' too; under LightningCLI,
+        # the config's), and the shared settings a subclass set itself (PromptDataModule's train_split, say).
+        self.save_hyperparameters(ignore=object_arguments(tokenizer, dataset))
+        for name, value in settings.items():
+            self.hparams.setdefault(name, value)
         self._tokenizer_spec = tokenizer
         self._dataset_spec = dataset
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -321,6 +361,19 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
         # carry weight 0, so val/test metrics count every row exactly once.
         sampler = PaddedEvalSampler(dataset, num_replicas=shard["num_replicas"], rank=shard["rank"])
         return self._loader(MarkPadding(dataset), batch_size, shuffle=False, sampler=sampler)
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """An unshuffled loader over ``split`` whose batches carry ``index`` (positions in the split)."""
+        dataset = self.splits[split]
+        if "index" not in dataset.column_names:
+            dataset = dataset.add_column("index", list(range(len(dataset))))
+        return self._loader(dataset, self.hparams.eval_batch_size or self.hparams.batch_size, shuffle=False)
+
+    def add_index(self, split: str) -> None:
+        """Give ``split`` an ``index`` column, so its batches say which rows they hold (``index``, ``(B,)``)."""
+        dataset = self.splits[split]
+        if "index" not in dataset.column_names:
+            self._splits[split] = dataset.add_column("index", list(range(len(dataset))))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("validation")

@@ -2,7 +2,8 @@
 
 Collators are chosen by name through `COLLATORS`: ``pad`` (here), ``pack`` (data/packing.py: sequences
 packed into rows) and ``share`` (data/prefix_sharing.py: each pair's prompt once, both responses
-branching from it, pairs packed) read the same per-example fields; ``kto`` batches unpaired examples.
+branching from it, pairs packed) read the same per-example fields. Unpaired (KTO) examples have their own
+collator, `kto_collate.KTOCollator` (`KTODataModule`'s).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import torch
 from torch import Tensor
 
 from .extras import pair_extras
-from .kto import KTOCollator
 from .packing import PackingCollator
 from .prefix_sharing import PrefixSharingCollator
 
@@ -99,7 +99,6 @@ COLLATORS: dict[str, Callable[..., Callable[[Sequence[Mapping[str, Any]]], dict[
     "pad": PaddingCollator,
     "pack": PackingCollator,
     "share": PrefixSharingCollator,  # prompt once per pair, both responses branching from it, packed
-    "kto": KTOCollator,  # unpaired examples (KTO): N rows + N mismatched KL rows, see data/kto.py
 }
 
 

@@ -1,127 +1,92 @@
-"""KTO batches: unpaired examples -> padded rows, plus the mismatched rows of KTO's KL reference point.
+"""`KTODataModule`: a preference or KTO data source -> the unpaired batches `KTOModule` consumes.
 
-KTO compares each completion's implicit reward with z0, an estimate of KL(policy || reference) on the
-batch. The paper estimates it on *mismatched* pairs: prompt i with another example's completion, so
-that the estimate is not the rewards themselves. TRL builds them once, in the dataset (completions
-rotated within each block of ``per_device_train_batch_size`` rows), which only holds if batches are
-exactly those blocks, so TRL forces sequential sampling. Here the collator builds them from whatever
-micro-batch it gets: shuffling (and resuming mid-epoch) stays correct.
+KTO (Ethayarajh et al. 2024) trains on single completions labelled desirable or undesirable.
+Unpaired prompt/completion/label rows are read as they are; preference pairs of any layout are
+unpaired (chosen -> desirable, rejected -> undesirable), so KTO runs on DPO's data too. The
+examples are tokenized with the boundary, special tokens and truncation of a pair's side
+(`kto_preprocess`) and batched with the mismatched rows of KTO's KL reference point
+(`kto_collate.KTOCollator`). Sources, column selection, hold-out, loaders and resumable sampling
+are `TokenizedDataModule`'s.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import torch
-from torch import Tensor
+from datasets import Dataset
 
-from dpo_lightning.data.sampler import padding_weights
-from dpo_lightning.models.logprobs import IGNORE_INDEX
-
-
-def pad_rows(
-    rows: Sequence[Sequence[int]],
-    starts: Sequence[int],
-    pad_token_id: int,
-    width: int,
-    label_pad_token_id: int = IGNORE_INDEX,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-pad ``rows`` to ``width``: (input_ids, attention_mask, labels), each (R, width).
-
-    ``labels`` equal the ids from ``starts[i]`` (the first response token) to the end of row i and
-    ``label_pad_token_id`` on the prompt and the padding; not shifted.
-    """
-    lengths = torch.tensor([len(r) for r in rows])  # (R,)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)  # (R, T)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    positions = torch.arange(width)  # (T,)
-    attention_mask = positions < lengths[:, None]  # (R, T)
-    is_response = attention_mask & (positions >= torch.tensor(starts)[:, None])  # (R, T)
-    labels = input_ids.masked_fill(~is_response, label_pad_token_id)
-    return input_ids, attention_mask.long(), labels
+from .base import TokenizedDataModule
+from .columns import UNPAIRED_LAYOUTS, Layouts
+from .kto_collate import KTOCollator, pad_rows
+from .kto_preprocess import preprocess_unpaired_split
 
 
-@dataclass(frozen=True)
-class KTOCollator:
-    """Pad N unpaired examples into N rows, and build N mismatched KL rows: prompt i + completion (i+1) mod N.
+class KTODataModule(TokenizedDataModule):
+    """Unpaired examples (a prompt, one completion, a desirable/undesirable label) from the Hub, local
+    files or a built-in task, from KTO rows or from preference pairs split in two; tokenized once and
+    batched as N rows plus N mismatched KL rows (docs/data.md). The settings it shares with every data
+    module are `TokenizedDataModule`'s (``*args, **kwargs``); ``batch_size`` counts examples."""
 
-    Each example holds ``input_ids`` (prompt + completion), ``response_start`` (index of the first
-    completion token) and ``desirable`` (bool). The KL row of example i is its prompt ids followed by
-    the completion ids of example (i + 1) mod N, the concatenation TRL uses. (TRL rotates the other
-    way, i - 1; either is a derangement of the same completions, so both estimate the same KL.) A
-    KL row is cut at the end of its completion to the width of the longest example row, so the KL
-    forward never costs more than the main one; since every prompt is shorter than its own row,
-    each KL row keeps at least one completion token. With N = 1 the KL row is the example itself
-    (TRL refuses a per-device batch of 1 for this reason): use batches of 2 or more.
+    collators = {"kto": KTOCollator}
+    fast_collator = "kto"  # one batch layout: `auto` is it
+    batch_formats = ("unpaired",)
 
-    Worked example, ``pad_token_id=0``, N=2::
+    def __init__(
+        self, *args: Any, drop_identical: bool = True, collator: Literal["auto", "kto"] = "auto", **kwargs: Any
+    ) -> None:
+        """
+        Args:
+            drop_identical: Drop a pair whose chosen equals rejected (one completion labelled both ways) instead
+                of keeping its two examples; counted in a warning.
+            collator: ``kto`` (and ``auto``, which is it): N padded example rows and N KL rows, prompt i with
+                completion (i + 1) mod N.
+        """
+        super().__init__(*args, collator=collator, **kwargs)
+        hp = self.hparams
+        if min(hp.batch_size, hp.eval_batch_size or hp.batch_size) < 2:
+            # KTO's KL rows pair each prompt with another example's completion in the same batch.
+            raise ValueError(
+                f"KTO needs batches of 2 or more examples for its KL estimate, got batch_size={hp.batch_size}, "
+                f"eval_batch_size={hp.eval_batch_size}"
+            )
 
-        features = [
-            {"input_ids": [1, 2, 3, 4, 5], "response_start": 3, "desirable": True},   # prompt 1 2 3, completion 4 5
-            {"input_ids": [7, 8, 9], "response_start": 2, "desirable": False},        # prompt 7 8, completion 9
-        ]
-        KTOCollator(pad_token_id=0)(features) == {
-            "input_ids": tensor([[1, 2, 3, 4, 5],
-                                 [7, 8, 9, 0, 0]]),
-            "attention_mask": tensor([[1, 1, 1, 1, 1],
-                                      [1, 1, 1, 0, 0]]),
-            "labels": tensor([[-100, -100, -100,    4,    5],
-                              [-100, -100,    9, -100, -100]]),
-            "kl_input_ids": tensor([[1, 2, 3, 9],          # prompt 0 + completion 1
-                                    [7, 8, 4, 5]]),        # prompt 1 + completion 0
-            "kl_attention_mask": tensor([[1, 1, 1, 1],
-                                         [1, 1, 1, 1]]),
-            "kl_labels": tensor([[-100, -100, -100,    9],
-                                 [-100, -100,    4,    5]]),
-            "desirable": tensor([True, False]),
-        }
+    # -- the hooks of TokenizedDataModule -------------------------------------------------------
 
-    ``pad_to_multiple_of`` rounds both widths up. Examples carrying ``index`` or ``ref_logps``
-    (precomputed reference log-probs of the example rows) pass them through as (N,) tensors;
-    examples carrying ``padding`` (an eval shard's padding, see ``sampler.MarkPadding``) give a
-    float ``weight`` (N,), 0 on padding, for the metrics.
-    """
+    @property
+    def _layouts(self) -> Layouts:
+        return UNPAIRED_LAYOUTS  # a margin column is named among the ignored ones: KTO reads none
 
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-    label_pad_token_id: int = IGNORE_INDEX
+    @property
+    def _unit(self) -> str:
+        return "examples"
 
-    def _round(self, width: int) -> int:
-        if self.pad_to_multiple_of:
-            return -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return width
-
-    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        rows = [list(f["input_ids"]) for f in features]
-        starts = [int(f["response_start"]) for f in features]
-        longest = max(len(r) for r in rows)
-        input_ids, attention_mask, labels = pad_rows(
-            rows, starts, self.pad_token_id, self._round(longest), self.label_pad_token_id
+    def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
+        hp = self.hparams
+        return preprocess_unpaired_split(
+            dataset,
+            self.tokenizer,
+            self.tokenize_config,
+            source=self.source_name,
+            split=split,
+            drop_identical=hp.drop_identical,
+            num_proc=hp.num_proc,
         )
 
-        n = len(rows)
-        completions = [row[start:] for row, start in zip(rows, starts)]
-        kl_rows = [(rows[i][: starts[i]] + completions[(i + 1) % n])[:longest] for i in range(n)]
-        kl_input_ids, kl_attention_mask, kl_labels = pad_rows(
-            kl_rows, starts, self.pad_token_id, self._round(max(len(r) for r in kl_rows)), self.label_pad_token_id
-        )
+    @property
+    def collator_name(self) -> str:
+        return "kto"
 
-        batch = {
-            "input_ids": input_ids,  # (N, T)
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "kl_input_ids": kl_input_ids,  # (N, T_kl), T_kl <= T
-            "kl_attention_mask": kl_attention_mask,
-            "kl_labels": kl_labels,
-            "desirable": torch.tensor([bool(f["desirable"]) for f in features], dtype=torch.bool),  # (N,)
-        }
-        if "index" in features[0]:
-            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
-        if "ref_logps" in features[0]:
-            batch["ref_logps"] = torch.tensor([f["ref_logps"] for f in features], dtype=torch.float32)
-        if "padding" in features[0]:  # an eval shard's padding: weight 0 in the metrics
-            batch["weight"] = padding_weights(features)  # (N,)
-        return batch
+    def choose_collator(self, packing_unsupported: str | None, attention_cost: float | None = None) -> tuple[str, str]:
+        return "kto", "unpaired examples"
+
+    def label_counts(self, split: str = "train") -> tuple[int, int]:
+        """(desirable, undesirable) examples of a split, for ``losses.kto_weight_warning``."""
+        dataset = self.splits[split]
+        if dataset is None:
+            raise ValueError(f"no {split!r} split")
+        # Through the format, not `dataset.data`: a held-out split is an index mapping over the table.
+        desirable = int(dataset.with_format("numpy")["desirable"][:].sum())
+        return desirable, len(dataset) - desirable
+
+
+__all__ = ["KTOCollator", "KTODataModule", "pad_rows"]

@@ -5,11 +5,11 @@ fingerprint (the hash of the source, the tokenizer and these settings), so it ru
 per epoch. Rows that cannot be used raise `DataError` naming the row; pairs that are dropped
 (identical sides, responses emptied by truncation, sides made identical by truncation) are counted
 and reported in one warning each, as are prompts and responses cut by truncation and ignored columns.
-With ``unpaired=True`` (KTO) the pass yields one example per labelled completion instead: unpaired
-rows as they are, each pair as two examples (chosen desirable, rejected undesirable). Pairs with a
-``margin`` column keep it (checked, as a float), for reward-model training; KTO does not read it.
+Pairs with a ``margin`` column keep it (checked, as a float), for reward-model training. Unpaired (KTO)
+examples go through the same pass with their own preprocessor (`kto_preprocess`).
 
-`map_rows` and `kept_rows` are the map and filter every kind of data (pairs, SFT rows) goes through.
+`map_rows` and `kept_rows` are the map and filter every kind of data (pairs, KTO examples, SFT rows) goes
+through; `detect_rows` and `tokenize_rows` the steps pairs and KTO examples share.
 """
 
 from __future__ import annotations
@@ -28,14 +28,12 @@ from .formats import (
     LAYOUT_COLUMNS,
     OPTIONAL_COLUMNS,
     Layout,
-    PreferenceExample,
     check_margin,
     detect_layout,
     to_example,
-    unpair,
 )
-from .render import render, render_unpaired
-from .tokenize import TokenizeConfig, TokenizedSide, tokenize_completions, tokenize_pairs
+from .render import render
+from .tokenize import TokenizeConfig, TokenizedSide, tokenize_pairs
 
 # The per-example fields every collator can rely on (padding and, later, packing).
 TOKENIZED_FIELDS = (
@@ -46,10 +44,6 @@ TOKENIZED_FIELDS = (
 )
 # Kept next to them when the raw pairs have it (not for unpaired data): a float per pair.
 MARGIN = "margin"
-
-# The per-example fields of unpaired data (KTO): prompt + completion ids, where the completion
-# starts, and the label. The KTO collator slices prompt and completion apart to build its KL rows.
-UNPAIRED_FIELDS = ("input_ids", "response_start", "desirable")
 
 
 class Drop(IntEnum):
@@ -74,7 +68,7 @@ class Cut(IntEnum):
 OUTPUT_VERSION = 3
 
 
-def _cuts(*sides: TokenizedSide) -> int:
+def cut_bits(*sides: TokenizedSide) -> int:
     """`Cut` bits of one pair's sides (chosen, rejected) or of one unpaired example."""
     bits = int(any(side.prompt_cut for side in sides)) * Cut.PROMPT
     for bit, side in zip((Cut.CHOSEN, Cut.REJECTED), sides):
@@ -83,9 +77,9 @@ def _cuts(*sides: TokenizedSide) -> int:
 
 
 @dataclass(frozen=True)
-class _Preprocessor:
-    """What both ``datasets.map`` functions need. A frozen dataclass (not a closure) so it pickles
-    into ``num_proc`` workers and hashes into a stable cache fingerprint."""
+class RowPreprocessor:
+    """What the ``datasets.map`` functions of pairs and KTO examples need. A frozen dataclass (not a
+    closure) so it pickles into ``num_proc`` workers and hashes into a stable cache fingerprint."""
 
     tokenizer: PreTrainedTokenizerBase
     layout: Layout
@@ -104,7 +98,7 @@ class _Preprocessor:
 
 
 @dataclass(frozen=True)
-class PairPreprocessor(_Preprocessor):
+class PairPreprocessor(RowPreprocessor):
     """The ``datasets.map`` function: a batch of raw rows -> `TOKENIZED_FIELDS` (+ ``margin`` when the
     rows have one) + a ``drop`` code."""
 
@@ -134,48 +128,7 @@ class PairPreprocessor(_Preprocessor):
                 continue
             out["chosen_input_ids"][offset], out["chosen_response_start"][offset] = chosen[:2]
             out["rejected_input_ids"][offset], out["rejected_response_start"][offset] = rejected[:2]
-            out["cut"][offset] = _cuts(chosen, rejected)
-        return out
-
-
-@dataclass(frozen=True)
-class UnpairedPreprocessor(_Preprocessor):
-    """The ``datasets.map`` function for unpaired data: raw rows -> `UNPAIRED_FIELDS` + ``drop``.
-
-    Unpaired rows give one example each; pairs give two (chosen desirable, rejected undesirable),
-    so the output may have more rows than the input. A dropped pair leaves one placeholder row,
-    except one made identical by truncation: both its examples are dropped (and counted).
-    """
-
-    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        drop, desirable, rendered, kept, pairs = [], [], [], [], []
-        for ref, example in self.examples(batch, indices):
-            if isinstance(example, PreferenceExample):
-                if self.drop_identical and example.identical:
-                    drop.append(Drop.IDENTICAL)
-                    desirable.append(False)
-                    continue
-                pairs.append((len(drop), len(drop) + 1))
-                examples = unpair(example)
-            else:
-                examples = (example,)
-            for unpaired in examples:
-                kept.append(len(drop))
-                drop.append(Drop.KEEP)
-                desirable.append(unpaired.desirable)
-                rendered.append(render_unpaired(unpaired, self.tokenizer, ref))
-        out: dict[str, list[Any]] = {"input_ids": [[]] * len(drop), "response_start": [0] * len(drop)}
-        out["desirable"], out["drop"], out["cut"] = desirable, [int(d) for d in drop], [0] * len(drop)
-        for row, side in zip(kept, tokenize_completions(rendered, self.tokenizer, self.config)):
-            if side.response_length == 0:
-                out["drop"][row] = int(Drop.EMPTY_RESPONSE)
-                continue
-            out["input_ids"][row], out["response_start"][row] = side[:2]
-            out["cut"][row] = _cuts(side)
-        for chosen, rejected in pairs:
-            same = out["input_ids"][chosen] == out["input_ids"][rejected]
-            if self.drop_identical and same and out["drop"][chosen] == out["drop"][rejected] == Drop.KEEP:
-                out["drop"][chosen] = out["drop"][rejected] = int(Drop.IDENTICAL_AFTER_TRUNCATION)
+            out["cut"][offset] = cut_bits(chosen, rejected)
         return out
 
 
@@ -244,6 +197,40 @@ def kept_rows(mapped: Dataset) -> Dataset:
     return keep.remove_columns(["drop", "cut"])
 
 
+def detect_rows(dataset: Dataset, where: str) -> Layout:
+    """The layout of a raw split (`formats.detect_layout`); `DataError` when it has no rows."""
+    layout = detect_layout(dataset.column_names, where)
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the split has no rows")
+    return layout
+
+
+def tokenize_rows(
+    dataset: Dataset,
+    function: RowPreprocessor,
+    where: str,
+    *,
+    unit: str,
+    optional: Sequence[str] = (),
+    num_proc: int | None = None,
+) -> Dataset:
+    """Run one preprocessor over a raw split: name the columns it does not read, map, report what was
+    dropped and cut (one warning each), refuse a split left empty; the kept rows."""
+    needed = LAYOUT_COLUMNS[function.layout]
+    reads = [*needed, *(c for c in optional if c in dataset.column_names)]
+    warn_ignored_columns(dataset.column_names, function.layout, needed, reads, where)
+    mapped = map_rows(dataset, function, where, function.split, num_proc)
+    counts, kept = _report(mapped, len(dataset), function.config, where, unit)
+    if kept == 0:
+        raise DataError(
+            f"{where}: no {unit} left after filtering {len(dataset)} rows "
+            f"({counts[Drop.IDENTICAL]} with chosen == rejected, {counts[Drop.EMPTY_RESPONSE]} with an empty "
+            f"response after truncation to max_length={function.config.max_length}, "
+            f"{counts[Drop.IDENTICAL_AFTER_TRUNCATION]} with chosen == rejected after truncation)"
+        )
+    return kept_rows(mapped)
+
+
 def preprocess_split(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -253,37 +240,20 @@ def preprocess_split(
     split: str,
     drop_identical: bool = True,
     num_proc: int | None = None,
-    unpaired: bool = False,
 ) -> Dataset:
-    """Validate, render and tokenize one split; the result holds only `TOKENIZED_FIELDS` (and ``margin``
-    when the pairs have one), or `UNPAIRED_FIELDS` with ``unpaired=True`` (from unpaired rows, or from
-    pairs split in two)."""
+    """Validate, render and tokenize one split of pairs; the result holds only `TOKENIZED_FIELDS` (and
+    ``margin`` when the pairs have one). Unpaired (KTO) examples: `kto_preprocess.preprocess_unpaired_split`."""
     where = f"{source} (split {split!r})"
-    layout = detect_layout(dataset.column_names, where)
-    if len(dataset) == 0:
-        raise DataError(f"{where}: the split has no rows")
-    if layout is Layout.UNPAIRED and not unpaired:
+    layout = detect_rows(dataset, where)
+    if layout is Layout.UNPAIRED:
         raise DataError(
-            f"{source}: unpaired prompt/completion/label rows (KTO format) need an unpaired loss (KTO, "
-            "`unpaired=True`); pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
+            f"{source}: unpaired prompt/completion/label rows (KTO format) need KTO (KTOModule with "
+            "KTODataModule); pairwise losses need prompt/chosen/rejected (or chosen/rejected) columns"
         )
-    needed = LAYOUT_COLUMNS[layout]
-    optional = () if unpaired else OPTIONAL_COLUMNS.get(layout, ())
-    reads = [*needed, *(c for c in optional if c in dataset.column_names)]
-    warn_ignored_columns(dataset.column_names, layout, needed, reads, where)
-    preprocessor = UnpairedPreprocessor if unpaired else PairPreprocessor
-    function = preprocessor(tokenizer, layout, config, source, split, drop_identical)  # reads a margin if any
-    mapped = map_rows(dataset, function, where, split, num_proc)
-    unit = "examples" if unpaired else "pairs"
-    counts, kept = _report(mapped, len(dataset), config, where, unit)
-    if kept == 0:
-        raise DataError(
-            f"{where}: no {unit} left after filtering {len(dataset)} rows "
-            f"({counts[Drop.IDENTICAL]} with chosen == rejected, {counts[Drop.EMPTY_RESPONSE]} with an empty "
-            f"response after truncation to max_length={config.max_length}, "
-            f"{counts[Drop.IDENTICAL_AFTER_TRUNCATION]} with chosen == rejected after truncation)"
-        )
-    tokenized = kept_rows(mapped)
+    function = PairPreprocessor(tokenizer, layout, config, source, split, drop_identical)  # reads a margin if any
+    tokenized = tokenize_rows(
+        dataset, function, where, unit="pairs", optional=OPTIONAL_COLUMNS.get(layout, ()), num_proc=num_proc
+    )
     if MARGIN in tokenized.column_names:  # the map keeps an overwritten column in its place: put it last
         tokenized = tokenized.select_columns([*TOKENIZED_FIELDS, MARGIN])
     return tokenized

@@ -22,19 +22,21 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from datasets import Dataset, DatasetDict
+from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 from transformers import PreTrainedTokenizerBase
 
-from .base import TokenizedDataModule, object_arguments
-from .columns import Layouts, check_column_options
+from .base import TokenizedDataModule
+from .columns import Layouts
 from .errors import DataError, RowRef, warn
 from .formats import Layout, Text, check_role_order, check_text, to_example
 from .render import _apply_template, _check_chat_template
-from .tokenize import TRUNCATION_MODES, TokenizeConfig, special_tokens, truncate
+from .tokenize import TokenizeConfig, special_tokens, truncate
+
+NO_LENGTH_LIMIT = 1 << 30  # prompts are cut by max_prompt_length only
 
 
 def prompt_id(prompt: Any, index: int) -> str:
@@ -186,61 +188,25 @@ class ShardWithoutPadding(DistributedSampler):
 
 class PromptDataModule(TokenizedDataModule):
     """Prompts from the Hub, local files or a built-in task, tokenized once, left-padded in batches
-    for sampling (``trainer.predict``); see docs/generate.md."""
+    for sampling (``trainer.predict``); see docs/generate.md. The settings it shares with every data
+    module are `TokenizedDataModule`'s (``*args, **kwargs``), but for those of training splits and
+    lengths, which it sets itself."""
 
     collators = {"left_pad": LeftPaddingCollator}
     batch_formats = ("prompts",)
 
-    def __init__(
-        self,
-        tokenizer: str | PreTrainedTokenizerBase,
-        dataset: str | Dataset | DatasetDict | list[dict[str, Any]],
-        dataset_config: str | None = None,
-        split: str = "train",
-        max_prompt_length: int | None = 512,
-        truncation_mode: Literal["keep_end", "keep_start"] = "keep_end",
-        limit: int | None = None,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 42,
-        num_proc: int | None = None,
-        trust_remote_code: bool = False,
-        cache_dir: str | None = None,
-        columns: dict[str, str] | None = None,
-        drop_columns: list[str] | None = None,
-    ) -> None:
+    def __init__(self, *args: Any, split: str = "train", limit: int | None = None, **kwargs: Any) -> None:
         """
         Args:
-            tokenizer: Hub id or local path of the tokenizer (the policy's), ``synthetic:<name>``, or a tokenizer.
-            dataset: Hub dataset name, local file or folder, ``synthetic:<name>``, or a Dataset/list of rows.
-            dataset_config: Configuration name of a Hub dataset.
             split: The split whose prompts are sampled.
-            max_prompt_length: Longest prompt in tokens; longer prompts lose their start (counted). None: no limit.
-            truncation_mode: Which end of a long prompt to keep: ``keep_end`` or ``keep_start``.
             limit: Use only the first ``limit`` prompts of the split (None: all).
-            batch_size: Prompts per generation batch (each gives num_samples sequences).
-            num_workers: DataLoader worker processes.
-            seed: Seed for synthetic data.
-            num_proc: Processes for the one-off tokenization pass.
-            trust_remote_code: Let the tokenizer run code from its repository.
-            cache_dir: Cache folder for ``datasets``.
-            columns: Our field names (prompt, chosen, rejected, messages) -> the dataset's columns.
-            drop_columns: Dataset columns to leave out without the warning that names unread columns.
         """
-        super().__init__(tokenizer, dataset)
-        if max_prompt_length is not None and max_prompt_length < 1:
-            raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
-        if truncation_mode not in TRUNCATION_MODES:
-            raise ValueError(f"truncation_mode must be one of {TRUNCATION_MODES}, got {truncation_mode!r}")
-        if batch_size < 1 or (limit is not None and limit < 1):
-            raise ValueError(f"batch_size and limit must be positive, got {batch_size}, {limit}")
-        check_column_options(columns, drop_columns, PROMPT_LAYOUTS.fields)
-        self.save_hyperparameters(ignore=object_arguments(tokenizer, dataset))
-        # What the shared base reads: one split, no validation, no packing.
-        self.hparams.update(
-            train_split=split, val_split=None, val_fraction=None, test_split=None, collator="left_pad",
-            max_length=1 << 30, pad_to_multiple_of=None,
-        )
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be positive or None, got {limit}")
+        # One split, no validation, no length limit but the prompt's, no padding rounding.
+        super().__init__(*args, train_split=split, val_split=None, val_fraction=None, test_split=None,
+                         max_length=NO_LENGTH_LIMIT, eval_batch_size=None, pad_to_multiple_of=None,
+                         collator="left_pad", **kwargs)
         self._exclude: set[str] = set()
 
     @property
@@ -259,7 +225,7 @@ class PromptDataModule(TokenizedDataModule):
         if hp.limit is not None:
             dataset = dataset.select(range(min(hp.limit, len(dataset))))
         layout = detect_prompt_layout(dataset.column_names, where)
-        config = TokenizeConfig(1 << 30, hp.max_prompt_length, hp.truncation_mode)
+        config = TokenizeConfig(NO_LENGTH_LIMIT, hp.max_prompt_length, hp.truncation_mode)
         function = _PromptPreprocessor(self.tokenizer, layout, config, self.source_name, split)
         mapped = dataset.map(function, batched=True, with_indices=True, remove_columns=dataset.column_names,
                              num_proc=hp.num_proc if hp.num_proc and hp.num_proc > 1 else None,

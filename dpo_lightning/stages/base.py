@@ -240,7 +240,7 @@ class CausalLMModule(CheckpointHooks, FastPaths, StepLogs, Optimization, L.Light
         raise ValueError(
             f"{type(self).__name__} trains on {self.batch_format!r} batches but {type(datamodule).__name__} makes "
             f"{made!r} batches: use the data module for this stage (SFTModule: SFTDataModule; DPOModule, "
-            "RewardModule: PreferenceDataModule; KTOModule: PreferenceDataModule(unpaired=True))"
+            "RewardModule: PreferenceDataModule; KTOModule: KTODataModule)"
         )
 
     def on_fit_start(self) -> None:

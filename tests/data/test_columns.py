@@ -8,14 +8,14 @@ import logging
 import pytest
 from datasets import Dataset, DatasetDict
 
-from dpo_lightning.data import DataError, PreferenceDataModule
+from dpo_lightning.data import DataError, KTODataModule, PreferenceDataModule
 
 
-def make(tokenizer, dataset, **kwargs) -> PreferenceDataModule:
+def make(tokenizer, dataset, cls=PreferenceDataModule, **kwargs) -> PreferenceDataModule | KTODataModule:
     kwargs.setdefault("max_length", 64)
     kwargs.setdefault("max_prompt_length", 32)
     kwargs.setdefault("val_split", None)
-    dm = PreferenceDataModule(tokenizer, dataset, **kwargs)
+    dm = cls(tokenizer, dataset, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -52,7 +52,7 @@ def test_columns_for_implicit_and_unpaired_layouts(bpe_tokenizer):
     assert bpe_tokenizer.decode(side["chosen_input_ids"][side["chosen_response_start"]:]) == " hello<|endoftext|>"
     kto = [{"question": "hi?", "answer": f" {w}", "thumbs_up": w == "yes"} for w in ("yes", "no", "maybe")]
     dm = make(
-        bpe_tokenizer, kto, columns={"prompt": "question", "completion": "answer", "label": "thumbs_up"}, unpaired=True
+        bpe_tokenizer, kto, KTODataModule, columns={"prompt": "question", "completion": "answer", "label": "thumbs_up"}
     )
     assert dm.label_counts() == (1, 2)
 

@@ -269,7 +269,7 @@ def test_empty_dataset_after_filtering(bpe_tokenizer):
 
 def test_unpaired_rows_are_refused_clearly(bpe_tokenizer, rows_writer, cache_dir):
     path = rows_writer("kto.jsonl", [{"prompt": "p", "completion": " c", "label": True}])
-    with pytest.raises(DataError, match=r"kto\.jsonl.*unpaired prompt/completion/label.*need an unpaired loss"):
+    with pytest.raises(DataError, match=r"kto\.jsonl.*label.*need KTO \(KTOModule with KTODataModule\)"):
         make(bpe_tokenizer, str(path), cache_dir=cache_dir)
 
 

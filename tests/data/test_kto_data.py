@@ -1,5 +1,5 @@
-"""Unpaired (KTO) data: prompt/completion/label rows and pairs split in two, through the same data module,
-and the KTO collator's mismatched KL rows."""
+"""Unpaired (KTO) data: prompt/completion/label rows and pairs split in two, through `KTODataModule`, and the
+KTO collator's mismatched KL rows."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from dpo_lightning.data import (
     DataError,
     KTOCollator,
+    KTODataModule,
     Layout,
     PreferenceDataModule,
     PreferenceExample,
@@ -27,10 +28,10 @@ UNPAIRED_ROWS = [
 ]
 
 
-def make(tokenizer, dataset, **kwargs) -> PreferenceDataModule:
+def make(tokenizer, dataset, **kwargs) -> KTODataModule:
     kwargs.setdefault("max_length", 64)
     kwargs.setdefault("max_prompt_length", 32)
-    dm = PreferenceDataModule(tokenizer, dataset, unpaired=True, **kwargs)
+    dm = KTODataModule(tokenizer, dataset, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -140,10 +141,24 @@ def test_bad_conversational_completion():
 
 
 def test_collator_settings_are_checked(bpe_tokenizer, standard_rows):
-    with pytest.raises(ValueError, match="'kto' collator"):
-        PreferenceDataModule(bpe_tokenizer, standard_rows, unpaired=True, collator="pack")
-    with pytest.raises(ValueError, match="unpaired=True"):
+    with pytest.raises(ValueError, match=r"unknown collator 'pack'; choose one of \['auto', 'kto'\]"):
+        KTODataModule(bpe_tokenizer, standard_rows, collator="pack")
+    with pytest.raises(ValueError, match=r"collator='kto': unpaired \(KTO\) data is KTODataModule now"):
         PreferenceDataModule(bpe_tokenizer, standard_rows, collator="kto")
+
+
+def test_the_preference_module_refuses_the_old_unpaired_flag_naming_its_successor(bpe_tokenizer, standard_rows):
+    """``unpaired=True`` chose KTO examples before `KTODataModule`; in Python it is one line naming the class."""
+    with pytest.raises(ValueError, match=r"^unpaired=True: unpaired \(KTO\) data is KTODataModule now"):
+        PreferenceDataModule(bpe_tokenizer, standard_rows, unpaired=True)
+    assert PreferenceDataModule(bpe_tokenizer, standard_rows, unpaired=False).batch_format == "pairs"
+
+
+def test_kto_batches_need_two_examples(bpe_tokenizer, standard_rows):
+    with pytest.raises(ValueError, match="KTO needs batches of 2 or more examples"):
+        KTODataModule(bpe_tokenizer, standard_rows, batch_size=1)
+    with pytest.raises(ValueError, match="eval_batch_size=1"):
+        KTODataModule(bpe_tokenizer, standard_rows, eval_batch_size=1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,16 +10,16 @@ import pytest
 import torch
 from datasets import Dataset
 
-from dpo_lightning.data import TOKENIZED_FIELDS, DataError, PreferenceDataModule
+from dpo_lightning.data import TOKENIZED_FIELDS, DataError, KTODataModule, PreferenceDataModule
 from dpo_lightning.data.collate import PaddingCollator
 from dpo_lightning.data.packing import PackingCollator
 
 
-def make(tokenizer, dataset, **kwargs) -> PreferenceDataModule:
+def make(tokenizer, dataset, cls=PreferenceDataModule, **kwargs) -> PreferenceDataModule | KTODataModule:
     kwargs.setdefault("max_length", 64)
     kwargs.setdefault("max_prompt_length", 32)
     kwargs.setdefault("val_split", None)
-    dm = PreferenceDataModule(tokenizer, dataset, **kwargs)
+    dm = cls(tokenizer, dataset, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -117,7 +117,7 @@ def test_unpaired_data_does_not_read_margin(bpe_tokenizer, standard_rows, caplog
     there is not an error (nothing reads it)."""
     rows = with_margins(standard_rows, MARGINS)
     with caplog.at_level(logging.WARNING):
-        dm = make(bpe_tokenizer, rows, unpaired=True, batch_size=4)
+        dm = make(bpe_tokenizer, rows, cls=KTODataModule, batch_size=4)
     assert dm.splits["train"].column_names == ["input_ids", "response_start", "desirable"]
     assert "margin" not in next(iter(dm.train_dataloader()))
     assert ignored(caplog) == [
@@ -127,7 +127,7 @@ def test_unpaired_data_does_not_read_margin(bpe_tokenizer, standard_rows, caplog
     kto_rows = [{"prompt": "hi?", "completion": f" {w}", "label": w == "yes", "margin": None} for w in ("yes", "no")]
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        make(bpe_tokenizer, kto_rows, unpaired=True, batch_size=2)
+        make(bpe_tokenizer, kto_rows, cls=KTODataModule, batch_size=2)
     assert ignored(caplog) == [
         "<list of 2 rows>: ignoring column(s) ['margin'] of split 'train'; the unpaired layout reads only prompt, "
         "completion, label (list them in drop_columns to drop them without this warning)"

@@ -9,14 +9,14 @@ import pytest
 from datasets import Dataset, DatasetDict
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from dpo_lightning.data import DataError, PreferenceDataModule, load_source
+from dpo_lightning.data import DataError, KTODataModule, PreferenceDataModule, load_source
 from dpo_lightning.data.holdout import count_in
 
 
-def make(tokenizer, dataset, **kwargs) -> PreferenceDataModule:
+def make(tokenizer, dataset, cls=PreferenceDataModule, **kwargs) -> PreferenceDataModule | KTODataModule:
     kwargs.setdefault("max_length", 64)
     kwargs.setdefault("max_prompt_length", 32)
-    dm = PreferenceDataModule(tokenizer, dataset, **kwargs)
+    dm = cls(tokenizer, dataset, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -56,7 +56,7 @@ def test_all_pairs_identical_after_truncation(bpe_tokenizer):
 def test_unpaired_from_pairs_identical_after_truncation(bpe_tokenizer, standard_rows, caplog):
     """KTO: such a pair would be the same completion labelled desirable and undesirable; both go."""
     with caplog.at_level(logging.WARNING):
-        dm = make(bpe_tokenizer, standard_rows + late_difference(2), max_length=32, max_prompt_length=16, unpaired=True)
+        dm = make(bpe_tokenizer, standard_rows + late_difference(2), KTODataModule, max_length=32, max_prompt_length=16)
     assert len(dm.splits["train"]) == 16
     assert "dropped 4 of 20 examples whose chosen and rejected" in caplog.text
 

@@ -82,6 +82,8 @@ def test_synthetic_delegates_lazily(monkeypatch, standard_rows):
     fake.load_dataset, fake.build_tokenizer = load_dataset, build_tokenizer
     monkeypatch.setitem(sys.modules, "dpo_lightning.data.synthetic", fake)
     monkeypatch.setattr(data_pkg, "synthetic", fake, raising=False)
+    for user in ("sources", "tokenizer"):  # patched where it is used (both import the module at the top)
+        monkeypatch.setattr(f"dpo_lightning.data.{user}.synthetic", fake)
     assert sorted(load_source("synthetic:sort", seed=3)) == ["train", "validation"]
     monkeypatch.setattr("dpo_lightning.data.tokenizer.ensure_pad_token", lambda t: t)
     assert load_tokenizer("synthetic:sort") == "tokenizer-object"

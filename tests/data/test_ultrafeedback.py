@@ -14,7 +14,7 @@ import logging
 
 import pytest
 
-from dpo_lightning.data import DataError, PreferenceDataModule
+from dpo_lightning.data import DataError, KTODataModule, PreferenceDataModule
 
 QUESTIONS = [
     ("what is two plus four?", "it is six", "it is nine"),
@@ -54,11 +54,11 @@ def plain_row(prompt: str, good: str, bad: str) -> dict:
     return {"prompt": [turn("user", prompt)], "chosen": [turn("assistant", good)], "rejected": [turn("assistant", bad)]}
 
 
-def make(tokenizer, dataset, **kwargs) -> PreferenceDataModule:
+def make(tokenizer, dataset, cls=PreferenceDataModule, **kwargs) -> PreferenceDataModule | KTODataModule:
     kwargs.setdefault("max_length", 96)
     kwargs.setdefault("max_prompt_length", 48)
     kwargs.setdefault("val_split", None)
-    dm = PreferenceDataModule(tokenizer, dataset, **kwargs)
+    dm = cls(tokenizer, dataset, **kwargs)
     dm.setup("fit")
     return dm
 
@@ -170,7 +170,7 @@ def test_identical_ultrafeedback_pair_is_dropped_and_counted(chat_tokenizer, cap
 
 
 def test_ultrafeedback_rows_unpaired_for_kto(chat_tokenizer):
-    dm = make(chat_tokenizer, [h4_row(*q) for q in QUESTIONS], unpaired=True, batch_size=2)
+    dm = make(chat_tokenizer, [h4_row(*q) for q in QUESTIONS], cls=KTODataModule, batch_size=2)
     assert dm.label_counts() == (4, 4)
     first = dm.splits["train"][0]
     assert chat_tokenizer.decode(first["input_ids"][first["response_start"]:]) == "it is six<|end|>\n"

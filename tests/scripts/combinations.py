@@ -74,7 +74,7 @@ NO_REFERENCE = "na"
 
 STAGES = {  # stage -> (model class, data class, extra data args)
     "dpo": ("dpo_lightning.DPOModule", "dpo_lightning.PreferenceDataModule", {}),
-    "kto": ("dpo_lightning.KTOModule", "dpo_lightning.PreferenceDataModule", {}),  # the CLI sets unpaired
+    "kto": ("dpo_lightning.KTOModule", "dpo_lightning.KTODataModule", {}),
     "sft": ("dpo_lightning.SFTModule", "dpo_lightning.SFTDataModule",
             {"columns": {"completion": "chosen"}, "drop_columns": ["rejected"]}),
     "rm": ("dpo_lightning.RewardModule", "dpo_lightning.PreferenceDataModule", {}),

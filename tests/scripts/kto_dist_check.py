@@ -5,8 +5,8 @@ Run as a script (Lightning's ``ddp`` launcher re-executes ``sys.argv``, which py
     python tests/scripts/kto_dist_check.py --devices {1,2} --out result.pt
 
 Both modes build the same seeded ``KTOModule`` (its reference moved off the policy, so the KL estimate z0
-is > 0 and never clamped) and the same 5 held-out unpaired examples, batched by ``PreferenceDataModule(
-unpaired=True, eval_batch_size=3)``. KTO's z0 is a statistic of the step's batch, and the collator builds
+is > 0 and never clamped) and the same 5 held-out unpaired examples, batched by ``KTODataModule(
+eval_batch_size=3)``. KTO's z0 is a statistic of the step's batch, and the collator builds
 each batch's mismatched KL rows from that batch alone, so the two modes are set up to see the same rows:
 
 ``--devices 2`` validates through the data module: each rank gets one batch of 3 (``PaddedEvalSampler``),
@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 import dpo_lightning  # noqa: E402
 from dpo_lightning import KTOModule  # noqa: E402
-from dpo_lightning.data import PreferenceDataModule  # noqa: E402
+from dpo_lightning.data import KTODataModule  # noqa: E402
 from dpo_lightning.data.synthetic import generate_pairs  # noqa: E402
 from dpo_lightning.models.logprobs import IGNORE_INDEX  # noqa: E402
 
@@ -50,13 +50,12 @@ SHARDS = [[(0, False), (2, False), (4, False)], [(1, False), (3, False), (0, Tru
 SETTINGS = dict(beta=0.37, desirable_weight=1.5, undesirable_weight=0.6)
 
 
-def datamodule() -> PreferenceDataModule:
+def datamodule() -> KTODataModule:
     pairs = generate_pairs(8 + EVAL_EXAMPLES, seed=5)
     rows = [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
             for i, p in enumerate(pairs)]
     splits = DatasetDict({"train": Dataset.from_list(rows[:8]), "validation": Dataset.from_list(rows[8:])})
-    return PreferenceDataModule(tokenizer="synthetic:sort", dataset=splits, max_length=48, batch_size=EVAL_BATCH,
-                                unpaired=True)
+    return KTODataModule(tokenizer="synthetic:sort", dataset=splits, max_length=48, batch_size=EVAL_BATCH)
 
 
 def build_module(vocab_size: int) -> KTOModule:
@@ -69,7 +68,7 @@ def build_module(vocab_size: int) -> KTOModule:
     return module
 
 
-def rank_batches(data: PreferenceDataModule) -> list[dict[str, Tensor]]:
+def rank_batches(data: KTODataModule) -> list[dict[str, Tensor]]:
     """The batch each of the 2 ranks validates, collated by the data module's own collator."""
     dataset = data.splits["validation"]
     return [data.collate_fn([{**dataset[i], "padding": pad} for i, pad in shard]) for shard in SHARDS]
