@@ -57,12 +57,17 @@ def test_an_old_kto_config_saying_unpaired_true_maps_to_the_kto_data_module_with
     assert _built(data).choose_collator(None) == ("kto", "unpaired examples")
 
 
-def test_unpaired_false_in_a_dpo_config_is_dropped_with_a_warning():
-    """Every config saved before held ``unpaired: false`` (tests/fixtures/old_run/config.yaml too)."""
+def test_unpaired_false_in_a_dpo_config_is_dropped_quietly_and_true_with_a_warning():
+    """Every config saved before held ``unpaired: false`` (tests/fixtures/old_run/config.yaml too): what a pair
+    stage does anyway, so it is dropped without a word; ``true`` on a pair stage asked for something the stage
+    does not do, so it is dropped with a warning."""
     data, said = _parse("--config", TINY, "--data.unpaired", "false")
     assert data["class_path"].endswith("PreferenceDataModule") and "unpaired" not in data
-    assert any("data.unpaired is deprecated and ignored" in s for s in said)
+    assert not [s for s in said if "unpaired" in s]
     assert _built(data).batch_format == "pairs"
+    data, said = _parse("--config", TINY, "--data.unpaired", "true")
+    assert data["class_path"].endswith("PreferenceDataModule") and "unpaired" not in data
+    assert any("data.unpaired is deprecated and ignored (it was True)" in s for s in said)
     # Not given: nothing said.
     data, said = _parse("--config", TINY)
     assert not [s for s in said if "unpaired" in s]

@@ -124,7 +124,7 @@ def _group_default(config, group: list[str], field: str):
     import inspect
     import typing
 
-    from dpo_lightning.cli import _import
+    from dpo_lightning.cli.fit import _import
 
     cls = _import(config.model.class_path) if group[0] == "model" else _import(config.data.class_path)
     for klass in cls.__mro__:
@@ -136,7 +136,7 @@ def _group_default(config, group: list[str], field: str):
 
 
 def _same_class(a: str, b: str) -> bool:
-    from dpo_lightning.cli import _import
+    from dpo_lightning.cli.fit import _import
 
     try:
         return _import(a) is _import(b)

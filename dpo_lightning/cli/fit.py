@@ -278,7 +278,7 @@ def _data_for_stage(config: Namespace) -> None:
     if "unpaired" in init_args:
         del init_args["unpaired"]
     if _stage_class(config).batch_format != KTODataModule.batch_formats[0]:
-        if unpaired is not None:
+        if unpaired:  # `false` (what every saved DPO config says) is what a pair stage does: nothing to warn of
             rank_zero_warn(
                 f"data.unpaired is deprecated and ignored (it was {unpaired}): unpaired (KTO) examples are "
                 "data.class_path: dpo_lightning.KTODataModule; remove data.unpaired from the config",

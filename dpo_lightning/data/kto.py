@@ -27,19 +27,21 @@ class KTODataModule(TokenizedDataModule):
     batched as N rows plus N mismatched KL rows (docs/data.md). The settings it shares with every data
     module are `TokenizedDataModule`'s (``*args, **kwargs``); ``batch_size`` counts examples."""
 
-    collators = {"kto": KTOCollator}
-    fast_collator = "kto"  # one batch layout: `auto` is it
+    # One batch layout: `auto` and `pad` (the name the pair modules give their padded layout, which a KTO run
+    # configured before this class asked for) are it.
+    collators = {"kto": KTOCollator, "pad": KTOCollator}
+    fast_collator = "kto"
     batch_formats = ("unpaired",)
 
     def __init__(
-        self, *args: Any, drop_identical: bool = True, collator: Literal["auto", "kto"] = "auto", **kwargs: Any
+        self, *args: Any, drop_identical: bool = True, collator: Literal["auto", "kto", "pad"] = "auto", **kwargs: Any
     ) -> None:
         """
         Args:
             drop_identical: Drop a pair whose chosen equals rejected (one completion labelled both ways) instead
                 of keeping its two examples; counted in a warning.
-            collator: ``kto`` (and ``auto``, which is it): N padded example rows and N KL rows, prompt i with
-                completion (i + 1) mod N.
+            collator: ``kto`` (and ``auto`` and ``pad``, which are it): N padded example rows and N KL rows,
+                prompt i with completion (i + 1) mod N.
         """
         super().__init__(*args, collator=collator, **kwargs)
         hp = self.hparams
