@@ -89,12 +89,12 @@ MUTATIONS = [
     ),
     # The pipeline's report: the KL with the reference on both sides (always 0), or always against SFT.
     Mutation(
-        "report_kl_reference_both_sides", "dpo_lightning/pipeline/rounds.py",
+        "report_kl_reference_both_sides", "dpo_lightning/pipeline/evaluation.py",
         'kls += (response_logps(models["policy"], row["prompt_ids"], ids)',
         'kls += (response_logps(models["reference"], row["prompt_ids"], ids)',
     ),
     Mutation(
-        "report_kl_against_sft", "dpo_lightning/pipeline/rounds.py",
+        "report_kl_against_sft", "dpo_lightning/pipeline/report.py",
         'ref = initial if reference == "initial" or r == 0 else policies[r - 1]', "ref = initial",
     ),
     # Each round samples its pairs from the SFT model instead of the previous round's policy.
@@ -105,7 +105,7 @@ MUTATIONS = [
     # A precomputed reference's tables saved in checkpoints but not read back: a resume recomputes them.
     Mutation(
         "precomputed_tables_ignored_on_resume", "dpo_lightning/references/precomputed.py",
-        "self._tables = dict(state.get(REF_TABLES_KEY, {}))", "self._tables = {}",
+        "self._tables = dict(checkpoint.get(REF_TABLES_KEY, {}))", "self._tables = {}",
     ),
     # The reward-model judge refuses a row of exactly its length limit.
     Mutation(
