@@ -141,7 +141,7 @@ def test_bad_conversational_completion():
 
 
 def test_collator_settings_are_checked(bpe_tokenizer, standard_rows):
-    with pytest.raises(ValueError, match=r"unknown collator 'pack'; choose one of \['auto', 'kto'\]"):
+    with pytest.raises(ValueError, match=r"unknown collator 'pack'; choose one of \['auto', 'kto', 'pad'\]"):
         KTODataModule(bpe_tokenizer, standard_rows, collator="pack")
     with pytest.raises(ValueError, match=r"collator='kto': unpaired \(KTO\) data is KTODataModule now"):
         PreferenceDataModule(bpe_tokenizer, standard_rows, collator="kto")
