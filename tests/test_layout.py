@@ -1,6 +1,8 @@
 """The package layout (#28, docs/architecture.md): the flat layout's dotted paths still resolve, and importing
 the package changes nothing in the process (no warning filters)."""
 
+import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,51 @@ def test_no_module_is_over_400_lines_beyond_those_not_yet_split():
     assert not grown, f"over {MAX_LINES} lines (now, allowed): {grown}"
     split = sorted(set(NOT_YET_SPLIT) - set(over))
     assert not split, f"{split} no longer over {MAX_LINES} lines: take them off NOT_YET_SPLIT"
+
+
+OPTIONAL = ("peft", "vllm", "matplotlib")  # dependencies a user may lack: imported where they are used
+
+
+def _function_local_imports() -> list[tuple[str, int, str]]:
+    found = []
+    for path in sorted((ROOT / "dpo_lightning").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for function in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(function):
+                if isinstance(node, ast.ImportFrom):
+                    names = ["." * node.level + (node.module or "")]
+                elif isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                else:
+                    continue
+                found += [(path.relative_to(ROOT).as_posix(), node.lineno, name) for name in names]
+    return found
+
+
+def test_function_local_imports_are_only_of_optional_dependencies():
+    """#28: no import inside a function to dodge a circle; only peft, vllm and matplotlib, which a user may lack."""
+    local = _function_local_imports()
+    assert local, "the scan found no function-local import at all: it no longer sees what it should"
+    bad = [f"{path}:{line} imports {name}" for path, line, name in local if name.split(".")[0] not in OPTIONAL]
+    assert not bad, bad
+
+
+PRIVATE_READ = re.compile(
+    r"(?:trainer|loop|epoch_loop|fit_loop|strategy|_logger_connector)\.(_[a-z]\w*)"  # attributes of Lightning's objects
+    r"|from lightning[\w.]* import (_\w+(?:, _\w+)*)"  # private functions and classes
+    r"|getattr\(strategy, \"(_\w+)\""
+)
+
+
+def test_every_private_lightning_name_the_package_reads_is_listed_in_the_architecture_doc():
+    """docs/architecture.md, "Lightning internals we read": each private name, where, why and its tests."""
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    section = doc[doc.index("## Lightning internals we read"):]
+    read = {}
+    for path in sorted((ROOT / "dpo_lightning").rglob("*.py")):
+        for match in PRIVATE_READ.finditer(path.read_text()):
+            for name in next(g for g in match.groups() if g).split(", "):
+                read.setdefault(name, path.relative_to(ROOT / "dpo_lightning").as_posix())
+    assert {"_should_accumulate", "_set_rng_states"} <= set(read), "the scan misses known reads: fix the pattern"
+    missing = {name: where for name, where in read.items() if name not in section}
+    assert not missing, f"private Lightning names read but not listed in docs/architecture.md: {missing}"
