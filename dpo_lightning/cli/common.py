@@ -1,15 +1,16 @@
-"""What every command of the CLI shares: the parser with short errors, and the Lightning warnings silenced
-while a command runs."""
+"""What every command of the CLI shares: the parser with short errors, a class's own error at instantiation
+said in one line, and the Lightning warnings silenced while a command runs."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dpo_lightning.cli.config_errors import ShortErrors
+from dpo_lightning.cli.config_errors import ShortErrors, init_error
+from dpo_lightning.stages.preflight import ConfigError
 
 # Lightning warnings that are wrong about these stages, silenced while a command runs (never at import: the
 # process's filters are its owner's):
@@ -30,6 +31,19 @@ def known_warnings_silenced() -> Iterator[None]:
         for message in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         yield
+
+
+def instantiate_in_one_line(cli: LightningCLI, instantiate: Callable[[], None]) -> None:
+    """``instantiate()`` (the CLI's ``super().instantiate_classes``), with a class's own ValueError (an unknown loss,
+    a bad LoRA rank), which arrives wrapped in jsonargparse's union report, raised again as a one-line
+    `ConfigError` naming the option group it came from (`config_errors.init_error`); any other error as it was."""
+    try:
+        instantiate()
+    except ValueError as err:
+        short = init_error(err, cli.config.get(cli.subcommand) if cli.subcommand else cli.config)
+        if short is None:
+            raise
+        raise ConfigError(short) from err
 
 
 class ShortErrorParser(ShortErrors, LightningArgumentParser):

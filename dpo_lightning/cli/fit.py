@@ -22,8 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from dpo_lightning._moved import import_module
-from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
-from dpo_lightning.cli.config_errors import init_error
+from dpo_lightning.cli.common import ShortErrorParser, instantiate_in_one_line, known_warnings_silenced
 from dpo_lightning.data import KTODataModule, PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.references import reference_spec
@@ -66,13 +65,7 @@ class DPOLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         # A class's own ValueError (an unknown loss, a bad LoRA rank) arrives wrapped in jsonargparse's union
         # report; say it in one line, with the option group it came from.
-        try:
-            super().instantiate_classes()
-        except ValueError as err:
-            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
-            if short is None:
-                raise
-            raise ConfigError(short) from err
+        instantiate_in_one_line(self, super().instantiate_classes)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)

@@ -8,8 +8,7 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
-from dpo_lightning.cli.config_errors import init_error
+from dpo_lightning.cli.common import ShortErrorParser, instantiate_in_one_line, known_warnings_silenced
 from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.writer import JudgedSamplesWriter
@@ -38,13 +37,7 @@ class GenerateCLI(LightningCLI):
             raise ConfigError(f"output.judge: {err}") from err
 
     def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except ValueError as err:
-            short = init_error(err, self.config.get(self.subcommand) if self.subcommand else self.config)
-            if short is None:
-                raise
-            raise ConfigError(short) from err
+        instantiate_in_one_line(self, super().instantiate_classes)
 
 
 def _writer_class() -> type:

@@ -5,7 +5,8 @@ column selection, splits, hold-out, loaders, resumable sampling); `PreferenceDat
 The hooks, each small:
 
 - ``_layouts``: which layouts and fields column selection knows (`columns.Layouts`);
-- ``_preprocess(dataset, split)``: one raw split (columns selected) -> its tokenized split;
+- ``_preprocess(dataset, split)``: one raw split (columns selected) -> its tokenized split (most call their
+  ``preprocess_*_split`` through `TokenizedDataModule._tokenize_split`);
 - ``collators``: the collator table (name -> factory), and ``collate_fn`` when the choice depends on more;
 - ``_unit``: what a row of the tokenized data is called in messages ("pairs", "examples", "rows");
 - ``_train_data(dataset, batch_size)``: the training dataset view and its sampler (the default is the
@@ -247,6 +248,12 @@ class TokenizedDataModule(ResumableTrainData, LightningDataModule):
     def tokenize_config(self) -> TokenizeConfig:
         hp = self.hparams
         return TokenizeConfig(hp.max_length, hp.max_prompt_length, hp.truncation_mode)
+
+    def _tokenize_split(self, preprocess: Callable[..., Dataset], dataset: Dataset, split: str, **kw: Any) -> Dataset:
+        """``preprocess(dataset, tokenizer, tokenize_config, source=, split=, num_proc=, **kw)``: the call a
+        `_preprocess` hook makes to its ``preprocess_*_split`` function with this module's settings."""
+        return preprocess(dataset, self.tokenizer, self.tokenize_config, source=self.source_name, split=split,
+                          num_proc=self.hparams.num_proc, **kw)
 
     def _build(self) -> dict[str, Dataset | None]:
         hp = self.hparams

@@ -60,16 +60,7 @@ class PreferenceDataModule(TokenizedDataModule):
         return "pairs"
 
     def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
-        hp = self.hparams
-        return preprocess_split(
-            dataset,
-            self.tokenizer,
-            self.tokenize_config,
-            source=self.source_name,
-            split=split,
-            drop_identical=hp.drop_identical,
-            num_proc=hp.num_proc,
-        )
+        return self._tokenize_split(preprocess_split, dataset, split, drop_identical=self.hparams.drop_identical)
 
     @property
     def collate_fn(self):

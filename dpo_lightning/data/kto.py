@@ -63,15 +63,8 @@ class KTODataModule(TokenizedDataModule):
         return "examples"
 
     def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
-        hp = self.hparams
-        return preprocess_unpaired_split(
-            dataset,
-            self.tokenizer,
-            self.tokenize_config,
-            source=self.source_name,
-            split=split,
-            drop_identical=hp.drop_identical,
-            num_proc=hp.num_proc,
+        return self._tokenize_split(
+            preprocess_unpaired_split, dataset, split, drop_identical=self.hparams.drop_identical
         )
 
     @property

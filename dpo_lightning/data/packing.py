@@ -52,6 +52,24 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
+def pack_rows(
+    lengths: Sequence[int],
+    max_tokens_per_row: int | None,
+    pad_to_multiple_of: int | None,
+    rows: Sequence[Sequence[int]] | None = None,
+) -> tuple[Sequence[Sequence[int]], int]:
+    """Units of ``lengths`` packed into rows (first-fit-decreasing; a row holds at least the longest unit) and
+    the rows' width, rounded up to a multiple of ``pad_to_multiple_of``; with ``rows`` (packed in advance) only
+    their width. The one rule of `Packer` and `prefix_sharing.PrefixSharingCollator`, so that the latter's
+    cost comparison with plain packing sees the rows packing would make."""
+    if rows is None:
+        rows = first_fit_decreasing(lengths, max(max(lengths), max_tokens_per_row or 0))
+    width = max(sum(lengths[k] for k in row) for row in rows)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    return rows, width
+
+
 def block_causal_mask(
     sequence_ids: Tensor, dtype: torch.dtype = torch.float32, *, branch_ids: Tensor | None = None
 ) -> Tensor:
@@ -115,12 +133,7 @@ class Packer:
         with ``attention="dense4d"``, ``attention_mask`` (R, 1, L, L); sequence k keeps id k. ``rows``
         (the sequences of each row, in order) skips the bin packing: rows packed in advance."""
         lengths = [len(s) for s in seqs]
-        if rows is None:
-            capacity = max(max(lengths), self.max_tokens_per_row or 0)
-            rows = first_fit_decreasing(lengths, capacity)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        rows, width = pack_rows(lengths, self.max_tokens_per_row, self.pad_to_multiple_of, rows)
 
         shape = (len(rows), width)
         input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)  # (R, L)

@@ -45,7 +45,7 @@ from dpo_lightning.models.loading import text_config
 from dpo_lightning.models.logprobs import IGNORE_INDEX
 
 from .extras import pair_extras
-from .packing import PackingCollator, block_causal_mask, first_fit_decreasing
+from .packing import PackingCollator, block_causal_mask, pack_rows
 from .tokenize import common_prefix_length
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2  # branch of a position in its block
@@ -161,13 +161,9 @@ class PrefixSharingCollator:
         }
         return {**batch, **pair_extras(features)}
 
-    def _rows(self, lengths: list[int]) -> tuple[list[list[int]], int]:
-        """Units of ``lengths`` packed into rows (first-fit-decreasing) and the rows' width."""
-        rows = first_fit_decreasing(lengths, max(max(lengths), self.max_tokens_per_row or 0))
-        width = max(sum(lengths[k] for k in row) for row in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        return rows, width
+    def _rows(self, lengths: list[int]) -> tuple[Sequence[Sequence[int]], int]:
+        """Units of ``lengths`` packed into rows (first-fit-decreasing) and the rows' width (`packing.pack_rows`)."""
+        return pack_rows(lengths, self.max_tokens_per_row, self.pad_to_multiple_of)
 
 
     def costs(self, features: Sequence[Mapping[str, Any]]) -> tuple[float, float]:

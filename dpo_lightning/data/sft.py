@@ -95,15 +95,8 @@ class SFTDataModule(TokenizedDataModule):
         return config
 
     def _preprocess(self, dataset: Dataset, split: str) -> Dataset:
-        hp = self.hparams
-        return preprocess_sft_split(
-            dataset,
-            self.tokenizer,
-            self.tokenize_config,
-            source=self.source_name,
-            split=split,
-            completion_only_loss=hp.completion_only_loss,
-            num_proc=hp.num_proc,
+        return self._tokenize_split(
+            preprocess_sft_split, dataset, split, completion_only_loss=self.hparams.completion_only_loss
         )
 
     def _build(self) -> dict[str, Dataset | None]:

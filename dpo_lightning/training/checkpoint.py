@@ -2,7 +2,8 @@
 
 * :class:`AtomicCheckpointIO` writes each checkpoint file to a temporary file in the same
   folder, flushes it to disk and renames it over the final name, so a crash mid-save leaves
-  either the old checkpoint or the new one under that name, never a truncated file.
+  either the old checkpoint or the new one under that name, never a truncated file
+  (:func:`atomic_write`, which ``folders.write_atomically`` uses too).
 * Whether a checkpoint is whole is `integrity.check_checkpoint`'s business; what an exact resume needs
   besides (RNG streams, metric windows) is `resume`'s; data order is the sampler's
   (``dpo_lightning/data/sampler.py``).
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -22,8 +24,9 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -64,20 +67,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if folder not in self._swept:
             self._swept.add(folder)
             remove_orphaned_temporaries(folder)
-        # Same folder as the target: os.replace is only atomic within one filesystem.
         # The writer's host and pid in the name: a later run can tell a dead writer's file at once.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_WRITER}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-            os.chmod(tmp, 0o666 & ~current_umask())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)  # and the rename itself survives a power cut
+        atomic_write(path, lambda f: torch.save(checkpoint, f), prefix=f".{path.name}.{_WRITER}.")
 
     def load_checkpoint(
         self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
@@ -88,17 +79,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-def _fsync_dir(folder: Path) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any], *, prefix: str, suffix: str = ".tmp") -> None:
+    """Make ``path`` what ``write(file)`` writes, all or nothing: into a temporary file
+    ``<prefix><random><suffix>`` in ``path``'s folder (``os.replace`` is only atomic within one file system),
+    flushed and fsync-ed, given the permissions of any new file (``0o666`` less the umask, not ``mkstemp``'s
+    ``0o600``), renamed over ``path``, and the folder fsync-ed. ``path`` is its old self or entirely new, never
+    partial; the temporary file never outlives a failure."""
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)  # and the rename itself survives a power cut
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a new, renamed or removed entry of ``folder`` durable (POSIX; a no-op where unsupported, e.g.
+    Windows cannot open folders)."""
+    with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def current_umask() -> int:
@@ -247,7 +256,7 @@ def replace_atomically(tmp: str | Path, path: str | Path) -> None:
         path.rename(aside)
         tmp.rename(path)
         _remove(aside)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _remove(path: Path) -> None:

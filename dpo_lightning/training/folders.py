@@ -24,14 +24,13 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from dpo_lightning.training.checkpoint import current_umask
+from dpo_lightning.training.checkpoint import _alive, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +71,6 @@ def _parse_holder(data: bytes) -> dict[str, Any] | None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
     return holder if isinstance(holder, dict) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class FolderLock:
@@ -195,34 +184,11 @@ def write_record(path: str | Path, record: Mapping[str, Any]) -> None:
     write_atomically(path, [(json.dumps(plain(record), indent=1, sort_keys=True) + "\n").encode()])
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a new, renamed or removed entry of ``folder`` durable (POSIX; a no-op where unsupported)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def write_atomically(path: Path, lines: Iterable[bytes]) -> None:
-    """Write ``lines`` to ``path`` through a temporary file in the same folder, fsync, ``os.replace``:
-    ``path`` is either its old self or entirely new, never partial. The temporary file never outlives
-    a failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for line in lines:
-                f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it 0o600
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    """Write ``lines`` to ``path`` through a temporary file in the same folder, fsync, ``os.replace``
+    (`checkpoint.atomic_write`): ``path`` is either its old self or entirely new, never partial. The temporary
+    file never outlives a failure."""
+    atomic_write(path, lambda f: f.writelines(lines), prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
 
 
 def plain(value: Any) -> Any:

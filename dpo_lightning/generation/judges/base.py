@@ -27,10 +27,13 @@ import logging
 import math
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
+import torch
+
+from dpo_lightning.data.collate import right_pad
 from dpo_lightning.data.errors import warn
 from dpo_lightning.data.formats import Text
 
@@ -140,6 +143,53 @@ def as_completion(prompt: Text, response: Text) -> Text:
     if isinstance(response, str):
         return [{"role": "assistant", "content": response}]
     return list(response)
+
+
+def check_batching(batch_size: Any, max_length: Any) -> None:
+    """A model judge's ``batch_size`` (a positive int) and ``max_length`` (a positive int or None); ValueError."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+
+
+def length_limit(model: torch.nn.Module, max_length: int | None, name: str) -> tuple[int | None, str]:
+    """The longest row a model judge asks about and what sets it: ``(max_length, "max_length")``, else the
+    model's positions (None when its config names none). ValueError, naming the judge, when ``max_length``
+    exceeds the positions."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if max_length is not None and positions is not None and max_length > positions:
+        raise ValueError(f"{name}: max_length={max_length} exceeds the model's {positions} positions")
+    return (max_length, "max_length") if max_length is not None else (positions, "the model's positions")
+
+
+_Item = TypeVar("_Item")
+_Out = TypeVar("_Out")
+
+
+def forward_batches(model: torch.nn.Module, items: Sequence[_Item], batch_size: int,
+                    forward: Callable[[list[_Item]], _Out]) -> list[tuple[list[_Item], _Out]]:
+    """``forward`` over ``items`` ``batch_size`` at a time, in the order given, with ``model`` in eval mode (its
+    mode restored after, also on an error): each chunk with what ``forward`` returned for it."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [(chunk, forward(chunk)) for chunk in
+                (list(items[start : start + batch_size]) for start in range(0, len(items), batch_size))]
+    finally:
+        model.train(was_training)
+
+
+def padded_inputs(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor]:
+    """A model judge's batch: ``input_ids`` and ``attention_mask`` ``(b, T)`` right-padded with ``pad_id`` on
+    ``device`` (causal: pads never reach a row), and the rows' lengths ``(b,)`` on the CPU."""
+    lengths = torch.tensor([len(r) for r in rows])  # (b,)
+    width = int(lengths.max())
+    input_ids = right_pad(rows, pad_id, width)  # (b, T)
+    attention_mask = (torch.arange(width) < lengths[:, None]).long()  # (b, T)
+    return input_ids.to(device), attention_mask.to(device), lengths
 
 
 class Judge(ABC):

@@ -34,10 +34,16 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.data.collate import right_pad
 from dpo_lightning.data.formats import Text
 from dpo_lightning.data.tokenizer import load_tokenizer
-from dpo_lightning.generation.judges.base import Failure, Judge
+from dpo_lightning.generation.judges.base import (
+    Failure,
+    Judge,
+    check_batching,
+    forward_batches,
+    length_limit,
+    padded_inputs,
+)
 from dpo_lightning.generation.judges.llm_prompts import (
     PAIRWISE_TEMPLATE,
     SCORE_TEMPLATE,
@@ -82,10 +88,7 @@ class LLMJudge(Judge):
         dtype: str | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        check_batching(batch_size, max_length)
         if isinstance(model, str):
             name = model
             tokenizer = model if tokenizer is None else tokenizer
@@ -106,12 +109,7 @@ class LLMJudge(Judge):
         else:
             self.model = model if device is None else model.to(device)
         check_vocab(self.model, len(self.tokenizer))
-        config = self.model.config
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if max_length is not None and positions is not None and max_length > positions:
-            raise ValueError(f"{self.KIND}:{name}: max_length={max_length} exceeds the model's {positions} positions")
-        self.limit, self.limit_name = (
-            (max_length, "max_length") if max_length is not None else (positions, "the model's positions"))
+        self.limit, self.limit_name = length_limit(self.model, max_length, f"{self.KIND}:{name}")
         self.batch_size = batch_size
         self._keep_last = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         digest = hashlib.sha256(json.dumps([self.template, list(self.verdicts)]).encode()).hexdigest()[:8]
@@ -172,32 +170,38 @@ class LLMJudge(Judge):
         same batches, whatever order they come in."""
         out = torch.empty(len(rows), len(self.verdict_ids), dtype=torch.float64)
         order = sorted(range(len(rows)), key=lambda i: (len(rows[i]), rows[i]))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                out[chunk] = self._forward([rows[i] for i in chunk])
-        finally:
-            self.model.train(was_training)
+        for chunk, probs in forward_batches(self.model, order, self.batch_size,
+                                            lambda chunk: self._forward([rows[i] for i in chunk])):
+            out[chunk] = probs
         return out
 
     @torch.no_grad()
     def _forward(self, rows: list[list[int]]) -> torch.Tensor:
         device = next(self.model.parameters()).device
-        lengths = torch.tensor([len(r) for r in rows])  # (b,)
-        width = int(lengths.max())
-        input_ids = right_pad(rows, self.tokenizer.pad_token_id, width)  # (b, T); causal: pads never reach a row
-        attention_mask = (torch.arange(width) < lengths[:, None]).long()  # (b, T)
+        input_ids, attention_mask, lengths = padded_inputs(rows, self.tokenizer.pad_token_id, device)  # (b, T), (b,)
         last = lengths - 1  # (b,): the position whose logits predict the verdict
         keep = torch.unique(last)  # (K,) sorted: only these positions' logits are computed
         extra = {"logits_to_keep": keep.to(device)} if self._keep_last else {}
-        logits = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                            use_cache=False, **extra).logits  # (b, K, V), or (b, T, V) without logits_to_keep
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                            **extra).logits  # (b, K, V), or (b, T, V) without logits_to_keep
         column = torch.searchsorted(keep, last) if self._keep_last else last
         picked = logits[torch.arange(len(rows), device=logits.device), column.to(logits.device)]  # (b, V)
         verdict = picked[:, self.verdict_ids].double()  # (b, k)
         return torch.softmax(verdict, dim=-1).cpu()
+
+
+class _Questions:
+    """The judge rows to ask, each distinct one once: `add` gives a row's index into ``rows``."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[int, ...], int] = {}
+        self.rows: list[list[int]] = []
+
+    def add(self, ids: list[int]) -> int:
+        i = self.index.setdefault(tuple(ids), len(self.index))
+        if i == len(self.rows):
+            self.rows.append(ids)
+        return i
 
 
 def _prompt_key(prompt: Text) -> str:
@@ -260,8 +264,7 @@ class LLMPairwiseJudge(LLMJudge):
         return [None if isinstance(p, Failure) else p for p in self._compare(list(zip(prompts, first, second)))]
 
     def _compare(self, rows: list[tuple[Text, str, str]]) -> list[float | Failure]:
-        asked: dict[tuple[int, ...], int] = {}  # question ids -> index into `questions`: each asked once
-        questions: list[list[int]] = []
+        questions = _Questions()
         plan: list[tuple[int, int] | float | Failure] = []
         for prompt, a, b in rows:
             if a == b:
@@ -274,11 +277,9 @@ class LLMPairwiseJudge(LLMJudge):
                 if isinstance(ids, Failure):
                     slots = ids
                     break
-                slots.append(asked.setdefault(tuple(ids), len(asked)))
-                if slots[-1] == len(questions):
-                    questions.append(ids)
+                slots.append(questions.add(ids))
             plan.append(slots if isinstance(slots, Failure) else tuple(slots))
-        probs = self.verdict_probs(questions)[:, 0].tolist() if questions else []  # P(first is better)
+        probs = self.verdict_probs(questions.rows)[:, 0].tolist() if questions.rows else []  # P(first is better)
         return [p if isinstance(p, (Failure, float)) else _combine(probs[p[0]], probs[p[1]]) for p in plan]
 
     def score_rows(self, prompts: list[Text], responses: list[str]) -> list[Any]:
@@ -348,17 +349,11 @@ class LLMScoreJudge(LLMJudge):
 
     def score_rows(self, prompts: list[Text], responses: list[str]) -> list[Any]:
         out: list[Any] = []
-        asked: dict[tuple[int, ...], int] = {}
-        questions: list[list[int]] = []
+        questions = _Questions()
         for prompt, response in zip(prompts, responses):
             ids = self.render({"prompt": prompt_text(prompt), "response": response})
-            if isinstance(ids, Failure):
-                out.append(ids)
-                continue
-            out.append(asked.setdefault(tuple(ids), len(asked)))
-            if out[-1] == len(questions):
-                questions.append(ids)
-        expected = (self.verdict_probs(questions) @ self.values).tolist() if questions else []  # (n,)
+            out.append(ids if isinstance(ids, Failure) else questions.add(ids))
+        expected = (self.verdict_probs(questions.rows) @ self.values).tolist() if questions.rows else []  # (n,)
         return [row if isinstance(row, Failure) else expected[row] for row in out]
 
 

@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lightning.data.collate import right_pad
 from dpo_lightning.data.errors import DataError, RowRef
 from dpo_lightning.data.formats import Text, UnpairedExample
 from dpo_lightning.data.render import render_unpaired
@@ -20,6 +19,10 @@ from dpo_lightning.generation.judges.base import (
     Failure,
     Judge,
     as_completion,
+    check_batching,
+    forward_batches,
+    length_limit,
+    padded_inputs,
 )
 from dpo_lightning.models.loading import check_vocab, load_model
 
@@ -30,11 +33,6 @@ log = logging.getLogger(__name__)
 
 # The judge measures a response's tokens itself (`max_length`, the model's positions), so nothing is cut.
 _WHOLE = TokenizeConfig(max_length=sys.maxsize, max_prompt_length=None)
-
-
-def _positions(model: torch.nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 class RewardModelJudge(Judge):
@@ -71,10 +69,7 @@ class RewardModelJudge(Judge):
             dtype: The dtype to load ``model`` in (``float32``, ``bfloat16``, ``float16``); None: float32.
         """
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
+        check_batching(batch_size, max_length)
         if isinstance(model, str):
             self._spec = f"reward_model:{model}"
             tokenizer = model if tokenizer is None else tokenizer
@@ -103,12 +98,7 @@ class RewardModelJudge(Judge):
                              f"{pad}; rows padded with {pad} would be scored at the wrong token. Use the tokenizer "
                              "the model was trained with")
         check_vocab(self.model, len(self.tokenizer))
-        positions = _positions(self.model)
-        if max_length is not None and positions is not None and max_length > positions:
-            raise ValueError(f"{self._spec}: max_length={max_length} exceeds the model's {positions} positions")
-        self.limit, self.limit_name = (
-            (max_length, "max_length") if max_length is not None else (positions, "the model's positions")
-        )
+        self.limit, self.limit_name = length_limit(self.model, max_length, self._spec)
         self.batch_size = batch_size
 
     def spec(self) -> str:
@@ -136,23 +126,15 @@ class RewardModelJudge(Judge):
             else:
                 todo.append((i, side.input_ids))
         todo.sort(key=lambda item: len(item[1]))  # similar lengths together: less padding
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(todo), self.batch_size):
-                chunk = todo[start : start + self.batch_size]
-                for (i, _), score in zip(chunk, self._forward([ids for _, ids in chunk])):
-                    out[i] = score
-        finally:
-            self.model.train(was_training)
+        for chunk, scores in forward_batches(self.model, todo, self.batch_size,
+                                             lambda chunk: self._forward([ids for _, ids in chunk])):
+            for (i, _), score in zip(chunk, scores):
+                out[i] = score
         return out
 
     @torch.no_grad()
     def _forward(self, rows: list[list[int]]) -> list[float]:
         device = next(self.model.parameters()).device
-        lengths = torch.tensor([len(r) for r in rows])  # (b,)
-        width = int(lengths.max())
-        input_ids = right_pad(rows, self.tokenizer.pad_token_id, width)  # (b, T)
-        attention_mask = (torch.arange(width) < lengths[:, None]).long()  # (b, T)
-        out = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+        input_ids, attention_mask, _ = padded_inputs(rows, self.tokenizer.pad_token_id, device)  # (b, T)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.logits[:, 0].float().tolist()  # (b,): the score at each row's last token
