@@ -43,14 +43,25 @@ def test_the_old_checkpoint_exports_to_the_old_export(tmp_path):
         assert torch.equal(new[name], old[name]), name
 
 
-def test_the_old_checkpoint_resumes_to_the_old_codes_weights_bitwise(tmp_path):
+def test_the_old_checkpoint_resumes_to_the_old_codes_weights(tmp_path):
     """... and without a warning that the settings changed: the checkpoint records ``reference: copy``, the old
-    config its expansion ``{class_path: dpo_lightning.reference.CopyReference, init_args: {defaults}}``."""
+    config its expansion ``{class_path: dpo_lightning.reference.CopyReference, init_args: {defaults}}``.
+
+    Bitwise on the machine that wrote the fixture; float32 kernels differ by CPU (MKL picks them by instruction
+    set), so elsewhere the weights agree to a few units in the last place: within 1e-6, where the two steps
+    resumed move them by up to 2e-3 (a resume with another data order, RNG or optimizer state misses by far
+    more; the test checks that its tolerance is that small next to the steps' change)."""
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         new = policy(resume(OLD, tmp_path / "runs"))
     assert not [w for w in seen if "differ from the checkpoint" in str(w.message)], [str(w.message) for w in seen]
     old = load_file(OLD / "resumed_step6.safetensors")
+    step4 = torch.load(OLD / "last.ckpt", weights_only=True, map_location="cpu")["state_dict"]
     assert new.keys() == old.keys()
+    moved = max((old[name] - step4[name]).abs().max().item() for name in old)
+    assert moved > 1000 * TOLERANCE, moved
     for name in old:
-        assert torch.equal(new[name], old[name]), name
+        assert torch.allclose(new[name], old[name], rtol=0, atol=TOLERANCE), (name, (new[name] - old[name]).abs().max())
+
+
+TOLERANCE = 1e-6  # float32 ulps of weights ~0.05 are ~4e-9
