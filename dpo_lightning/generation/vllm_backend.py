@@ -255,8 +255,15 @@ class VLLMSampler:
         return llm.generate(prompts, [SamplingParams(**a) for a in arguments], use_tqdm=False)
 
     def close(self) -> None:
-        """Drop the engine (its GPU memory goes with it) and the temporary export."""
-        self._llm = None
+        """Drop the engine (its GPU memory and vLLM's process groups go with it) and the temporary export."""
+        if self._llm is not None:
+            self._llm = None
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+            except ImportError:  # another vLLM layout: the engine still goes when collected
+                pass
+            else:
+                cleanup_dist_env_and_memory()
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
