@@ -304,3 +304,32 @@ def test_the_vllm_options_are_documented_fields():
     assert [f.name for f in dataclasses.fields(VLLMOptions)] == [
         "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "enforce_eager"]
     assert json.dumps(dataclasses.asdict(VLLMOptions()))  # recorded in the module's hyper-parameters as plain data
+
+
+def test_vllm_loads_an_export_as_given_and_a_training_checkpoint_exported_to_a_temporary_folder(policy, tmp_path):
+    """What the engine is pointed at (`VLLMSampler.weights_folder`; no vLLM needed): an export folder or hub id
+    as given; a DPO checkpoint exported (the library's `export_checkpoint`) to a temporary folder holding the
+    checkpoint's policy weights in ``dtype``, removed by ``close``; a model object likewise (`export_hf`)."""
+    from dpo_lightning import DPOModule
+    from dpo_lightning.generation.vllm_backend import VLLMSampler
+
+    tokenizer = build_tokenizer()
+    as_given = VLLMSampler(policy, tokenizer, VLLMOptions(), None, 0, False)
+    assert as_given.weights_folder() == policy and as_given._tmp is None
+    assert VLLMSampler("org/model", tokenizer, VLLMOptions(), None, 0, False).weights_folder() == "org/model"
+
+    torch.manual_seed(0)
+    dpo = DPOModule(model_config={**tiny_config(), "vocab_size": len(tokenizer)}, tokenizer="synthetic:sort")
+    trainer = L.Trainer(max_steps=0, logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(dpo)
+    trainer.save_checkpoint(tmp_path / "policy.ckpt")
+    for source in (str(tmp_path / "policy.ckpt"), dpo.model):
+        sampler = VLLMSampler(source, tokenizer, VLLMOptions(), "float32", 0, False)
+        folder = Path(sampler.weights_folder())
+        assert folder.parent == sampler._tmp and (folder / "config.json").exists()
+        exported = load_causal_lm(str(folder)).state_dict()
+        for name, weight in dpo.model.state_dict().items():
+            assert torch.equal(exported[name], weight), name
+        sampler._llm = object()  # as if the engine had started: close drops it and the temporary export
+        sampler.close()
+        assert not folder.exists() and sampler._llm is None
