@@ -32,13 +32,18 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
 
 
 def batched(folder: str, prompts: int, samples: int, max_new_tokens: int, batch_size: int, dataset="synthetic:sort",
-            accelerator: str = "cpu", precision: str = "32-true") -> tuple[int, float]:
-    """Our side: ``trainer.predict`` of a `GenerationModule` (the ``generate`` command's path); (tokens, seconds)."""
+            accelerator: str = "cpu", precision: str = "32-true", **module_options) -> tuple[int, float]:
+    """Our side: ``trainer.predict`` of a `GenerationModule` (the ``generate`` command's path); (tokens, seconds).
+
+    ``module_options`` go to `GenerationModule` (``backend="vllm"``, ``dtype``, ``vllm``); the vLLM engine is
+    started before the clock, as the HF backend's weights are loaded before it."""
     data = PromptDataModule(tokenizer=folder, dataset=dataset, split="validation", limit=prompts,
                             batch_size=batch_size, drop_columns=None)
     data.prompts  # noqa: B018 - tokenize before the clock starts
     module = GenerationModule(model=folder, tokenizer=data.tokenizer, num_samples=samples,
-                              max_new_tokens=max_new_tokens, seed=0)
+                              max_new_tokens=max_new_tokens, seed=0, **module_options)
+    if module.vllm is not None:
+        module.vllm.llm()
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
     start = time.perf_counter()

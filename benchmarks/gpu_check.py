@@ -19,8 +19,9 @@ Prints and writes to ``DIR/gpu_check.json`` (``--out``, default ``$OUT``, else a
    this run (8192^3 on a GPU) and (b) the device's nominal dense bf16 peak where known (H100/H200: 989
    TFLOP/s); the issue's goal is >= 45% of (b).
 2. Generation tokens/s: Hugging Face ``generate`` through the ``generate`` command's path (`GenerationModule`
-   under ``trainer.predict``, ``bf16-true``, batches of prompts, N samples each, KV cache), and vLLM
-   (``LLM.generate`` on the same prompt ids, bf16) if it is importable; tokens up to and including EOS.
+   under ``trainer.predict``, ``bf16-true``, batches of prompts, N samples each, KV cache), and the same path
+   with ``backend="vllm"`` (bf16 weights, the engine started before the clock) if vLLM is installed; tokens up
+   to and including EOS.
 """
 
 from __future__ import annotations
@@ -113,24 +114,16 @@ def train(folder: Path, rows: list[dict], config, s: dict, peaks: dict[str, floa
     return out
 
 
-def vllm_generation(folder: Path, prompt_ids: list[list[int]], s: dict) -> dict:
-    """vLLM on the same export and prompt ids, bf16, n samples per prompt at temperature 1."""
-    try:
-        from vllm import LLM, SamplingParams
-        from vllm.inputs import TokensPrompt
-    except ImportError as err:
-        return {"skipped": f"vllm is not importable ({err})"}
-    llm = LLM(model=str(folder), dtype="bfloat16", skip_tokenizer_init=True, seed=0, gpu_memory_utilization=0.5,
-              max_model_len=s["max_length"] + s["gen_max_new_tokens"])
-    params = SamplingParams(n=s["gen_samples"], temperature=1.0, max_tokens=s["gen_max_new_tokens"],
-                            stop_token_ids=[0], detokenize=False)  # id 0: the word tokenizer's EOS
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-    llm.generate(prompts[:2], params, use_tqdm=False)  # warm-up (CUDA graphs, compilation)
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+def vllm_generation(model: str, rows: list[dict], s: dict) -> dict:
+    """The same prompts through the ``generate`` command's path with ``model.backend: vllm`` (bf16, one GPU)."""
+    from dpo_lightning.generation.vllm_backend import INSTALL, VLLMOptions, vllm_installed
+
+    if not vllm_installed():
+        return {"skipped": f"vllm is not installed ({INSTALL})"}
+    options = VLLMOptions(gpu_memory_utilization=0.5, max_model_len=s["max_length"] + s["gen_max_new_tokens"])
+    tokens, seconds = batched(model, s["gen_prompts"], s["gen_samples"], s["gen_max_new_tokens"], s["gen_batch_size"],
+                              dataset=rows, accelerator="gpu", backend="vllm", dtype="bfloat16", vllm=options)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "dtype": "bfloat16"}
 
 
 def generation(folder: Path, s: dict) -> dict:
@@ -150,10 +143,8 @@ def generation(folder: Path, s: dict) -> dict:
                            "max_new_tokens": s["gen_max_new_tokens"], "prompt_tokens": length}}
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        tokenizer = bench_data.word_tokenizer(s["vocab"])
-        ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
         try:
-            out["vllm"] = vllm_generation(folder / "model", ids, s)
+            out["vllm"] = vllm_generation(model, rows, s)
         except Exception as err:  # vLLM's own failure: recorded, the rest of the check stands
             out["vllm"] = {"skipped": f"failed: {err!r}"[:2000]}
     else:
@@ -185,7 +176,8 @@ def report(result: dict) -> None:
           f"({hf['tokens']} tokens in {hf['seconds']:.1f} s)")
     v = g["vllm"]
     print("generation tokens/s: vLLM " + (f"skipped: {v['skipped']}" if "skipped" in v else
-                                           f"{v['tokens_per_s']:.0f} ({v['tokens']} tokens in {v['seconds']:.1f} s)"))
+                                           f"(GenerationModule backend vllm, bf16) {v['tokens_per_s']:.0f} "
+                                           f"({v['tokens']} tokens in {v['seconds']:.1f} s)"))
     print(f"total {result['wall_s']:.0f} s; written to {result['path']}")
 
 

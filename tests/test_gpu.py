@@ -14,11 +14,16 @@ wheels the GPU image lacks).
 - vLLM greedy decoding (``vllm.LLM(...).generate`` at ``temperature=0``) equals Hugging Face greedy decoding
   of the same export, token for token. Its Hugging Face side is checked on the CPU against the ``generate``
   command's greedy output (default suite), so that side is known good before a GPU runs it.
+- The vLLM backend (``GenerationModule(backend="vllm")`` under ``trainer.predict``): greedy records equal the
+  HF backend's, from an export and from a training checkpoint (exported to a temporary folder); a sampled run
+  written twice gives the same ``samples.jsonl`` (the per-response seeds), marked ``sampler: vllm_seeded``.
+  Its CPU side (requests, parameters, records, refusals) is tests/test_generate_vllm.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -276,3 +281,72 @@ def test_vllm_greedy_equals_hugging_face_greedy(peaky_export, monkeypatch):
     theirs = [vllm_ids(o.outputs[0], eos) for o in outputs]
     assert len(theirs) == len(hf) == 16
     assert theirs == hf
+
+
+def _vllm_module(model: str, tokenizer, **kwargs) -> GenerationModule:
+    from dpo_lightning.generation.vllm_backend import VLLMOptions
+
+    options = VLLMOptions(gpu_memory_utilization=0.3, max_model_len=256, enforce_eager=True)
+    return GenerationModule(model=model, tokenizer=tokenizer, backend="vllm", dtype="float32", vllm=options,
+                            **kwargs)
+
+
+def _predict(module: GenerationModule, data: PromptDataModule, *callbacks) -> list[dict]:
+    trainer = L.Trainer(accelerator="gpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=list(callbacks))
+    return [r for batch in trainer.predict(module, datamodule=data) or [] for r in batch]
+
+
+@pytest.mark.gpu
+@CUDA
+@VLLM
+def test_the_vllm_backend_greedy_records_equal_the_hf_backends(peaky_export, monkeypatch):
+    """``backend="vllm"`` through ``trainer.predict`` returns the HF backend's greedy records (float32 both;
+    the same prompt ids, EOS rule and decoding), and ``generated_tokens`` counts the same tokens."""
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    data = _prompts(16)
+    hf_module = GenerationModule(model=peaky_export, tokenizer=data.tokenizer, num_samples=1, do_sample=False,
+                                 max_new_tokens=32, dtype="float32")
+    hf = _predict(hf_module, data)
+    torch.cuda.empty_cache()
+    module = _vllm_module(peaky_export, data.tokenizer, num_samples=1, do_sample=False, max_new_tokens=32)
+    theirs = _predict(module, _prompts(16))
+    assert module.model is None and len(theirs) == 16 and any(r["responses"][0] for r in theirs)
+    assert theirs == hf
+    assert module.generated_tokens == hf_module.generated_tokens > 0
+
+
+@pytest.mark.gpu
+@CUDA
+@VLLM
+def test_the_vllm_backend_samples_from_a_training_checkpoint_and_a_rerun_is_identical(peaky_export, tmp_path,
+                                                                                      monkeypatch):
+    """A DPO checkpoint (``.ckpt``) is exported to a temporary folder that vLLM loads; 4 samples per prompt at
+    temperature 1 written by `JudgedSamplesWriter` twice, into two folders: the same samples.jsonl (each
+    response's seed is its own), marked ``sampler: vllm_seeded``; another seed gives other samples."""
+    from dpo_lightning.generation.writer import JudgedSamplesWriter
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    module = DPOModule(model=peaky_export, tokenizer="synthetic:sort")
+    trainer = L.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(module)
+    ckpt = tmp_path / "policy.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    def run(out: str, seed: int) -> list[dict]:
+        data = _prompts(8)
+        sampler = _vllm_module(str(ckpt), data.tokenizer, num_samples=4, max_new_tokens=16, seed=seed)
+        writer = JudgedSamplesWriter(output_dir=str(tmp_path / out),
+                                     judge="function:dpo_lightning.data.synthetic:sort_reward")
+        _predict(sampler, data, writer)
+        torch.cuda.empty_cache()
+        return [json.loads(line) for line in (tmp_path / out / "samples.jsonl").read_text().splitlines()]
+
+    first, again, other = run("a", 0), run("b", 0), run("c", 1)
+    assert len(first) == 8 and all(len(r["responses"]) == 4 for r in first)
+    assert {r["settings"]["sampler"] for r in first} == {"vllm_seeded"}
+    assert again == first
+    assert [r["responses"] for r in other] != [r["responses"] for r in first]
+    assert len({s for r in first for s in r["responses"]}) > 8  # sampled, not one greedy answer per prompt

@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lightning.cli.common import ShortErrorParser, instantiate_in_one_line, known_warnings_silenced
 from dpo_lightning.data.prompts import PromptDataModule
+from dpo_lightning.generation import vllm_backend
 from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.writer import JudgedSamplesWriter
 from dpo_lightning.stages.preflight import (
@@ -29,8 +30,15 @@ class GenerateCLI(LightningCLI):
         parser.add_lightning_class_args(_writer_class(), "output")
 
     def before_instantiate_classes(self) -> None:
-        # A mistyped judge fails here, before the policy's weights load.
-        output = self.config[self.subcommand].output
+        # A backend that cannot run and a mistyped judge fail here, before the prompts and the weights load.
+        config = self.config[self.subcommand]
+        model, trainer = config.model, config.trainer
+        vllm_backend.check_backend(model.backend, model.vllm, model.attn_implementation, model.temperature)
+        if model.backend == "vllm":
+            vllm_backend.check_trainer(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.strategy,
+                                       trainer.precision)
+            vllm_backend.require_vllm()
+        output = config.output
         try:
             _writer_class().check_judge(output.judge, output.judge_options)
         except (ValueError, FileNotFoundError) as err:  # one line from `main`, not a traceback

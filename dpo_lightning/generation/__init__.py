@@ -1,7 +1,7 @@
 """Sample and judge: responses from a policy through ``trainer.predict``, judged, paired, written crash-safe.
 
-- `module`: `GenerationModule` (N samples per prompt); `writer`: `JudgedSamplesWriter` (judge, durable output,
-  pairs);
+- `module`: `GenerationModule` (N samples per prompt); `vllm_backend`: its vLLM sampler (``backend="vllm"``,
+  optional); `writer`: `JudgedSamplesWriter` (judge, durable output, pairs);
 - `sampling`: batched generation with per-response seeds;
 - `judges/`: the `Judge` interface (`base`), one file per kind (`function`, `reward_model`, `llm`), the spec ->
   class table (`registry`);

@@ -38,6 +38,15 @@ def decode_response(tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[int
     return tokenizer.decode(list(new_ids), skip_special_tokens=True)
 
 
+def until_eos(ids: list[int], eos: int | None, pad: int | None) -> list[int]:
+    """The sampled ids up to and including the first EOS (what follows is padding)."""
+    if eos is not None and eos in ids:
+        return ids[: ids.index(eos) + 1]
+    while ids and pad is not None and ids[-1] == pad and pad != eos:
+        ids = ids[:-1]
+    return ids
+
+
 def response_seed(seed: int, prompt_id: str, sample: int) -> int:
     """The seed of one response's random stream: 63 bits of sha256(run seed, prompt id, sample index)."""
     digest = hashlib.sha256(f"{int(seed)}:{prompt_id}:{int(sample)}".encode()).digest()
@@ -128,4 +137,4 @@ def generate(
     return out
 
 
-__all__ = ["RowSeededSampler", "decode_response", "generate", "response_seed"]
+__all__ = ["RowSeededSampler", "decode_response", "generate", "response_seed", "until_eos"]

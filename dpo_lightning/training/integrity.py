@@ -27,6 +27,15 @@ DCP_METADATA = ".metadata"
 SHARDED_META = "meta.pt"
 
 
+def is_training_checkpoint(spec: str) -> bool:
+    """Whether a model spec names a training checkpoint rather than a model: a ``.ckpt`` file, or a folder
+    with no ``config.json`` that holds ``.distcp`` shards (a sharded FSDP2 checkpoint)."""
+    folder = Path(spec)
+    return spec.endswith(".ckpt") or (
+        folder.is_dir() and not (folder / "config.json").exists() and any(folder.glob("*.distcp"))
+    )
+
+
 def check_checkpoint(path: str | Path, *, verify_crc: bool = True) -> None:
     """Raise :class:`CheckpointError` unless ``path`` is a complete, uncorrupted Lightning checkpoint.
 
