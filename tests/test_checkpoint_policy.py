@@ -97,6 +97,22 @@ def test_a_validation_step_writes_one_copy(tmp_path, sharded):
     assert trainer.global_step == 4
 
 
+@pytest.mark.parametrize("sharded", [False, True], ids=["file", "sharded"])
+def test_a_run_resumed_from_a_last_ckpt_linked_to_the_best_keeps_writing_last_ckpt(tmp_path, sharded):
+    """last.ckpt linked to the best checkpoint of its step holds the state written under the best's name, before
+    last.ckpt existed: it names no last file. Resumed in its folder, the run must still write last.ckpt, not
+    last-v1.ckpt beside a last.ckpt left at the old step (which `--ckpt_path last`, an export or a requeued job
+    would then read: a requeue loop from the old step), and a second resume to the same step trains nothing."""
+    _fit(_module(), tmp_path, steps=3, sharded=sharded, val_every=3, save_every_n_steps=None, save_every_minutes=None)
+    assert _files(tmp_path / "last.ckpt")[next(iter(_files(tmp_path / "last.ckpt")))].st_nlink == 2  # linked
+    for _ in range(2):
+        trainer, _ = _fit(_module(), tmp_path, steps=5, sharded=sharded, val_every=3, save_every_n_steps=None,
+                          save_every_minutes=None, ckpt_path=str(tmp_path / "last.ckpt"))
+        assert trainer.global_step == 5
+        assert read_checkpoint_header(tmp_path / "last.ckpt")["global_step"] == 5
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+
+
 def test_a_sharded_save_that_fails_leaves_the_previous_checkpoint_and_no_debris(tmp_path, monkeypatch):
     import lightning.pytorch.strategies.model_parallel as mp
 

@@ -157,25 +157,29 @@ def test_sampling_leaves_the_global_rng_alone(policy):
 
 
 class _SigtermAfterBatch(L.Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
+    def __init__(self, batch: int, signum: int = signal.SIGTERM) -> None:
+        self.batch, self.signum = batch, signum
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if batch_idx == self.batch:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.signum)
 
 
-def test_sigterm_cuts_the_batch_in_flight_and_stops_with_preempted(policy, tmp_path, uninterrupted):
-    """SIGTERM at the start of batch 2: that batch is cut short and not written, the run stops with
-    Preempted (the CLI's exit 143) naming what is done; the re-run finishes exactly. (It used to log
-    'Received SIGTERM', sample every other prompt and exit 0.)"""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_sigterm_cuts_the_batch_in_flight_and_stops_with_preempted(policy, tmp_path, uninterrupted, signum):
+    """SIGTERM (or Ctrl-C) at the start of batch 2: that batch is cut short and not written, the run stops with
+    Preempted (the CLI's exit 143, 130 for Ctrl-C) naming what is done; the re-run finishes exactly. (It used to
+    log 'Received SIGTERM', sample every other prompt and exit 0.)"""
     out = tmp_path / "out"
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(Preempted, match=r"received SIGTERM: 2 of 6 prompts are sampled .*run the same command again"):
-        _generate(policy, out, _SigtermAfterBatch(1))
+    before = signal.getsignal(signum)
+    name = signal.Signals(signum).name
+    done = rf"received {name}: 2 of 6 prompts are sampled .*run the same command again"
+    with pytest.raises(Preempted, match=done) as e:
+        _generate(policy, out, _SigtermAfterBatch(1, signum))
+    assert e.value.exit_code == (130 if signum == signal.SIGINT else 143)
     assert len((out / "samples.part0.jsonl").read_text().splitlines()) == 2
     assert not (out / "samples.jsonl").exists()
-    assert signal.getsignal(signal.SIGTERM) == before  # the handler was put back
+    assert signal.getsignal(signum) == before  # the handler was put back
     _generate(policy, out)
     assert _files(out) == uninterrupted
 

@@ -4,6 +4,7 @@ preemption saves and exits non-zero; ``--ckpt_path last`` resumes the latest run
 bitwise as if never stopped; concurrent runs never share a folder; bad checkpoints and sources are
 named before anything loads."""
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -15,6 +16,7 @@ from dpo_lightning import DPOModule
 from dpo_lightning.cli import DPOLightningCLI, cli_main, main
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteError
+from dpo_lightning.training.preemption import INTERRUPTED_EXIT_CODE, PreemptionWatch, preemption_signal
 from dpo_lightning.training.runs import claim_version
 
 from tiny import Crash, tiny_config
@@ -211,6 +213,35 @@ def test_sigterm_saves_at_an_optimizer_step_and_exits_143_then_resumes_exactly(t
 
     resumed = cli_main(fit_args(tmp_path / "b", 8, *accumulate, "--ckpt_path", "last"))
     assert_bitwise(weights(resumed.model), weights(straight.model))
+
+
+def test_ctrl_c_saves_at_an_optimizer_step_and_exits_130_then_resumes_exactly(tmp_path, capsys):
+    """Ctrl-C (SIGINT) is a person's preemption: the run finishes the optimizer step, writes last.ckpt, says how
+    to resume and exits 130 (the shell's status for Ctrl-C); the resumed run equals an uninterrupted one."""
+    accumulate = ("--trainer.accumulate_grad_batches", "2")
+    straight = cli_main(fit_args(tmp_path / "a", 8, *accumulate))
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(tmp_path / "b", 8, *accumulate, "--trainer.callbacks+", "tiny.SignalAtBatch",
+                      "--trainer.callbacks.batch", "4", "--trainer.callbacks.signum", str(int(signal.SIGINT))))
+    assert exit_info.value.code == INTERRUPTED_EXIT_CODE
+    err = capsys.readouterr().err
+    assert "interrupted: received SIGINT" in err and "--ckpt_path last" in err
+    last = run_dir(tmp_path / "b") / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is the program's again
+
+    resumed = cli_main(fit_args(tmp_path / "b", 8, *accumulate, "--ckpt_path", "last"))
+    assert_bitwise(weights(resumed.model), weights(straight.model))
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    """The first Ctrl-C asks for a stop at the next safe point; the second is Python's KeyboardInterrupt."""
+    with PreemptionWatch("saving, then stopping"):
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption_signal() == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 # ---------------------------------------------------------------------------------------- run folders

@@ -20,7 +20,7 @@ from dpo_lightning.cli.settings import resolved_config
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.stages.export import ExportError
 from dpo_lightning.stages.preflight import ConfigError
-from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted
+from dpo_lightning.training.callbacks import NonFiniteError, Preempted
 from dpo_lightning.training.folders import FolderError
 from dpo_lightning.training.integrity import CheckpointError
 
@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Errors the user can act on (bad data, a bad checkpoint, a diverging run, preemption) end the
     process with one line and a non-zero status instead of a traceback: 1 for errors, 143 when a
-    preempted run saved its checkpoint (a scheduler can tell that from success and from failure).
+    preempted run saved its checkpoint (a scheduler can tell that from success and from failure), 130 when Ctrl-C
+    stopped it after saving.
     """
     words = sys.argv[1:] if argv is None else argv
     with known_warnings_silenced():
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 cli_main(argv)  # None: LightningCLI reads sys.argv itself
         except Preempted as err:
-            print(f"dpo_lightning: preempted: {err}", file=sys.stderr)
-            sys.exit(PREEMPTED_EXIT_CODE)
+            print(f"dpo_lightning: {'interrupted' if err.signal_name == 'SIGINT' else 'preempted'}: {err}",
+                  file=sys.stderr)
+            sys.exit(err.exit_code)
         except (NonFiniteError, CheckpointError, DataError, ExportError, ConfigError, FolderError) as err:
             print(f"dpo_lightning: error: {err}", file=sys.stderr)
             sys.exit(1)

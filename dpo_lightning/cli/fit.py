@@ -138,6 +138,7 @@ class DPOLightningCLI(LightningCLI):
         header = read_checkpoint_header(ckpt_path)
         step = f" (optimizer step {header['global_step']}, epoch {header['epoch']})" if header else ""
         rank_zero_info(f"Resuming from {ckpt_path}{step}")
+        _purge_logs_after(config, header.get("global_step") if header else None)
         changes = []
         if "hyper_parameters" in header and config.get("model") is not None:
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
@@ -297,6 +298,21 @@ def _logger_init_args(config: Namespace) -> Namespace | None:
         logger = logger[0] if logger else None
     init_args = getattr(logger, "init_args", None) if isinstance(logger, Namespace) else None
     return init_args if init_args is not None and init_args.get("save_dir") is not None else None
+
+
+def _purge_logs_after(config: Namespace, step: int | None) -> None:
+    """A run killed without a final save (``kill -9``, a node failure) logged steps after its last checkpoint; the
+    resumed run logs them again. TensorBoard's ``purge_step`` (a session start at ``step + 1`` in the new event
+    file) makes TensorBoard drop the killed run's events from that step on, so the run's logs read as one run's."""
+    logger = config.trainer.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else None
+    if step is None or not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(
+        "TensorBoardLogger"
+    ):
+        return
+    if logger.init_args.get("purge_step") is None:
+        logger.init_args.purge_step = int(step) + 1
 
 
 def _run_root(logger: Namespace | None) -> Path | None:

@@ -209,6 +209,17 @@ class LatestModelCheckpoint(StepAlignedSaves):
         self._stop_if_preempted()  # before a validation that would delay the exit
         super().on_validation_start(trainer, pl_module)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning's, and: resumed in the folder it was saved in, the run's ``last.ckpt`` is this callback's.
+        A ``last.ckpt`` linked to the best checkpoint of its step (`_link_to_same_step`) holds the state written
+        under the best's name, before ``last.ckpt`` existed, which names no last file; Lightning would then take
+        the ``last.ckpt`` it finds for another run's and write ``last-v1.ckpt`` beside it, leaving ``last.ckpt``
+        at the old step for ``--ckpt_path last``, an export or a requeued job to read."""
+        super().load_state_dict(state_dict)
+        same_folder = self.dirpath == state_dict.get("dirpath", self.dirpath)
+        if self.save_last is True and same_folder and not self.last_model_path:
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+
     def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless it already holds this step (or we are not fitting)."""
         if self.save_last is not True or self._should_skip_saving_checkpoint(trainer):

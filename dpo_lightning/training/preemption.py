@@ -2,6 +2,10 @@
 each command stops at its own safe point (``fit``: after saving ``last.ckpt`` at the next optimizer step;
 ``generate``: after the batch being written; ``iterate``: between stages) and raises :class:`Preempted`, which the
 CLI turns into exit code :data:`PREEMPTED_EXIT_CODE` so a scheduler requeues the job.
+
+Ctrl-C (SIGINT) is the same request from a person at the terminal: the first stops at the next safe point, as
+SIGTERM does (exit code :data:`INTERRUPTED_EXIT_CODE`); a second one stops at once (``KeyboardInterrupt``,
+losing the work since the last save).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process that SIGTERM ended
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: stopped by Ctrl-C, after saving
 
 
 class Preempted(RuntimeError):
@@ -26,12 +31,16 @@ class Preempted(RuntimeError):
     def __init__(self, message: str, status: str | None = None) -> None:
         super().__init__(message)
         self.status = status or message
+        # Raised once a watch recorded the signal: Ctrl-C's exit status is the shell's 130, a scheduler's 143.
+        self.signal_name = PreemptionWatch.received
+        self.exit_code = INTERRUPTED_EXIT_CODE if self.signal_name == "SIGINT" else PREEMPTED_EXIT_CODE
 
 
 class PreemptionWatch:
-    """While started, SIGTERM (and SIGUSR1, unless another handler owns it: SLURM auto-requeue) only
-    records that the job is being preempted (`preemption_signal`) and logs ``message``; the code
-    that started the watch stops at its next safe point. Watches nest (``iterate`` around each stage's
+    """While started, SIGTERM (and SIGUSR1, unless another handler owns it: SLURM auto-requeue; and SIGINT,
+    Ctrl-C, unless the program set its own handler) only records that the job is being preempted
+    (`preemption_signal`) and logs ``message``; the code that started the watch stops at its next safe point.
+    A second Ctrl-C raises ``KeyboardInterrupt`` at once. Watches nest (``iterate`` around each stage's
     own): a signal received under any of them is seen by all, until the outermost one stops; the
     outermost one starts with nothing received. Outside the main thread (no signal handlers there)
     a watch does nothing.
@@ -57,10 +66,12 @@ class PreemptionWatch:
             return self
         if not PreemptionWatch._stack:
             PreemptionWatch.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             current = signal.getsignal(sig)
             if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, signal.SIG_IGN, None, _on_preemption_signal):
                 continue
+            if sig == signal.SIGINT and current not in (signal.default_int_handler, _on_preemption_signal):
+                continue  # a handler of the program's own (or Ctrl-C ignored): left as it is
             self._previous[sig] = current
             signal.signal(sig, _on_preemption_signal)
         PreemptionWatch._stack.append(self)
@@ -86,9 +97,13 @@ class PreemptionWatch:
 def _on_preemption_signal(signum: int, frame: FrameType | None) -> None:
     # Only set a flag: each watcher stops at its own safe point (an optimizer step, a written batch, a stage).
     first = PreemptionWatch.received is None
+    if signum == signal.SIGINT and not first:
+        raise KeyboardInterrupt  # Ctrl-C twice: stop now
     PreemptionWatch.received = PreemptionWatch.received or signal.Signals(signum).name
     if first and PreemptionWatch._stack:
-        log.warning("received %s: %s", PreemptionWatch.received, PreemptionWatch._stack[-1].message)
+        again = "; press Ctrl-C again to stop at once (losing the work since the last save)" if (
+            signum == signal.SIGINT) else ""
+        log.warning("received %s: %s%s", PreemptionWatch.received, PreemptionWatch._stack[-1].message, again)
         for watch in PreemptionWatch._stack:
             if watch.forward is not None:
                 watch.forward(signum)
@@ -99,4 +114,4 @@ def preemption_signal() -> str | None:
     return PreemptionWatch.received if PreemptionWatch._stack else None
 
 
-__all__ = ["PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch", "preemption_signal"]
+__all__ = ["INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch", "preemption_signal"]
