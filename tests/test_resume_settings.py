@@ -46,3 +46,23 @@ def test_a_kto_resume_does_not_list_the_unpaired_flag_the_cli_sets(tmp_path, mon
         warnings.simplefilter("always")
         cli_main([*args[:-4], "--data.batch_size", "8", "--ckpt_path", str(ckpt)], cli_class=ParseOnlyCLI)
     assert "data.batch_size: 4 (checkpoint) -> 8 (now)" in "\n".join(str(w.message) for w in caught)
+
+
+def test_a_reference_free_resume_does_not_list_the_reference_the_stage_chose(tmp_path, monkeypatch):
+    """A SimPO run records ``reference: none`` (the default ``copy`` becomes ``none`` for reference-free losses);
+    resuming it with the same command is no change, and a loss that needs a reference still is one."""
+    ckpt = tmp_path / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"global_step": 2, "epoch": 0, "hyper_parameters": {"reference": "none", "loss_type": "simpo"}}, ckpt)
+    monkeypatch.setattr("dpo_lightning.cli.fit.check_checkpoint", lambda path: None)
+    args = ["fit", "--config", "recipes/tiny.yaml", "--ckpt_path", str(ckpt)]
+
+    def said(*extra: str) -> str:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cli_main([*args, *extra], cli_class=ParseOnlyCLI)
+        return "\n".join(str(w.message) for w in caught)
+
+    assert "model.reference" not in said("--model.loss_type", "simpo")
+    changed = said("--model.loss_type", "sigmoid")
+    assert "model.reference: 'none' (checkpoint) -> 'copy' (now)" in changed and "model.loss_type" in changed

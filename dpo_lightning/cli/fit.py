@@ -28,7 +28,7 @@ from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.references import reference_spec
 from dpo_lightning.stages.base import CausalLMModule
 from dpo_lightning.stages.checkpointing import FACTORIES_KEY
-from dpo_lightning.stages.dpo import DPOModule
+from dpo_lightning.stages.dpo import DPOModule, effective_reference
 from dpo_lightning.stages.export import HFExport
 from dpo_lightning.stages.options import recorded_groups
 from dpo_lightning.stages.preflight import (
@@ -145,6 +145,9 @@ class DPOLightningCLI(LightningCLI):
             current = recorded_groups(config.model.init_args.as_dict())
             if "reference" in current:  # `copy` and its class_path expansion are one setting
                 current["reference"] = reference_spec(current["reference"])
+                if issubclass(_stage_class(config), DPOModule):  # `copy` for reference-free losses is `none`
+                    current["reference"] = effective_reference(current["reference"], current.get("ref_model"),
+                                                               current.get("loss_type"))
             changes += changed_hparams(header["hyper_parameters"], current, "model")
         restored = []
         if FACTORIES_KEY in header and config.get("model") is not None:

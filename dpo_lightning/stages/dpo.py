@@ -7,11 +7,10 @@ log-probs from the reference strategy, per-pair losses and rewards (``losses/``)
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -28,8 +27,6 @@ from dpo_lightning.references import (
 from dpo_lightning.stages.base import CausalLMModule
 from dpo_lightning.stages.preflight import check_reference
 from dpo_lightning.training.metrics import PreferenceMetrics
-
-log = logging.getLogger(__name__)
 
 NEEDS_NO_REFERENCE = REFERENCE_FREE | {"sft"}  # losses that never read reference log-probs
 
@@ -145,10 +142,20 @@ class DPOModule(CausalLMModule):
         return out.losses.mean()
 
 
+def effective_reference(reference: Any, ref_model: Any, loss_type: str | Sequence[str] | None) -> Any:
+    """The ``reference`` a DPOModule with these settings records: the default ``copy`` (without a ``ref_model``)
+    is ``none`` when every selected loss is reference-free; anything else as given. The CLI compares a resumed
+    run's settings with the checkpoint's through it."""
+    losses = {loss_type} if isinstance(loss_type, str) else set(loss_type or ())
+    if reference == "copy" and ref_model is None and losses and losses <= NEEDS_NO_REFERENCE:
+        return "none"
+    return reference
+
+
 def _choose_reference(reference: str | Reference, ref_model: str | nn.Module | None, *, needs: bool) -> Reference:
     """The strategy for ``reference``; the default ``copy`` becomes ``none`` for reference-free losses."""
     if reference == "copy" and ref_model is None and not needs:
-        log.info("the selected losses need no reference model: using reference='none'")
+        rank_zero_info("the selected losses need no reference model: using reference='none' (no reference copy)")
         reference = "none"
     strategy = resolve_reference(reference)
     if needs and isinstance(strategy, NoReference):
@@ -159,4 +166,4 @@ def _choose_reference(reference: str | Reference, ref_model: str | nn.Module | N
     return strategy
 
 
-__all__ = ["DPOModule", "StepOutput"]
+__all__ = ["DPOModule", "StepOutput", "effective_reference"]
