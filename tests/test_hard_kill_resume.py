@@ -1,8 +1,10 @@
 """A run killed without a final save (``kill -9``, a node failure, Ctrl-C twice) and resumed with
-``--ckpt_path last`` through the real CLI (in process): the resumed run keeps writing the run's own ``last.ckpt``
-(not ``last-v1.ckpt`` beside a stale one), and TensorBoard reads the run's scalars once per step although the
-killed run had logged steps past its last checkpoint that the resumed run logs again (``purge_step``)."""
+``--ckpt_path last`` through the real CLI (in process), in its folder or in a copy of it (a run moved from scratch
+to persistent storage): the resumed run keeps writing the run's own ``last.ckpt`` (not ``last-v1.ckpt`` beside a
+stale one), and TensorBoard reads the run's scalars once per step although the killed run had logged steps past
+its last checkpoint that the resumed run logs again (``purge_step``)."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,7 @@ def test_a_hard_killed_run_resumes_into_its_own_last_ckpt_and_its_logs_read_once
     last = run / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == SAVED
     assert last.stat().st_nlink == 2  # linked to the best checkpoint of step 2
+    shutil.copytree(tmp_path / "runs" / "tiny", tmp_path / "runs" / "moved")  # as `cp -r` would
 
     resumed = fit(tmp_path / "runs", "--ckpt_path", "last")
     assert resumed == run  # the same run folder
@@ -62,3 +65,9 @@ def test_a_hard_killed_run_resumes_into_its_own_last_ckpt_and_its_logs_read_once
     events.Reload()
     read = [e.step for e in events.Scalars("train/loss")]
     assert sorted(read) == sorted(set(written)), read  # TensorBoard reads each step once
+
+    moved = fit(tmp_path / "runs", "--trainer.logger.init_args.name", "moved", "--ckpt_path", "last")
+    assert moved == tmp_path / "runs" / "moved" / "version_0"
+    moved_last = torch.load(moved / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert moved_last["global_step"] == STEPS
+    assert sorted(p.name for p in (moved / "checkpoints").glob("last*")) == ["last.ckpt"]

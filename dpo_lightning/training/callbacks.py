@@ -209,17 +209,6 @@ class LatestModelCheckpoint(StepAlignedSaves):
         self._stop_if_preempted()  # before a validation that would delay the exit
         super().on_validation_start(trainer, pl_module)
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Lightning's, and: resumed in the folder it was saved in, the run's ``last.ckpt`` is this callback's.
-        A ``last.ckpt`` linked to the best checkpoint of its step (`_link_to_same_step`) holds the state written
-        under the best's name, before ``last.ckpt`` existed, which names no last file; Lightning would then take
-        the ``last.ckpt`` it finds for another run's and write ``last-v1.ckpt`` beside it, leaving ``last.ckpt``
-        at the old step for ``--ckpt_path last``, an export or a requeued job to read."""
-        super().load_state_dict(state_dict)
-        same_folder = self.dirpath == state_dict.get("dirpath", self.dirpath)
-        if self.save_last is True and same_folder and not self.last_model_path:
-            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
-
     def _save_last_if_behind(self, trainer: pl.Trainer) -> None:
         """Write ``last.ckpt`` unless it already holds this step (or we are not fitting)."""
         if self.save_last is not True or self._should_skip_saving_checkpoint(trainer):
@@ -293,6 +282,7 @@ class LatestModelCheckpoint(StepAlignedSaves):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        self._own_the_resumed_last(trainer)
         self._stop = None
         self._last_write = time.monotonic()
         if self.save_on_preemption:
@@ -300,6 +290,21 @@ class LatestModelCheckpoint(StepAlignedSaves):
             # SIGTERMException after any batch (mid-accumulation too) and exits with status 0.
             # A signal received before (under `iterate`'s watch, while this stage loaded) counts.
             self._watch.start()
+
+    def _own_the_resumed_last(self, trainer: pl.Trainer) -> None:
+        """A run resumed from a checkpoint of this callback's folder keeps writing the folder's ``last.ckpt``.
+
+        Lightning takes a ``last.ckpt`` it finds for another run's and writes ``last-v1.ckpt`` beside it unless the
+        restored state names it: a ``last.ckpt`` linked to the best checkpoint of its step (`_link_to_same_step`)
+        holds the state written under the best's name, before ``last.ckpt`` existed, and a run folder that was
+        moved or copied restores no paths at all. ``last.ckpt`` would stay at the old step for ``--ckpt_path
+        last``, an export or a requeued job to read (a requeue loop).
+        """
+        resumed = trainer.ckpt_path
+        if self.save_last is not True or self.last_model_path or not resumed or self.dirpath is None:
+            return
+        if Path(resumed).resolve().parent == Path(self.dirpath).resolve():
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
 
     def _restore_signal_handlers(self) -> None:
         self._watch.stop()
