@@ -84,7 +84,7 @@ MUTATIONS = [
         "for row in new[i * n : (i + 1) * n].tolist():", "for row in new[i : i + n].tolist():",
     ),
     Mutation(
-        "sample_cut_after_eos", "dpo_lightning/generation/module.py",
+        "sample_cut_after_eos", "dpo_lightning/generation/sampling.py",
         "return ids[: ids.index(eos) + 1]", "return ids[: ids.index(eos) + 2]",
     ),
     # The pipeline's report: the KL with the reference on both sides (always 0), or always against SFT.
