@@ -166,7 +166,8 @@ class _SigtermAfterBatch(L.Callback):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
-def test_sigterm_cuts_the_batch_in_flight_and_stops_with_preempted(policy, tmp_path, uninterrupted, signum):
+def test_sigterm_cuts_the_batch_in_flight_and_stops_with_preempted(policy, tmp_path, uninterrupted, signum,
+                                                                    default_sigint):
     """SIGTERM (or Ctrl-C) at the start of batch 2: that batch is cut short and not written, the run stops with
     Preempted (the CLI's exit 143, 130 for Ctrl-C) naming what is done; the re-run finishes exactly. (It used to
     log 'Received SIGTERM', sample every other prompt and exit 0.)"""

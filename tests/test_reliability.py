@@ -215,7 +215,7 @@ def test_sigterm_saves_at_an_optimizer_step_and_exits_143_then_resumes_exactly(t
     assert_bitwise(weights(resumed.model), weights(straight.model))
 
 
-def test_ctrl_c_saves_at_an_optimizer_step_and_exits_130_then_resumes_exactly(tmp_path, capsys):
+def test_ctrl_c_saves_at_an_optimizer_step_and_exits_130_then_resumes_exactly(tmp_path, capsys, default_sigint):
     """Ctrl-C (SIGINT) is a person's preemption: the run finishes the optimizer step, writes last.ckpt, says how
     to resume and exits 130 (the shell's status for Ctrl-C); the resumed run equals an uninterrupted one."""
     accumulate = ("--trainer.accumulate_grad_batches", "2")
@@ -234,7 +234,7 @@ def test_ctrl_c_saves_at_an_optimizer_step_and_exits_130_then_resumes_exactly(tm
     assert_bitwise(weights(resumed.model), weights(straight.model))
 
 
-def test_a_second_ctrl_c_stops_at_once():
+def test_a_second_ctrl_c_stops_at_once(default_sigint):
     """The first Ctrl-C asks for a stop at the next safe point; the second is Python's KeyboardInterrupt."""
     with PreemptionWatch("saving, then stopping"):
         os.kill(os.getpid(), signal.SIGINT)
