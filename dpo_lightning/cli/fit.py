@@ -36,6 +36,7 @@ from dpo_lightning.stages.preflight import (
     check_chat_template,
     check_packing_attention,
     check_strategy,
+    check_trainer_counts,
     warn_update_resolution,
 )
 from dpo_lightning.training.callbacks import (
@@ -196,9 +197,10 @@ class DPOLightningCLI(LightningCLI):
                 checkpoint.filename = f"step{{step}}-{name}{{{checkpoint.monitor}:.3f}}" if name else "step{step}"
 
     def check_settings(self, config: Namespace) -> None:
-        """Settings that cannot work together (`preflight`): FSDP1, packing under flash attention; a warning
-        for learning rates whose steps round away in bf16 weights."""
+        """Settings that cannot work (`preflight`): counts Lightning divides by, FSDP1, packing under flash
+        attention; a warning for learning rates whose steps round away in bf16 weights."""
         trainer, model = config.trainer, config.model.init_args
+        check_trainer_counts(trainer)
         check_strategy(trainer.get("strategy"))
         data = config.get("data")
         if data is not None:

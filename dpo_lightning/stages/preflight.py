@@ -4,6 +4,9 @@ Each check is a function over plain values (strings, numbers, a class and its in
 calls them on the parsed config (``DPOLightningCLI.before_instantiate_classes``) and Python code, or a
 module's ``setup()``, can call them on what it has:
 
+- `check_trainer_counts`: ``trainer.accumulate_grad_batches``, an integer ``val_check_interval`` and
+  ``check_val_every_n_epoch`` below 1 (Lightning divides by them mid-fit: ``ZeroDivisionError``), a negative
+  ``gradient_clip_val`` (it would turn each step around) are refused.
 - `check_strategy`: FSDP1 (``FSDPStrategy``, ``"fsdp"``, ``"fsdp_cpu_offload"``) is refused;
   FSDP2 (``ModelParallelStrategy``) is the sharded path (docs/scale_out.md).
 - `check_packing_attention`: the packing collator's dense 4D block-causal mask with a kernel that
@@ -49,6 +52,31 @@ SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 # The magnitude of a typical weight of a trained transformer's linear layers (Llama-2-7B: std ~0.02).
 TYPICAL_WEIGHT = 1e-2
 PREVIEW_ROWS = 8  # training rows `check_chat_template` reads
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def check_trainer_counts(trainer: Any) -> None:
+    """`ConfigError` naming the ``trainer`` option whose value Lightning would divide by (or step against):
+    ``accumulate_grad_batches`` and an integer ``val_check_interval`` or ``check_val_every_n_epoch`` below 1
+    (a ``ZeroDivisionError`` after the data and the model loaded, or a modulo by a negative count), a negative
+    ``gradient_clip_val`` (it scales each gradient by a negative factor). ``trainer``: its options, as a
+    mapping or a jsonargparse Namespace."""
+    at_least_one = {
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches"),
+        "check_val_every_n_epoch": trainer.get("check_val_every_n_epoch"),
+    }
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):  # a float is a fraction of an epoch
+        at_least_one["val_check_interval"] = interval
+    for name, value in at_least_one.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"trainer.{name} must be >= 1, got {value}" + (
+                " (null: validate by val_check_interval only)" if name == "check_val_every_n_epoch" else ""))
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, int | float) and not isinstance(clip, bool) and clip < 0:
+        raise ConfigError(f"trainer.gradient_clip_val must be >= 0 (null or 0: no clipping), got {clip}")
 
 
 # ---------------------------------------------------------------------------------------------- strategy

@@ -1,0 +1,52 @@
+"""Bad values refused in one line through the real CLI, before anything loads, and nothing left behind
+(user trial: one-line errors): trainer counts Lightning divides by, a data module refusing its settings, a
+missing model for `generate`, a value of the wrong type inside an optimizer, `test`/`validate` without the
+split, and the run folder a refused `fit` had claimed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_lightning.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes" / "tiny.yaml")
+
+
+def refused(capsys, *args: str, code: int = 1) -> list[str]:
+    """``main(args)`` in-process: it must exit with ``code``; the lines it printed on stderr, seeding aside."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == code, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    return [line for line in err.splitlines() if not line.startswith("Seed set to")]
+
+
+def fit(tmp_path: Path, *extra: str) -> list[str]:
+    """``fit`` of the tiny recipe, a few steps, logs under tmp_path/runs."""
+    return ["fit", "--config", TINY, "--trainer.max_steps", "2", "--data.batch_size", "8",
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"), "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false", *extra]
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1, got 0"),
+    (["--trainer.accumulate_grad_batches", "-2"], "trainer.accumulate_grad_batches must be >= 1, got -2"),
+    (["--trainer.val_check_interval", "0"], "trainer.val_check_interval must be >= 1, got 0"),
+    (["--trainer.check_val_every_n_epoch", "0", "--trainer.val_check_interval", "null"],
+     "trainer.check_val_every_n_epoch must be >= 1, got 0"),
+    (["--trainer.gradient_clip_val", "-1"], "trainer.gradient_clip_val must be >= 0"),
+])
+def test_a_trainer_count_lightning_divides_by_is_refused_before_anything_loads(tmp_path, capsys, args, line):
+    """accumulate_grad_batches 0 used to tokenize, start the fit and die in a ZeroDivisionError traceback."""
+    out = refused(capsys, *fit(tmp_path, *args))
+    assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: {line}"), out
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is claimed
+
+
+def test_the_trainers_own_refusal_is_one_line(tmp_path, capsys):
+    out = refused(capsys, *fit(tmp_path, "--trainer.max_steps", "-5"))
+    assert len(out) == 1 and out[0].startswith("dpo_lightning: error: trainer: `max_steps` must be"), out
