@@ -50,3 +50,21 @@ def test_a_trainer_count_lightning_divides_by_is_refused_before_anything_loads(t
 def test_the_trainers_own_refusal_is_one_line(tmp_path, capsys):
     out = refused(capsys, *fit(tmp_path, "--trainer.max_steps", "-5"))
     assert len(out) == 1 and out[0].startswith("dpo_lightning: error: trainer: `max_steps` must be"), out
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--data.batch_size", "0"], "data (PreferenceDataModule): batch sizes must be positive, got batch_size=0"),
+    (["--data.eval_batch_size", "0"], "data (PreferenceDataModule): batch sizes must be positive, got batch_size=8, "
+                                      "eval_batch_size=0"),
+    (["--data.collator", "kto"], "data (PreferenceDataModule): collator='kto': unpaired (KTO) data is KTODataModule"),
+    (["--model.class_path", "dpo_lightning.KTOModule", "--data.collator", "share"],
+     "data (KTODataModule): unknown collator 'share'; choose one of ['auto', 'kto', 'pad']"),
+])
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_data_module_refusing_its_settings_is_one_line_before_anything_loads(tmp_path, capsys, command, args,
+                                                                              line):
+    """These ValueErrors were raised while the CLI read the first rows (the data module built in the preflight),
+    outside the CLI's one-line path: a traceback."""
+    out = refused(capsys, command, *fit(tmp_path, *args)[1:])
+    assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: {line}"), out
+    assert not (tmp_path / "runs").exists()

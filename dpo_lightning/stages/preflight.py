@@ -255,6 +255,18 @@ def _conversational(example: Any) -> bool:
     return isinstance(example, Conversation) or isinstance(example.prompt, list)
 
 
+def build_data_module(cls: type[TokenizedDataModule], init_args: Mapping[str, Any]) -> TokenizedDataModule:
+    """``cls(**init_args)``: validates the settings and reads nothing yet. A setting the class refuses (a batch size
+    of 0, a collator it does not have) is a `ConfigError` naming the group and the class, ``data (KTODataModule):
+    unknown collator 'share'; ...``, which the CLI prints in one line; a `DataError` stays one."""
+    try:
+        return cls(**dict(init_args))
+    except (DataError, ConfigError):
+        raise
+    except ValueError as err:
+        raise ConfigError(f"data ({cls.__name__}): {' '.join(str(err).split())}") from err
+
+
 def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], rows: int = PREVIEW_ROWS) -> None:
     """`DataError` when the first training rows are conversations and the tokenizer has no chat template.
 
@@ -270,7 +282,7 @@ def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], ro
     cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
     if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
         return
-    module = cls(**dict(init_args))  # validates the settings; reads nothing yet
+    module = build_data_module(cls, init_args)
     hp = module.hparams
     source, split = module.source_name, hp.train_split
     with _quiet_data_warnings():
