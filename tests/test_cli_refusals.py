@@ -68,3 +68,25 @@ def test_a_data_module_refusing_its_settings_is_one_line_before_anything_loads(t
     out = refused(capsys, command, *fit(tmp_path, *args)[1:])
     assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: {line}"), out
     assert not (tmp_path / "runs").exists()
+
+
+GENERATE = str(ROOT / "recipes" / "tiny_generate.yaml")
+
+
+def test_generate_with_a_missing_model_names_the_option_and_the_path(tmp_path, capsys, monkeypatch):
+    """tiny_generate before tiny_sft (runs/tiny_sft/version_0/hf_export missing) was a 23-frame traceback."""
+    monkeypatch.chdir(tmp_path)  # the recipe's relative export path, surely absent
+    out = refused(capsys, "generate", "--config", GENERATE, "--output.output_dir", str(tmp_path / "gen"))
+    assert len(out) == 1, out
+    assert out[0].startswith("dpo_lightning: error: model.model 'runs/tiny_sft/version_0/hf_export': no such file "
+                             "or folder; it is a training run's export: run that fit first"), out
+    assert not (tmp_path / "gen").exists()
+
+
+def test_generate_with_a_missing_tokenizer_path_names_the_option(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()  # exists: the path check passes; nothing may load before the tokenizer's is checked too
+    missing = tmp_path / "nope" / "tokenizer"
+    out = refused(capsys, "generate", "--config", GENERATE, "--model.model", str(model), "--data.tokenizer",
+                  str(missing), "--output.output_dir", str(tmp_path / "gen"))
+    assert out == [f"dpo_lightning: error: data.tokenizer {str(missing)!r}: no such file or folder"]
