@@ -90,3 +90,33 @@ def test_generate_with_a_missing_tokenizer_path_names_the_option(tmp_path, capsy
     out = refused(capsys, "generate", "--config", GENERATE, "--model.model", str(model), "--data.tokenizer",
                   str(missing), "--output.output_dir", str(tmp_path / "gen"))
     assert out == [f"dpo_lightning: error: data.tokenizer {str(missing)!r}: no such file or folder"]
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["test"], "test: nothing to test: data.dataset 'synthetic:sort' has the splits ['train', 'validation'] and "
+               "data.test_split is null; set data.test_split to one of them"),
+    (["test", "--data.test_split", "tset"], "test: nothing to test: data.dataset 'synthetic:sort' has the splits "
+                                            "['train', 'validation'] and data.test_split 'tset' is not one of its"),
+    (["validate", "--data.val_split", "null"], "validate: nothing to validate: data.dataset 'synthetic:sort' has the "
+                                               "splits ['train', 'validation'] and data.val_split is null; set "
+                                               "data.val_split to one of them (or data.val_fraction"),
+    (["validate", "--data.val_split", "valid"], "validate: nothing to validate: data.dataset 'synthetic:sort' has "
+                                                "the splits ['train', 'validation'] and data.val_split 'valid' is"),
+])
+def test_evaluating_without_the_split_is_refused_naming_the_option(tmp_path, capsys, args, line):
+    """`test` on a recipe without a test split exited 0 after testing nothing (Lightning's zero-length warning)."""
+    out = refused(capsys, args[0], "--config", TINY, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                  *args[1:])
+    assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: {line}"), out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluating_a_split_the_source_has_runs(tmp_path, capsys):
+    """The check refuses only what has nothing to evaluate: a named split, or a held-out fraction, runs."""
+    common = ["--config", TINY, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+              "--trainer.enable_progress_bar", "false", "--data.eval_batch_size", "8"]
+    main(["test", *common, "--data.test_split", "validation", "--trainer.limit_test_batches", "1"])
+    main(["validate", *common, "--data.val_split", "null", "--data.val_fraction", "0.1",
+          "--trainer.limit_val_batches", "1"])
+    out = capsys.readouterr().out
+    assert "test/loss" in out and "val/loss" in out, out

@@ -34,6 +34,7 @@ from dpo_lightning.stages.options import recorded_groups
 from dpo_lightning.stages.preflight import (
     ConfigError,
     check_chat_template,
+    check_evaluation_split,
     check_packing_attention,
     check_strategy,
     check_trainer_counts,
@@ -216,10 +217,12 @@ class DPOLightningCLI(LightningCLI):
         )
 
     def check_data(self, config: Namespace) -> None:
-        """The first training rows against the tokenizer (`preflight.check_chat_template`): reads data, no weights."""
+        """The first training rows against the tokenizer (`preflight.check_chat_template`), and for ``validate`` /
+        ``test`` the split they evaluate (`preflight.check_evaluation_split`): reads data, no weights."""
         data = config.get("data")
         if data is not None:
             check_chat_template(data.class_path, data.init_args.as_dict())
+            check_evaluation_split(self.subcommand, data.class_path, data.init_args.as_dict())
 
 
 def _use_step_progress_bar(trainer: Namespace) -> None:

@@ -15,6 +15,8 @@ module's ``setup()``, can call them on what it has:
   weights round away; a warning, not an error (docs/scale_out.md, "Precision").
 - `check_reference`: an ``adapter`` reference without LoRA, or with a separate ``ref_model``, is refused
   (the stages call it before loading the policy).
+- `check_evaluation_split`: ``validate`` / ``test`` without the split they evaluate (``data.val_split`` /
+  ``data.test_split`` null or not in the source) is refused instead of evaluating nothing and exiting 0.
 - `check_chat_template`: conversational training rows with a tokenizer that has no chat template
   raise the `DataError` the data path would raise only after the model loaded.
 """
@@ -52,6 +54,8 @@ SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 # The magnitude of a typical weight of a trained transformer's linear layers (Llama-2-7B: std ~0.02).
 TYPICAL_WEIGHT = 1e-2
 PREVIEW_ROWS = 8  # training rows `check_chat_template` reads
+# The split each evaluating subcommand reads: the data module's option naming it, and what the subcommand does.
+EVALUATED_SPLITS = {"validate": ("val_split", "validate"), "test": ("test_split", "test")}
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -311,3 +315,31 @@ def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], ro
         "chat_template (checked before any weights load)"
     )
 
+
+
+def check_evaluation_split(subcommand: str | None, data_class: type | str, init_args: Mapping[str, Any]) -> None:
+    """`ConfigError` when ``validate`` (``test``) has nothing to evaluate: ``data.val_split`` (``data.test_split``)
+    is null or names a split the source does not have (a held-out ``val_fraction`` counts for ``validate``).
+    Lightning would run over no batches and exit 0 with a warning about a zero-length loader. Reads the source's
+    split names (`load_source`), no rows; other subcommands and data modules of another kind are not checked."""
+    option, verb = EVALUATED_SPLITS.get(subcommand or "", (None, None))
+    cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
+    if option is None or not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
+        return
+    module = build_data_module(cls, init_args)
+    hp = module.hparams
+    if subcommand == "validate" and hp.get("val_fraction") is not None:
+        return  # validation rows are held out of the train split
+    split = hp.get(option)
+    with _quiet_data_warnings():
+        raw = load_source(
+            module._dataset_spec, hp.dataset_config, default_split=hp.train_split, seed=hp.seed, cache_dir=hp.cache_dir
+        )
+    if split is not None and split in raw:
+        return
+    given = f"data.{option} is null" if split is None else f"data.{option} {split!r} is not one of its splits"
+    also = " (or data.val_fraction to hold out part of the train split)" if subcommand == "validate" else ""
+    raise ConfigError(
+        f"{subcommand}: nothing to {verb}: data.dataset {module.source_name!r} has the splits {sorted(raw)} and "
+        f"{given}; set data.{option} to one of them{also}"
+    )
