@@ -120,3 +120,36 @@ def test_evaluating_a_split_the_source_has_runs(tmp_path, capsys):
           "--trainer.limit_val_batches", "1"])
     out = capsys.readouterr().out
     assert "test/loss" in out and "val/loss" in out, out
+
+
+@pytest.mark.parametrize("args", [
+    ["--model.loss_type", "sigmod"],  # refused while the stage is built: after the run folder was claimed
+    ["--trainer.max_steps", "-5"],  # refused by the Trainer, also after the claim
+])
+def test_a_refused_fit_leaves_no_run_folder_and_the_next_fit_gets_version_0(tmp_path, capsys, args):
+    """A refused run left an empty runs/<name>/version_N, so the next real run landed in version_N+1 while recipes
+    (tiny_generate.yaml, the pipeline) name runs/tiny_sft/version_0."""
+    refused(capsys, *fit(tmp_path, *args))
+    root = tmp_path / "runs" / "tiny"
+    assert root.is_dir() and list(root.iterdir()) == []
+    main(fit(tmp_path, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+             "--trainer.limit_val_batches", "1"))
+    assert [p.name for p in root.iterdir()] == ["version_0"]
+    assert (root / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_failed_run_gives_back_only_its_own_empty_claims(tmp_path):
+    from dpo_lightning.training.runs import claim_version, claims_released_on_failure
+
+    root = tmp_path / "runs"
+    (root / "version_0").mkdir(parents=True)  # empty, but made by someone else: kept
+    with pytest.raises(RuntimeError), claims_released_on_failure():
+        written = root / f"version_{claim_version(root)}"
+        (written / "events").write_text("x")  # holds a file: kept
+        empty = root / f"version_{claim_version(root)}"
+        raise RuntimeError("refused")
+    assert sorted(p.name for p in root.iterdir()) == ["version_0", written.name]
+    assert not empty.exists()
+    with claims_released_on_failure():  # a run that succeeds keeps its folder, empty or not
+        kept = root / f"version_{claim_version(root)}"
+    assert kept.is_dir() and kept.name == "version_2"

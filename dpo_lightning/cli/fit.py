@@ -51,6 +51,7 @@ from dpo_lightning.training.optim import describe_config
 from dpo_lightning.training.runs import (
     changed_hparams,
     claim_version,
+    claims_released_on_failure,
     find_last_checkpoint,
     read_checkpoint_header,
     version_of,
@@ -332,7 +333,7 @@ def _run_root(logger: Namespace | None) -> Path | None:
 
 def _claim_run_folder(config: Namespace) -> None:
     """Give a new run its own ``version_N`` folder, claimed atomically (rank 0 decides; the trainer
-    broadcasts its log_dir to the other ranks)."""
+    broadcasts its log_dir to the other ranks); `cli_main` gives it back if the run fails while it is empty."""
     logger = _logger_init_args(config)
     if logger is None or logger.get("version") is not None or rank_zero_only.rank != 0:
         return
@@ -377,8 +378,9 @@ def _fit_options() -> dict[str, Any]:
 def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
-    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
-    with known_warnings_silenced():
+    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``. A run that fails
+    (a setting refused after its ``version_N`` folder was claimed) leaves no empty run folder behind."""
+    with known_warnings_silenced(), claims_released_on_failure():
         return cli_class(**_fit_options(), args=args, run=run)
 
 
