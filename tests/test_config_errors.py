@@ -57,6 +57,9 @@ def test_a_config_file_mistake_names_the_option_and_the_fix(tmp_path, capsys):
     out = _stderr(capsys, "fit", "--config", TINY, "--config", str(recipe))
     assert out[0] == "dpo_lightning: error: --model.learning_rate: not an option of DPOModule"
     assert "TRL's learning_rate is --model.optimizer.init_args.lr here" in out[1] and len(out) == 2
+    recipe.write_text("model:\n  optimizer:\n    init_args:\n      lr: abc\n")  # the value and the type it wants
+    assert _stderr(capsys, "fit", "--config", TINY, "--config", str(recipe)) == [
+        "dpo_lightning: error: --model.optimizer.init_args.lr: expected float or torch.Tensor, got 'abc'"]
 
 
 @pytest.mark.parametrize(("args", "first", "fix"), [
@@ -75,6 +78,11 @@ def test_a_config_file_mistake_names_the_option_and_the_fix(tmp_path, capsys):
     (["--model.class_path", "dpo_lightning.SFTModul"], "--model.class_path: no class dpo_lightning.SFTModul",
      "did you mean dpo_lightning.SFTModule?"),
     (["--model.beta", "abc"], "--model.beta: expected float, got 'abc'", None),
+    # a value inside the optimizer's init_args (user trial: the line stopped at `Parser key "lr":`)
+    (["--model.optimizer.init_args.lr", "abc"], "--model.optimizer.init_args.lr: expected float or torch.Tensor, "
+                                                "got 'abc'", None),
+    (["--model.optimizer.init_args.weight_decay", "x"], "--model.optimizer.init_args.weight_decay: expected float, "
+                                                        "got 'x'", None),
 ])
 def test_parse_mistakes(capsys, args, first, fix):
     out = _stderr(capsys, "fit", "--config", TINY, *args)

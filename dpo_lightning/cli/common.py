@@ -7,6 +7,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dpo_lightning.cli.config_errors import ShortErrors, init_error
@@ -36,9 +37,13 @@ def known_warnings_silenced() -> Iterator[None]:
 def instantiate_in_one_line(cli: LightningCLI, instantiate: Callable[[], None]) -> None:
     """``instantiate()`` (the CLI's ``super().instantiate_classes``), with a class's own ValueError (an unknown loss,
     a bad LoRA rank), which arrives wrapped in jsonargparse's union report, raised again as a one-line
-    `ConfigError` naming the option group it came from (`config_errors.init_error`); any other error as it was."""
+    `ConfigError` naming the option group it came from (`config_errors.init_error`); the Trainer's refusal of its
+    own options (`MisconfigurationException`: ``max_steps -5``) as ``trainer: <its message>``; any other error as
+    it was."""
     try:
         instantiate()
+    except MisconfigurationException as err:
+        raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
     except ValueError as err:
         short = init_error(err, cli.config.get(cli.subcommand) if cli.subcommand else cli.config)
         if short is None:

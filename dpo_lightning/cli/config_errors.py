@@ -208,8 +208,9 @@ def explain(message: str, parser: Any = None, command: str = "python -m dpo_ligh
 
     m = _after(message, r"Expected a (.+?)\. Got value: (.*)")
     if m:
-        option = f"{outer}.{nested.group(1)}" if nested else ".".join(keys)
-        expected, got = m.group(1), m.group(2).strip()
+        option = _value_option(message, keys, outer, nested)
+        # A value inside a class's init_args: jsonargparse appends the class's namespace (". Got value: Namespace(")
+        expected, got = m.group(1), m.group(2).split(". Got value: ", 1)[0].strip()
         choices = re.match(r"typing\.Literal\[(.*)\]$", expected)
         if choices:
             values = [v.strip().strip("'\"") for v in choices.group(1).split(",")]
@@ -219,6 +220,11 @@ def explain(message: str, parser: Any = None, command: str = "python -m dpo_ligh
         kind = re.sub(r"<class '(\w+)'>", r"\1", expected)
         return [f"--{option}: expected {kind}, got {got!r}"]
 
+    union = _union_value(message)
+    if union is not None:
+        option = _value_option(message, keys, outer, nested)
+        return [f"--{option}: expected {union[0]}, got {union[1]!r}"]
+
     # Anything else: the innermost reason, without the union's bookkeeping.
     noise = ("Does not validate against", "Subtypes:", "Errors:", "Given value", "- Expected a <class 'NoneType'>",
              "Parser key", "Problem with given class_path")
@@ -227,6 +233,34 @@ def explain(message: str, parser: Any = None, command: str = "python -m dpo_ligh
     option = f"{outer}.{nested.group(1)}" if nested else ".".join(keys)
     reason = reasons[0] if reasons else message.strip().splitlines()[0]
     return [f"--{option}: {reason}" if option else reason]
+
+
+def _value_option(message: str, keys: list[str], outer: str, nested: re.Match | None) -> str:
+    """The option whose value is wrong: from the command line's nested key, or from the parser keys of a config
+    file, where a key inside a class's init_args (an optimizer's ``lr``) is ``<group>.init_args.<key>``."""
+    if nested:
+        return f"{outer}.{nested.group(1)}"
+    if len(keys) > 1 and re.search(rf'callable class: Parser key "{re.escape(keys[-1])}"', message):
+        return ".".join([*keys[:-1], "init_args", keys[-1]])
+    return ".".join(keys)
+
+
+def _union_value(message: str) -> tuple[str, str] | None:
+    """``("float or torch.Tensor", "abc")`` when the innermost option of ``message`` (after its last ``Parser key``)
+    is a union of plain classes that the given value matched none of (an optimizer's ``lr: float | Tensor``
+    given ``abc``); None otherwise."""
+    last = _after(message, r'Parser key "[\w.]+":')
+    tail = message[last.end():] if last else message
+    subtypes = re.search(r"Subtypes: \[(.*?)\]\s*$", tail, flags=re.M)
+    given = re.search(r"Given value: (.*?)(?:\. Got value: .*)?$", tail, flags=re.M)
+    if subtypes is None or given is None:
+        return None
+    parts = [part.strip() for part in subtypes.group(1).split(",")]
+    names = [re.fullmatch(r"<class '([\w.]+)'>", part) for part in parts]
+    if not all(names):
+        return None
+    kinds = [n.group(1) for n in names if n.group(1) != "NoneType"]
+    return (" or ".join(kinds), given.group(1).strip()) if kinds else None
 
 
 _WRAPPERS = ("Does not validate against any of the Union subtypes", "Problem with given class_path")

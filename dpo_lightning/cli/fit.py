@@ -34,8 +34,10 @@ from dpo_lightning.stages.options import recorded_groups
 from dpo_lightning.stages.preflight import (
     ConfigError,
     check_chat_template,
+    check_evaluation_split,
     check_packing_attention,
     check_strategy,
+    check_trainer_counts,
     warn_update_resolution,
 )
 from dpo_lightning.training.callbacks import (
@@ -49,6 +51,7 @@ from dpo_lightning.training.optim import describe_config
 from dpo_lightning.training.runs import (
     changed_hparams,
     claim_version,
+    claims_released_on_failure,
     find_last_checkpoint,
     read_checkpoint_header,
     version_of,
@@ -196,9 +199,10 @@ class DPOLightningCLI(LightningCLI):
                 checkpoint.filename = f"step{{step}}-{name}{{{checkpoint.monitor}:.3f}}" if name else "step{step}"
 
     def check_settings(self, config: Namespace) -> None:
-        """Settings that cannot work together (`preflight`): FSDP1, packing under flash attention; a warning
-        for learning rates whose steps round away in bf16 weights."""
+        """Settings that cannot work (`preflight`): counts Lightning divides by, FSDP1, packing under flash
+        attention; a warning for learning rates whose steps round away in bf16 weights."""
         trainer, model = config.trainer, config.model.init_args
+        check_trainer_counts(trainer)
         check_strategy(trainer.get("strategy"))
         data = config.get("data")
         if data is not None:
@@ -214,10 +218,12 @@ class DPOLightningCLI(LightningCLI):
         )
 
     def check_data(self, config: Namespace) -> None:
-        """The first training rows against the tokenizer (`preflight.check_chat_template`): reads data, no weights."""
+        """The first training rows against the tokenizer (`preflight.check_chat_template`), and for ``validate`` /
+        ``test`` the split they evaluate (`preflight.check_evaluation_split`): reads data, no weights."""
         data = config.get("data")
         if data is not None:
             check_chat_template(data.class_path, data.init_args.as_dict())
+            check_evaluation_split(self.subcommand, data.class_path, data.init_args.as_dict())
 
 
 def _use_step_progress_bar(trainer: Namespace) -> None:
@@ -327,7 +333,7 @@ def _run_root(logger: Namespace | None) -> Path | None:
 
 def _claim_run_folder(config: Namespace) -> None:
     """Give a new run its own ``version_N`` folder, claimed atomically (rank 0 decides; the trainer
-    broadcasts its log_dir to the other ranks)."""
+    broadcasts its log_dir to the other ranks); `cli_main` gives it back if the run fails while it is empty."""
     logger = _logger_init_args(config)
     if logger is None or logger.get("version") is not None or rank_zero_only.rank != 0:
         return
@@ -372,8 +378,9 @@ def _fit_options() -> dict[str, Any]:
 def cli_main(
     args: list[str] | None = None, run: bool = True, cli_class: type[DPOLightningCLI] = DPOLightningCLI
 ) -> DPOLightningCLI:
-    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``."""
-    with known_warnings_silenced():
+    """Build (and by default run) the CLI; ``args`` like the command line, None for ``sys.argv``. A run that fails
+    (a setting refused after its ``version_N`` folder was claimed) leaves no empty run folder behind."""
+    with known_warnings_silenced(), claims_released_on_failure():
         return cli_class(**_fit_options(), args=args, run=run)
 
 

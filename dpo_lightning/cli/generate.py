@@ -4,6 +4,7 @@ judging and pairing through ``trainer.predict``."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -13,6 +14,7 @@ from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.generation import vllm_backend
 from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.writer import JudgedSamplesWriter
+from dpo_lightning.models.loading import check_local_source
 from dpo_lightning.stages.preflight import (
     ConfigError,
 )
@@ -38,6 +40,7 @@ class GenerateCLI(LightningCLI):
             vllm_backend.check_trainer(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.strategy,
                                        trainer.precision)
             vllm_backend.require_vllm()
+        _check_local_paths(config)
         output = config.output
         try:
             _writer_class().check_judge(output.judge, output.judge_options)
@@ -46,6 +49,21 @@ class GenerateCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         instantiate_in_one_line(self, super().instantiate_classes)
+
+
+def _check_local_paths(config: Any) -> None:
+    """`ConfigError` naming the option when ``model.model`` or ``data.tokenizer`` is a local path that does not exist
+    (the usual cause: the training run that exports it has not run, or landed in another ``version_N``), before
+    the prompts or any weights load."""
+    for option, spec in (("model.model", config.model.get("model")), ("data.tokenizer", config.data.get("tokenizer"))):
+        if not isinstance(spec, str):
+            continue
+        try:
+            check_local_source(spec, option)
+        except FileNotFoundError as err:
+            hint = ("; it is a training run's export: run that fit first, or give the version_N it wrote"
+                    if Path(spec).name == "hf_export" else "")
+            raise ConfigError(f"{err}{hint}") from err
 
 
 def _writer_class() -> type:

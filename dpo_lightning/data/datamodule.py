@@ -46,7 +46,8 @@ class PreferenceDataModule(TokenizedDataModule):
         """
         if unpaired or collator == "kto":
             given = "unpaired=True" if unpaired else "collator='kto'"
-            raise ValueError(f"{given}: unpaired (KTO) data is KTODataModule now (dpo_lightning.KTODataModule)")
+            raise ValueError(f"{given}: unpaired (KTO) data is KTODataModule now (dpo_lightning.KTODataModule, for a "
+                             "KTO stage); pairs take collator auto, share, pack or pad")
         super().__init__(*args, collator=collator, **kwargs)
 
     # -- the hooks of TokenizedDataModule -------------------------------------------------------

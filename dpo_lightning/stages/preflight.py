@@ -4,6 +4,9 @@ Each check is a function over plain values (strings, numbers, a class and its in
 calls them on the parsed config (``DPOLightningCLI.before_instantiate_classes``) and Python code, or a
 module's ``setup()``, can call them on what it has:
 
+- `check_trainer_counts`: ``trainer.accumulate_grad_batches``, an integer ``val_check_interval`` and
+  ``check_val_every_n_epoch`` below 1 (Lightning divides by them mid-fit: ``ZeroDivisionError``), a negative
+  ``gradient_clip_val`` (it would turn each step around) are refused.
 - `check_strategy`: FSDP1 (``FSDPStrategy``, ``"fsdp"``, ``"fsdp_cpu_offload"``) is refused;
   FSDP2 (``ModelParallelStrategy``) is the sharded path (docs/scale_out.md).
 - `check_packing_attention`: the packing collator's dense 4D block-causal mask with a kernel that
@@ -12,6 +15,8 @@ module's ``setup()``, can call them on what it has:
   weights round away; a warning, not an error (docs/scale_out.md, "Precision").
 - `check_reference`: an ``adapter`` reference without LoRA, or with a separate ``ref_model``, is refused
   (the stages call it before loading the policy).
+- `check_evaluation_split`: ``validate`` / ``test`` without the split they evaluate (``data.val_split`` /
+  ``data.test_split`` null or not in the source) is refused instead of evaluating nothing and exiting 0.
 - `check_chat_template`: conversational training rows with a tokenizer that has no chat template
   raise the `DataError` the data path would raise only after the model loaded.
 """
@@ -49,6 +54,33 @@ SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11}
 # The magnitude of a typical weight of a trained transformer's linear layers (Llama-2-7B: std ~0.02).
 TYPICAL_WEIGHT = 1e-2
 PREVIEW_ROWS = 8  # training rows `check_chat_template` reads
+# The split each evaluating subcommand reads: the data module's option naming it, and what the subcommand does.
+EVALUATED_SPLITS = {"validate": ("val_split", "validate"), "test": ("test_split", "test")}
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def check_trainer_counts(trainer: Any) -> None:
+    """`ConfigError` naming the ``trainer`` option whose value Lightning would divide by (or step against):
+    ``accumulate_grad_batches`` and an integer ``val_check_interval`` or ``check_val_every_n_epoch`` below 1
+    (a ``ZeroDivisionError`` after the data and the model loaded, or a modulo by a negative count), a negative
+    ``gradient_clip_val`` (it scales each gradient by a negative factor). ``trainer``: its options, as a
+    mapping or a jsonargparse Namespace."""
+    at_least_one = {
+        "accumulate_grad_batches": trainer.get("accumulate_grad_batches"),
+        "check_val_every_n_epoch": trainer.get("check_val_every_n_epoch"),
+    }
+    interval = trainer.get("val_check_interval")
+    if isinstance(interval, int) and not isinstance(interval, bool):  # a float is a fraction of an epoch
+        at_least_one["val_check_interval"] = interval
+    for name, value in at_least_one.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"trainer.{name} must be >= 1, got {value}" + (
+                " (null: validate by val_check_interval only)" if name == "check_val_every_n_epoch" else ""))
+    clip = trainer.get("gradient_clip_val")
+    if isinstance(clip, int | float) and not isinstance(clip, bool) and clip < 0:
+        raise ConfigError(f"trainer.gradient_clip_val must be >= 0 (null or 0: no clipping), got {clip}")
 
 
 # ---------------------------------------------------------------------------------------------- strategy
@@ -227,6 +259,18 @@ def _conversational(example: Any) -> bool:
     return isinstance(example, Conversation) or isinstance(example.prompt, list)
 
 
+def build_data_module(cls: type[TokenizedDataModule], init_args: Mapping[str, Any]) -> TokenizedDataModule:
+    """``cls(**init_args)``: validates the settings and reads nothing yet. A setting the class refuses (a batch size
+    of 0, a collator it does not have) is a `ConfigError` naming the group and the class, ``data (KTODataModule):
+    unknown collator 'share'; ...``, which the CLI prints in one line; a `DataError` stays one."""
+    try:
+        return cls(**dict(init_args))
+    except (DataError, ConfigError):
+        raise
+    except ValueError as err:
+        raise ConfigError(f"data ({cls.__name__}): {' '.join(str(err).split())}") from err
+
+
 def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], rows: int = PREVIEW_ROWS) -> None:
     """`DataError` when the first training rows are conversations and the tokenizer has no chat template.
 
@@ -242,7 +286,7 @@ def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], ro
     cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
     if not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
         return
-    module = cls(**dict(init_args))  # validates the settings; reads nothing yet
+    module = build_data_module(cls, init_args)
     hp = module.hparams
     source, split = module.source_name, hp.train_split
     with _quiet_data_warnings():
@@ -271,3 +315,31 @@ def check_chat_template(data_class: type | str, init_args: Mapping[str, Any], ro
         "chat_template (checked before any weights load)"
     )
 
+
+
+def check_evaluation_split(subcommand: str | None, data_class: type | str, init_args: Mapping[str, Any]) -> None:
+    """`ConfigError` when ``validate`` (``test``) has nothing to evaluate: ``data.val_split`` (``data.test_split``)
+    is null or names a split the source does not have (a held-out ``val_fraction`` counts for ``validate``).
+    Lightning would run over no batches and exit 0 with a warning about a zero-length loader. Reads the source's
+    split names (`load_source`), no rows; other subcommands and data modules of another kind are not checked."""
+    option, verb = EVALUATED_SPLITS.get(subcommand or "", (None, None))
+    cls = _class_from_path(data_class) if isinstance(data_class, str) else data_class
+    if option is None or not (isinstance(cls, type) and issubclass(cls, TokenizedDataModule)):
+        return
+    module = build_data_module(cls, init_args)
+    hp = module.hparams
+    if subcommand == "validate" and hp.get("val_fraction") is not None:
+        return  # validation rows are held out of the train split
+    split = hp.get(option)
+    with _quiet_data_warnings():
+        raw = load_source(
+            module._dataset_spec, hp.dataset_config, default_split=hp.train_split, seed=hp.seed, cache_dir=hp.cache_dir
+        )
+    if split is not None and split in raw:
+        return
+    given = f"data.{option} is null" if split is None else f"data.{option} {split!r} is not one of its splits"
+    also = " (or data.val_fraction to hold out part of the train split)" if subcommand == "validate" else ""
+    raise ConfigError(
+        f"{subcommand}: nothing to {verb}: data.dataset {module.source_name!r} has the splits {sorted(raw)} and "
+        f"{given}; set data.{option} to one of them{also}"
+    )

@@ -4,13 +4,18 @@ Lightning's loggers pick ``version_N`` as one past the highest folder they see, 
 started together chose the same folder and wrote into each other's checkpoints; and Lightning's
 ``ckpt_path="last"`` looks in the *new* run's folder, finds nothing and silently restarts from step
 0. Here a new run claims its folder atomically (``mkdir`` fails if another run got there first),
-and ``last`` means the newest ``last.ckpt`` among the runs of the same name.
+and ``last`` means the newest ``last.ckpt`` among the runs of the same name. A run refused after it claimed its
+folder (a setting a stage refuses while it is built) gives the folder back while it is still empty
+(`claims_released_on_failure`), so the next run gets that ``version_N``, as recipes that name
+``runs/<name>/version_0`` expect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,6 +24,8 @@ import torch
 from dpo_lightning._moved import import_module
 
 _VERSION = re.compile(r"version_(\d+)$")
+# The version_N folders claim_version created, with the id of the process that created each.
+_CLAIMED: list[tuple[Path, int]] = []
 
 
 class LastCheckpoint(NamedTuple):
@@ -35,9 +42,28 @@ def claim_version(root: str | Path) -> int:
     while True:
         try:
             (root / f"version_{version}").mkdir()
+            _CLAIMED.append((root / f"version_{version}", os.getpid()))
             return version
         except FileExistsError:  # another run claimed it between our listing and our mkdir
             version += 1
+
+
+@contextlib.contextmanager
+def claims_released_on_failure() -> Iterator[None]:
+    """When the body raises (a refused setting, `SystemExit`, Ctrl-C), each ``version_N`` folder `claim_version`
+    created inside it, in this process, is removed if it is still empty; any other folder, and one holding a file,
+    stays as it is. The claims are forgotten when the body ends either way."""
+    start = len(_CLAIMED)
+    try:
+        yield
+    except BaseException:
+        for path, pid in _CLAIMED[start:]:
+            if pid == os.getpid():
+                with contextlib.suppress(OSError):  # not empty (or gone): not ours to remove
+                    path.rmdir()  # removes an empty folder only
+        raise
+    finally:
+        del _CLAIMED[start:]
 
 
 def find_last_checkpoint(root: str | Path | None, dirpath: str | Path | None = None) -> LastCheckpoint | None:
