@@ -141,7 +141,8 @@ class DPOLightningCLI(LightningCLI):
         header = read_checkpoint_header(ckpt_path)
         step = f" (optimizer step {header['global_step']}, epoch {header['epoch']})" if header else ""
         rank_zero_info(f"Resuming from {ckpt_path}{step}")
-        _purge_logs_after(config, header.get("global_step") if header else None)
+        if subcommand == "fit":  # (validate and test log no training steps)
+            _purge_logs_after(config, header.get("global_step") if header else None)
         changes = []
         if "hyper_parameters" in header and config.get("model") is not None:
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
