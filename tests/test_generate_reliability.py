@@ -18,16 +18,13 @@ import torch
 
 import dpo_lightning.generation.writer as generation_writer
 from dpo_lightning.data.prompts import PromptDataModule
-from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.pairing import make_pairs
 from dpo_lightning.generation.writer import JudgedSamplesWriter
-from dpo_lightning.models.loading import load_causal_lm
-from dpo_lightning.stages.export import export_hf
 from dpo_lightning.training.callbacks import PREEMPTED_EXIT_CODE, Preempted
 from dpo_lightning.training.folders import FolderError, FolderLock
 
-from tiny import tiny_config
+from tiny import save_sort_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 SORT = "function:dpo_lightning.data.synthetic:sort_reward"
@@ -35,12 +32,7 @@ SORT = "function:dpo_lightning.data.synthetic:sort_reward"
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> str:
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
-    folder = tmp_path_factory.mktemp("policy") / "export"
-    export_hf(model, tokenizer, folder)
-    return str(folder)
+    return save_sort_policy(tmp_path_factory.mktemp("policy") / "export")
 
 
 def _prompts(policy: str, **kwargs) -> PromptDataModule:

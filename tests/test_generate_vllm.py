@@ -37,11 +37,10 @@ from dpo_lightning.generation.vllm_backend import (
     to_records,
 )
 from dpo_lightning.models.loading import load_causal_lm
-from dpo_lightning.stages.export import export_hf
 from dpo_lightning.stages.preflight import ConfigError
 from dpo_lightning.training.folders import FolderError
 
-from tiny import tiny_config
+from tiny import save_sort_policy, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_VLLM = pytest.mark.skipif(vllm_backend.vllm_installed(), reason="vLLM is installed: the refusal cannot happen")
@@ -49,13 +48,7 @@ NO_VLLM = pytest.mark.skipif(vllm_backend.vllm_installed(), reason="vLLM is inst
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> str:
-    """A tiny random-init Llama with the sort tokenizer, saved as an export folder."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
-    folder = tmp_path_factory.mktemp("policy") / "export"
-    export_hf(model, tokenizer, folder)
-    return str(folder)
+    return save_sort_policy(tmp_path_factory.mktemp("policy") / "export")
 
 
 def _prompts(**kwargs) -> PromptDataModule:

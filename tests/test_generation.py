@@ -15,23 +15,16 @@ from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer, sort_reward
 from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.writer import JudgedSamplesWriter
-from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.export import export_hf
 
-from tiny import tiny_config
+from tiny import save_sort_policy, tiny_config
 
 SORT = "function:dpo_lightning.data.synthetic:sort_reward"
 
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> str:
-    """A tiny random-init Llama with the sort tokenizer, saved as an export folder."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
-    folder = tmp_path_factory.mktemp("policy") / "export"
-    export_hf(model, tokenizer, folder)
-    return str(folder)
+    return save_sort_policy(tmp_path_factory.mktemp("policy") / "export")
 
 
 def _prompts(**kwargs) -> PromptDataModule:

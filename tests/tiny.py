@@ -4,6 +4,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
+from dpo_lightning.data.synthetic import build_tokenizer
+from dpo_lightning.models.loading import load_causal_lm
+from dpo_lightning.stages.export import export_hf
+
 VOCAB = 64
 
 # Tiny random-init configs, one per architecture family the tests cover.
@@ -85,3 +89,12 @@ class SignalAtBatch(L.Callback):
             import os
 
             os.kill(os.getpid(), self.signum)
+
+
+def save_sort_policy(folder) -> str:
+    """A tiny random-init Llama with the sorting task's tokenizer (seed 0), saved as an export folder in ``folder``."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
+    export_hf(model, tokenizer, folder)
+    return str(folder)
