@@ -279,10 +279,11 @@ def test_generate_command_with_the_llm_judge_recipe(judge_path, tmp_path):
 
 
 def test_generate_refuses_a_bad_llm_judge_before_loading_the_policy(judge_path, tmp_path, capsys):
-    """A typo in the template's placeholders stops `generate` before the policy loads (a policy path that does
-    not exist would fail later, so it is never reached)."""
+    """A typo in the template's placeholders stops `generate` before the policy loads (a folder that holds no
+    model would fail when it loads, so it is never reached)."""
     from dpo_lightning.cli import main
 
+    (tmp_path / "no_policy").mkdir()
     with pytest.raises((ValueError, SystemExit)) as err:
         main(["generate", "--config", str(ROOT / "recipes/tiny_generate_llm_judge.yaml"),
               "--model.model", str(tmp_path / "no_policy"), "--data.tokenizer", judge_path,
