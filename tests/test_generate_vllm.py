@@ -40,7 +40,7 @@ from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.preflight import ConfigError
 from dpo_lightning.training.folders import FolderError
 
-from tiny import save_sort_policy, tiny_config
+from tiny import save_sort_policy, sort_prompts, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_VLLM = pytest.mark.skipif(vllm_backend.vllm_installed(), reason="vLLM is installed: the refusal cannot happen")
@@ -49,12 +49,6 @@ NO_VLLM = pytest.mark.skipif(vllm_backend.vllm_installed(), reason="vLLM is inst
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> str:
     return save_sort_policy(tmp_path_factory.mktemp("policy") / "export")
-
-
-def _prompts(**kwargs) -> PromptDataModule:
-    options = {"tokenizer": "synthetic:sort", "dataset": "synthetic:sort", "split": "validation", "limit": 6,
-               "batch_size": 3, **kwargs}
-    return PromptDataModule(**options)
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -132,7 +126,7 @@ def test_vllm_outputs_of_the_hf_tokens_become_the_hf_paths_records(policy):
     """Given the tokens the HF backend samples greedily, vLLM-shaped outputs (``RequestOutput``: ``outputs[0]``
     with ``token_ids`` and ``finish_reason``; EOS kept or left out of ``token_ids``, as vLLM versions differ)
     become exactly the records the HF backend's ``predict_step`` returns: same keys, prompts, responses."""
-    data = _prompts(limit=6, batch_size=3, tokenizer=policy)
+    data = sort_prompts(limit=6, batch_size=3, tokenizer=policy)
     max_new = 12
     module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=1, do_sample=False,
                               max_new_tokens=max_new)

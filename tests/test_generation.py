@@ -17,7 +17,7 @@ from dpo_lightning.generation.module import GenerationModule
 from dpo_lightning.generation.writer import JudgedSamplesWriter
 from dpo_lightning.stages.export import export_hf
 
-from tiny import save_sort_policy, tiny_config
+from tiny import save_sort_policy, sort_prompts, tiny_config
 
 SORT = "function:dpo_lightning.data.synthetic:sort_reward"
 
@@ -25,12 +25,6 @@ SORT = "function:dpo_lightning.data.synthetic:sort_reward"
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> str:
     return save_sort_policy(tmp_path_factory.mktemp("policy") / "export")
-
-
-def _prompts(**kwargs) -> PromptDataModule:
-    options = {"tokenizer": "synthetic:sort", "dataset": "synthetic:sort", "split": "validation", "limit": 6,
-               "batch_size": 3, **kwargs}
-    return PromptDataModule(**options)
 
 
 def _trainer(*callbacks) -> L.Trainer:
@@ -44,18 +38,18 @@ def _sample(policy: str, data: PromptDataModule, **kwargs) -> list[dict]:
 
 
 def test_n_samples_per_prompt_deterministic_under_a_seed(policy):
-    first = _sample(policy, _prompts(), num_samples=4, seed=1)
+    first = _sample(policy, sort_prompts(), num_samples=4, seed=1)
     assert [r["index"] for r in first] == list(range(6))
     assert all(len(r["responses"]) == 4 for r in first)
-    assert _sample(policy, _prompts(), num_samples=4, seed=1) == first
-    other = _sample(policy, _prompts(), num_samples=4, seed=2)
+    assert _sample(policy, sort_prompts(), num_samples=4, seed=1) == first
+    other = _sample(policy, sort_prompts(), num_samples=4, seed=2)
     assert [r["responses"] for r in other] != [r["responses"] for r in first]
 
 
 def test_left_padded_batches_give_the_tokens_of_one_prompt_at_a_time(policy):
     """Greedy: prompts of 3..8 digits padded on the left in batches of 3 decode exactly as each alone."""
-    batched = _sample(policy, _prompts(batch_size=3), num_samples=1, do_sample=False)
-    alone = _sample(policy, _prompts(batch_size=1), num_samples=1, do_sample=False)
+    batched = _sample(policy, sort_prompts(batch_size=3), num_samples=1, do_sample=False)
+    alone = _sample(policy, sort_prompts(batch_size=1), num_samples=1, do_sample=False)
     assert len({len(r["prompt"]) for r in batched}) > 1  # prompts of different lengths, so padding happened
     assert [r["responses"] for r in batched] == [r["responses"] for r in alone]
 
@@ -64,7 +58,7 @@ def test_responses_continue_the_prompt_as_the_data_modules_tokenize_it(policy):
     """A response is the text that follows the prompt: prompt + response re-tokenizes to the sampled ids
     (the word-level tokenizer's space before the first word is kept)."""
     tokenizer = build_tokenizer()
-    for record in _sample(policy, _prompts(), num_samples=2, seed=3):
+    for record in _sample(policy, sort_prompts(), num_samples=2, seed=3):
         for response in record["responses"]:
             assert response == "" or response.startswith(" ")
             ids = tokenizer(record["prompt"] + response)["input_ids"]
@@ -95,7 +89,7 @@ def _generate(policy: str, out, data: PromptDataModule, *, extra=()) -> None:
 
 
 def test_judged_pairs_are_written_and_load_as_preference_data(policy, tmp_path):
-    _generate(policy, tmp_path / "out", _prompts())
+    _generate(policy, tmp_path / "out", sort_prompts())
     samples = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 6 and len({s["prompt_id"] for s in samples}) == 6
     for s in samples:
@@ -128,13 +122,13 @@ def test_a_killed_run_rerun_has_no_duplicate_and_no_gap(policy, tmp_path, killed
     merge): the re-run samples only what is missing and writes every prompt once, in source order."""
     out = tmp_path / "out"
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        _generate(policy, out, _prompts(batch_size=2), extra=(_KillAfter(killed_after),))
+        _generate(policy, out, sort_prompts(batch_size=2), extra=(_KillAfter(killed_after),))
     assert not (out / "samples.jsonl").exists()
     written = sum(len(p.read_text().splitlines()) for p in out.glob("samples.part*.jsonl"))
     assert written == 2 * killed_after
-    _generate(policy, out, _prompts(batch_size=2))
+    _generate(policy, out, sort_prompts(batch_size=2))
     ids = [json.loads(line)["prompt_id"] for line in (out / "samples.jsonl").read_text().splitlines()]
-    assert ids == list(_prompts().prompts["prompt_id"])  # every prompt once, in source order
+    assert ids == list(sort_prompts().prompts["prompt_id"])  # every prompt once, in source order
     assert (out / "pairs.jsonl").exists() and not list(out.glob("samples.part*.jsonl"))
 
 
@@ -160,11 +154,11 @@ def test_the_generate_command_runs_the_recipe(policy, tmp_path, monkeypatch):
 def test_generate_refuses_a_folder_written_with_other_settings(policy, tmp_path):
     out = tmp_path / "out"
     with pytest.raises((KeyboardInterrupt, SystemExit)):
-        _generate(policy, out, _prompts(batch_size=2), extra=(_KillAfter(1),))
+        _generate(policy, out, sort_prompts(batch_size=2), extra=(_KillAfter(1),))
     module = GenerationModule(model=policy, tokenizer=build_tokenizer(), num_samples=2, max_new_tokens=10, seed=5)
     writer = JudgedSamplesWriter(output_dir=str(out), judge=SORT)
     with pytest.raises(ValueError, match="other settings.*num_samples"):
-        _trainer(writer).predict(module, datamodule=_prompts(batch_size=2), return_predictions=False)
+        _trainer(writer).predict(module, datamodule=sort_prompts(batch_size=2), return_predictions=False)
 
 
 def test_two_processes_write_each_prompt_once(policy, tmp_path):
@@ -183,7 +177,7 @@ def test_two_processes_write_each_prompt_once(policy, tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ids = [json.loads(line)["prompt_id"] for line in (out / "samples.jsonl").read_text().splitlines()]
-    expected = _prompts(limit=11, tokenizer=policy).prompts["prompt_id"]
+    expected = sort_prompts(limit=11, tokenizer=policy).prompts["prompt_id"]
     assert ids == list(expected)
     assert not list(out.glob("samples.part*.jsonl")) and (out / "pairs.jsonl").exists()
 
@@ -205,7 +199,7 @@ def test_policy_from_a_training_checkpoint_and_a_reward_model_judge(tmp_path):
     rm = RewardModule(model_config=config, tokenizer=tokenizer)
     export_hf(rm.model, tokenizer, tmp_path / "rm")
 
-    data = _prompts(tokenizer=tokenizer, limit=4)
+    data = sort_prompts(tokenizer=tokenizer, limit=4)
     module = GenerationModule(model=str(tmp_path / "policy.ckpt"), tokenizer=tokenizer, num_samples=1,
                               max_new_tokens=6, do_sample=False)
     for a, b in zip(module.model.state_dict().values(), dpo.model.state_dict().values()):
@@ -225,7 +219,7 @@ def test_a_failing_judge_row_is_counted_and_the_run_goes_on(policy, tmp_path, ca
     and one warning counts the failures."""
     import logging
 
-    data = _prompts(limit=4)
+    data = sort_prompts(limit=4)
     module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=3, max_new_tokens=10, seed=5)
     writer = JudgedSamplesWriter(output_dir=str(tmp_path / "out"), judge="function:tests.judge_fixtures:picky")
     with caplog.at_level(logging.WARNING):
@@ -264,7 +258,7 @@ def test_bf16_true_keeps_the_float32_buffers_and_greedy_output_of_a_bf16_model(p
     off at long positions, and greedy decoding followed another model. Now the buffers are
     float32 during and after predict, and the greedy responses equal those of the policy loaded in bf16
     (weights bf16, buffers float32) and run without a cast."""
-    data = _prompts(limit=4, batch_size=2)
+    data = sort_prompts(limit=4, batch_size=2)
 
     def greedy(precision: str, **kwargs) -> tuple[GenerationModule, list[dict]]:
         module = GenerationModule(model=policy, tokenizer=data.tokenizer, num_samples=1, do_sample=False,

@@ -4,6 +4,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import Logger
 
+from dpo_lightning.data.prompts import PromptDataModule
 from dpo_lightning.data.synthetic import build_tokenizer
 from dpo_lightning.models.loading import load_causal_lm
 from dpo_lightning.stages.export import export_hf
@@ -98,3 +99,10 @@ def save_sort_policy(folder) -> str:
     model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
     export_hf(model, tokenizer, folder)
     return str(folder)
+
+
+def sort_prompts(**kwargs) -> PromptDataModule:
+    """6 validation prompts of the sorting task in batches of 3 (``kwargs`` override)."""
+    options = {"tokenizer": "synthetic:sort", "dataset": "synthetic:sort", "split": "validation", "limit": 6,
+               "batch_size": 3, **kwargs}
+    return PromptDataModule(**options)
