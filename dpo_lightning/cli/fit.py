@@ -301,12 +301,18 @@ def _data_for_stage(config: Namespace) -> None:
         )
 
 
-def _logger_init_args(config: Namespace) -> Namespace | None:
-    """The init args of a logger configured with ``save_dir`` (TensorBoard, CSV), else None."""
+def _first_logger(config: Namespace) -> Namespace | None:
+    """The (first) logger's config, as a Namespace with ``class_path`` and ``init_args``; None for none or ``false``."""
     logger = config.trainer.get("logger")
     if isinstance(logger, list):
         logger = logger[0] if logger else None
-    init_args = getattr(logger, "init_args", None) if isinstance(logger, Namespace) else None
+    return logger if isinstance(logger, Namespace) else None
+
+
+def _logger_init_args(config: Namespace) -> Namespace | None:
+    """The init args of a logger configured with ``save_dir`` (TensorBoard, CSV), else None."""
+    logger = _first_logger(config)
+    init_args = getattr(logger, "init_args", None) if logger is not None else None
     return init_args if init_args is not None and init_args.get("save_dir") is not None else None
 
 
@@ -314,12 +320,8 @@ def _purge_logs_after(config: Namespace, step: int | None) -> None:
     """A run killed without a final save (``kill -9``, a node failure) logged steps after its last checkpoint; the
     resumed run logs them again. TensorBoard's ``purge_step`` (a session start at ``step + 1`` in the new event
     file) makes TensorBoard drop the killed run's events from that step on, so the run's logs read as one run's."""
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    if step is None or not isinstance(logger, Namespace) or not str(logger.get("class_path", "")).endswith(
-        "TensorBoardLogger"
-    ):
+    logger = _first_logger(config)
+    if step is None or logger is None or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
         return
     if logger.init_args.get("purge_step") is None:
         logger.init_args.purge_step = int(step) + 1
