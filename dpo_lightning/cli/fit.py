@@ -19,10 +19,17 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from dpo_lightning._moved import import_module
 from dpo_lightning.cli.common import ShortErrorParser, instantiate_in_one_line, known_warnings_silenced
+from dpo_lightning.cli.run_folders import (
+    claim_evaluation_folder,
+    claim_run_folder,
+    logger_init_args,
+    purge_logs_after,
+    run_root,
+)
 from dpo_lightning.data import KTODataModule, PreferenceDataModule, SFTDataModule
 from dpo_lightning.data.base import TokenizedDataModule
 from dpo_lightning.references import reference_spec
@@ -50,7 +57,6 @@ from dpo_lightning.training.integrity import check_checkpoint
 from dpo_lightning.training.optim import describe_config
 from dpo_lightning.training.runs import (
     changed_hparams,
-    claim_version,
     claims_released_on_failure,
     find_last_checkpoint,
     read_checkpoint_header,
@@ -59,6 +65,8 @@ from dpo_lightning.training.runs import (
 
 DATA_MODULES = (PreferenceDataModule, KTODataModule, SFTDataModule)  # named in the error for a stage's wrong data
 PREFLIGHT_SUBCOMMANDS = ("fit", "validate", "test")  # those that load a model and read the training data's split
+# What `--ckpt_path` does in each subcommand (fit resumes training; the others load the weights).
+CKPT_VERBS = {"fit": "Resuming from", "validate": "Validating", "test": "Testing", "predict": "Predicting with"}
 AUTO = "auto"  # checkpoint.monitor / filename: the stage's declared metric (CausalLMModule.checkpoint_monitor)
 
 
@@ -120,8 +128,8 @@ class DPOLightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path or ckpt_path in ("best", "hpc", "registry"):
             return
-        logger = _logger_init_args(config)
-        root = _run_root(logger)
+        logger = logger_init_args(config)
+        root = run_root(logger)
         if ckpt_path == "last":
             found = find_last_checkpoint(root, config.get("checkpoint") and config.checkpoint.dirpath)
             if found is None:
@@ -134,15 +142,20 @@ class DPOLightningCLI(LightningCLI):
         else:
             version = version_of(ckpt_path)
         check_checkpoint(ckpt_path)
-        # Continue in the resumed run's folder: its logs and checkpoints stay together.
+        # Continue in the resumed run's folder: its logs and checkpoints stay together. An evaluation of the
+        # run's checkpoint logs in its own subfolder (version_N/validate), beside the training logs, not over them.
         if logger is not None and logger.get("version") is None and version is not None and root is not None:
             if Path(ckpt_path).resolve().is_relative_to((root / f"version_{version}").resolve()):
-                logger.version = version
+                logger.version = version if subcommand == "fit" else f"version_{version}/{subcommand}"
+        checkpoint = config.get("checkpoint")
+        if subcommand != "fit" and checkpoint is not None and checkpoint.get("dirpath") is None:
+            # (Nothing is saved; the checkpoint callback's state restored from its own folder, without a warning.)
+            checkpoint.dirpath = str(Path(ckpt_path).parent)
         header = read_checkpoint_header(ckpt_path)
         step = f" (optimizer step {header['global_step']}, epoch {header['epoch']})" if header else ""
-        rank_zero_info(f"Resuming from {ckpt_path}{step}")
+        rank_zero_info(f"{CKPT_VERBS.get(subcommand, 'Loading')} {ckpt_path}{step}")
         if subcommand == "fit":  # (validate and test log no training steps)
-            _purge_logs_after(config, header.get("global_step") if header else None)
+            purge_logs_after(config, header.get("global_step") if header else None)
         changes = []
         if "hyper_parameters" in header and config.get("model") is not None:
             # The groups as the stage records them: `memory: null` in a config is the defaults it saved.
@@ -187,7 +200,9 @@ class DPOLightningCLI(LightningCLI):
             self.check_settings(config)
             self.check_data(config)
         if self.subcommand == "fit":
-            _claim_run_folder(config)
+            claim_run_folder(config)
+        elif self.subcommand in ("validate", "test"):
+            claim_evaluation_folder(config, self.subcommand)
         if self.subcommand in ("fit", None):  # None: built without running (run=False), for a fit of one's own
             _use_step_progress_bar(config.trainer)
         checkpoint = config.get("checkpoint")
@@ -299,48 +314,6 @@ def _data_for_stage(config: Namespace) -> None:
             "data.class_path: dpo_lightning.KTODataModule (set that, and remove data.unpaired)",
             category=FutureWarning,
         )
-
-
-def _first_logger(config: Namespace) -> Namespace | None:
-    """The (first) logger's config, as a Namespace with ``class_path`` and ``init_args``; None for none or ``false``."""
-    logger = config.trainer.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else None
-    return logger if isinstance(logger, Namespace) else None
-
-
-def _logger_init_args(config: Namespace) -> Namespace | None:
-    """The init args of a logger configured with ``save_dir`` (TensorBoard, CSV), else None."""
-    logger = _first_logger(config)
-    init_args = getattr(logger, "init_args", None) if logger is not None else None
-    return init_args if init_args is not None and init_args.get("save_dir") is not None else None
-
-
-def _purge_logs_after(config: Namespace, step: int | None) -> None:
-    """A run killed without a final save (``kill -9``, a node failure) logged steps after its last checkpoint; the
-    resumed run logs them again. TensorBoard's ``purge_step`` (a session start at ``step + 1`` in the new event
-    file) makes TensorBoard drop the killed run's events from that step on, so the run's logs read as one run's."""
-    logger = _first_logger(config)
-    if step is None or logger is None or not str(logger.get("class_path", "")).endswith("TensorBoardLogger"):
-        return
-    if logger.init_args.get("purge_step") is None:
-        logger.init_args.purge_step = int(step) + 1
-
-
-def _run_root(logger: Namespace | None) -> Path | None:
-    """``<save_dir>/<name>``, the folder holding the ``version_N`` run folders."""
-    if logger is None:
-        return None
-    return Path(logger.save_dir) / (logger.get("name") or "")
-
-
-def _claim_run_folder(config: Namespace) -> None:
-    """Give a new run its own ``version_N`` folder, claimed atomically (rank 0 decides; the trainer
-    broadcasts its log_dir to the other ranks); `cli_main` gives it back if the run fails while it is empty."""
-    logger = _logger_init_args(config)
-    if logger is None or logger.get("version") is not None or rank_zero_only.rank != 0:
-        return
-    logger.version = claim_version(_run_root(logger))
 
 
 def _fit_options() -> dict[str, Any]:

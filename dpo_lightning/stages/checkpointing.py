@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from dpo_lightning.training.optim import describe_factory
@@ -129,6 +130,14 @@ class CheckpointHooks:
         return self._base_fingerprint
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING):
+            # Lightning restores no training progress to evaluate a checkpoint: its metrics would be logged at
+            # step 0, epoch 0. They belong at the optimizer step (and whole epochs) the checkpoint was trained to.
+            if "global_step" in checkpoint:
+                trainer.fit_loop.epoch_loop._batches_that_stepped = int(checkpoint["global_step"])
+            if "epoch" in checkpoint:
+                trainer.fit_loop.epoch_progress.current.completed = int(checkpoint["epoch"])
         if RESUME_KEY in checkpoint:
             self._resume_rng = restore_resume_state(self.global_rank, self.train_metrics, checkpoint[RESUME_KEY])
         # The count so far goes to rank 0 (the others start at 0), so the next sum over ranks continues it.
