@@ -153,3 +153,24 @@ def test_a_failed_run_gives_back_only_its_own_empty_claims(tmp_path):
     with claims_released_on_failure():  # a run that succeeds keeps its folder, empty or not
         kept = root / f"version_{claim_version(root)}"
     assert kept.is_dir() and kept.name == "version_2"
+
+
+@pytest.mark.parametrize("name", ["fsdp2", "ModelParalelStrategy", "lightning.pytorch.strategies.NoSuchStrategy"])
+def test_a_strategy_that_is_neither_a_name_nor_a_class_is_one_line(tmp_path, capsys, name):
+    """It was Lightning's ValueError traceback, after the data was read."""
+    out = refused(capsys, *fit(tmp_path, "--trainer.strategy", name))
+    assert len(out) == 1 and out[0].startswith(f"dpo_lightning: error: trainer.strategy={name!r} is neither"), out
+    assert "lightning.pytorch.strategies.ModelParallelStrategy" in out[0]
+
+
+@pytest.mark.parametrize("name", ["lightning.pytorch.strategies.ModelParallelStrategy", "ModelParallelStrategy"])
+def test_a_strategy_class_given_on_the_command_line_is_the_strategy(name):
+    """``--trainer.strategy <class path>`` (or a class name of lightning.pytorch.strategies) on the command line: the
+    parser keeps it as a string, which Lightning refused as 'an invalid strategy name'; it is the class."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from dpo_lightning.cli import cli_main
+
+    cli = cli_main(["--config", TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                    "--trainer.strategy", name, "--trainer.logger", "false"], run=False)
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy)

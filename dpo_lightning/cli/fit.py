@@ -45,6 +45,7 @@ from dpo_lightning.stages.preflight import (
     check_packing_attention,
     check_strategy,
     check_trainer_counts,
+    strategy_from_name,
     warn_update_resolution,
 )
 from dpo_lightning.training.callbacks import (
@@ -195,6 +196,9 @@ class DPOLightningCLI(LightningCLI):
         if data is not None:
             # The data module produces the batch the stage consumes (KTO: unpaired examples).
             _check_data_for_stage(stage, data.class_path)
+        strategy = strategy_from_name(config.trainer.get("strategy"))
+        if isinstance(strategy, dict):  # a class path given as a plain value on the command line
+            config.trainer.strategy = Namespace(class_path=strategy["class_path"], init_args=Namespace())
         if self.subcommand in PREFLIGHT_SUBCOMMANDS:
             # Before any weights load: a bad combination fails in seconds, not after every rank loaded the model.
             self.check_settings(config)

@@ -29,7 +29,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from datasets import DatasetDict
-from lightning.pytorch.strategies import FSDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lightning._moved import import_module
@@ -112,6 +112,27 @@ def _strategy_class(strategy: Any) -> type | None:
     if isinstance(class_path, str):
         return _class_from_path(class_path)
     return type(strategy)
+
+
+LIGHTNING_STRATEGIES = "lightning.pytorch.strategies"
+
+
+def strategy_from_name(strategy: Any) -> Any:
+    """``trainer.strategy`` as the Trainer takes it: a class path given as a plain value on the command line
+    (``--trainer.strategy lightning.pytorch.strategies.ModelParallelStrategy``, which the parser keeps as a
+    string) becomes ``{class_path: ...}``; a name Lightning does not register is a `ConfigError`, not its
+    traceback after the data was read."""
+    if not isinstance(strategy, str) or strategy.lower() == "auto" or strategy.lower() in StrategyRegistry:
+        return strategy
+    path = strategy if "." in strategy else f"{LIGHTNING_STRATEGIES}.{strategy}"  # (ModelParallelStrategy)
+    cls = _class_from_path(path)
+    if isinstance(cls, type) and issubclass(cls, Strategy):
+        return {"class_path": path, "init_args": {}}
+    names = ", ".join(n for n in ("auto", "ddp", "ddp_spawn", "single_device") if n == "auto" or n in StrategyRegistry)
+    raise ConfigError(
+        f"trainer.strategy={strategy!r} is neither a strategy name ({names}, ...) nor a strategy class; for FSDP2 use "
+        f"--trainer.strategy {LIGHTNING_STRATEGIES}.ModelParallelStrategy (docs/scale_out.md)"
+    )
 
 
 def check_strategy(strategy: Any) -> None:
