@@ -92,6 +92,16 @@ def test_validate_of_a_model_on_its_own_says_why_rewards_are_zero(tmp_path):
         cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
 
 
+def test_fits_own_validation_does_not_say_its_rewards_are_zero(tmp_path, recwarn):
+    """The warning above is for a model evaluated on its own; a fit's validation compares against the model
+    training started from (it said "0 by construction" at every fit's first validation, then reported 0.9)."""
+    cli = cli_main(args(tmp_path, "--trainer.max_steps", "1", "--trainer.val_check_interval", "1",
+                        "--trainer.limit_val_batches", "1", "--data.val_split", "validation"), run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.callback_metrics  # it validated
+    assert not [w for w in recwarn if "by construction" in str(w.message)]
+
+
 def test_top_level_help_names_the_program_and_lists_export():
     out = subprocess.run([sys.executable, "-m", "dpo_lightning", "--help"], capture_output=True, text=True,
                          cwd=ROOT, env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": ""}, timeout=120)

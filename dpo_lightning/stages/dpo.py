@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -113,7 +114,8 @@ class DPOModule(CausalLMModule):
         # `validate`/`test` of a model on its own: the default reference is a copy of that very
         # model, so every reward is 0 by construction. Say so rather than report accuracy 0.0.
         # (From a checkpoint the policy is the trained one: Lightning restores no step count outside fit.)
-        if not self.trainer.training and self.trainer.ckpt_path is None and self._reference_is_own_copy:
+        evaluating = self.trainer.state.fn in (TrainerFn.VALIDATING, TrainerFn.TESTING)  # (not fit's validation)
+        if evaluating and self.trainer.ckpt_path is None and self._reference_is_own_copy:
             rank_zero_warn(
                 "the reference is a copy of the policy being evaluated, so rewards, margins and accuracies are 0 "
                 "by construction; to compare against the model training started from, set model.ref_model"
