@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from dpo_lightning import DPOModule
-from dpo_lightning.stages.export import export_checkpoint
+from dpo_lightning.stages.export import HFExport, export_checkpoint
 from dpo_lightning.stages.options import LoraOptions, MemoryOptions
 from dpo_lightning.training.callbacks import LatestModelCheckpoint
 from dpo_lightning.training.checkpoint import remove_orphaned_temporaries, replace_atomically, temporary_path
@@ -243,6 +243,39 @@ def test_lora_checkpoint_exports_merged_like_the_trained_module(tmp_path, base_f
     merged = trainer.lightning_module.model.merge_and_unload()
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("adapter", ["merged", "adapter"])
+def test_the_end_of_fit_export_of_a_lora_policy_under_fsdp2_equals_its_checkpoints(tmp_path, base_folder, adapter):
+    """The end-of-fit export of LoRA under FSDP2 failed ("FSDP does not support deepcopy"), exit 1 after training;
+    it writes what `export` makes of the run's sharded checkpoint."""
+    from peft import PeftModel
+
+    module = DPOModule(model=str(base_folder), reference="adapter", memory=MemoryOptions(fsdp_mixed_precision=False),
+                       lora=LoraOptions(r=4, alpha=8, target_modules="all-linear"))
+    callback = LatestModelCheckpoint(dirpath=tmp_path / "ck", save_last=True, save_every_n_steps=1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+        max_steps=2, logger=False, default_root_dir=tmp_path / "run", enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[callback, HFExport(adapter=adapter)], use_distributed_sampler=False,
+    )
+    trainer.fit(module, DataLoader(BATCHES, batch_size=None))
+    assert (tmp_path / "ck" / "last.ckpt").is_dir()  # sharded
+    reference = export_checkpoint(tmp_path / "ck" / "last.ckpt", tmp_path / "from_ckpt", adapter=adapter)
+    if adapter == "merged":
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf_export").state_dict()
+        expected = AutoModelForCausalLM.from_pretrained(reference).state_dict()
+    else:
+        base = AutoModelForCausalLM.from_pretrained(base_folder)
+        exported = PeftModel.from_pretrained(base, tmp_path / "run" / "hf_export").state_dict()
+        base = AutoModelForCausalLM.from_pretrained(base_folder)
+        expected = PeftModel.from_pretrained(base, reference).state_dict()
+        assert any("lora_" in k for k in exported)
+    assert exported.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(exported[key], value), key
+    changed = AutoModelForCausalLM.from_pretrained(base_folder).state_dict()
+    assert adapter == "adapter" or any(not torch.equal(changed[k], exported[k]) for k in changed)
 
 
 # ---------------------------------------------------------------------------- export

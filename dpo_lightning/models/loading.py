@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 log = logging.getLogger(__name__)
@@ -283,6 +284,20 @@ def wrap_lora(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type=task_type
     )
     return get_peft_model(model, config)
+
+
+def unsharded_lora_copy(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A plain copy of the PEFT (LoRA) ``model`` holding ``state``, its full state dict (gathered from FSDP2
+    shards: a sharded model can be neither copied nor merged in place), to export merged or as an adapter."""
+    from peft import get_peft_model  # (LoRA needs PEFT; ``model`` is a PEFT model)
+
+    base = model.get_base_model()
+    # fully_shard swaps a module's class for an FSDP subclass of it: build the class it subclassed.
+    cls = next(c for c in type(base).__mro__ if issubclass(c, PreTrainedModel) and not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        copy = get_peft_model(cls(base.config), model.peft_config[model.active_adapter])
+    copy.load_state_dict(state, strict=True, assign=True)
+    return copy
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import AutoConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lightning.data.tokenizer import resolve_tokenizer
-from dpo_lightning.models.loading import load_model, wrap_lora
+from dpo_lightning.models.loading import load_model, unsharded_lora_copy, wrap_lora
 from dpo_lightning.stages.base import stage_class_of
 from dpo_lightning.stages.checkpointing import (
     EXPORT_DTYPE_KEY,
@@ -229,9 +229,12 @@ class HFExport(L.Callback):
         if trainer.is_global_zero:
             tokenizer = getattr(pl_module, "tokenizer", None)
             compute = pl_module.compute_dtype() if hasattr(pl_module, "compute_dtype") else None
+            model = pl_module.model
             try:
+                if state is not None and _is_peft(model):  # a sharded PEFT model can be neither copied nor merged
+                    model, state = unsharded_lora_copy(model, state), None
                 out = export_hf(
-                    pl_module.model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter,
+                    model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter,
                     source=f"end of fit, step {trainer.global_step}", keep=_kept(trainer),
                     dtype=resolve_export_dtype(self.dtype, compute),
                 )
