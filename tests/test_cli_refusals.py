@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from dpo_lightning.cli import main
 
@@ -174,3 +175,16 @@ def test_a_strategy_class_given_on_the_command_line_is_the_strategy(name):
     cli = cli_main(["--config", TINY, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
                     "--trainer.strategy", name, "--trainer.logger", "false"], run=False)
     assert isinstance(cli.trainer.strategy, ModelParallelStrategy)
+
+
+def test_a_sharded_fsdp2_checkpoint_outside_fsdp2_is_one_line_naming_both_ways(tmp_path, capsys):
+    """``validate --ckpt_path`` of an FSDP2 run's checkpoint on one process was an IsADirectoryError traceback."""
+    import torch.distributed.checkpoint as dcp
+
+    ckpt = tmp_path / "runs" / "tiny" / "version_0" / "checkpoints" / "last.ckpt"
+    dcp.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=str(ckpt), no_dist=True)
+    torch.save({"global_step": 4, "epoch": 0}, ckpt / "meta.pt")
+    out = refused(capsys, "validate", "--config", TINY, "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                  "--ckpt_path", str(ckpt))
+    assert len(out) == 1 and "is a sharded FSDP2 checkpoint, which only --trainer.strategy ModelParallel" in out[0]
+    assert f"python -m dpo_lightning export {ckpt} DIR" in out[0]

@@ -43,6 +43,7 @@ from dpo_lightning.stages.preflight import (
     check_chat_template,
     check_evaluation_split,
     check_packing_attention,
+    check_sharded_checkpoint,
     check_strategy,
     check_trainer_counts,
     strategy_from_name,
@@ -143,6 +144,7 @@ class DPOLightningCLI(LightningCLI):
         else:
             version = version_of(ckpt_path)
         check_checkpoint(ckpt_path)
+        check_sharded_checkpoint(ckpt_path, strategy_from_name(config.trainer.get("strategy")), subcommand)
         # Continue in the resumed run's folder: its logs and checkpoints stay together. An evaluation of the
         # run's checkpoint logs in its own subfolder (version_N/validate), beside the training logs, not over them.
         if logger is not None and logger.get("version") is None and version is not None and root is not None:

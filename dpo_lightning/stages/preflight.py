@@ -26,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from datasets import DatasetDict
-from lightning.pytorch.strategies import FSDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_warn
 
 from dpo_lightning._moved import import_module
@@ -132,6 +133,19 @@ def strategy_from_name(strategy: Any) -> Any:
     raise ConfigError(
         f"trainer.strategy={strategy!r} is neither a strategy name ({names}, ...) nor a strategy class; for FSDP2 use "
         f"--trainer.strategy {LIGHTNING_STRATEGIES}.ModelParallelStrategy (docs/scale_out.md)"
+    )
+
+
+def check_sharded_checkpoint(ckpt_path: str, strategy: Any, subcommand: str) -> None:
+    """ConfigError for a sharded FSDP2 checkpoint (a folder) outside FSDP2, which cannot read it (it was an
+    ``IsADirectoryError`` traceback), with the two ways that work."""
+    cls = _strategy_class(strategy)
+    if not Path(ckpt_path).is_dir() or (isinstance(cls, type) and issubclass(cls, ModelParallelStrategy)):
+        return
+    raise ConfigError(
+        f"--ckpt_path {ckpt_path} is a sharded FSDP2 checkpoint, which only --trainer.strategy ModelParallelStrategy "
+        f"reads; {subcommand} under it, or export the policy (python -m dpo_lightning export {ckpt_path} DIR) and "
+        "give --model.model DIR"
     )
 
 
