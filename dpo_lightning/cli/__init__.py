@@ -23,6 +23,7 @@ from dpo_lightning.stages.preflight import ConfigError
 from dpo_lightning.training.callbacks import NonFiniteError, Preempted
 from dpo_lightning.training.folders import FolderError
 from dpo_lightning.training.integrity import CheckpointError
+from dpo_lightning.training.preemption import stop_with_launcher
 
 # subcommand -> "module:function(argv)"; the rest (fit, validate, test) are LightningCLI's
 SUBCOMMANDS: dict[str, str] = {
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     stopped it after saving.
     """
     words = sys.argv[1:] if argv is None else argv
+    stop_with_launcher()  # a rank Lightning started stops when its launcher is killed
     with known_warnings_silenced():
         try:
             if words[:1] and words[0] in SUBCOMMANDS:

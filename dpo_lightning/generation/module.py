@@ -80,6 +80,9 @@ class GenerationModule(L.LightningModule):
                 max_model_len, enforce_eager.
         """
         super().__init__()
+        # A re-run samples only what is left: a rank whose share is all done has no batch (the shares are fixed,
+        # so each batch is the uninterrupted run's), which Lightning would refuse on the other ranks' behalf.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
         vllm_backend.check_backend(backend, vllm, attn_implementation, temperature)
         if backend == "vllm":
             vllm_backend.require_vllm()  # before anything loads

@@ -10,8 +10,12 @@ losing the work since the last save).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
@@ -109,9 +113,25 @@ def _on_preemption_signal(signum: int, frame: FrameType | None) -> None:
                 watch.forward(signum)
 
 
+def stop_with_launcher() -> None:
+    """In a rank Lightning's launcher started (``LOCAL_RANK`` > 0, not under torchrun): a SIGTERM when the
+    launching process dies. Killed with ``kill -9``, the launcher (rank 0) cannot pass the signal on, and such a
+    rank went on sampling into the folder a re-run then takes over; now it stops as on a preemption. Linux only."""
+    if not sys.platform.startswith("linux") or os.environ.get("LOCAL_RANK", "0") == "0":
+        return
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's agent stops its workers itself
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() == 1:  # the launcher died before this rank asked
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 def preemption_signal() -> str | None:
     """The name of the preemption signal received while a `PreemptionWatch` was started, else None."""
     return PreemptionWatch.received if PreemptionWatch._stack else None
 
 
-__all__ = ["INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch", "preemption_signal"]
+__all__ = ["INTERRUPTED_EXIT_CODE", "PREEMPTED_EXIT_CODE", "Preempted", "PreemptionWatch", "preemption_signal",
+           "stop_with_launcher"]
