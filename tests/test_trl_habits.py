@@ -197,3 +197,32 @@ def test_progress_bar_counts_optimizer_steps_and_shows_margin_and_accuracy(tmp_p
     more.trainer.callbacks.append(Watch())
     more.trainer.fit(more.model, datamodule=more.datamodule, ckpt_path=str(last))
     assert starts[0] == 6 and more.trainer.progress_bar_callback.train_progress_bar.n == 8
+
+
+@pytest.mark.parametrize("given", ["none", "the data's object"])
+@pytest.mark.parametrize("spec", ["folder", "synthetic:sort"])
+def test_the_module_and_data_module_in_ones_own_trainer_with_a_logger(tmp_path, given, spec):
+    """Drop-in (user trial 2): `DPOModule(model=folder)` (no tokenizer: the folder's), or README's
+    ``tokenizer=data.tokenizer`` with a tokenizer spec such as ``synthetic:sort``, beside `PreferenceDataModule` in
+    a Trainer with any logger failed: "Error while merging hparams: the keys ['tokenizer'] ... different values".
+    Both record the data module's tokenizer, in the logged hyper-parameters and in the checkpoint."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from dpo_lightning import DPOModule, PreferenceDataModule
+
+    from tiny import save_sort_policy
+
+    folder = save_sort_policy(tmp_path / "policy")
+    data = PreferenceDataModule(tokenizer=folder if spec == "folder" else spec, dataset="synthetic:sort",
+                                batch_size=4, max_length=64, max_prompt_length=32)
+    module = DPOModule(model=folder, tokenizer=None if given == "none" else data.tokenizer)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=1, logger=CSVLogger(tmp_path / "logs"),
+                        default_root_dir=tmp_path, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    wanted = data.hparams["tokenizer"]
+    assert module.hparams["tokenizer"] == wanted
+    hparams = (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()
+    assert f"tokenizer: {wanted}" in hparams
+    ckpt = torch.load(trainer.checkpoint_callback.best_model_path or next(Path(tmp_path).rglob("*.ckpt")),
+                      map_location="cpu", weights_only=False)
+    assert ckpt["hyper_parameters"]["tokenizer"] == wanted

@@ -201,6 +201,7 @@ class CausalLMModule(CheckpointHooks, FastPaths, StepLogs, Optimization, L.Light
         if self._trainer is not None:
             check_strategy(self.trainer.strategy)  # FSDP1, refused from Python as from the CLI
             self._check_datamodule(getattr(self.trainer, "datamodule", None))
+            self._record_the_datas_tokenizer(getattr(self.trainer, "datamodule", None))
             self.choose_fast_paths(getattr(self.trainer, "datamodule", None))
         if stage == "fit" and self._trainer is not None:
             check_validation_interval(self.trainer)
@@ -242,6 +243,17 @@ class CausalLMModule(CheckpointHooks, FastPaths, StepLogs, Optimization, L.Light
             f"{made!r} batches: use the data module for this stage (SFTModule: SFTDataModule; DPOModule, "
             "RewardModule: PreferenceDataModule; KTOModule: KTODataModule)"
         )
+
+    def _record_the_datas_tokenizer(self, datamodule: Any) -> None:
+        """Lightning logs the module's and the data module's hyper-parameters together and refuses a key they
+        record differently: a module given no tokenizer (its model folder's) or the data module's own tokenizer
+        object records the data module's tokenizer, the one that made the ids it trains on."""
+        given = self._hparams_initial.get("tokenizer")
+        spec = getattr(datamodule, "hparams", {}).get("tokenizer")
+        same = given is None or getattr(datamodule, "tokenizer", None) is self.tokenizer
+        if spec is None or given == spec or not same:
+            return
+        self.hparams["tokenizer"] = self._hparams_initial["tokenizer"] = spec
 
     def on_fit_start(self) -> None:
         self._restore_fp32_buffers()
