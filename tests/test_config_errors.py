@@ -77,6 +77,24 @@ def test_a_config_file_mistake_names_the_option_and_the_fix(tmp_path, capsys):
      "did you mean --model.optimizer.init_args.lr?"),
     (["--model.class_path", "dpo_lightning.SFTModul"], "--model.class_path: no class dpo_lightning.SFTModul",
      "did you mean dpo_lightning.SFTModule?"),
+    # TRL names (user trial 2: each was answered with an unrelated option, or nothing): the exact name first
+    (["--model.use_weighting", "true"], "--model.use_weighting: not an option of DPOModule",
+     "TRL's use_weighting (WPO) is not supported: "),
+    (["--model.ld_alpha", "0.5"], "--model.ld_alpha: not an option of DPOModule",
+     "TRL's ld_alpha (LD-DPO) is not supported: "),
+    (["--model.f_divergence_type", "js_divergence"], "--model.f_divergence_type: not an option of DPOModule",
+     "TRL's f_divergence_type (f-DPO) is not supported: "),
+    (["--model.cpo_alpha", "1.0"], "--model.cpo_alpha: not an option of DPOModule",
+     "TRL's cpo_alpha is --model.loss_kwargs.cpo_alpha with --model.loss_type cpo (TRL's loss_type sigmoid), or "
+     "--model.loss_weights '[1.0, ALPHA]' with --model.loss_type '[simpo, sft]' (TRL's simpo) here"),
+    (["--model.simpo_gamma", "0.5"], "--model.simpo_gamma: not an option of DPOModule",
+     "TRL's simpo_gamma is --model.loss_kwargs.simpo_gamma (with --model.loss_type simpo) here"),
+    (["--model.reference_free", "true"], "--model.reference_free: not an option of DPOModule",
+     "TRL's reference_free is --model.loss_type cpo --model.loss_kwargs.cpo_alpha 0 "),
+    (["--model.betta", "0.2"], "--model.betta: not an option of DPOModule", "did you mean --model.beta?"),
+    # TRL's names without an option here are config fields, never an optimizer's argument (nor a misspelt one)
+    (["--model.optimizer.init_args.alpha", "0.5"], "--model.optimizer.init_args.alpha: not an option of AdamW",
+     "AdamW takes: "),
     (["--model.beta", "abc"], "--model.beta: expected float, got 'abc'", None),
     # a value inside the optimizer's init_args (user trial: the line stopped at `Parser key "lr":`)
     (["--model.optimizer.init_args.lr", "abc"], "--model.optimizer.init_args.lr: expected float or torch.Tensor, "

@@ -9,7 +9,9 @@
 - TRL's side (marked `trl`): each `DPOConfig`/`SFTConfig`/`RewardConfig` name a row gives is a field of
   TRL 1.16's config, or gone where the row says "removed in 1.x", with the default the row states.
 - The CLI's hints for TRL names (`config_errors.TRL_OPTIONS`) say what the rows say, for every TRL name of a
-  row that names a key here.
+  row that names a key here; a row that says "not supported" (or "not needed") has a refusal hint that says so
+  (`config_errors.TRL_REFUSED`), through the real CLI; a TRL name is matched exactly, never taken for another.
+- (marked `trl`) every option of TRL 1.16's `DPOConfig` (beyond transformers' `TrainingArguments`) has a row.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import NamedTuple
 import pytest
 import yaml
 
-from dpo_lightning.cli.config_errors import TRL_OPTIONS
+from dpo_lightning.cli.config_errors import TRL_OPTIONS, TRL_REFUSED
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "migrating_from_trl.md"
@@ -250,9 +252,19 @@ def test_the_default_a_row_states_is_the_clis(row: Row):
     key = row.keys[0][0]
     if key == "model.optimizer.init_args.lr":  # "1e-6 when no optimizer is given": the stage's fallback AdamW
         actual = _fallback_lr()
+    elif key.startswith("model.loss_kwargs."):  # a loss's own hyper-parameter: its declared default
+        actual = _loss_hparam_default(key.rsplit(".", 1)[1])
     else:
         actual = resolve(defaults(row.stage), key)
     assert _same(actual, stated), f"{row.name}: {key} defaults to {actual!r}, the doc says {stated!r}"
+
+
+def _loss_hparam_default(name: str) -> float:
+    from dpo_lightning.losses import LOSS_HPARAMS
+
+    defaults = {hparams[name].default for hparams in LOSS_HPARAMS.values() if name in hparams}
+    assert len(defaults) == 1, f"loss_kwargs.{name}: declared with defaults {defaults}"
+    return defaults.pop()
 
 
 def _fallback_lr() -> float:
@@ -275,11 +287,14 @@ def test_the_doc_states_defaults_and_same_on_enough_rows():
 # ------------------------------------------------------------------------------------------------ TRL's side
 
 
+CONFIG_PREFIXES = ("SFTConfig.", "RewardConfig.", "DPOConfig.", "CPOConfig.")
+
+
 def _trl_names(cell: str) -> list[str]:
     names = []
     for token in re.findall(r"`([^`]+)`", cell):
         token = token.split("=")[0].split(":")[0].strip()
-        token = token.split(".", 1)[1] if token.startswith(("SFTConfig.", "RewardConfig.", "DPOConfig.")) else token
+        token = token.split(".", 1)[1] if token.startswith(CONFIG_PREFIXES) else token
         if re.fullmatch(r"[a-z][a-z0-9_]*", token):
             names.append(token)
     return names
@@ -298,6 +313,8 @@ def _config_row(row: Row) -> bool:
 def test_trls_side_of_each_row_is_trl_1_16s(row: Row):
     trl = pytest.importorskip("trl")
     config_cls = {"dpo": trl.DPOConfig, "sft": trl.SFTConfig, "rm": trl.RewardConfig}[row.stage]
+    if row.cells[0].startswith("`CPOConfig."):
+        config_cls = _cpo_config()
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     names = _trl_names(row.cells[0])
     default_cell = row.cells[1] if len(row.cells) == 4 else ""
@@ -323,6 +340,31 @@ def test_trls_side_of_each_row_is_trl_1_16s(row: Row):
         assert _same(default, literal), f"{row.name}: TRL's {name} defaults to {default!r}, the doc says {cell!r}"
 
 
+def _cpo_config() -> type:
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.cpo import CPOConfig
+
+    return CPOConfig
+
+
+@pytest.mark.trl
+def test_every_option_of_trls_dpoconfig_and_cpos_own_have_a_row():
+    """The doc's claim: every DPOConfig option a TRL 1.16 user sets (those TRL adds to transformers'
+    TrainingArguments; the common ones have rows of their own above), and CPOConfig's loss options."""
+    trl = pytest.importorskip("trl")
+    from transformers import TrainingArguments
+
+    common = {f.name for f in dataclasses.fields(TrainingArguments)}
+    named = {n for row in ROWS if row.stage == "dpo" for n in _trl_names(row.cells[0])}
+    dpo = {f.name for f in dataclasses.fields(trl.DPOConfig)} - common
+    cpo = {"cpo_alpha", "simpo_gamma", "alpha"}
+    assert cpo <= {f.name for f in dataclasses.fields(_cpo_config())}
+    missing = sorted((dpo | cpo) - named)
+    assert not missing, f"TRL 1.16 options with no row in {DOC.name}: {missing}"
+
+
 # ------------------------------------------------------------------------------------------------ the CLI's hints
 
 
@@ -340,5 +382,93 @@ def test_every_trl_name_of_a_keyed_row_has_a_hint_and_the_hint_is_the_rows():
         assert any(option == k or option.startswith(k + ".") or k.startswith(option) for k in keys), (
             f"TRL_OPTIONS[{name!r}] = {hint!r}, but its row names {sorted(keys)}")
     options = [r for r in KEYED if _config_row(r) or "(trainer arg)" in r.cells[0]]  # not trainers, metrics, columns
-    unmapped = sorted({n for row in options for n in _trl_names(row.cells[0]) if n not in TRL_OPTIONS})
+    unmapped = sorted({n for row in options for n in _trl_names(row.cells[0])
+                       if n not in TRL_OPTIONS and not _refusal(row)})
     assert not unmapped, f"rows name these TRL options, TRL_OPTIONS does not: {unmapped}"
+
+
+def _refusal(row: Row) -> str | None:
+    """What a row's dpo_lightning column opens with when it maps to no option: "not supported", "not needed"..."""
+    m = re.match(r"not (supported|needed|automatic)\b", row.cells[2 if len(row.cells) == 4 else 1])
+    return m.group(0) if m else None
+
+
+# (a row that is "not needed" because an option here does it, `eval_packing`: `data.packing`, maps to that option)
+REFUSED_ROWS = [r for r in ROWS if (_refusal(r) == "not supported" or _refusal(r) and not r.keys)
+                and (_config_row(r) or r.cells[0].startswith("`CPOConfig."))]
+
+
+def test_every_not_supported_row_is_read():
+    names = {n for row in REFUSED_ROWS if _refusal(row) == "not supported" for n in _trl_names(row.cells[0])}
+    assert {"use_weighting", "ld_alpha", "f_divergence_type", "alpha"} <= names
+
+
+def _cli_refusal(option: str) -> list[str]:
+    """The lines the CLI prints for ``--<option> 1`` (parse-only; it must be refused, exit status 2)."""
+    from test_docs import _parse_only_cli
+
+    from dpo_lightning.cli import cli_main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), pytest.raises(SystemExit) as e:
+        cli_main(["fit", *STAGES["dpo"], *BASE, f"--{option}", "1"], cli_class=_parse_only_cli())
+    assert e.value.code == 2, err.getvalue()[-2000:]
+    return err.getvalue().strip().splitlines()
+
+
+@pytest.mark.parametrize("row", [pytest.param(r, id=f"{r.line}") for r in REFUSED_ROWS])
+def test_a_row_without_an_option_here_has_a_refusal_hint_that_says_why(row: Row):
+    """A TRL user who sets it anyway (`--model.use_weighting true`) reads the row's reason, not a fuzzy match to
+    another option; every option the hint offers instead is one the row names."""
+    keys = {k for k, _ in row.keys}
+    for name in _trl_names(row.cells[0]):
+        assert name not in TRL_OPTIONS, f"{row.name}: the row says {_refusal(row)}, TRL_OPTIONS maps {name}"
+        assert name in TRL_REFUSED, f"{row.name}: TRL_REFUSED has no hint for {name}"
+        error, hint = _cli_refusal(f"model.{name}")
+        assert error == f"dpo_lightning: error: --model.{name}: not an option of DPOModule"
+        assert hint.strip().startswith(f"TRL's {name} ") and f" {_refusal(row)}" in hint, hint
+        offered = re.findall(r"--([\w.]+)", hint)
+        assert all(o in keys for o in offered), f"{row.name}: the hint offers {offered}, the row names {keys}"
+
+
+def test_every_refusal_hint_has_its_row():
+    rows = {n: r for r in REFUSED_ROWS for n in _trl_names(r.cells[0])}
+    assert set(TRL_REFUSED) <= set(rows), sorted(set(TRL_REFUSED) - set(rows))
+
+
+def test_a_trl_name_is_matched_exactly_not_taken_for_another():
+    """`--model.ld_alpha` was answered with TRL's rpo_alpha, `--model.use_weighting` with loss_weights: every
+    TRL name the hints know gets its own hint; a misspelling still gets the option meant."""
+    from dpo_lightning.cli.config_errors import _class_options, _fix
+
+    _, valid = _class_options("dpo_lightning.DPOModule")
+    assert "beta" in valid and "loss_weights" in valid
+    for name in {*TRL_OPTIONS, *TRL_REFUSED} - set(valid):
+        hint = _fix(f"model.{name}", valid, prefix="model")
+        assert hint is not None and hint.startswith(f"TRL's {name} "), (name, hint)
+    assert _fix("model.betta", valid, prefix="model") == "did you mean --model.beta?"
+    assert _fix("model.use_weightin", valid, prefix="model").startswith("TRL's use_weighting (WPO) is not supported")
+
+
+def test_the_spellings_the_hints_give_for_cpo_and_reference_free_are_trls_losses():
+    """cpo_alpha, simpo_gamma, discopop_tau and reference_free map to loss settings: each is accepted, and
+    TRL 0.x's reference_free sigmoid is our cpo with cpo_alpha 0 (the sigmoid loss on the policy's log-probs)."""
+    import torch
+
+    from dpo_lightning.losses import PairLogps, check_loss_config, compute_loss
+    from dpo_lightning.stages.dpo import effective_reference
+
+    check_loss_config(["simpo", "sft"], loss_weights=[1.0, 0.5])
+    check_loss_config("simpo", loss_kwargs={"simpo_gamma": 0.7})
+    check_loss_config("discopop", loss_kwargs={"discopop_tau": 0.1})
+    free = check_loss_config("cpo", loss_kwargs={"cpo_alpha": 0.0}, beta=0.3, label_smoothing=0.1)
+    assert effective_reference("copy", None, "cpo") == "none"  # no reference model is built
+    chosen, rejected = torch.tensor([-12.0, -30.5, -3.0]), torch.tensor([-14.0, -29.0, -9.0])
+    tokens = torch.tensor([6.0, 15.0, 2.0])
+    with_ref = PairLogps(chosen, rejected, torch.tensor([-1.0, -2.0, -3.0]), torch.tensor([-4.0, 5.0, -6.0]),
+                         tokens, tokens)
+    without_ref = with_ref._replace(ref_chosen=None, ref_rejected=None)
+    ours = compute_loss(free, with_ref)
+    sigmoid = compute_loss("sigmoid", without_ref, beta=0.3, label_smoothing=0.1)
+    torch.testing.assert_close(ours.losses, sigmoid.losses)
+    torch.testing.assert_close(ours.chosen_rewards, sigmoid.chosen_rewards)

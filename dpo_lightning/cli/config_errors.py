@@ -9,7 +9,9 @@ nesting. The CLI prints instead::
 
 The second line is the fix: the option meant (difflib over the valid names at that level: "did you
 mean"), TRL's name mapped to ours (``TRL_OPTIONS``, the option map of ``docs/migrating_from_trl.md``; a test
-keeps the two equal), or where the valid options are listed.
+keeps the two equal), why TRL's name has no option here (``TRL_REFUSED``: "not supported", with the nearest
+option that is here where there is an honest one), or where the valid options are listed. A TRL name is
+matched exactly before any fuzzy match, so it is never taken for another TRL name.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from jsonargparse import ArgumentParser
 
 from dpo_lightning._moved import import_module
 
-# TRL 1.16's option names (DPOConfig, SFTConfig, RewardConfig, trainer arguments) -> the option here, as the
-# option map of docs/migrating_from_trl.md gives it (tests/test_migrating_doc.py checks every entry against
-# its row). The value is what to type: an option, or an option and the value that does what TRL's does.
+# TRL 1.16's option names (DPOConfig, SFTConfig, RewardConfig, CPOConfig, trainer arguments; TRL 0.x's
+# reference_free) -> the option here, as the option map of docs/migrating_from_trl.md gives it
+# (tests/test_migrating_doc.py checks every entry against its row). The value is what to type: an option, or
+# an option and the value that does what TRL's does.
 TRL_OPTIONS = {
     "beta": "--model.beta",
     "loss_type": "--model.loss_type",
@@ -82,6 +85,42 @@ TRL_OPTIONS = {
     "eval_packing": "--data.packing",
     "dataset_text_field": "--data.columns '{text: COLUMN}'",
     "center_rewards_coefficient": "--model.center_rewards_coefficient",
+    "trust_remote_code": "--model.trust_remote_code",
+    "model_init_kwargs": "--model.dtype and --model.attn_implementation (the from_pretrained arguments taken here)",
+    "pad_to_multiple_of": "--data.pad_to_multiple_of",
+    "precompute_ref_batch_size": "--data.eval_batch_size (the batch size of the precompute pass, on every split)",
+    "discopop_tau": "--model.loss_kwargs.discopop_tau (with --model.loss_type discopop)",
+    "reference_free": "--model.loss_type cpo --model.loss_kwargs.cpo_alpha 0 (DPO's sigmoid on the policy's "
+                      "log-probs alone; the other losses need a reference)",
+    # CPOConfig (TRL's CPOTrainer: its loss_type sigmoid is our cpo, its simpo ours)
+    "cpo_alpha": "--model.loss_kwargs.cpo_alpha with --model.loss_type cpo (TRL's loss_type sigmoid), or "
+                 "--model.loss_weights '[1.0, ALPHA]' with --model.loss_type '[simpo, sft]' (TRL's simpo)",
+    "simpo_gamma": "--model.loss_kwargs.simpo_gamma (with --model.loss_type simpo)",
+}
+
+# TRL 1.16's options with no option here -> the rest of the sentence "TRL's <name> ...": why, and the nearest
+# option that is here where there is an honest one (the "not supported" / "not needed" rows of
+# docs/migrating_from_trl.md; tests/test_migrating_doc.py checks every entry against its row).
+TRL_REFUSED = {
+    "use_weighting": "(WPO) is not supported: weighting each pair by the policy's length-normalised probability is "
+                     "not implemented (--model.loss_weights weights the losses of loss_type, not pairs)",
+    "ld_alpha": "(LD-DPO) is not supported: down-weighting the tokens past the shorter response is not implemented; "
+                "the length remedy here is --model.loss_type sigmoid_norm (the per-token margin)",
+    "f_divergence_type": "(f-DPO) is not supported: the divergence to the reference is the reverse KL (TRL's "
+                         "default, reverse_kl); the others are not implemented",
+    "f_alpha_divergence_coef": "(f-DPO's alpha-divergence) is not supported: the divergence to the reference is "
+                               "the reverse KL (TRL's default f_divergence_type, reverse_kl)",
+    "router_aux_loss_coef": "(MoE load balancing) is not supported: no auxiliary loss is added to the preference "
+                            "loss",
+    "activation_offloading": "is not supported: activations stay on the device; "
+                             "--model.memory.activation_checkpointing saves their memory instead",
+    "alpha": "(CPOConfig, AlphaPO) is not supported: rewards are the policy's log-probs, TRL's alpha 0 (LoRA's "
+             "alpha is --model.lora.alpha)",
+    "pad_token": "(deprecated in TRL) is not needed: padding is masked out of every loss; the tokenizer's pad "
+                 "token pads, or its eos token where it has none",
+    "logging_first_step": "is not needed: every logged value covers the whole window since the last log",
+    "load_best_model_at_end": "is not automatic: the end of fit lists the checkpoints and marks the best; "
+                              "python -m dpo_lightning export <best .ckpt> OUT",
 }
 
 _DOC = "docs/migrating_from_trl.md"
@@ -114,18 +153,28 @@ def _ratio(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, a, b).ratio()
 
 
+def _trl_hint(name: str) -> str:
+    """The line for TRL's option ``name``: the option here, or why there is none."""
+    if name in TRL_OPTIONS:
+        return f"TRL's {name} is {TRL_OPTIONS[name]} here ({_DOC})"
+    return f"TRL's {name} {TRL_REFUSED[name]} ({_DOC})"
+
+
 def _fix(option: str, valid: list[str], *, prefix: str = "", listing: str | None = None) -> str | None:
     """The second line for an unknown ``option`` (dotted, without ``--``): TRL's name for it, the valid option
     it is closest to, or a listing. A misspelt TRL name (``save_stepss``) counts as TRL's when it is closer
     to that than to any valid option."""
     leaf = option.rsplit(".", 1)[-1]
     rel = option[len(prefix) + 1:] if prefix and option.startswith(prefix + ".") else option
-    if leaf in TRL_OPTIONS and leaf not in valid and rel not in valid:
-        return f"TRL's {leaf} is {TRL_OPTIONS[leaf]} here ({_DOC})"
+    # Inside a class's init_args (an optimizer's), only a TRL name that is an option here: not the names
+    # without one (TRL's alpha is not AdamW's), and no misspelt TRL name.
+    in_class = ".init_args." in f".{option}."
+    if leaf not in valid and rel not in valid and (leaf in TRL_OPTIONS or (leaf in TRL_REFUSED and not in_class)):
+        return _trl_hint(leaf)  # exact names first: a TRL name is never taken for another one
     close = did_you_mean(rel, valid) or (did_you_mean(leaf, valid) if rel != leaf else None)
-    trl = did_you_mean(leaf, TRL_OPTIONS)
+    trl = None if in_class else did_you_mean(leaf, [*TRL_OPTIONS, *TRL_REFUSED])
     if trl and (close is None or _ratio(leaf, trl) > _ratio(rel, close)):
-        return f"TRL's {trl} is {TRL_OPTIONS[trl]} here ({_DOC})"
+        return _trl_hint(trl)
     if close:
         return f"did you mean --{prefix + '.' if prefix else ''}{close}?"
     return listing

@@ -163,7 +163,8 @@ def _choose_reference(reference: str | Reference, ref_model: str | nn.Module | N
     if needs and isinstance(strategy, NoReference):
         raise ValueError(
             f"reference='none' suits reference-free losses {sorted(NEEDS_NO_REFERENCE)}; the selected losses "
-            "compare against a reference"
+            "compare against a reference (DPO's sigmoid without one, TRL 0.x's reference_free, is loss_type cpo "
+            "with loss_kwargs {cpo_alpha: 0})"
         )
     return strategy
 
