@@ -30,6 +30,7 @@ or, for a block without comments (json), on an HTML comment line right above its
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -172,6 +173,38 @@ def _run_python(block: Block, tmp_path_factory: pytest.TempPathFactory, monkeypa
         raise
     finally:
         state.done.add(block.index)
+
+
+def _imported_and_used(code: str) -> tuple[set[str], set[str]]:
+    """The names a block imports (or defines), and the names it reads."""
+    tree = ast.parse(code)
+    bound, used = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            bound |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.Name):
+            (used if isinstance(node.ctx, ast.Load) else bound).add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            bound.add(node.name)
+    return bound, used
+
+
+PYTHON_BLOCKS = [b for b in ALL_BLOCKS if b.lang == "python" and not b.skip]
+
+
+@pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"{b.path.name}:{b.line}" for b in PYTHON_BLOCKS])
+def test_a_python_block_imports_what_it_uses(block):
+    """A block pasted on its own (user trial 2): it may use the variables of the blocks before it, but not an
+    import of theirs, which a reader copying this block alone would lack (a NameError)."""
+    earlier_imports = set()
+    for b in PYTHON_BLOCKS:
+        if b.path == block.path and b.index < block.index:
+            for node in ast.walk(ast.parse(b.code)):
+                if isinstance(node, ast.Import | ast.ImportFrom):
+                    earlier_imports |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    bound, used = _imported_and_used(block.code)
+    missing = sorted((used - bound) & earlier_imports)
+    assert not missing, f"{block.path.name}:{block.line} uses {missing}, imported only by an earlier block"
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
