@@ -255,3 +255,19 @@ def test_report_exact_column_is_the_greedy_pass_rate_of_each_round_folder(tmp_pa
     with (tmp_path / "report.csv").open() as f:
         assert "exact" not in next(csv.reader(f))
     assert all("exact" not in r for r in rows) and "exact" not in plots[-1] and rows[1]["reward"] >= 0
+
+
+def test_a_report_written_again_with_more_rounds_draws_each_round_once(tmp_path):
+    """A pipeline continued with more rounds writes its report again, every round in it: TensorBoard showed rounds
+    0-1 twice (user trial 2). Each report's event file purges the earlier ones' steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dpo_lightning.pipeline.report import write_scalars
+
+    rows = [{"round": r, "exact": 0.5 + r / 10, "pairs": 10 * r} for r in range(2)]
+    write_scalars(tmp_path / "tb", rows)
+    write_scalars(tmp_path / "tb", [*rows, {"round": 2, "exact": 0.8, "pairs": 30}])
+    assert len(list((tmp_path / "tb").iterdir())) == 2  # (two event files: nothing deleted)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("pipeline/exact")] == [(0, 0.5), (1, 0.6), (2, 0.8)]

@@ -245,3 +245,17 @@ def test_lora_trains_adapters_and_the_new_score_head_and_exports_merged(tmp_path
     with torch.no_grad():
         theirs = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_the_end_of_fit_export_of_a_reward_model_says_so(tmp_path, caplog):
+    """It said "Hugging Face export of the policy" for a reward model (user trial 2)."""
+    from pathlib import Path
+
+    from dpo_lightning.cli import cli_main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_rm.yaml"
+    with caplog.at_level("INFO"):
+        cli_main(["fit", "--config", str(recipe), "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+                  "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"])
+    assert "Hugging Face export of the reward model: " in caplog.text
+    assert "export of the policy" not in caplog.text

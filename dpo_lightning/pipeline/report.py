@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dpo_lightning.data.errors import warn
 from dpo_lightning.pipeline.evaluation import Evaluation, evaluate_policy
 from dpo_lightning.pipeline.stage_runs import _stop_if_preempted
+from dpo_lightning.training.checkpoint import atomic_write
 
 
 def write_report(
@@ -33,20 +35,28 @@ def write_report(
             "pairs": sum(1 for _ in pairs.open()) if pairs.exists() else 0,
             "seconds": round(timings.get(f"round_{r}", float("nan")), 1),
         })
-    with (out / "report.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "report.csv", lambda f: f.write(text.getvalue().encode()), prefix=".report.csv.")
     _plot(rows, out / "report.png")
+    write_scalars(out / "tensorboard", rows)
+    return rows
+
+
+def write_scalars(folder: Path, rows: list[dict[str, Any]]) -> None:
+    """The report's rows as TensorBoard scalars (``pipeline/<metric>`` by round). Each report holds every round,
+    so its event file starts with ``purge_step`` 0: TensorBoard reads the rounds of the newest report once, not
+    those of each earlier one again (a pipeline continued with more rounds drew rounds 0-1 twice)."""
     try:
-        with SummaryWriter(str(out / "tensorboard")) as tb:
+        with SummaryWriter(str(folder), purge_step=0) as tb:
             for row in rows:
                 for key in ("exact", "reward", "win_rate", "kl", "pairs"):
                     if key in row:
                         tb.add_scalar(f"pipeline/{key}", row[key], row["round"])
     except ImportError:  # pragma: no cover - tensorboard is a dependency
         warn("tensorboard is not installed: the report is in report.csv and report.png only")
-    return rows
 
 
 _NO_PLOT = ("matplotlib is not installed: report.png will not be drawn (report.csv and TensorBoard hold the same "

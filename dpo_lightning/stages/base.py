@@ -65,6 +65,7 @@ class CausalLMModule(CheckpointHooks, FastPaths, StepLogs, Optimization, L.Light
     auto_model_class: ClassVar[type] = AutoModelForCausalLM
     model_overrides: ClassVar[dict[str, Any]] = {}
     lora_task_type: ClassVar[str] = "CAUSAL_LM"
+    exported_as: ClassVar[str] = "the policy"  # what the end-of-fit export says it wrote
 
     def __init__(
         self,

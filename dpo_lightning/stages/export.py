@@ -241,7 +241,7 @@ class HFExport(L.Callback):
             except Exception as e:  # refused, non-finite weights, full disk ...
                 failure = e
             else:
-                rank_zero_info(f"Hugging Face export of the policy: {out}")
+                rank_zero_info(f"Hugging Face export of {getattr(pl_module, 'exported_as', 'the policy')}: {out}")
                 final = {k: f"{v.item():.4f}" for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
                 if final:
                     rank_zero_info(f"Last validation: {final}")

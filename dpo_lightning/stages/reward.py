@@ -43,6 +43,7 @@ class RewardModule(CausalLMModule):
     auto_model_class = AutoModelForSequenceClassification
     model_overrides = {"num_labels": 1}
     lora_task_type = "SEQ_CLS"
+    exported_as = "the reward model"
 
     def __init__(
         self,
