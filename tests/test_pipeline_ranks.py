@@ -6,6 +6,7 @@ records, the mixed pairs and the report, which the others wait for and read. Lig
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ import dpo_lightning.cli as cli
 from dpo_lightning.pipeline import ranks
 from dpo_lightning.pipeline.stage_runs import STAGE_RECORD, _Attempt, _begin_stage
 from dpo_lightning.stages.preflight import ConfigError
+from dpo_lightning.training.callbacks import Preempted, PreemptionWatch
 from dpo_lightning.training.folders import FolderError, read_record, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +128,17 @@ def test_a_rank_above_0_goes_on_once_rank_0_has_written_the_record(tmp_path, mon
     writer.join()
 
 
+def test_a_rank_waiting_for_rank_0_stops_on_sigterm(tmp_path, monkeypatch, no_launcher):
+    """A preemption reaches every rank; rank 0 stops between stages without writing the next record, so a rank
+    waiting for that record stops too (instead of waiting until the timeout, or until torchrun's agent kills it)."""
+    monkeypatch.setenv("RANK", "1")
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    with PreemptionWatch("test"), pytest.raises(Preempted, match=r"received SIGTERM: stopped waiting for .*stage.json"):
+        _begin_stage(tmp_path / "round_2" / "generate", "round_2/generate", {})
+    assert time.monotonic() - started < 30
+
+
 def _torchrun(config: Path, cwd: Path) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
@@ -136,7 +149,7 @@ def _torchrun(config: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow  # two 2-process pipelines on the CPU (gloo): about 3 minutes on 2 shared cores
+@pytest.mark.slow  # two 2-process pipelines on the CPU (gloo): about a minute on 2 shared cores
 def test_torchrun_runs_the_pipeline_on_2_processes_and_a_rerun_skips_every_stage(tmp_path):
     out = tmp_path / "pipe"
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]

@@ -30,6 +30,7 @@ from lightning.fabric.utilities.rank_zero import _get_rank
 
 from dpo_lightning import cli
 from dpo_lightning.stages.preflight import ConfigError
+from dpo_lightning.training.callbacks import Preempted, preemption_signal
 from dpo_lightning.training.folders import FolderError
 
 # How long a rank > 0 waits for a file of rank 0 (rank 0 writes each between two stages, in well under a second,
@@ -88,10 +89,13 @@ def check_launch(stages: Mapping[str, tuple[Literal["fit", "generate"], list[str
 
 def wait_for_rank_zero(path: Path, what: str, ready: Callable[[], bool] | None = None) -> None:
     """On a rank > 0: return once the global rank 0 process has written ``path`` (and ``ready()`` holds); after
-    `RANK_ZERO_WAIT_S`, `FolderError` naming the file."""
+    `RANK_ZERO_WAIT_S`, `FolderError` naming the file; `Preempted` on SIGTERM (rank 0 stops between stages too)."""
     ready = ready or path.exists
     deadline = time.monotonic() + RANK_ZERO_WAIT_S
     while not ready():
+        if received := preemption_signal():
+            raise Preempted(f"received {received}: stopped waiting for {path} ({what}); run the same iterate command "
+                            "again to continue")
         if time.monotonic() > deadline:
             raise FolderError(
                 f"rank {global_rank()}: waited {RANK_ZERO_WAIT_S:.0f} s for {path} ({what}), which the global rank 0 "
