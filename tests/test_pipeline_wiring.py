@@ -216,6 +216,7 @@ class FakeCommands:
 
         # The settings a stage records: the arguments themselves (nothing is parsed, no recipe exists).
         monkeypatch.setattr(cli, "resolved_config", lambda command, args: {"command": command, "args": list(args)})
+        monkeypatch.setattr(cli, "trainer_settings", lambda command, args: {"devices": 1})  # one process
         monkeypatch.setattr(cli, "cli_main", fit)
         monkeypatch.setattr(cli, "generate_main", generate)
         monkeypatch.setattr(pipeline, "write_report", report)

@@ -4,8 +4,9 @@
 ``"module:function"`` and imported when chosen: ``iterate`` runs the pipeline, which runs the stage
 commands of `fit` and `generate`, so the pipeline sits between this map and them and nothing imports upwards.
 ``fit``, ``validate`` and ``test`` go to LightningCLI (`fit.cli_main`); `generate` wires sampling and judging;
-`settings.resolved_config` is a command's whole configuration, resolved without running it; `common` holds the
-parser with short errors (`config_errors`) and the warnings silenced while a command runs.
+`settings.resolved_config` is a command's whole configuration, resolved without running it (`trainer_settings`: its
+trainer settings, parsed only); `common` holds the parser with short errors (`config_errors`) and the warnings
+silenced while a command runs.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dpo_lightning._moved import import_object
 from dpo_lightning.cli.common import ShortErrorParser, known_warnings_silenced
 from dpo_lightning.cli.fit import DPOLightningCLI, cli_main
 from dpo_lightning.cli.generate import GenerateCLI, generate_main
-from dpo_lightning.cli.settings import resolved_config
+from dpo_lightning.cli.settings import resolved_config, trainer_settings
 from dpo_lightning.data.errors import DataError
 from dpo_lightning.stages.export import ExportError
 from dpo_lightning.stages.preflight import ConfigError
@@ -67,4 +68,5 @@ __all__ = [
     "generate_main",
     "main",
     "resolved_config",
+    "trainer_settings",
 ]

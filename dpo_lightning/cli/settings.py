@@ -33,6 +33,21 @@ class _GenerateSettings(_SettingsOnly, GenerateCLI):
     pass
 
 
+class _ParseOnly(_SettingsOnly):
+    """Parses a command's configuration and nothing more: the files it names are not checked, no folder claimed."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+
+class _FitParse(_ParseOnly, DPOLightningCLI):
+    pass
+
+
+class _GenerateParse(_ParseOnly, GenerateCLI):
+    pass
+
+
 def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
     """The configuration ``python -m dpo_lightning <command> ARGS`` runs with, every default filled in, as plain
     data (``config``, the recipe files' names, left out: their content is in it); nothing is read or built.
@@ -41,12 +56,22 @@ def resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dic
         return _resolved_config(command, args)
 
 
-def _resolved_config(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
+def trainer_settings(command: Literal["fit", "generate"], args: list[str]) -> dict[str, Any]:
+    """The ``trainer`` settings ``python -m dpo_lightning <command> ARGS`` runs with (``devices``, ``num_nodes``, ...),
+    parsed only: unlike `resolved_config`, the files the command names need not exist yet and no run folder is
+    claimed (what `iterate` reads before its first stage, to tell how many processes each stage runs on)."""
+    with known_warnings_silenced():
+        # seed_everything false: a parse that seeds no random generator (nor says so on the console)
+        return _resolved_config(command, [*args, "--seed_everything", "false"], parse_only=True)["trainer"]
+
+
+def _resolved_config(command: Literal["fit", "generate"], args: list[str], parse_only: bool = False) -> dict[str, Any]:
     if command == "fit":
-        config = _FitSettings(**_fit_options(), args=["fit", *args]).config["fit"]
+        cli_class = _FitParse if parse_only else _FitSettings
+        config = cli_class(**_fit_options(), args=["fit", *args]).config["fit"]
     else:
-        options = _generate_options()
-        config = _GenerateSettings(**options, args=["predict", *args]).config["predict"]
+        cli_class = _GenerateParse if parse_only else _GenerateSettings
+        config = cli_class(**_generate_options(), args=["predict", *args]).config["predict"]
     out = config.as_dict()
     out.pop("config", None)
     return out

@@ -1,7 +1,8 @@
 """Iterative DPO (``python -m dpo_lightning iterate``): the stage commands chained into rounds.
 
 `rounds`: SFT -> (reward model) -> per round generate -> judge -> pairs -> DPO (`iterate`, the command's
-`main`); `stage_runs`: one stage in its own folder, skipped when done, resumed when stopped; `evaluation`:
+`main`); `stage_runs`: one stage in its own folder, skipped when done, resumed when stopped; `ranks`: on
+several processes, which one writes the pipeline's files and how they were launched; `evaluation`:
 each round's policy measured on held-out prompts; `report`: report.csv, report.png and TensorBoard.
 """
 

@@ -21,10 +21,14 @@ first stage whose settings differ is refused, naming them: its output and every 
 made with the recorded ones. One run at a time per output folder (`folders.FolderLock`); SIGTERM stops
 at the current stage's next safe point (an optimizer step, a written batch) or between stages, with
 `Preempted` (exit 143): the same command resumes.
+
+On several processes every one runs ``iterate``, started by torchrun or srun (`ranks.check_launch` refuses
+Lightning's own launcher); the global rank 0 process holds the lock and writes the records and the report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +40,7 @@ from dpo_lightning.cli.config_errors import ShortErrors
 from dpo_lightning.data.errors import DataError, warn
 from dpo_lightning.generation.manifest import read_manifest
 from dpo_lightning.pipeline.evaluation import Evaluation
+from dpo_lightning.pipeline.ranks import check_launch, global_rank
 from dpo_lightning.pipeline.report import _NO_PLOT, _can_plot, write_report
 from dpo_lightning.pipeline.stage_runs import (
     STAGE_RECORD,
@@ -87,14 +92,19 @@ def iterate(
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     if reference not in ("initial", "previous"):
         raise ValueError(f"reference must be 'initial' or 'previous', got {reference!r}")
+    stages = {"sft": ("fit", sft), "generate": ("generate", generate), "dpo": ("fit", dpo)}
+    check_launch({name: (command, ["--config", stage.config, *stage.args]) for name, (command, stage) in stages.items()
+                  if name != "sft" or _is_recipe(stage.config)})
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     evaluation = evaluation or Evaluation()
-    if not _can_plot():  # said now, not when the report is written after every stage has trained
+    if not _can_plot() and global_rank() == 0:  # said now, not when the report is written after every stage trained
         warn(_NO_PLOT)
     watch = PreemptionWatch("stopping at the current stage's next safe point (an optimizer step, a written batch) "
                             "or before the next stage, then exiting")
-    with FolderLock(out, "iterate (output_dir)"), watch:
+    # One run per folder: the lock is the global rank 0 process's; the other processes of its run wait for its files.
+    lock = FolderLock(out, "iterate (output_dir)") if global_rank() == 0 else contextlib.nullcontext()
+    with lock, watch:
         initial = _run_fit_stage(sft, out / "sft", "stage") if _is_recipe(sft.config) else sft.config
         policies = [initial]
         for r in range(1, rounds + 1):
@@ -115,7 +125,8 @@ def iterate(
 
 def _report_runs_here(evaluation: Evaluation, out: Path) -> bool:
     """Whether this process writes the report: the global rank 0 one (every rank of a multi-GPU run runs
-    ``iterate``; each stage's Trainer has set the rank), and only when ``evaluation.enabled``."""
+    ``iterate``; each stage's Trainer has set the rank, which is `global_rank` under torchrun and srun), and only
+    when ``evaluation.enabled``."""
     if not evaluation.enabled:
         log.warning("the report is skipped (evaluation.enabled is false): %s holds every round's folders, "
                     "and no report.csv", out)

@@ -1,5 +1,8 @@
 """One stage of the pipeline run in its own folder: the settings it records (``stage.json``), skipped when
 done, refused when its settings changed, resumed when stopped (`_run_fit_stage`, `_run_generate_stage`).
+
+Every process of a multi-process run goes through each stage; only the global rank 0 one writes its record and
+its mixed pairs, which the others wait for (`ranks`) and read to take the same decisions.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dpo_lightning.data.formats import Layout, PreferenceExample, detect_layout,
 from dpo_lightning.data.sources import load_source
 from dpo_lightning.generation.manifest import read_manifest
 from dpo_lightning.generation.samples_io import PAIRS_FILE, write_jsonl_atomically
+from dpo_lightning.pipeline.ranks import global_rank, wait_for_rank_zero
 from dpo_lightning.stages.export import EXPORT_MARKER
 from dpo_lightning.training.callbacks import Preempted, preemption_signal
 from dpo_lightning.training.folders import (
@@ -77,8 +81,16 @@ def _made_by(path: str | Path | None) -> str | None:
 
 def _begin_stage(folder: Path, name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """The stage's record (``folder/stage.json``): written (not done) when there is none; `FolderError` naming the
-    settings when the recorded ones differ, or when the folder holds files but no record."""
+    settings when the recorded ones differ, or when the folder holds files but no record.
+
+    A rank > 0 writes nothing: it waits for rank 0's record and checks the same settings against it. Its decisions
+    are rank 0's because the record it reads says what rank 0's said: rank 0 writes a record once, when the stage
+    starts (the settings never change after), and marks it done only after the stage ran; a stage that runs holds
+    collectives (the Trainer's process group, the export's barrier) that every rank takes part in, so rank 0
+    cannot mark it done before this rank, reading it now, has joined the stage too."""
     path = folder / STAGE_RECORD
+    if global_rank() > 0:
+        wait_for_rank_zero(path, f"the {name} stage's record")
     record = read_record(path)
     if record is None:
         if folder.is_dir() and any(p.name != STAGE_RECORD for p in folder.iterdir()):
@@ -111,7 +123,8 @@ class _Attempt:
 
     def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: Any) -> bool:
         self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - self.started
-        write_record(self.folder / STAGE_RECORD, self.record)
+        if global_rank() == 0:  # the record is rank 0's (`_begin_stage`)
+            write_record(self.folder / STAGE_RECORD, self.record)
         if isinstance(err, SIGTERMException):  # Lightning's own stop (a SystemExit, status 0), before training began
             err = self._preempted("received SIGTERM before the stage's first step")
         if isinstance(err, self._preempted):
@@ -163,8 +176,10 @@ def _run_fit_stage(
         log.info("%s: done, skipped", export)
         return str(export)
     with _Attempt(root / name, record, label) as attempt:
-        if mix is not None:
+        if mix is not None and global_rank() == 0:
             mix_pairs(*mix)
+        elif mix is not None:  # the same rows each attempt, written atomically: an earlier attempt's file will do
+            wait_for_rank_zero(mix[3], f"the {label} stage's mixed pairs")
         resume = ["--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]
         cli.cli_main(["fit", *args, *(resume if (run_dir / "checkpoints" / "last.ckpt").exists() else [])])
         if not _export_done(export):
