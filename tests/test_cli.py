@@ -48,9 +48,9 @@ def parse(*args: str) -> dict:
     return cli_main(["fit", *args], cli_class=ParseOnlyCLI).config["fit"]
 
 
-GENERATE_RECIPES = [r for r in RECIPES if "python -m dpo_lightning generate --config" in r.read_text()]
+GENERATE_RECIPES = [r for r in RECIPES if "dpo_lightning generate --config" in r.read_text()]
 # `iterate` recipes name stage recipes; tests/test_pipeline.py parses them and the recipes they name.
-ITERATE_RECIPES = [r for r in RECIPES if "python -m dpo_lightning iterate --config" in r.read_text()]
+ITERATE_RECIPES = [r for r in RECIPES if "dpo_lightning iterate --config" in r.read_text()]  # (torchrun -m too)
 FIT_RECIPES = [r for r in RECIPES if r not in GENERATE_RECIPES + ITERATE_RECIPES]
 
 
