@@ -233,6 +233,8 @@ class HFExport(L.Callback):
             try:
                 if state is not None and _is_peft(model):  # a sharded PEFT model can be neither copied nor merged
                     model, state = unsharded_lora_copy(model, state), None
+                    if self.adapter == "merged":  # the copy is ours: merged in place, not copied again
+                        model = model.merge_and_unload()
                 out = export_hf(
                     model, tokenizer, run_dir / self.dirname, state, adapter=self.adapter,
                     source=f"end of fit, step {trainer.global_step}", keep=_kept(trainer),
