@@ -62,6 +62,14 @@ def test_a_config_file_mistake_names_the_option_and_the_fix(tmp_path, capsys):
         "dpo_lightning: error: --model.optimizer.init_args.lr: expected float or torch.Tensor, got 'abc'"]
 
 
+@pytest.mark.parametrize("command", [["fit", "--config", TINY], ["generate"], ["iterate"]])
+def test_a_prefix_of_an_option_on_the_command_line_is_a_typo_not_that_option(capsys, command):
+    """argparse took a unique prefix (`--trainer.max_step 3`) for the option (`max_steps`) silently."""
+    option = {"iterate": "--round", "generate": "--output.output_di"}.get(command[0], "--trainer.max_step")
+    out = _stderr(capsys, *command, option, "3")
+    assert out[0].startswith("dpo_lightning: error:") and option in out[0], out
+
+
 @pytest.mark.parametrize(("args", "first", "fix"), [
     (["--model.max_grad_norm", "1.0"], "--model.max_grad_norm: not an option of DPOModule",
      "TRL's max_grad_norm is --trainer.gradient_clip_val here"),

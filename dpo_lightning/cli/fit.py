@@ -334,6 +334,8 @@ def _fit_options() -> dict[str, Any]:
         # --optimizer/--lr_scheduler would silently replace them and drop the warmup/decay schedule).
         "auto_configure_optimizers": False,
         "parser_kwargs": {
+            # `--trainer.max_step 3` is a typo, not `--trainer.max_steps` (argparse took unique prefixes silently)
+            "allow_abbrev": False,
             "prog": "python -m dpo_lightning",
             "description": "Preference tuning (DPO and relatives) on PyTorch Lightning. Subcommands: fit, validate, "
             "test, predict (below); `export CKPT OUT_DIR`: a training checkpoint to a Hugging Face folder "

@@ -80,6 +80,7 @@ def _generate_options() -> dict[str, Any]:
         "auto_configure_optimizers": False,
         "save_config_callback": None,
         "parser_kwargs": {
+            "allow_abbrev": False,  # a prefix of an option is a typo, not that option
             "prog": "python -m dpo_lightning generate",
             "description": "Sample N responses per prompt from a policy, score them with a judge, write "
             "samples.jsonl and preference pairs (pairs.jsonl) for DPO (docs/generate.md).",

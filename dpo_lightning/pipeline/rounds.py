@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     class IterateParser(ShortErrors, ArgumentParser):
         """jsonargparse's parser with one- or two-line errors."""
 
-    parser = IterateParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0])
+    parser = IterateParser(prog="python -m dpo_lightning iterate", description=__doc__.splitlines()[0],
+                           allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_function_arguments(iterate, as_positional=False)
     config = parser.parse_args(argv)
